@@ -1,0 +1,60 @@
+# Make targets: the README's two set-up commands are `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VAR := var
+export MDP_RUN_DIR ?= $(CURDIR)/$(VAR)/run
+export MDP_INFLUX_URL ?= http://127.0.0.1:8086
+
+.PHONY: deps venv stores demo run stop status test bench lint clean
+
+# Debian packages the pipeline needs that a fresh machine may lack.
+deps:
+	@missing=""; \
+	command -v influxd >/dev/null || missing="$$missing influxdb"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v pg_ctlcluster >/dev/null || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/mdp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/mdp
+
+# Start the stores if they are not running: Redis and PostgreSQL are the machine's services; InfluxDB runs
+# privately with its data under var/influxdb.
+stores: deps
+	@bash tools/start-stores.sh
+
+demo: venv stores
+	@bash tools/supervise.sh start config/simulator.toml
+
+run: venv stores
+	@bash tools/supervise.sh start config/live.toml
+
+stop:
+	@bash tools/supervise.sh stop
+
+status: venv
+	@$(BIN)/mdp status
+
+test: deps venv
+	@bash tools/start-stores.sh --no-influx
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv stores
+	$(BIN)/python -m tools.bench
+
+lint: venv
+	$(BIN)/python -m ruff check . || true
+
+clean: stop
+	rm -rf $(VAR) $(VENV)

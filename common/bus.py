@@ -1,0 +1,425 @@
+"""The message bus over Redis Streams.
+
+Producing: `Producer.publish({stream: [events]})` packs up to `batch_max_events` events into one entry
+(FACTS.md: ~25x the throughput of one entry per event), pipelines every XADD of the call into one round
+trip, and trims each stream approximately at `stream_maxlen` entries. Backpressure keeps that trim
+harmless: before publishing, the producer looks (at most every 0.5 s) at each consumer group of the
+stream, and while some group has more than `backpressure_high_water` entries undelivered or pending it
+waits. After `backpressure_max_wait_s` it publishes anyway and raises an alert, since a collector that
+stops reading its socket loses data at the exchange instead. So data is only trimmed unread when a group
+falls more than `stream_maxlen` entries behind after that alert.
+
+Consuming: `Consumer.run(handler)` reads through a consumer group and acknowledges an entry only after
+the handler returned, i.e. after its effect is durable. A handler may return output events: those are
+published and the inputs acknowledged in one MULTI/EXEC transaction, so a stage that forwards never
+doubles nor drops an entry. Entries a crashed consumer left pending are taken over with XAUTOCLAIM after
+`claim_idle_ms`. A handler raising `StoreUnavailable` is retried in place with capped backoff (nothing is
+acknowledged, nothing counts against the entry). Any other failure is retried entry by entry; an entry
+delivered `max_deliveries` times without success, or one that cannot be decoded, moves to
+`dlq:{stream}` with the reason and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common import streams
+from common.config import BusSettings
+from schemas import Alert, Codec, DecodeError, Event
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(Exception):
+    """A store (InfluxDB, PostgreSQL, Redis) cannot be reached: retry the same batch later, lose nothing."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    stream: str
+    entry_id: str
+    events: list[Event]
+
+
+Outputs = dict[str, list[Event]]
+Handler = Callable[[list[Delivery]], Awaitable[Outputs | None]]
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Producer:
+    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: BusSettings, source: str) -> None:
+        self.redis = redis
+        self.codec = codec
+        self.settings = settings
+        self.source = source
+        self._registered: set[str] = set()
+        self._checked_at: dict[str, float] = {}
+        self.published_events = 0
+        self.published_entries = 0
+        self.backpressure_waits = 0
+
+    def _xadd_all(self, pipe: aioredis.client.Pipeline, outputs: Outputs) -> int:
+        entries = 0
+        size = self.settings.batch_max_events
+        for stream, events in outputs.items():
+            if stream not in self._registered:
+                pipe.sadd(streams.REGISTRY, stream)
+            for i in range(0, len(events), size):
+                pipe.xadd(stream, self.codec.entry(events[i:i + size]),  # type: ignore[arg-type]
+                          maxlen=self.settings.stream_maxlen, approximate=True)
+                entries += 1
+        return entries
+
+    def _count(self, outputs: Outputs, entries: int) -> None:
+        self._registered.update(outputs)
+        self.published_entries += entries
+        self.published_events += sum(len(v) for v in outputs.values())
+
+    async def publish(self, outputs: Outputs) -> None:
+        outputs = {s: ev for s, ev in outputs.items() if ev}
+        if not outputs:
+            return
+        await self.wait_for_consumers(outputs.keys())
+        pipe = self.redis.pipeline(transaction=False)
+        entries = self._xadd_all(pipe, outputs)
+        await pipe.execute()
+        self._count(outputs, entries)
+
+    async def publish_and_ack(self, outputs: Outputs, acks: dict[str, list[str]], group: str) -> None:
+        """Publish outputs and acknowledge the inputs they came from, atomically."""
+        outputs = {s: ev for s, ev in outputs.items() if ev}
+        if outputs:
+            await self.wait_for_consumers(outputs.keys())
+        pipe = self.redis.pipeline(transaction=True)
+        entries = self._xadd_all(pipe, outputs)
+        for stream, ids in acks.items():
+            if ids:
+                pipe.xack(stream, group, *ids)
+        await pipe.execute()
+        self._count(outputs, entries)
+
+    async def backlog(self, stream: str) -> int:
+        """Entries some consumer group of `stream` has not finished: undelivered (lag) plus pending."""
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return 0  # no such stream yet
+        worst = 0
+        for g in groups:
+            lag = g.get("lag")
+            pending = int(g.get("pending") or 0)
+            worst = max(worst, int(lag or 0) + pending)
+        return worst
+
+    async def wait_for_consumers(self, names: Iterable[str]) -> None:
+        now = time.monotonic()
+        due = [s for s in names if now - self._checked_at.get(s, 0.0) >= 0.5]
+        for stream in due:
+            self._checked_at[stream] = now
+            deadline = now + self.settings.backpressure_max_wait_s
+            backlog = await self.backlog(stream)
+            if backlog <= self.settings.backpressure_high_water:
+                continue
+            self.backpressure_waits += 1
+            log.warning("backpressure: stream %s has %d entries unfinished by a consumer group (high water %d); "
+                        "waiting up to %.0f s", stream, backlog, self.settings.backpressure_high_water,
+                        self.settings.backpressure_max_wait_s)
+            while backlog > self.settings.backpressure_high_water and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                backlog = await self.backlog(stream)
+            if backlog > self.settings.backpressure_high_water:
+                reason = (f"consumers of {stream} are {backlog} entries behind after "
+                          f"{self.settings.backpressure_max_wait_s:.0f} s; publishing anyway: entries beyond "
+                          f"{self.settings.stream_maxlen} are trimmed unread. Start or scale the consumer.")
+                log.error("%s", reason)
+                alert = Alert(rule="bus.backpressure_timeout", severity="critical", source=self.source,
+                              exchange="", symbol="", kind="stream", reason=reason,
+                              values={"stream": stream, "backlog": str(backlog)},
+                              ts_event=now_ns(), ts_recv=now_ns())
+                await self.redis.xadd(streams.ALERTS, self.codec.entry([alert]),  # type: ignore[arg-type]
+                                      maxlen=self.settings.stream_maxlen, approximate=True)
+
+
+class StreamSelector:
+    """The streams a consumer reads: fixed names and/or glob patterns over the stream registry."""
+
+    def __init__(self, names: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
+        self.names = list(names)
+        self.patterns = list(patterns)
+
+    async def resolve(self, redis: aioredis.Redis) -> list[str]:
+        found = set(self.names)
+        if self.patterns:
+            for member in await redis.smembers(streams.REGISTRY):
+                name = _s(member)
+                if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+                    found.add(name)
+        return sorted(found)
+
+
+@dataclass
+class ConsumerStats:
+    delivered: int = 0
+    acked: int = 0
+    events: int = 0
+    dead_lettered: int = 0
+    claimed: int = 0
+    failures: int = 0
+    store_retries: int = 0
+    last_error: str = ""
+    state: str = "starting"
+    batch_seconds: list[float] = field(default_factory=list)
+
+
+class Consumer:
+    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: BusSettings, group: str, name: str,
+                 selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0) -> None:
+        self.redis = redis
+        self.codec = codec
+        self.settings = settings
+        self.group = group
+        self.name = name
+        self.selector = selector
+        self.producer = producer
+        self.refresh_s = refresh_s
+        self.streams: list[str] = []
+        self._refreshed_at = 0.0
+        self._claimed_at = 0.0
+        self._errors: dict[str, str] = {}
+        self.stats = ConsumerStats()
+
+    async def ensure_group(self, stream: str) -> None:
+        try:
+            # From the start of the stream: a group made after the producer started misses nothing.
+            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def refresh_streams(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed_at < self.refresh_s:
+            return
+        self._refreshed_at = time.monotonic()
+        names = await self.selector.resolve(self.redis)
+        new = [s for s in names if s not in self.streams]
+        for stream in new:
+            await self.ensure_group(stream)
+        if new:
+            self.streams = names
+            # Entries delivered to this consumer name before a restart are still pending with it.
+            await self._process_own_pending(new)
+
+    async def _process_own_pending(self, names: list[str]) -> None:
+        for stream in names:
+            cursor = "0"
+            while not self._stop.is_set():
+                resp = await self.redis.xreadgroup(self.group, self.name, {stream: cursor},
+                                                   count=self.settings.read_count)
+                deliveries = self._deliveries(resp)
+                if not deliveries:
+                    break
+                cursor = deliveries[-1].entry_id
+                await self._handle(deliveries)
+
+    def _deliveries(self, resp: list | dict | None) -> list[Delivery]:  # type: ignore[type-arg]
+        out: list[Delivery] = []
+        if not resp:
+            return out
+        items = resp.items() if isinstance(resp, dict) else resp
+        for stream_name, entries in items:
+            stream = _s(stream_name)
+            for entry_id, fields in entries:
+                out.append(self._decode(stream, _s(entry_id), fields))
+        return out
+
+    def _decode(self, stream: str, entry_id: str, fields: dict[bytes, bytes] | None) -> Delivery:
+        if not fields:
+            return Delivery(stream, entry_id, events=[])
+        try:
+            return Delivery(stream, entry_id, self.codec.decode_entry(fields))
+        except DecodeError as exc:
+            self._errors[entry_id] = str(exc)
+            return Delivery(stream, entry_id, events=None)  # type: ignore[arg-type]
+
+    async def run(self, handler: Handler, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._handler = handler
+        self.stats.state = "running"
+        await self.refresh_streams(force=True)
+        await self._loop(stop)
+        self.stats.state = "stopping"
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.refresh_streams()
+            if time.monotonic() - self._claimed_at >= self.settings.claim_idle_ms / 2000:
+                self._claimed_at = time.monotonic()
+                await self.reclaim()
+            if not self.streams:
+                await _sleep_unless(stop, 0.5)
+                continue
+            resp = await self.redis.xreadgroup(self.group, self.name, {s: ">" for s in self.streams},
+                                               count=self.settings.read_count, block=self.settings.block_ms)
+            deliveries = self._deliveries(resp)
+            if deliveries:
+                await self._handle(deliveries)
+
+    async def _handle(self, deliveries: list[Delivery]) -> None:
+        self.stats.delivered += len(deliveries)
+        poison = [d for d in deliveries if d.events is None]
+        for d in poison:
+            await self.dead_letter(d.stream, d.entry_id, self._errors.pop(d.entry_id, "undecodable entry"))
+        good = [d for d in deliveries if d.events is not None]
+        if not good:
+            return
+        backoff = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                outputs = await self._handler(good)
+                await self._ack(good, outputs or {})
+                self._record(good, time.perf_counter() - started)
+                self.stats.state = "running"
+                return
+            except StoreUnavailable as exc:
+                self.stats.store_retries += 1
+                self.stats.state = "degraded"
+                self.stats.last_error = str(exc)
+                log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
+                          len(good), backoff, exc)
+                if await _sleep_unless(self._stop, backoff):
+                    return  # stopping: entries stay pending and are redelivered after restart
+                backoff = min(backoff * 2, 30.0)
+            except Exception as exc:  # noqa: BLE001 - isolate the entry that fails, keep the rest flowing
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                if len(good) == 1:
+                    d = good[0]
+                    self._errors[d.entry_id] = f"{type(exc).__name__}: {exc}"
+                    log.exception("entry %s of %s failed; left pending for redelivery (%d events)",
+                                  d.entry_id, d.stream, len(d.events))
+                    return
+                log.warning("batch of %d entries failed (%s); retrying entry by entry", len(good), exc)
+                for d in good:
+                    await self._handle([d])
+                return
+
+    def _record(self, good: list[Delivery], seconds: float) -> None:
+        self.stats.acked += len(good)
+        self.stats.events += sum(len(d.events) for d in good)
+        for d in good:
+            self._errors.pop(d.entry_id, None)
+
+    async def _ack(self, good: list[Delivery], outputs: Outputs) -> None:
+        acks: dict[str, list[str]] = {}
+        for d in good:
+            acks.setdefault(d.stream, []).append(d.entry_id)
+        if self.producer is not None:
+            await self.producer.publish_and_ack(outputs, acks, self.group)
+            return
+        if outputs:
+            raise RuntimeError(f"consumer {self.name} got outputs but has no producer to publish them")
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in acks.items():
+            pipe.xack(stream, self.group, *ids)
+        await pipe.execute()
+
+    async def reclaim(self) -> None:
+        """Take over entries idle longer than claim_idle_ms (a crashed consumer's, or our own failures)."""
+        for stream in self.streams:
+            start = "0-0"
+            while True:
+                resp = await self.redis.xautoclaim(stream, self.group, self.name,
+                                                   min_idle_time=self.settings.claim_idle_ms,
+                                                   start_id=start, count=self.settings.read_count)
+                start = _s(resp[0])
+                claimed = resp[1]
+                deleted = resp[2] if len(resp) > 2 else []
+                for entry_id in deleted:
+                    await self._report_trimmed(stream, _s(entry_id))
+                if claimed:
+                    self.stats.claimed += len(claimed)
+                    await self._handle_claimed(stream, claimed)
+                if start == "0-0" or self._stop.is_set():
+                    break
+
+    async def _handle_claimed(self, stream: str, claimed: list) -> None:  # type: ignore[type-arg]
+        ids = [_s(eid) for eid, _ in claimed]
+        counts: dict[str, int] = {}
+        for p in await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],
+                                                 count=len(ids) + 1000, consumername=self.name):
+            counts[_s(p["message_id"])] = int(p["times_delivered"])
+        ready: list[Delivery] = []
+        for entry_id, fields in claimed:
+            entry_id = _s(entry_id)
+            if counts.get(entry_id, 0) > self.settings.max_deliveries:
+                reason = self._errors.pop(entry_id, "") or "handler failed on every delivery (reason not kept "\
+                    "across restarts; see the consumer's log)"
+                await self.dead_letter(stream, entry_id,
+                                       f"delivered {counts[entry_id]} times without success: {reason}", fields)
+            else:
+                ready.append(self._decode(stream, entry_id, fields))
+        if ready:
+            log.info("took over %d pending entries of %s", len(ready), stream)
+            await self._handle(ready)
+
+    async def _report_trimmed(self, stream: str, entry_id: str) -> None:
+        reason = (f"entry {entry_id} of {stream} was trimmed while pending with group {self.group}: "
+                  f"its events are lost; raise bus.stream_maxlen or scale the consumer")
+        log.error("%s", reason)
+        alert = Alert(rule="bus.trimmed_while_pending", severity="critical", source=self.group, exchange="",
+                      symbol="", kind="stream", reason=reason, values={"stream": stream, "entry_id": entry_id},
+                      ts_event=now_ns(), ts_recv=now_ns())
+        await self.redis.xadd(streams.ALERTS, self.codec.entry([alert]),  # type: ignore[arg-type]
+                              maxlen=self.settings.stream_maxlen, approximate=True)
+
+    async def dead_letter(self, stream: str, entry_id: str, reason: str,
+                          fields: dict[bytes, bytes] | None = None) -> None:
+        if fields is None:
+            found = await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1)
+            fields = found[0][1] if found else {}
+        letter: dict[bytes | str, bytes | str] = {
+            "stream": stream, "entry_id": entry_id, "group": self.group, "consumer": self.name,
+            "reason": reason, "ts": str(now_ns()),
+        }
+        for k, v in (fields or {}).items():
+            letter[b"orig_" + (k if isinstance(k, bytes) else k.encode())] = v
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(streams.dead_letter(stream), letter, maxlen=self.settings.dead_letter_maxlen,  # type: ignore[arg-type]
+                  approximate=True)
+        pipe.xack(stream, self.group, entry_id)
+        await pipe.execute()
+        self.stats.dead_lettered += 1
+        log.error("dead-lettered entry %s of %s (group %s): %s", entry_id, stream, self.group, reason)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`; True if `stop` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds * (0.8 + 0.4 * random.random()))
+        return True
+    except TimeoutError:
+        return False
+
+
+def consumer_name(service: str) -> str:
+    """Stable across restarts, so a restarted process finds its own pending entries at once."""
+    return f"{service}-{os.environ.get('MDP_INSTANCE', '0')}"

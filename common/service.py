@@ -1,0 +1,128 @@
+"""Process lifecycle shared by every service: logging, uvloop, signals, Redis connection, heartbeats.
+
+A service subclasses `Service`, implements `run(stop)` (return when `stop` is set) and `counters()`.
+SIGTERM/SIGINT set `stop`: the service stops taking new work and finishes what is in flight; whatever
+was not acknowledged stays pending in its consumer group and is redelivered after restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import ClassVar
+
+import redis.asyncio as aioredis
+import uvloop
+
+from common import streams
+from common.config import ConfigError, Settings, load_settings
+from schemas import Codec, Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(service: str) -> None:
+    level = os.environ.get("MDP_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {service}[%(process)d] %(name)s: %(message)s",
+    )
+
+
+class Service:
+    name: ClassVar[str] = "service"
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        self.settings = settings
+        self.instance = instance or os.environ.get("MDP_INSTANCE", "0")
+        self.codec = Codec()
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis.url, decode_responses=False)
+        self.started_at = time.time_ns()
+        self.state = "starting"
+        self.detail = ""
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def heartbeat_once(self) -> None:
+        now = time.time_ns()
+        beat = Heartbeat(service=self.name, instance=self.instance, pid=os.getpid(), started_at=self.started_at,
+                         counters=self.counters(), state=self.state, detail=self.detail,  # type: ignore[arg-type]
+                         ts_event=now, ts_recv=now)
+        payload = self.codec.encode([beat])
+        ttl = max(5, int(self.settings.bus.heartbeat_interval_s * 5))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(streams.alive_key(self.name, self.instance), payload, ex=ttl)
+        pipe.xadd(streams.HEARTBEATS, self.codec.entry([beat]), maxlen=10_000, approximate=True)  # type: ignore[arg-type]
+        await pipe.execute()
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.heartbeat_once()
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the service
+                log.warning("heartbeat failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.bus.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    async def main(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("starting %s instance %s (redis %s)", self.name, self.instance, self.settings.redis.url)
+        await self.redis.ping()
+        beats = asyncio.create_task(self._heartbeats(stop))
+        work = asyncio.create_task(self.run(stop))
+        try:
+            done, _ = await asyncio.wait({beats, work}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()  # re-raise a crash so supervisord sees a non-zero exit
+        finally:
+            stop.set()
+            self.state = "stopping"
+            for task in (work, beats):
+                if not task.done():
+                    try:
+                        await asyncio.wait_for(task, timeout=10)
+                    except TimeoutError:
+                        log.error("%s did not stop within 10 s; cancelling", self.name)
+                        task.cancel()
+            try:
+                await self.heartbeat_once()
+            except Exception:  # noqa: BLE001
+                pass
+            await self.close()
+            log.info("%s stopped", self.name)
+
+
+def service_main(cls: type[Service], argv: list[str] | None = None,
+                 extra: list[tuple[str, dict]] | None = None) -> None:  # type: ignore[type-arg]
+    parser = argparse.ArgumentParser(prog=f"python -m services.{cls.name}")
+    parser.add_argument("--config", help="config file (default: $MDP_CONFIG or config/simulator.toml)")
+    parser.add_argument("--instance", help="instance id, stable across restarts (default: $MDP_INSTANCE or 0)")
+    for flag, kwargs in extra or []:
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)
+    setup_logging(cls.name)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "instance")}
+    service = cls(settings, args.instance, **kwargs) if kwargs else cls(settings, args.instance)
+    uvloop.run(service.main())

@@ -1,0 +1,127 @@
+"""The message contract of the pipeline: one msgspec Struct per event, in one tagged union.
+
+Rules for evolving it (see README "Schemas"):
+- Tags are explicit and stable; renaming a class never changes the wire format.
+- A new field gets a default, is appended at the end, and old consumers ignore it.
+- A field's type is never changed and a field is never removed; a breaking change is a new tag,
+  and both tags stay in `Event` until every consumer has moved.
+
+Prices and amounts are `Decimal` so they stay exact to the exchange's precision; on the wire
+(msgpack) they travel as decimal strings. Timestamps are integer nanoseconds since the epoch, UTC:
+`ts_event` is the exchange's time, `ts_recv` the collector's receipt time.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+Side = Literal["buy", "sell"]
+Severity = Literal["info", "warning", "error", "critical"]
+
+
+class Trade(msgspec.Struct, tag="trade", frozen=True, kw_only=True):
+    exchange: str
+    symbol: str
+    trade_id: str
+    price: Decimal | None
+    amount: Decimal | None
+    side: Side | None
+    ts_event: int
+    ts_recv: int
+
+
+class Candle(msgspec.Struct, tag="candle", frozen=True, kw_only=True):
+    """An OHLCV bar. `open_time` is the bar's start (ns). `closed` is False while the bar still updates.
+
+    OHLCV fields may be None only before validation (ccxt yields rows of None for a malformed body);
+    the validator rejects such candles, so everything after it carries numbers.
+    """
+
+    exchange: str
+    symbol: str
+    timeframe: str
+    open_time: int
+    open: Decimal | None
+    high: Decimal | None
+    low: Decimal | None
+    close: Decimal | None
+    volume: Decimal | None
+    closed: bool
+    ts_event: int
+    ts_recv: int
+    source: Literal["ws", "rest"] = "ws"
+
+
+class Ticker(msgspec.Struct, tag="ticker", frozen=True, kw_only=True):
+    exchange: str
+    symbol: str
+    bid: Decimal | None
+    ask: Decimal | None
+    last: Decimal | None
+    bid_size: Decimal | None = None
+    ask_size: Decimal | None = None
+    ts_event: int
+    ts_recv: int
+
+
+class Market(msgspec.Struct, tag="market", frozen=True, kw_only=True):
+    """One entry of an exchange's market catalog, as ccxt's load_markets reports it."""
+
+    exchange: str
+    symbol: str
+    exchange_symbol: str
+    base: str
+    quote: str
+    market_type: str
+    active: bool | None
+    contract_size: Decimal | None
+    price_precision: Decimal | None
+    amount_precision: Decimal | None
+    ts_event: int
+    ts_recv: int
+
+
+class Alert(msgspec.Struct, tag="alert", frozen=True, kw_only=True):
+    """A data-quality or pipeline alert: what (rule), where (exchange, symbol, kind, source), why (reason),
+    and the offending values as text."""
+
+    rule: str
+    severity: Severity
+    source: str
+    exchange: str
+    symbol: str
+    kind: str
+    reason: str
+    values: dict[str, str | None]
+    ts_event: int
+    ts_recv: int
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):
+    """A service saying it is alive, with its counters since start."""
+
+    service: str
+    instance: str
+    pid: int
+    started_at: int
+    counters: dict[str, int]
+    state: Literal["starting", "running", "degraded", "stopping"]
+    detail: str
+    ts_event: int
+    ts_recv: int
+
+
+MarketEvent = Trade | Candle | Ticker
+Event = Trade | Candle | Ticker | Market | Alert | Heartbeat
+
+KIND_OF: dict[type, str] = {
+    Trade: "trade",
+    Candle: "candle",
+    Ticker: "ticker",
+    Market: "market",
+    Alert: "alert",
+    Heartbeat: "heartbeat",
+}

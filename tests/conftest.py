@@ -1,0 +1,83 @@
+"""Shared fixtures: real servers only.
+
+- Redis: a private `redis-server` on a free port for the whole session (flushed before each test that asks).
+- InfluxDB: a private `influxd` (Debian's 1.6.7) on a free port.
+- PostgreSQL: the local server (MDP_TEST_POSTGRES_DSN, default postgresql://postgres@127.0.0.1:5432/postgres);
+  a fresh database `mdp_test_<pid>` is created for the session and dropped after.
+A server that cannot be started or reached fails the test run loudly; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.config import Settings, load_settings  # noqa: E402
+from tools.localstores import LocalServer, start_influxd, start_redis  # noqa: E402
+
+SHARED_DATA = (ROOT.parent / "shared" / "data" / "real").resolve()
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real recordings not found at {SHARED_DATA}; the project expects ../shared/data/real")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def influx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    server = start_influxd(tmp_path_factory.mktemp("influxdb"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn() -> AsyncIterator[str]:
+    admin_dsn = os.environ.get("MDP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"mdp_test_{os.getpid()}"
+    try:
+        admin = await asyncpg.connect(admin_dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {admin_dsn} ({exc}); start it (make stores) "
+                    f"or set MDP_TEST_POSTGRES_DSN")
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    base = admin_dsn.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str) -> Settings:
+    env = {
+        "MDP_REDIS_URL": redis_server.url,
+        "MDP_INFLUX_URL": influx_server.url,
+        "MDP_POSTGRES_DSN": postgres_dsn,
+    }
+    return load_settings(ROOT / "config" / "simulator.toml", env=env)
+
+
+@pytest.fixture
+async def redis(redis_server: LocalServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()

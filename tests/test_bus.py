@@ -1,0 +1,212 @@
+"""The bus on a real Redis: batching, acknowledgement after effect, retries, dead letters, takeover."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from common import streams
+from common.bus import Consumer, Delivery, Producer, StoreUnavailable, StreamSelector
+from common.config import BusSettings
+from schemas import Codec, Trade
+from tests import stubs
+
+FAST = BusSettings(stream_maxlen=1000, backpressure_high_water=500, backpressure_max_wait_s=0.5,
+                   batch_max_events=10, read_count=50, block_ms=50, claim_idle_ms=200, max_deliveries=2)
+
+
+async def run_until(consumer: Consumer, handler, predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(handler, stop))
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_publish_packs_events_into_bounded_entries(redis) -> None:  # type: ignore[no-untyped-def]
+    # Arrange
+    producer = Producer(redis, Codec(), FAST, "test")
+    events = [stubs.trade(i) for i in range(25)]
+    # Act
+    await producer.publish({"md:trade:binance:BTC/USDT": events})
+    # Assert
+    entries = await redis.xrange("md:trade:binance:BTC/USDT")
+    assert [len(Codec().decode_entry(f)) for _, f in entries] == [10, 10, 5]
+    assert await redis.sismember(streams.REGISTRY, "md:trade:binance:BTC/USDT")
+    decoded = [e for _, f in entries for e in Codec().decode_entry(f)]
+    assert decoded == events  # exact Decimals round-trip
+
+
+async def test_entries_acknowledged_only_after_handler_succeeds(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(i) for i in range(30)]})
+    seen: list[Trade] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            seen.extend(d.events)  # type: ignore[arg-type]
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: len(seen) == 30)
+    pending = await redis.xpending("s1", "g")
+    assert pending["pending"] == 0
+    assert [t.trade_id for t in seen] == [stubs.trade(i).trade_id for i in range(30)]
+
+
+async def test_store_unavailable_is_retried_in_place_without_loss(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(i) for i in range(5)]})
+    calls = {"n": 0}
+    stored: list[object] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise StoreUnavailable("influx down")
+        for d in batch:
+            stored.extend(d.events)
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: len(stored) == 5)
+    assert consumer.stats.store_retries == 2
+    assert consumer.stats.dead_lettered == 0
+    assert (await redis.xpending("s1", "g"))["pending"] == 0
+
+
+async def test_undecodable_entry_goes_to_dead_letter_with_reason(redis) -> None:  # type: ignore[no-untyped-def]
+    await redis.xadd("s1", {"v": "1", "d": b"\xc1garbage"})
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(1)]})
+    got: list[object] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            got.extend(d.events)
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: len(got) == 1 and consumer.stats.dead_lettered == 1)
+    letters = await redis.xrange(streams.dead_letter("s1"))
+    assert len(letters) == 1
+    assert b"not a batch of events" in letters[0][1][b"reason"]
+    assert letters[0][1][b"orig_d"] == b"\xc1garbage"
+    assert (await redis.xpending("s1", "g"))["pending"] == 0
+
+
+async def test_entry_failing_every_delivery_is_dead_lettered_and_others_flow(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    for i in range(3):
+        await producer.publish({"s1": [stubs.trade(i)]})
+    good: list[str] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            for e in d.events:
+                if e.trade_id == stubs.trade(1).trade_id:  # type: ignore[union-attr]
+                    raise ValueError("poison trade")
+        for d in batch:
+            good.extend(e.trade_id for e in d.events)  # type: ignore[union-attr]
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: consumer.stats.dead_lettered == 1, timeout=15)
+    assert sorted(good) == sorted([stubs.trade(0).trade_id, stubs.trade(2).trade_id])
+    letters = await redis.xrange(streams.dead_letter("s1"))
+    assert b"poison trade" in letters[0][1][b"reason"]
+    assert (await redis.xpending("s1", "g"))["pending"] == 0
+
+
+async def test_entries_left_by_a_crashed_consumer_are_taken_over(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(i) for i in range(10)]})
+    await redis.xgroup_create("s1", "g", id="0")
+    # A consumer that read and died before acknowledging.
+    await redis.xreadgroup("g", "dead-consumer", {"s1": ">"}, count=100)
+    got: list[object] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            got.extend(d.events)
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c2", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: len(got) == 10)
+    assert consumer.stats.claimed == 1
+    assert (await redis.xpending("s1", "g"))["pending"] == 0
+
+
+async def test_restarted_consumer_processes_its_own_pending_first(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(i) for i in range(3)]})
+    await redis.xgroup_create("s1", "g", id="0")
+    await redis.xreadgroup("g", "c1", {"s1": ">"}, count=100)
+    got: list[object] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            got.extend(d.events)
+
+    slow_claim = msgspec.structs.replace(FAST, claim_idle_ms=600_000)
+    consumer = Consumer(redis, Codec(), slow_claim, "g", "c1", StreamSelector(names=["s1"]))
+    await run_until(consumer, handler, lambda: len(got) == 3, timeout=3)
+    assert consumer.stats.claimed == 0
+
+
+async def test_forwarding_publishes_and_acknowledges_atomically(redis) -> None:  # type: ignore[no-untyped-def]
+    codec = Codec()
+    producer = Producer(redis, codec, FAST, "test")
+    await producer.publish({"in": [stubs.trade(i) for i in range(7)]})
+
+    async def handler(batch: list[Delivery]) -> dict[str, list]:  # type: ignore[type-arg]
+        return {"out": [e for d in batch for e in d.events]}
+
+    consumer = Consumer(redis, codec, FAST, "g", "c1", StreamSelector(names=["in"]), producer=producer)
+    await run_until(consumer, handler, lambda: consumer.stats.events == 7)
+    out = [e for _, f in await redis.xrange("out") for e in codec.decode_entry(f)]
+    assert len(out) == 7
+    assert (await redis.xpending("in", "g"))["pending"] == 0
+
+
+async def test_pattern_selector_finds_streams_published_later(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    got: list[object] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        for d in batch:
+            got.extend(d.events)
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(patterns=["md:trade:*"]), refresh_s=0.05)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(handler, stop))
+    await asyncio.sleep(0.2)
+    await producer.publish({"md:trade:binance:ETH/USDT": [stubs.trade(1, symbol="ETH/USDT")],
+                            "md:candle:binance:ETH/USDT": [stubs.candle()]})
+    async with asyncio.timeout(5):
+        while len(got) < 1:
+            await asyncio.sleep(0.02)
+    stop.set()
+    await task
+    assert consumer.streams == ["md:trade:binance:ETH/USDT"]
+
+
+async def test_backpressure_waits_then_publishes_with_an_alert(redis) -> None:  # type: ignore[no-untyped-def]
+    settings = msgspec.structs.replace(FAST, backpressure_high_water=3, backpressure_max_wait_s=0.3)
+    producer = Producer(redis, Codec(), settings, "test")
+    await redis.xgroup_create("s1", "slow", id="0", mkstream=True)
+    for i in range(5):
+        await producer.publish({"s1": [stubs.trade(i)]})
+        producer._checked_at.clear()
+    assert producer.backpressure_waits >= 1
+    assert await redis.xlen("s1") == 5  # nothing dropped
+    alerts = [e for _, f in await redis.xrange(streams.ALERTS) for e in Codec().decode_entry(f)]
+    assert alerts and alerts[0].rule == "bus.backpressure_timeout"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x93\x01\x02\x03"])
+def test_codec_rejects_payloads_that_are_not_event_batches(bad: bytes) -> None:
+    from schemas import DecodeError
+    with pytest.raises(DecodeError):
+        Codec().decode(bad)
