@@ -1,0 +1,104 @@
+"""`mdp`: the pipeline's command line.
+
+  mdp status [--json] [--watch S]   services alive (heartbeat age, rate), streams (length, pending, lag)
+  mdp migrate                       apply PostgreSQL migrations (idempotent)
+  mdp simulate [...]                run the exchange simulator (same options as python -m services.simulator)
+  mdp alerts [--count N]            the latest alerts, newest first
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import redis.asyncio as aioredis
+
+from common import status as status_mod
+from common import streams
+from common.config import ConfigError, load_settings
+from schemas import Codec
+
+
+async def _status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        while True:
+            st = await status_mod.collect(redis)
+            if args.json:
+                print(json.dumps(st.to_dict(), indent=2))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(status_mod.render(st))
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.watch)
+    finally:
+        await redis.aclose()
+
+
+async def _alerts(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    codec = Codec()
+    try:
+        shown = 0
+        for entry_id, fields in await redis.xrevrange(streams.ALERTS, count=args.count):
+            for alert in codec.decode_entry(fields):
+                print(json.dumps({"entry": entry_id.decode(), **_plain(alert)}))
+                shown += 1
+        if not shown:
+            print("no alerts", file=sys.stderr)
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def _plain(event: object) -> dict[str, object]:
+    import msgspec
+    return msgspec.to_builtins(event)  # type: ignore[no-any-return]
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from common.migrate import migrate
+
+    settings = load_settings(args.config)
+    applied = await migrate(settings.postgres.dsn)
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none, schema is current'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mdp", description="market-data pipeline")
+    parser.add_argument("--config", help="config file (default: $MDP_CONFIG or config/simulator.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="services, rates, streams, pending and lag")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS")
+    a = sub.add_parser("alerts", help="latest alerts")
+    a.add_argument("--count", type=int, default=20)
+    sub.add_parser("migrate", help="apply PostgreSQL migrations")
+    sub.add_parser("simulate", help="run the exchange simulator (see `mdp simulate -- --help`)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "simulate":
+            from services.simulator.__main__ import main as simulate
+            return int(simulate(rest) or 0)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        handler = {"status": _status, "alerts": _alerts, "migrate": _migrate}[args.command]
+        return asyncio.run(handler(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError) as exc:
+        print(f"error: cannot reach a store ({exc}); start the stores with `make stores` or check the config",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""`mdp status`: each service's liveness and rate, each stream's length, and each group's pending and lag.
+
+Liveness comes from `mdp:alive:{service}:{instance}` keys (TTL = 5 heartbeats); rates from the difference
+between an instance's last two heartbeats in `mdp:heartbeats`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common import streams
+from schemas import Codec, DecodeError, Heartbeat
+
+
+@dataclass
+class ServiceStatus:
+    service: str
+    instance: str
+    alive: bool
+    state: str
+    heartbeat_age_s: float
+    uptime_s: float
+    rates: dict[str, float]
+    counters: dict[str, int]
+    detail: str
+
+
+@dataclass
+class GroupStatus:
+    name: str
+    consumers: int
+    pending: int
+    lag: int | None
+
+
+@dataclass
+class StreamStatus:
+    name: str
+    length: int
+    groups: list[GroupStatus] = field(default_factory=list)
+
+
+@dataclass
+class Status:
+    services: list[ServiceStatus]
+    streams: list[StreamStatus]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def max_lag(self) -> int:
+        return max((g.lag or 0) + g.pending for s in self.streams for g in s.groups) if self.streams else 0
+
+
+async def collect(redis: aioredis.Redis) -> Status:
+    codec = Codec()
+    now = time.time_ns()
+    history: dict[tuple[str, str], list[Heartbeat]] = {}
+    for _, fields in await redis.xrevrange(streams.HEARTBEATS, count=2000):
+        try:
+            beats = codec.decode_entry(fields)
+        except DecodeError:
+            continue
+        for b in beats:
+            if isinstance(b, Heartbeat):
+                key = (b.service, b.instance)
+                if len(history.setdefault(key, [])) < 2:
+                    history[key].append(b)
+    alive_keys = {k.decode() async for k in redis.scan_iter(match=streams.ALIVE_PREFIX + "*", count=1000)}
+    services = []
+    for (service, instance), beats in sorted(history.items()):
+        latest = beats[0]
+        rates: dict[str, float] = {}
+        if len(beats) == 2:
+            dt = (beats[0].ts_event - beats[1].ts_event) / 1e9
+            if dt > 0:
+                rates = {k: round((v - beats[1].counters.get(k, 0)) / dt, 1) for k, v in latest.counters.items()}
+        alive = streams.alive_key(service, instance) in alive_keys
+        services.append(ServiceStatus(
+            service=service, instance=instance, alive=alive, state=latest.state if alive else "dead",
+            heartbeat_age_s=round((now - latest.ts_event) / 1e9, 1),
+            uptime_s=round((latest.ts_event - latest.started_at) / 1e9, 1), rates=rates,
+            counters=latest.counters, detail=latest.detail))
+    names = {m.decode() for m in await redis.smembers(streams.REGISTRY)}
+    names |= {streams.ALERTS}
+    names |= {k.decode() async for k in redis.scan_iter(match="dlq:*", count=1000)}
+    stream_list = []
+    for name in sorted(names):
+        try:
+            length = await redis.xlen(name)
+            groups = await redis.xinfo_groups(name)
+        except ResponseError:
+            continue
+        stream_list.append(StreamStatus(name=name, length=length, groups=[
+            GroupStatus(name=g["name"].decode() if isinstance(g["name"], bytes) else g["name"],
+                        consumers=int(g["consumers"]), pending=int(g["pending"]),
+                        lag=None if g.get("lag") is None else int(g["lag"]))
+            for g in groups]))
+    return Status(services=services, streams=stream_list)
+
+
+MAIN_RATE = {"collector": "published_events", "validator": "events_in", "normalizer": "events_in",
+             "influx_writer": "points_written", "postgres_writer": "events", "cache_publisher": "events"}
+
+
+def render(status: Status) -> str:
+    lines = ["SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)  DETAIL"]
+    for s in status.services:
+        key = MAIN_RATE.get(s.service, "")
+        rate = s.rates.get(key)
+        if rate is None and s.rates:
+            rate = max(s.rates.values())
+        lines.append(f"{s.service:<16} {s.instance:<13} {s.state:<9} {s.heartbeat_age_s:>7.1f} s "
+                     f"{s.uptime_s:>7.0f} s {'' if rate is None else f'{rate:>10.1f}':>15}  {s.detail[:60]}")
+    if not status.services:
+        lines.append("(no service has sent a heartbeat: is the pipeline running? `make demo` starts it)")
+    lines.append("")
+    lines.append("STREAM                                   LENGTH   GROUP             CONSUMERS  PENDING      LAG")
+    for st in status.streams:
+        if not st.groups:
+            lines.append(f"{st.name:<40} {st.length:>7}   (no consumer group)")
+        for i, g in enumerate(st.groups):
+            head = f"{st.name:<40} {st.length:>7}" if i == 0 else " " * 48
+            lag = "?" if g.lag is None else str(g.lag)
+            lines.append(f"{head}   {g.name:<17} {g.consumers:>9} {g.pending:>8} {lag:>8}")
+    return "\n".join(lines)

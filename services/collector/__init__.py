@@ -1,0 +1,1 @@
+"""Exchange collector service: ccxt.pro WebSocket + REST fallback -> raw:{exchange}."""

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Start or stop the pipeline under supervisord.
+#   tools/supervise.sh start CONFIG   start supervisord in the background; return when every program is RUNNING
+#   tools/supervise.sh stop           stop every program and supervisord
+# Environment: MDP_RUN_DIR (default var/run), MDP_SIM_ARGS (simulator options), MDP_START_TIMEOUT (s, default 90).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MDP_RUN_DIR="${MDP_RUN_DIR:-$PWD/var/run}"
+mkdir -p "$MDP_RUN_DIR/logs"
+ctl() { .venv/bin/supervisorctl -c supervisord.conf "$@"; }
+
+case "${1:-}" in
+  start)
+    config="${2:?usage: supervise.sh start CONFIG}"
+    export MDP_CONFIG="$PWD/$config"
+    if grep -q '127.0.0.1:8765' "$config"; then export MDP_SIMULATOR=true; else export MDP_SIMULATOR=false; fi
+    export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now}"
+    if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
+      echo "supervisord already runs (pid $(ctl pid)); restarting its programs with $config"
+      ctl shutdown >/dev/null; for _ in $(seq 1 100); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done
+    fi
+    .venv/bin/supervisord -c supervisord.conf
+    deadline=$((SECONDS + ${MDP_START_TIMEOUT:-90}))
+    while :; do
+      out=$(ctl status 2>/dev/null || true)
+      expected=$(echo "$out" | grep -vc 'simulator.*STOPPED' || true)
+      running=$(echo "$out" | grep -c ' RUNNING ' || true)
+      if [ -n "$out" ] && [ "$running" -eq "$expected" ]; then break; fi
+      if echo "$out" | grep -qE 'FATAL|BACKOFF|EXITED'; then
+        echo "$out"; echo "error: a program failed to start; read $MDP_RUN_DIR/logs/" >&2; exit 1
+      fi
+      if [ $SECONDS -ge $deadline ]; then
+        echo "$out"; echo "error: not every program RUNNING after ${MDP_START_TIMEOUT:-90} s; read $MDP_RUN_DIR/logs/" >&2; exit 1
+      fi
+      sleep 0.5
+    done
+    echo "$out"
+    echo "pipeline running (config $config, logs in $MDP_RUN_DIR/logs). Try: .venv/bin/mdp status"
+    ;;
+  stop)
+    if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
+      ctl shutdown
+      for _ in $(seq 1 150); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done
+      echo "pipeline stopped"
+    else
+      echo "pipeline is not running"
+    fi
+    ;;
+  *) echo "usage: $0 start CONFIG | stop" >&2; exit 2 ;;
+esac
