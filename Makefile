@@ -42,6 +42,8 @@ run: venv stores
 
 stop:
 	@bash tools/supervise.sh stop
+	@if [ -f $(VAR)/influxdb/influxd.pid ] && kill $$(cat $(VAR)/influxdb/influxd.pid) 2>/dev/null; then \
+	  echo "stopped the private InfluxDB"; rm -f $(VAR)/influxdb/influxd.pid; fi
 
 status: venv
 	@$(BIN)/mdp status
