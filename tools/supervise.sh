@@ -12,8 +12,12 @@ ctl() { .venv/bin/supervisorctl -c supervisord.conf "$@"; }
 case "${1:-}" in
   start)
     config="${2:?usage: supervise.sh start CONFIG}"
-    export MDP_CONFIG="$PWD/$config"
-    if grep -q '127.0.0.1:8765' "$config"; then export MDP_SIMULATOR=true; else export MDP_SIMULATOR=false; fi
+    case "$config" in /*) ;; *) config="$PWD/$config" ;; esac
+    export MDP_CONFIG="$config"
+    # The simulator runs when the config points an exchange at it (override with MDP_SIMULATOR=true|false).
+    if [ -z "${MDP_SIMULATOR:-}" ]; then
+      if grep -q '127.0.0.1:8765' "$config"; then export MDP_SIMULATOR=true; else export MDP_SIMULATOR=false; fi
+    fi
     export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now}"
     if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
       echo "supervisord already runs (pid $(ctl pid)); restarting its programs with $config"
