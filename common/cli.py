@@ -13,11 +13,14 @@ import asyncio
 import json
 import sys
 
+import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import status as status_mod
 from common import streams
 from common.config import ConfigError, load_settings
+from common.migrate import MigrationError
 from schemas import Codec
 
 
@@ -94,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ConnectionError, OSError) as exc:
+    except MigrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.PostgresError as exc:
+        print(f"error: PostgreSQL refused: {exc}", file=sys.stderr)
+        return 1
+    except (ConnectionError, OSError, RedisConnectionError) as exc:
         print(f"error: cannot reach a store ({exc}); start the stores with `make stores` or check the config",
               file=sys.stderr)
         return 1

@@ -1,0 +1,1 @@
+"""PostgreSQL writer: the market catalog and quality alerts (python -m services.postgres_writer)."""
