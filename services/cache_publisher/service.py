@@ -1,0 +1,222 @@
+"""The cache publisher: reads md:trade:*, md:ticker:* and md:candle:* (consumer group "cache_publisher") and
+keeps the live view of the market in Redis (the same Redis as the bus, settings.redis.url):
+
+  price:{exchange}:{symbol}    JSON {"price": "<decimal text>", "ts": <ts_event ns>,
+                               "source": "trade"|"ticker"|"candle"}, TTL cache.price_ttl_s (counted from the
+                               write). The price of a trade, a ticker's `last` (a ticker without `last`
+                               sets nothing) or a candle's `close`.
+                               It only moves forward: a Lua script compares ts_event with the stored one and
+                               keeps the stored price when it is newer (equal ts: the later write wins, so of
+                               several trades in one millisecond the last one processed stands).
+  trades:{exchange}:{symbol}   the newest cache.recent_trades trades, newest first, as trade JSON
+                               {"exchange", "symbol", "trade_id", "price", "amount", "side", "ts", "ts_recv"}.
+  trades_hw:{exchange}:{symbol}  the list's high-water mark: ts_event (20 digits) "|" trade id (zero-padded
+                               to 20 digits when numeric) of the newest trade pushed.
+  ticks:{symbol} (pub/sub)     every trade as the same trade JSON (it names its exchange).
+
+Every write of a batch goes in one MULTI/EXEC pipeline, so readers never see half a batch; the inputs are
+acknowledged after it (by the bus), so a crash in between redelivers the batch.
+
+Idempotence on redelivery:
+  * price: yes - an older or equal event rewrites nothing newer (an equal-ts redelivery rewrites the same
+    or a same-millisecond value and refreshes the TTL).
+  * recent trades: yes - a trade is pushed only if it is newer than the high-water mark, or has the same
+    ts_event and is not already in the list (bytewise order key, so it does not depend on the server's
+    locale). Consequence: a trade older than the newest listed one (e.g. a late REST backfill) is not
+    added to the recent list (it still reaches md:trade and the stores).
+  * ticks pub/sub: no - at-least-once: every delivery of a trade is published again, so subscribers
+    de-duplicate on (exchange, trade_id). It is also at-most-once towards a subscriber that is not
+    connected at that moment (Redis pub/sub keeps nothing); use md:trade:* streams for completeness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from decimal import Decimal
+
+import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.bus import Consumer, Delivery, StoreUnavailable, StreamSelector
+from common.config import Settings
+from common.service import Service
+from schemas import Candle, Ticker, Trade
+
+log = logging.getLogger(__name__)
+
+GROUP = "cache_publisher"
+INPUT_PATTERNS = ("md:trade:*", "md:ticker:*", "md:candle:*")
+
+# Byte-wise comparison: Lua's `<` on strings uses strcoll, and redis-server sets LC_COLLATE from the
+# environment, so a locale could reorder punctuation or letters.
+_LUA_CMP = """
+local function bytes_gt(a, b)
+  if a == b then return false end
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+"""
+
+# KEYS[1] price key; ARGV[1] ts_event (decimal digits), ARGV[2] JSON, ARGV[3] TTL s. Returns 1 if written.
+SET_PRICE_LUA = _LUA_CMP + """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cts = string.match(cur, '"ts":%s*(%d+)')
+  local nts = ARGV[1]
+  if cts and (#cts > #nts or (#cts == #nts and bytes_gt(cts, nts))) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS[1] list, KEYS[2] high-water key; ARGV[1] max length, then pairs (order key, JSON) in ascending order.
+# Returns the number of trades pushed.
+PUSH_TRADES_LUA = _LUA_CMP + """
+local maxlen = tonumber(ARGV[1])
+local hw = redis.call('GET', KEYS[2])
+local pushed = 0
+for i = 2, #ARGV, 2 do
+  local key, json = ARGV[i], ARGV[i + 1]
+  local push = false
+  if not hw or bytes_gt(key, hw) then
+    push = true
+    hw = key
+  elseif string.sub(key, 1, 20) == string.sub(hw, 1, 20) then
+    push = not redis.call('LPOS', KEYS[1], json, 'MAXLEN', maxlen)
+  end
+  if push then
+    redis.call('LPUSH', KEYS[1], json)
+    pushed = pushed + 1
+  end
+end
+if pushed > 0 then
+  redis.call('LTRIM', KEYS[1], 0, maxlen - 1)
+  redis.call('SET', KEYS[2], hw)
+end
+return pushed
+"""
+
+
+def price_key(exchange: str, symbol: str) -> str:
+    return f"price:{exchange}:{symbol}"
+
+
+def trades_key(exchange: str, symbol: str) -> str:
+    return f"trades:{exchange}:{symbol}"
+
+
+def trades_hw_key(exchange: str, symbol: str) -> str:
+    return f"trades_hw:{exchange}:{symbol}"
+
+
+def ticks_channel(symbol: str) -> str:
+    return f"ticks:{symbol}"
+
+
+def _dec(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+_json = msgspec.json.Encoder()
+
+
+def trade_json(t: Trade) -> bytes:
+    return _json.encode({"exchange": t.exchange, "symbol": t.symbol, "trade_id": t.trade_id,
+                         "price": _dec(t.price), "amount": _dec(t.amount), "side": t.side, "ts": t.ts_event,
+                         "ts_recv": t.ts_recv})
+
+
+def price_json(price: Decimal, ts: int, source: str) -> bytes:
+    return _json.encode({"price": format(price, "f"), "ts": ts, "source": source})
+
+
+def order_key(t: Trade) -> str:
+    tid = t.trade_id.zfill(20) if t.trade_id.isdigit() else t.trade_id
+    return f"{t.ts_event:020d}|{tid}"
+
+
+def price_of(event: Trade | Ticker | Candle) -> tuple[Decimal, str] | None:
+    if isinstance(event, Trade):
+        return (event.price, "trade") if event.price is not None else None
+    if isinstance(event, Ticker):
+        return (event.last, "ticker") if event.last is not None else None
+    return (event.close, "candle") if event.close is not None else None
+
+
+class CachePublisher(Service):
+    name = "cache_publisher"
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        super().__init__(settings, instance)
+        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
+                                 name=f"{self.name}-{self.instance}",
+                                 selector=StreamSelector(patterns=INPUT_PATTERNS))
+        self.set_price = self.redis.register_script(SET_PRICE_LUA)
+        self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
+        self.stats: Counter[str] = Counter()
+
+    def counters(self) -> dict[str, int]:
+        s = self.consumer.stats
+        return {**self.stats, "delivered": s.delivered, "acked": s.acked, "dead_lettered": s.dead_lettered,
+                "failures": s.failures, "store_retries": s.store_retries}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.state = "running"
+        await self.consumer.run(self.handle, stop)
+
+    async def handle(self, batch: list[Delivery]) -> None:
+        cache = self.settings.cache
+        prices: dict[str, tuple[int, bytes]] = {}  # key -> newest (ts, JSON) of the batch
+        trades: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+        ticks: list[tuple[str, bytes]] = []
+        for delivery in batch:
+            for event in delivery.events:
+                self.stats["events_in"] += 1
+                if not isinstance(event, (Trade, Ticker, Candle)):
+                    self.stats["ignored"] += 1
+                    continue
+                found = price_of(event)
+                if found is not None:
+                    key = price_key(event.exchange, event.symbol)
+                    current = prices.get(key)
+                    if current is None or event.ts_event >= current[0]:
+                        prices[key] = (event.ts_event, price_json(found[0], event.ts_event, found[1]))
+                if isinstance(event, Trade):
+                    body = trade_json(event)
+                    trades.setdefault((event.exchange, event.symbol), []).append((order_key(event), body))
+                    ticks.append((ticks_channel(event.symbol), body))
+        if not prices and not trades:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for key, (ts, body) in prices.items():
+            await self.set_price(keys=[key], args=[str(ts), body, cache.price_ttl_s], client=pipe)
+        for (exchange, symbol), items in trades.items():
+            items.sort(key=lambda kb: kb[0])
+            args: list[str | bytes | int] = [cache.recent_trades]
+            for k, body in items[-cache.recent_trades:]:
+                args += [k, body]
+            keys = [trades_key(exchange, symbol), trades_hw_key(exchange, symbol)]
+            await self.push_trades(keys=keys, args=args, client=pipe)
+        for channel, body in ticks:
+            pipe.publish(channel, body)
+        try:
+            results = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"redis (cache): {exc}") from exc
+        written = sum(int(r) for r in results[:len(prices)])
+        pushed = sum(int(r) for r in results[len(prices):len(prices) + len(trades)])
+        listed = sum(min(len(v), cache.recent_trades) for v in trades.values())
+        self.stats["prices_written"] += written
+        self.stats["prices_stale"] += len(prices) - written
+        self.stats["trades_listed"] += pushed
+        self.stats["trades_not_listed"] += listed - pushed
+        self.stats["ticks_published"] += len(ticks)

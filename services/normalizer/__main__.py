@@ -1,0 +1,4 @@
+from common.service import service_main
+from services.normalizer.service import Normalizer
+
+service_main(Normalizer)

@@ -1,0 +1,368 @@
+"""The normalizer: reads valid:{exchange} (consumer group "normalizer") and publishes the canonical public
+feeds md:trade|candle|ticker:{exchange}:{symbol} and md:market:{exchange}. Events it cannot normalize become
+Alerts on mdp:alerts; outputs and alerts are returned from the handler, so they are published and the inputs
+acknowledged in one MULTI/EXEC.
+
+What "canonical" means (the heuristics):
+
+Symbols - ccxt unified symbols: 'BASE/QUOTE' (spot), 'BASE/QUOTE:SETTLE' (swaps), with an optional
+  '-suffix' on the settle part for dated futures/options ('BTC/USD:BTC-240927'). Case is left as is.
+  * A symbol containing '/' must have exactly one '/', at most one ':' and no whitespace (surrounding
+    whitespace is stripped); otherwise it is rejected with `symbol.invalid`.
+  * A symbol without '/' is taken as the exchange's own id ('BTCUSDT', or 'btcusdt' as in Binance stream
+    names) and looked up among the Market events this process has seen for that exchange: those flowing
+    through valid:{exchange} (learned in order, so a market earlier in a batch maps a trade later in it)
+    and, at start, the newest MARKET_BOOTSTRAP_ENTRIES entries of every md:market:* stream. The id is
+    tried as is, then upper-cased. Exactly one unified symbol -> mapped. None, or several (Binance uses
+    'BTCUSDT' for both spot BTC/USDT and USD-M BTC/USDT:USDT) -> rejected with `symbol.unmapped`, listing
+    the candidates. ccxt collectors always emit unified symbols, so this path is for other producers.
+
+Timestamps - integer ns since the epoch, UTC. ts_event, ts_recv and a candle's open_time are each read by
+  magnitude (common.quality.to_ns): < 1e11 seconds, < 1e14 milliseconds, < 1e17 microseconds, else ns.
+  E.g. 1723161255342 (ms) -> 1723161255342000000. A value <= 0 is rejected (`time.invalid`; the validator
+  normally rejects it first).
+
+Decimals - every Decimal field (prices, amounts, OHLCV, bid/ask sizes, market precisions) in its shortest
+  exact form: trailing zeros stripped, never a positive exponent, no negative zero.
+  Decimal('61837.63000000') -> Decimal('61837.63'); Decimal('0.02000000') -> Decimal('0.02');
+  Decimal('1E+2') and Decimal('100.00') -> Decimal('100'); Decimal('0E-8') -> Decimal('0'). The value is
+  unchanged; equal values always get the same digits. (str() of a value below 1e-6 still prints with an
+  exponent, e.g. '1.23E-8': a consumer wanting fixed-point text uses format(value, 'f').)
+
+Candles - open_time must fall on the timeframe's boundary, else `candle.misaligned`:
+  * durations dividing one day (1s..1d: '1m', '5m', '15m', '1h', '4h', '12h', '1d', ...): a multiple of the
+    duration since the epoch (UTC midnight alignment, as Binance and most exchanges do);
+  * '1w': Monday 00:00 UTC; '1M': the 1st of the month 00:00 UTC;
+  * others ('3d', '2w', '3M', '5h', ...) have exchange-specific anchors (Binance's 3d bars do not start on
+    epoch multiples): passed unchecked and counted as `unaligned_unchecked`.
+  A timeframe that is not <number><s|m|h|d|w|M|y> is rejected with `candle.timeframe`.
+
+Alerts found on valid:* are forwarded to mdp:alerts unchanged; heartbeats are dropped (counted `ignored`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import logging
+import re
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Literal
+
+import msgspec
+
+from common import quality, streams
+from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.config import Settings
+from common.service import Service
+from schemas import Alert, Candle, DecodeError, Event, Market, Ticker, Trade
+
+log = logging.getLogger(__name__)
+
+GROUP = "normalizer"
+INPUT_PATTERN = "valid:*"
+MARKET_BOOTSTRAP_ENTRIES = 200  # newest entries of each md:market:* stream read at start (<= 100k markets)
+
+NS = 1_000_000_000
+DAY_NS = 86_400 * NS
+WEEK_NS = 7 * DAY_NS
+MONDAY_OFFSET_NS = 4 * DAY_NS  # 1970-01-01 was a Thursday; 1970-01-05 a Monday
+
+RULE_SYMBOL_INVALID = "symbol.invalid"
+RULE_SYMBOL_UNMAPPED = "symbol.unmapped"
+RULE_CANDLE_MISALIGNED = "candle.misaligned"
+RULE_CANDLE_TIMEFRAME = "candle.timeframe"
+RULE_TIME_INVALID = "time.invalid"
+
+_UNIFIED = re.compile(r"^[^/:\s]+/[^/:\s]+(?::[^/:\s]+)?$")
+_TIMEFRAME = re.compile(r"^([1-9][0-9]*)([smhdwMy])$")
+_UNIT_NS = {"s": NS, "m": 60 * NS, "h": 3_600 * NS, "d": DAY_NS, "w": WEEK_NS}
+_DEC = decimal.Context(prec=200)
+_ONE = Decimal(1)
+_ZERO = Decimal(0)
+
+Alignment = Literal["aligned", "misaligned", "unchecked"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def canonical_decimal(value: Decimal | None) -> Decimal | None:
+    """The shortest exact form of `value`: Decimal('61837.63000000') -> Decimal('61837.63'), 1E+2 -> 100."""
+    if value is None or not value.is_finite():
+        return value
+    if value.is_zero():
+        return _ZERO
+    n = value.normalize(_DEC)
+    if n.as_tuple().exponent > 0:  # type: ignore[operator]
+        n = n.quantize(_ONE, context=_DEC)
+    return n
+
+
+def parse_timeframe(timeframe: str) -> tuple[int, str] | None:
+    m = _TIMEFRAME.match(timeframe or "")
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def candle_alignment(open_time_ns: int, timeframe: str) -> Alignment:
+    """Whether a bar opening at `open_time_ns` sits on its timeframe's boundary (see the module docstring).
+    Raises ValueError for a timeframe that is not <number><unit>."""
+    parsed = parse_timeframe(timeframe)
+    if parsed is None:
+        raise ValueError(f"unknown timeframe {timeframe!r}")
+    n, unit = parsed
+    if unit in ("s", "m", "h", "d"):
+        duration = n * _UNIT_NS[unit]
+        if DAY_NS % duration:
+            return "unchecked"
+        return "aligned" if open_time_ns % duration == 0 else "misaligned"
+    if unit == "w" and n == 1:
+        return "aligned" if (open_time_ns - MONDAY_OFFSET_NS) % WEEK_NS == 0 else "misaligned"
+    if unit == "M" and n == 1:
+        if open_time_ns % NS:
+            return "misaligned"
+        dt = datetime.fromtimestamp(open_time_ns // NS, tz=UTC)
+        return "aligned" if (dt.day, dt.hour, dt.minute, dt.second) == (1, 0, 0, 0) else "misaligned"
+    return "unchecked"
+
+
+def expected_open(open_time_ns: int, timeframe: str) -> int | None:
+    """The boundary at or before `open_time_ns` for epoch-aligned timeframes (for alert text)."""
+    parsed = parse_timeframe(timeframe)
+    if parsed and parsed[1] in _UNIT_NS and parsed[1] != "w":
+        duration = parsed[0] * _UNIT_NS[parsed[1]]
+        return open_time_ns - open_time_ns % duration
+    return None
+
+
+class SymbolMap:
+    """Exchange ids -> ccxt unified symbols, learned from Market events."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, dict[str, set[str]]] = {}
+
+    def learn(self, market: Market) -> None:
+        if market.exchange_symbol and market.symbol:
+            by_id = self._ids.setdefault(market.exchange, {})
+            by_id.setdefault(market.exchange_symbol, set()).add(market.symbol)
+
+    def candidates(self, exchange: str, exchange_symbol: str) -> list[str]:
+        ids = self._ids.get(exchange, {})
+        found = ids.get(exchange_symbol) or ids.get(exchange_symbol.upper()) or set()
+        return sorted(found)
+
+    def known(self, exchange: str) -> int:
+        return len(self._ids.get(exchange, {}))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._ids.values())
+
+
+class Rejected(Exception):
+    """An event the normalizer will not publish; carries the finding for the alert."""
+
+    def __init__(self, rule: str, reason: str, values: dict[str, str | None]) -> None:
+        super().__init__(reason)
+        self.finding = quality.Finding(rule, "error", "reject", reason, values)
+
+
+Normalizable = Trade | Candle | Ticker | Market
+
+
+def canonical_symbol(event: Normalizable, symbols: SymbolMap) -> tuple[str, bool]:
+    """(unified symbol, whether it was mapped from an exchange id); raises Rejected."""
+    raw = event.symbol
+    symbol = raw.strip()
+    if "/" in symbol:
+        if not _UNIFIED.match(symbol):
+            raise Rejected(RULE_SYMBOL_INVALID,
+                           f"{quality.describe(event)}: symbol {raw!r} is not a ccxt unified symbol (need "
+                           f"'BASE/QUOTE' or 'BASE/QUOTE:SETTLE', one '/', at most one ':', no spaces); "
+                           f"rejected. Fix the producer's symbol mapping.", {"symbol": raw})
+        return symbol, False
+    if isinstance(event, Market):
+        raise Rejected(RULE_SYMBOL_INVALID,
+                       f"{quality.describe(event)}: market symbol {raw!r} is not a ccxt unified symbol; "
+                       f"rejected. Markets must carry the unified symbol in 'symbol' and the exchange's "
+                       f"id in 'exchange_symbol'.", {"symbol": raw, "exchange_symbol": event.exchange_symbol})
+    found = symbols.candidates(event.exchange, symbol)
+    if len(found) == 1:
+        return found[0], True
+    if found:
+        why = (f"is the exchange id of several markets ({', '.join(found)}), so the market type is "
+               f"ambiguous; the producer must send the unified symbol")
+    else:
+        why = (f"is not a unified symbol and no market with that exchange id is known for {event.exchange} "
+               f"({symbols.known(event.exchange)} known); publish the exchange's markets to md:market "
+               f"(collector load_markets) before its data, or send unified symbols")
+    raise Rejected(RULE_SYMBOL_UNMAPPED, f"{quality.describe(event)}: symbol {raw!r} {why}; rejected.",
+                   {"symbol": raw, "candidates": ", ".join(found) or None,
+                    "known_markets": str(symbols.known(event.exchange))})
+
+
+def _ns(event: Normalizable, name: str, value: int) -> int:
+    ns = quality.to_ns(value)
+    if ns <= 0:
+        raise Rejected(RULE_TIME_INVALID,
+                       f"{quality.describe(event)} has {name}={value}, not a positive timestamp; rejected. "
+                       f"The producer must send the exchange's time.", {name: str(value)})
+    return ns
+
+
+def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, set[str]]:
+    """The canonical form of `event` and notes on what changed ('symbol_mapped', 'ts_rescaled');
+    raises Rejected. A Market also teaches `symbols` its exchange id."""
+    symbol, mapped = canonical_symbol(event, symbols)
+    notes: set[str] = {"symbol_mapped"} if mapped else set()
+    stamps = {"ts_event": event.ts_event, "ts_recv": event.ts_recv}
+    if isinstance(event, Candle):
+        stamps["open_time"] = event.open_time
+    changes: dict[str, object] = {"symbol": symbol}
+    for name, value in stamps.items():
+        ns = _ns(event, name, value)
+        if ns != value:
+            notes.add("ts_rescaled")
+        changes[name] = ns
+    cd = canonical_decimal
+    if isinstance(event, Trade):
+        changes.update(price=cd(event.price), amount=cd(event.amount))
+    elif isinstance(event, Candle):
+        changes.update(open=cd(event.open), high=cd(event.high), low=cd(event.low), close=cd(event.close),
+                       volume=cd(event.volume))
+        open_time = changes["open_time"]
+        assert isinstance(open_time, int)
+        try:
+            alignment = candle_alignment(open_time, event.timeframe)
+        except ValueError:
+            raise Rejected(RULE_CANDLE_TIMEFRAME,
+                           f"{quality.describe(event)}: timeframe {event.timeframe!r} is not a ccxt "
+                           f"timeframe (<number><s|m|h|d|w|M|y>, e.g. '1m'); rejected. Check the collector's "
+                           f"timeframe setting.", {"timeframe": event.timeframe}) from None
+        if alignment == "misaligned":
+            expected = expected_open(open_time, event.timeframe)
+            hint = f"; the bar containing it opens at {quality.iso(expected)} ({expected})" if expected else \
+                ""
+            raise Rejected(RULE_CANDLE_MISALIGNED,
+                           f"{quality.describe(event)}: open_time {open_time} ({quality.iso(open_time)}) is "
+                           f"not on a {event.timeframe} boundary{hint}; rejected. The producer sent the "
+                           f"close or update time instead of the bar's open time, or a wrong timeframe.",
+                           {"open_time": str(event.open_time), "open_time_ns": str(open_time),
+                            "timeframe": event.timeframe,
+                            "expected_open_time": str(expected) if expected is not None else None})
+        if alignment == "unchecked":
+            notes.add("unaligned_unchecked")
+    elif isinstance(event, Ticker):
+        changes.update(bid=cd(event.bid), ask=cd(event.ask), last=cd(event.last), bid_size=cd(event.bid_size),
+                       ask_size=cd(event.ask_size))
+    elif isinstance(event, Market):
+        changes.update(contract_size=cd(event.contract_size), price_precision=cd(event.price_precision),
+                       amount_precision=cd(event.amount_precision))
+    out = msgspec.structs.replace(event, **changes)
+    if isinstance(out, Market):
+        symbols.learn(out)
+    return out, notes
+
+
+def output_stream(event: Normalizable) -> str:
+    if isinstance(event, Market):
+        return streams.markets(event.exchange)
+    kind = quality.kind_of(event)
+    return streams.market_data(kind, event.exchange, event.symbol)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The service
+
+
+class Normalizer(Service):
+    name = "normalizer"
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        super().__init__(settings, instance)
+        self.symbols = SymbolMap()
+        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
+        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
+                                 name=f"{self.name}-{self.instance}",
+                                 selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
+        self.rejections = quality.RejectionLog(log)
+        self.events_in = 0
+        self.published = 0
+        self.rejected = 0
+        self.forwarded_alerts = 0
+        self.ignored = 0
+        self.notes: Counter[str] = Counter()
+        self.rejected_by_rule: Counter[str] = Counter()
+
+    def counters(self) -> dict[str, int]:
+        s = self.consumer.stats
+        out = {
+            "events_in": self.events_in, "published": self.published, "rejected": self.rejected,
+            "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored,
+            "known_markets": len(self.symbols), "delivered": s.delivered, "acked": s.acked,
+            "dead_lettered": s.dead_lettered, "failures": s.failures,
+        }
+        out.update(self.notes)
+        out.update({f"rejected.{rule}": n for rule, n in self.rejected_by_rule.items()})
+        return out
+
+    async def load_markets(self) -> int:
+        """Learn exchange ids from the newest entries of every md:market:* stream; returns markets read."""
+        count = 0
+        for name in await StreamSelector(patterns=["md:market:*"]).resolve(self.redis):
+            for _, fields in await self.redis.xrevrange(name, count=MARKET_BOOTSTRAP_ENTRIES):
+                try:
+                    events = self.codec.decode_entry(fields)
+                except DecodeError:
+                    continue
+                for event in events:
+                    if isinstance(event, Market):
+                        self.symbols.learn(event)
+                        count += 1
+        if count:
+            log.info("learned %d exchange ids from %d markets on md:market:*", len(self.symbols), count)
+        return count
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.load_markets()
+        self.state = "running"
+        try:
+            await self.consumer.run(self.handle, stop)
+        finally:
+            self.rejections.flush()
+
+    async def handle(self, batch: list[Delivery]) -> Outputs:
+        now = time.time_ns()
+        out: dict[str, list[Event]] = {}
+        alerts: list[Alert] = []
+        forwarded: list[Alert] = []
+        for delivery in batch:
+            stream_exchange = delivery.stream.partition(":")[2]
+            for event in delivery.events:
+                self.events_in += 1
+                if isinstance(event, Alert):
+                    forwarded.append(event)
+                    continue
+                if not isinstance(event, (Trade, Candle, Ticker, Market)):
+                    self.ignored += 1
+                    continue
+                try:
+                    result, notes = normalize(event, self.symbols)
+                except Rejected as rej:
+                    self.rejected += 1
+                    self.rejected_by_rule[rej.finding.rule] += 1
+                    alerts.append(quality.to_alert(rej.finding, event, self.name, now,
+                                                   exchange=stream_exchange))
+                    continue
+                self.notes.update(notes)
+                self.published += 1
+                out.setdefault(output_stream(result), []).append(result)
+        if alerts:
+            self.rejections.note(alerts)
+        self.forwarded_alerts += len(forwarded)
+        if alerts or forwarded:
+            out[streams.ALERTS] = [*forwarded, *alerts]
+        return out

@@ -1,0 +1,234 @@
+"""The validation rules of common.quality, one by one, on events shaped like the real Binance capture."""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from common import quality
+from common.quality import CheckContext, RejectionLog, to_ns
+from schemas import Market
+from tests import stubs
+
+CTX = CheckContext(now_ns=time.time_ns(), max_future_skew_ns=5 * quality.NS_PER_S)
+replace = msgspec.structs.replace
+
+
+def market(**changes: object) -> Market:
+    m = Market(exchange="binance", symbol="BTC/USDT", exchange_symbol="BTCUSDT", base="BTC", quote="USDT",
+               market_type="spot", active=True, contract_size=None, price_precision=Decimal("0.01"),
+               amount_precision=Decimal("0.00001"), ts_event=stubs.T0_NS, ts_recv=stubs.T0_NS)
+    return replace(m, **changes)
+
+
+def rules_fired(event: object) -> list[str]:
+    return [f.rule for f in quality.check(event, CTX)]  # type: ignore[arg-type]
+
+
+def only(event: object, rule: str) -> quality.Finding:
+    findings = quality.check(event, CTX)  # type: ignore[arg-type]
+    assert [f.rule for f in findings] == [rule], findings
+    return findings[0]
+
+
+# --- the real shapes pass ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("event", [
+    stubs.trade(), stubs.trade(5, price="61837.63000000", amount="0.02000000"), stubs.candle(),
+    stubs.candle(v="0"),  # a minute without trades is a real bar
+    stubs.ticker(), stubs.ticker(bid="61837.63", ask="61837.64", last="61837.63"), market(),
+    replace(stubs.ticker(), last=None),  # bookTicker carries no last price
+])
+def test_real_shaped_events_pass_every_rule(event: object) -> None:
+    assert quality.check(event, CTX) == []  # type: ignore[arg-type]
+
+
+# --- fields.missing ---------------------------------------------------------------------------------------
+
+def test_fields_missing_fires_on_a_none_row_and_names_every_field() -> None:
+    # ccxt's parse_trade on a malformed body: price and amount None
+    event = replace(stubs.trade(), price=None, amount=None)
+    f = only(event, "fields.missing")
+    assert f.severity == "error" and f.policy == "reject"
+    assert f.values["price"] is None and f.values["amount"] is None and "price" in f.values
+    assert f.values["trade_id"] == "3735683259"
+    assert "malformed" in f.reason and "binance BTC/USDT" in f.reason
+
+
+def test_fields_missing_fires_on_nan_and_empty_ids() -> None:
+    nan_candle = replace(stubs.candle(), close=Decimal("NaN"))
+    assert only(nan_candle, "fields.missing").values["close"] == "NaN"
+    no_id = replace(stubs.trade(), trade_id="")
+    assert only(no_id, "fields.missing").values["trade_id"] == ""
+    no_symbol = replace(stubs.candle(), symbol="")
+    assert "symbol" in only(no_symbol, "fields.missing").values
+
+
+def test_fields_missing_on_ticker_only_when_no_quote_at_all() -> None:
+    assert rules_fired(replace(stubs.ticker(), bid=None, last=None)) == []
+    empty = replace(stubs.ticker(), bid=None, ask=None, last=None)
+    assert rules_fired(empty) == ["fields.missing"]
+
+
+def test_markets_are_checked_for_exchange_and_symbol_only() -> None:
+    assert rules_fired(market(active=None, contract_size=None, price_precision=None)) == []
+    f = only(market(exchange=""), "fields.missing")
+    assert f.values["exchange"] == ""
+
+
+# --- price.non_positive -----------------------------------------------------------------------------------
+
+def test_price_non_positive_fires_on_zero_trade_price() -> None:
+    f = only(stubs.trade(price="0.00000000"), "price.non_positive")
+    assert f.values["price"] == "0.00000000"
+    assert "> 0" in f.reason
+
+
+def test_price_non_positive_fires_on_negative_candle_low_and_ticker_bid() -> None:
+    bad = stubs.candle(o="61837.63", h="61900.00", lo="-1", c="61850.10")
+    fired = rules_fired(bad)
+    assert "price.non_positive" in fired
+    f = next(f for f in quality.check(bad, CTX) if f.rule == "price.non_positive")
+    assert f.values["low"] == "-1" and "open" not in f.values
+    assert rules_fired(stubs.ticker(bid="0", ask="61837.64")) == ["price.non_positive"]
+
+
+def test_price_non_positive_quiet_on_tiny_positive_price() -> None:
+    assert rules_fired(stubs.trade(price="0.00000001")) == []
+
+
+# --- amount.non_positive / volume.negative ----------------------------------------------------------------
+
+def test_amount_non_positive_fires_on_zero_and_negative_amounts() -> None:
+    assert only(stubs.trade(amount="0"), "amount.non_positive").values["amount"] == "0"
+    assert only(stubs.trade(amount="-0.02"), "amount.non_positive").values["amount"] == "-0.02"
+    assert rules_fired(stubs.trade(amount="0.00001")) == []
+
+
+def test_volume_negative_fires_below_zero_only() -> None:
+    assert only(stubs.candle(v="-12.5"), "volume.negative").values["volume"] == "-12.5"
+    assert rules_fired(stubs.candle(v="0.00000000")) == []
+
+
+# --- ohlc.consistency -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("o,h,lo,c,broken", [
+    ("61837.63", "61800.00", "61900.00", "61850.10", "high 61800.00 < low 61900.00"),
+    ("61837.63", "61840.00", "61800.00", "61850.10", "high 61840.00 < close 61850.10"),
+    ("61790.00", "61900.00", "61800.00", "61850.10", "low 61800.00 > open 61790.00"),
+])
+def test_ohlc_consistency_fires_on_each_broken_bound(o: str, h: str, lo: str, c: str, broken: str) -> None:
+    f = only(stubs.candle(o=o, h=h, lo=lo, c=c), "ohlc.consistency")
+    assert broken in f.reason
+    assert (f.values["open"], f.values["high"], f.values["low"], f.values["close"]) == (o, h, lo, c)
+
+
+def test_ohlc_consistency_quiet_on_a_flat_bar() -> None:
+    assert rules_fired(stubs.candle(o="61837.63", h="61837.63", lo="61837.63", c="61837.63")) == []
+
+
+# --- time.future / time.invalid ---------------------------------------------------------------------------
+
+def test_time_future_fires_beyond_the_skew_and_names_the_value() -> None:
+    ahead = CTX.now_ns + 60 * quality.NS_PER_S
+    f = only(stubs.trade(ts=ahead), "time.future")
+    assert f.values["ts_event"] == str(ahead) and f.values["now"] == str(CTX.now_ns)
+    assert "60.000 s ahead" in f.reason and "max_future_skew_s" in f.reason
+
+
+def test_time_future_quiet_within_the_skew() -> None:
+    assert rules_fired(stubs.trade(ts=CTX.now_ns + 4 * quality.NS_PER_S)) == []
+
+
+def test_time_future_reads_milliseconds_by_magnitude() -> None:
+    ahead_ms = (CTX.now_ns + 3_600 * quality.NS_PER_S) // 1_000_000
+    assert rules_fired(stubs.trade(ts=ahead_ms)) == ["time.future"]
+    assert rules_fired(stubs.trade(ts=1_723_161_255_342)) == []  # the capture's first trade, in ms
+
+
+def test_time_future_fires_on_candle_open_time() -> None:
+    c = stubs.candle()
+    future_open = CTX.now_ns + 3_600 * quality.NS_PER_S
+    bad = replace(c, open_time=future_open, ts_event=c.ts_event)
+    f = only(bad, "time.future")
+    assert f.values["open_time"] == str(future_open)
+
+
+def test_time_invalid_fires_on_zero_timestamp() -> None:
+    f = only(stubs.trade(ts=0), "time.invalid")
+    assert f.values["ts_event"] == "0"
+
+
+# --- ticker.crossed ---------------------------------------------------------------------------------------
+
+def test_ticker_crossed_fires_when_bid_not_below_ask() -> None:
+    f = only(stubs.ticker(bid="61837.65", ask="61837.64"), "ticker.crossed")
+    assert f.values["bid"] == "61837.65" and f.values["ask"] == "61837.64"
+    assert rules_fired(stubs.ticker(bid="61837.64", ask="61837.64")) == ["ticker.crossed"]
+
+
+def test_ticker_crossed_quiet_with_one_side_missing() -> None:
+    assert rules_fired(replace(stubs.ticker(), ask=None)) == []
+
+
+# --- several problems, alerts -----------------------------------------------------------------------------
+
+def test_one_bad_row_gives_one_finding_per_problem_and_no_exception() -> None:
+    bad = stubs.candle(o="0", h="-1", lo="5", c="3", v="-2")
+    assert sorted(rules_fired(bad)) == ["ohlc.consistency", "price.non_positive", "volume.negative"]
+
+
+def test_to_alert_carries_values_exchange_symbol_kind_and_reason() -> None:
+    event = stubs.trade(price="0")
+    finding = only(event, "price.non_positive")
+    alert = quality.to_alert(finding, event, "validator", CTX.now_ns)
+    assert (alert.rule, alert.severity, alert.source) == ("price.non_positive", "error", "validator")
+    assert (alert.exchange, alert.symbol, alert.kind) == ("binance", "BTC/USDT", "trade")
+    assert alert.values["price"] == "0" and alert.reason == finding.reason
+    assert alert.ts_event == event.ts_event and alert.ts_recv == CTX.now_ns
+    no_exchange = replace(stubs.trade(), exchange="")
+    fallback = quality.to_alert(only(no_exchange, "fields.missing"), no_exchange, "validator", CTX.now_ns,
+                                exchange="binance")
+    assert fallback.exchange == "binance"
+
+
+def test_every_rule_has_a_unique_name_and_rejects() -> None:
+    names = [r.name for r in quality.RULES]
+    assert len(names) == len(set(names))
+    assert {"fields.missing", "price.non_positive", "amount.non_positive", "volume.negative",
+            "ohlc.consistency", "time.future", "ticker.crossed"} <= set(names)
+    assert all(r.policy == "reject" for r in quality.RULES)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,expected", [
+    (1_723_161_255, 1_723_161_255_000_000_000),              # seconds
+    (1_723_161_255_342, 1_723_161_255_342_000_000),          # milliseconds
+    (1_723_161_255_342_123, 1_723_161_255_342_123_000),      # microseconds
+    (1_723_161_255_342_000_001, 1_723_161_255_342_000_001),  # nanoseconds
+    (0, 0),
+])
+def test_to_ns_infers_the_unit_from_magnitude(value: int, expected: int) -> None:
+    assert to_ns(value) == expected
+
+
+def test_rejection_log_reports_once_per_interval_then_counts(caplog: pytest.LogCaptureFixture) -> None:
+    clock = {"t": 0.0}
+    rl = RejectionLog(logging.getLogger("test.rejections"), interval_s=10, clock=lambda: clock["t"])
+    event = stubs.trade(price="0")
+    alert = quality.to_alert(only(event, "price.non_positive"), event, "validator", CTX.now_ns)
+    with caplog.at_level(logging.WARNING, logger="test.rejections"):
+        rl.note([alert] * 3)
+        for _ in range(100):
+            rl.note([alert])
+        clock["t"] = 11.0
+        rl.note([alert])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "rejected 3 event(s) by price.non_positive" in lines[0]
+    assert "+100 more since the last report" in lines[1]
