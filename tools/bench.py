@@ -161,6 +161,68 @@ async def bench_stage(settings: Settings, name: str, input_stream: str, events: 
     return n / elapsed
 
 
+async def bench_latency(settings: Settings, config_path: Path, trades: list[Trade], rate: int,
+                        seconds: float) -> list[tuple[str, float, str]]:
+    """Collector-like load through validator -> normalizer -> cache_publisher, each its own process.
+
+    Every 10 ms a batch of rate/100 real trades stamped ts_recv=now goes to raw:binance; a subscriber on
+    ticks:BTC/USDT takes (receipt time - ts_recv) per trade.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MDP_CONFIG=str(config_path), MDP_REDIS_URL=settings.redis.url,
+               MDP_INFLUX_URL=settings.influx.url, MDP_POSTGRES_DSN=settings.postgres.dsn, MDP_LOG_LEVEL="WARNING")
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    await redis.flushdb()
+    procs = [subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=PROJECT_ROOT)
+             for name in ("validator", "normalizer", "cache_publisher")]
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("ticks:BTC/USDT")
+    latencies: list[float] = []
+
+    async def listen() -> None:
+        async for msg in pubsub.listen():
+            if msg["type"] == "message":
+                body = json.loads(msg["data"])
+                latencies.append((time.time_ns() - body["ts_recv"]) / 1e6)
+
+    listener = asyncio.create_task(listen())
+    producer = Producer(redis, Codec(), settings.bus, "bench")
+    per_tick = max(1, rate // 100)
+    warmup_end = time.monotonic() + 6  # the stages discover their streams within ~2 s each
+    sent = 0
+    measured_from = 0
+    try:
+        t_end = warmup_end + seconds
+        i = 0
+        while time.monotonic() < t_end:
+            now = time.time_ns()
+            batch = [msgspec.structs.replace(t, ts_recv=now) for t in trades[i:i + per_tick]]
+            i = (i + per_tick) % max(1, len(trades) - per_tick)
+            await producer.publish({"raw:binance": batch})  # type: ignore[dict-item]
+            sent += len(batch)
+            if not measured_from and time.monotonic() >= warmup_end:
+                measured_from = len(latencies)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2)
+    finally:
+        listener.cancel()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+        await pubsub.aclose()
+        await redis.aclose()
+    sample = sorted(latencies[measured_from:])
+    if not sample:
+        raise RuntimeError("no tick reached the cache during the latency run; read the stage logs above")
+    p50 = statistics.median(sample)
+    p99 = sample[int(len(sample) * 0.99) - 1]
+    return [(f"latency ts_recv -> cache (ticks pub/sub), {rate} trades/s, 3 stage processes", p50,
+             f"p50 ms (p99 {p99:.1f} ms, max {sample[-1]:.1f} ms, {len(sample)} trades)")]
+
+
 async def main_async(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mdp-bench-"))
     redis_srv = start_redis(tmp / "redis")
@@ -191,6 +253,10 @@ async def main_async(args: argparse.Namespace) -> None:
             rows.append(("cache_publisher", await bench_stage(
                 settings, "cache_publisher", "md:trade:binance:BTC/USDT", trades, "events"),
                 "real trades: price key, ticks pub/sub, recent list"))
+        if "latency" in args.only:
+            cfg = tmp / "bench.toml"
+            cfg.write_text((PROJECT_ROOT / "config" / "simulator.toml").read_text())
+            rows += await bench_latency(settings, cfg, trades, args.rate, args.seconds)
         await redis.aclose()
     finally:
         redis_srv.stop()
@@ -199,15 +265,18 @@ async def main_async(args: argparse.Namespace) -> None:
         await admin.close()
     print(f"\nMachine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"{len(trades)} real trades per measurement\n")
-    print("| what | events/s | note |\n|---|---:|---|")
+    print("| what | figure | note |\n|---|---:|---|")
     for what, rate, note in rows:
-        print(f"| {what} | {rate:,.0f} | {note} |")
+        figure = f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f} events/s"
+        print(f"| {what} | {figure} | {note} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--only", default="bus,stages,latency")
+    parser.add_argument("--rate", type=int, default=2000, help="trades/s offered in the latency run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds of the latency run")
     args = parser.parse_args()
     args.only = set(args.only.split(","))
     asyncio.run(main_async(args))
