@@ -31,6 +31,7 @@ from schemas import Candle, Event, Market, Trade
 log = logging.getLogger(__name__)
 
 MS = 1_000_000
+SWEEP_S = 0.5  # how often a quiet channel's ccxt cache is swept for updates that arrived between two calls
 TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
                 "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
 
@@ -76,6 +77,19 @@ def market_event(exchange: str, m: dict[str, Any], ts: int) -> Market:
                   amount_precision=dec(precision.get("amount")), ts_event=ts, ts_recv=ts)
 
 
+def cache_tail(cache: list[dict[str, Any]] | None, seen: dict[str, None]) -> list[dict[str, Any]]:
+    """The trades at the end of a ccxt trade cache that come after the last one already seen."""
+    if not cache:
+        return []
+    tail = []
+    for t in reversed(cache):
+        if str(t.get("id")) in seen:
+            break
+        tail.append(t)
+    tail.reverse()
+    return tail
+
+
 class SymbolState:
     """Per-symbol memory of what was published, so reconnects and REST polls never publish twice."""
 
@@ -98,6 +112,13 @@ class SymbolState:
         while len(self.recent_trade_ids) > 10_000:  # bounded: ids older than the last 10k are not re-sent
             del self.recent_trade_ids[next(iter(self.recent_trade_ids))]
         return fresh
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
 
 
 class Collector(Service):
@@ -199,14 +220,18 @@ class Collector(Service):
     async def _trades_loop(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
         state = self.state_by_symbol[symbol]
         failures = 0
+        last_message = time.monotonic()
+        stalled = False
         while not stop.is_set():
             try:
-                trades = await asyncio.wait_for(exchange.watch_trades(symbol),
-                                                timeout=self.exchange_settings.ws_stall_s)
+                await asyncio.wait_for(exchange.watch_trades(symbol), timeout=SWEEP_S)
+                last_message = time.monotonic()
+                stalled = False
             except TimeoutError:
-                log.warning("no trade from %s %s for %.0f s", self.exchange_id, symbol,
-                            self.exchange_settings.ws_stall_s)
-                continue
+                if not stalled and time.monotonic() - last_message > self.exchange_settings.ws_stall_s:
+                    stalled = True
+                    log.warning("no trade from %s %s for %.0f s", self.exchange_id, symbol,
+                                self.exchange_settings.ws_stall_s)
             except (ccxt.NetworkError, ccxt.ExchangeError) as exc:
                 failures += 1
                 self.count["reconnects"] += 1
@@ -214,33 +239,49 @@ class Collector(Service):
                             type(exc).__name__, exc)
                 await self._backoff(stop, failures)
                 continue
-            failures = 0
-            ts_recv = time.time_ns()
-            fresh = state.new_trades(trades)
-            if fresh:
-                await self.publish([trade_event(self.exchange_id, symbol, t, ts_recv) for t in fresh])
-                self.count["trades"] += len(fresh)
+            else:
+                failures = 0
+            await self._publish_trades(exchange, symbol, state)
+
+    async def _publish_trades(self, exchange: Any, symbol: str, state: SymbolState) -> None:
+        """Publish what ccxt's trade cache holds beyond what we published.
+
+        ccxt.pro signals only messages that arrive while a watch_* call waits; one arriving between two calls
+        sits in the cache until the next message. Reading the cache's tail picks it up at once.
+        """
+        ts_recv = time.time_ns()
+        fresh = state.new_trades(cache_tail(exchange.trades.get(symbol) if exchange.trades else None,
+                                            state.recent_trade_ids))
+        if fresh:
+            await self.publish([trade_event(self.exchange_id, symbol, t, ts_recv) for t in fresh])
+            self.count["trades"] += len(fresh)
 
     async def _candles_loop(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
         tf = self.exchange_settings.timeframe
         failures = 0
+        last_message = time.monotonic()
         while not stop.is_set():
             try:
-                rows = await asyncio.wait_for(exchange.watch_ohlcv(symbol, tf),
-                                              timeout=self.exchange_settings.ws_stall_s)
+                rows = await asyncio.wait_for(exchange.watch_ohlcv(symbol, tf), timeout=SWEEP_S)
                 failures = 0
+                last_message = time.monotonic()
                 await self._on_candles(symbol, rows, "ws")
                 continue
             except TimeoutError:
+                cached = (exchange.ohlcvs or {}).get(symbol, {}).get(tf)
+                if cached:  # updates that arrived between two watch calls (see _publish_trades)
+                    await self._on_candles(symbol, list(cached[-2:]), "ws")
+                if time.monotonic() - last_message < self.exchange_settings.ws_stall_s:
+                    continue
                 log.warning("no candle from %s %s for %.0f s; polling REST", self.exchange_id, symbol,
-                            self.exchange_settings.ws_stall_s)
+                            time.monotonic() - last_message)
             except (ccxt.NetworkError, ccxt.ExchangeError) as exc:
                 failures += 1
                 self.count["reconnects"] += 1
                 log.warning("candles socket of %s %s failed (%s: %s); polling REST until it is back",
                             self.exchange_id, symbol, type(exc).__name__, exc)
             await self._poll_rest(exchange, symbol, stop)
-            await self._backoff(stop, failures) if failures else None
+            await self._backoff(stop, failures) if failures else await _sleep(stop, self.exchange_settings.rest_poll_s)
 
     async def _poll_rest(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
         state = self.state_by_symbol[symbol]
@@ -274,7 +315,7 @@ class Collector(Service):
                 events.append(candle_event(self.exchange_id, symbol, tf, last, True, ts_recv, source))
                 state.last_closed_open_ms = last[0]
                 self.count["candles_closed"] += 1
-            if last is None or open_ms >= last[0]:
+            if last is None or open_ms > last[0] or (open_ms == last[0] and list(row[:6]) != last[:6]):
                 state.last_candle = list(row)
                 updated = True
         if updated and state.last_candle is not None:

@@ -1,0 +1,124 @@
+"""The collector in-process against the simulator replaying the real Binance capture, through the real ccxt.pro."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from common import streams
+from common.config import Settings
+from schemas import Candle, Codec, Market, Trade
+from services.collector.service import Collector
+from services.simulator import start_simulator
+
+N = 3000
+BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
+
+
+def collector_settings(settings: Settings, rest: str, ws: str, **exchange: object) -> Settings:
+    ex = msgspec.structs.replace(settings.exchange("binance"), rest_url=rest, ws_url=ws, **exchange)
+    return msgspec.structs.replace(settings, exchanges=[ex])
+
+
+async def raw_events(redis, codec: Codec) -> list[object]:  # type: ignore[no-untyped-def]
+    return [e for _, f in await redis.xrange(streams.raw("binance")) for e in codec.decode_entry(f)]
+
+
+async def run_collector(collector: Collector, until, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    stop = asyncio.Event()
+    task = asyncio.create_task(collector.run(stop))
+    try:
+        async with asyncio.timeout(timeout):
+            while not await until():
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await collector.close()
+
+
+async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+    # Arrange
+    async with start_simulator(speed=0, max_trades=N, wait_for_streams=BOTH) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
+        collector = Collector(cfg, "t", exchange="binance")
+        expected_trades = sim.expected_trades()
+        expected_candles = sim.expected_candles()[:-1]  # the last one is never followed by a later candle
+        codec = Codec()
+
+        async def done() -> bool:
+            return collector.count["trades"] >= N and collector.count["candles_closed"] >= len(expected_candles)
+
+        # Act
+        await run_collector(collector, done)
+    # Assert
+    events = await raw_events(redis, codec)
+    trades = [e for e in events if isinstance(e, Trade)]
+    assert [t.trade_id for t in trades] == [str(t.id) for t in expected_trades]
+    assert [(t.price, t.amount) for t in trades[:3]] == [(Decimal(t.price), Decimal(t.qty))
+                                                         for t in expected_trades[:3]]
+    assert all(t.ts_event == x.time * 1_000_000 for t, x in zip(trades, expected_trades, strict=True))
+    closed = [e for e in events if isinstance(e, Candle) and e.closed]
+    assert [c.open_time // 1_000_000 for c in closed] == [c.open_time for c in expected_candles]
+    for got, want in zip(closed, expected_candles, strict=True):
+        assert (got.open, got.high, got.low, got.close) == tuple(Decimal(x) for x in (want.open, want.high, want.low, want.close))
+        assert got.volume == Decimal(want.volume)
+    markets = [e for e in events if isinstance(e, Market)]
+    assert any(m.symbol == "BTC/USDT" and m.exchange_symbol == "BTCUSDT" for m in markets)
+
+
+async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goes_on(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+    async with start_simulator(speed=0, max_trades=N, wait_for_streams=BOTH) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, ws_stall_s=1.0, rest_poll_s=0.5)
+        collector = Collector(cfg, "t", exchange="binance")
+        codec = Codec()
+        sim.inject("malformed_klines", count=1)
+
+        async def done() -> bool:
+            # The replay ends, the candle socket goes quiet, the collector polls REST: first the malformed body,
+            # then a good one.
+            return collector.count["rest_polls"] >= 2 and collector.count["trades"] >= N
+
+        await run_collector(collector, done)
+    events = await raw_events(redis, codec)
+    broken = [e for e in events if isinstance(e, Candle) and e.open is None]
+    assert broken, "the malformed body's rows should reach raw:binance for the validator to reject"
+    assert all(c.source == "rest" for c in broken)
+    assert collector.count["trades"] == N
+
+
+async def test_disconnect_is_survived_with_a_reconnect(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+    async with start_simulator(speed=5, max_trades=N, wait_for_streams=BOTH) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+        async with asyncio.timeout(30):
+            while collector.count["trades"] < 100:
+                await asyncio.sleep(0.05)
+        before = collector.count["trades"]
+        await sim.disconnect_all()
+        async with asyncio.timeout(30):
+            while collector.count["trades"] < before + 200:
+                await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await collector.close()
+    assert collector.count["reconnects"] >= 1
+    ids = [int(e.trade_id) for e in await raw_events(redis, Codec()) if isinstance(e, Trade)]
+    assert ids == sorted(set(ids)), "no trade published twice, none out of order"
+
+
+def test_shards_split_symbols_stably() -> None:
+    symbols = [f"S{i}/USDT" for i in range(200)]
+    shards = [Collector._shard(symbols, f"{i}/3") for i in range(3)]
+    assert sorted(s for shard in shards for s in shard) == sorted(symbols)
+    assert all(shards)
+    assert Collector._shard(symbols, "1/3") == shards[1]
+    with pytest.raises(SystemExit, match="must be i/n"):
+        Collector._shard(symbols, "3/3")
