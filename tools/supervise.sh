@@ -18,7 +18,7 @@ case "${1:-}" in
     if [ -z "${MDP_SIMULATOR:-}" ]; then
       if grep -q '127.0.0.1:8765' "$config"; then export MDP_SIMULATOR=true; else export MDP_SIMULATOR=false; fi
     fi
-    export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now}"
+    export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now --wait-for btcusdt@trade --wait-for btcusdt@kline_1m}"
     if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
       echo "supervisord already runs (pid $(ctl pid)); restarting its programs with $config"
       ctl shutdown >/dev/null; for _ in $(seq 1 100); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done

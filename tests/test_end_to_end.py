@@ -1,0 +1,205 @@
+"""The whole pipeline under supervisord (the project's own supervisord.conf and tools/supervise.sh), against the
+simulator replaying the real Binance spot capture, on real Redis, PostgreSQL and InfluxDB.
+
+Asserts that every recorded trade and every closed candle lands exactly once in InfluxDB, also when the InfluxDB
+writer is killed with SIGKILL mid-run; that the cached price is the recording's last trade; that the markets
+catalog is in PostgreSQL; and that a malformed exchange body becomes an alert, stores nothing, and stops nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from common import status as status_mod
+from common import streams
+from schemas import Alert, Codec
+from services.simulator import Recording
+from tools.localstores import LocalServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEED = 20  # the 11-minute recording in about 35 s
+pytestmark = pytest.mark.e2e
+
+
+class Pipeline:
+    def __init__(self, env: dict[str, str], run_dir: Path) -> None:
+        self.env = env
+        self.run_dir = run_dir
+
+    def ctl(self, *args: str) -> str:
+        out = subprocess.run([str(ROOT / ".venv/bin/supervisorctl"), "-c", str(ROOT / "supervisord.conf"), *args],
+                             env=self.env, capture_output=True, text=True, timeout=30)
+        return out.stdout
+
+    def logs(self) -> str:
+        parts = []
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            parts.append(f"--- {log.name} (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str) -> Iterator[Pipeline]:
+    run_dir = Path(tempfile.mkdtemp(prefix="mdp-e2e-"))
+    sim_port = free_port()
+    config = run_dir / "e2e.toml"
+    config.write_text(
+        (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
+        + "ws_stall_s = 2.0\nrest_poll_s = 1.0\n"
+        + "\n[bus]\nheartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\n"
+    )
+    env = dict(os.environ, MDP_RUN_DIR=str(run_dir), MDP_REDIS_URL=redis_server.url,
+               MDP_INFLUX_URL=influx_server.url, MDP_POSTGRES_DSN=postgres_dsn, MDP_SIMULATOR="true",
+               MDP_SIM_ARGS=f"--port {sim_port} --speed {SPEED} --wait-for btcusdt@trade --wait-for btcusdt@kline_1m",
+               MDP_START_TIMEOUT="90")
+    subprocess.run(["redis-cli", "-u", redis_server.url, "flushdb"], check=True, capture_output=True)
+    started = subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=env,
+                             capture_output=True, text=True, timeout=150)
+    pipe = Pipeline(env, run_dir)
+    assert started.returncode == 0, f"supervise.sh start failed:\n{started.stdout}\n{started.stderr}\n{pipe.logs()}"
+    pipe.sim_url = f"http://127.0.0.1:{sim_port}"  # type: ignore[attr-defined]
+    try:
+        yield pipe
+    finally:
+        subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, capture_output=True, timeout=60)
+
+
+async def influx_query(url: str, q: str) -> list[list[object]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/query", params={"db": "market_data", "q": q, "epoch": "ms"}) as resp:
+            body = await resp.json()
+    series = body["results"][0].get("series") or []
+    return series[0]["values"] if series else []
+
+
+async def influx_count(url: str, measurement: str) -> int:
+    try:
+        rows = await influx_query(url, f'SELECT count("close" ) FROM "{measurement}"' if measurement == "ohlcv"
+                                  else f'SELECT count("price") FROM "{measurement}"')
+    except (aiohttp.ClientError, KeyError):
+        return 0
+    return int(rows[0][1]) if rows else 0
+
+
+async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{pipe.ctl('status')}\n{pipe.logs()}")
+
+
+async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_9(
+        pipeline: Pipeline, influx_server: LocalServer, redis_server: LocalServer, postgres_dsn: str) -> None:
+    # Arrange: what the recording holds. The last candle is never followed by another, so it never closes.
+    recording = Recording.load()
+    expected_ids = [str(t.id) for t in recording.trades]
+    expected_candles = recording.candles[:-1]
+    influx = influx_server.url
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{pipeline.sim_url}/_sim/fault", json={"kind": "malformed_klines", "count": 1}) as r:  # type: ignore[attr-defined]
+            assert r.status == 200
+
+    # Act 1: kill -9 the InfluxDB writer while the replay is in full flow.
+    await wait_for(lambda: _at_least(influx_count(influx, "trades"), 3000), 90, "3000 trades in InfluxDB", pipeline)
+    pid = int(pipeline.ctl("pid", "influx_writer:influx_writer-0").strip())
+    os.kill(pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        line = pipeline.ctl("status", "influx_writer:influx_writer-0")
+        return " RUNNING " in line and f"pid {pid}," not in line
+    await wait_for(restarted, 30, "supervisord to restart the killed influx_writer", pipeline)
+
+    # Act 2: let the replay finish and every stage drain.
+    await wait_for(lambda: _equal(influx_count(influx, "trades"), len(expected_ids)), 150,
+                   f"{len(expected_ids)} trades in InfluxDB", pipeline)
+    await wait_for(lambda: _equal(influx_count(influx, "ohlcv"), len(expected_candles)), 60,
+                   f"{len(expected_candles)} closed candles in InfluxDB", pipeline)
+    redis = aioredis.Redis.from_url(redis_server.url)
+    await wait_for(lambda: _alert_seen(redis), 60, "the malformed body's alert", pipeline)
+    await wait_for(lambda: _drained(redis), 60, "every consumer group drained", pipeline)
+    await asyncio.sleep(2)  # anything late (a doubled write) would land now
+
+    # Assert: trades exactly once, with their exact values.
+    rows = await influx_query(influx, 'SELECT "trade_id", "price", "amount" FROM "trades" WHERE "symbol" = \'BTC/USDT\'')
+    got_ids = [str(r[1]) for r in rows]
+    assert len(got_ids) == len(expected_ids)
+    assert sorted(got_ids) == sorted(expected_ids)
+    by_id = {str(r[1]): r for r in rows}
+    for t in recording.trades[::997]:
+        assert Decimal(str(by_id[str(t.id)][2])) == Decimal(t.price)
+        assert Decimal(str(by_id[str(t.id)][3])) == Decimal(t.qty)
+
+    # Closed candles exactly once, equal to the recording's.
+    candles = await influx_query(influx, 'SELECT "open", "high", "low", "close", "volume" FROM "ohlcv" '
+                                         'WHERE "exchange" = \'binance\' AND "symbol" = \'BTC/USDT\' AND "timeframe" = \'1m\'')
+    assert [c[0] for c in candles] == [c.open_time for c in expected_candles]
+    for got, want in zip(candles, expected_candles, strict=True):
+        assert [Decimal(str(v)) for v in got[1:5]] == [Decimal(want.open), Decimal(want.high), Decimal(want.low),
+                                                       Decimal(want.close)]
+        assert abs(Decimal(str(got[5])) - Decimal(want.volume)) < Decimal("1e-8")
+
+    # The cache holds the recording's last trade, with a TTL.
+    raw = await redis.get("price:binance:BTC/USDT")
+    assert raw is not None
+    price = json.loads(raw)
+    assert Decimal(price["price"]) == Decimal(recording.trades[-1].price)
+    assert 0 < await redis.ttl("price:binance:BTC/USDT") <= 300
+
+    # The markets catalog and the alert are in PostgreSQL.
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        market = await conn.fetchrow("SELECT exchange_symbol, base, quote FROM markets "
+                                     "WHERE exchange = 'binance' AND symbol = 'BTC/USDT'")
+        assert market is not None and tuple(market) == ("BTCUSDT", "BTC", "USDT")
+        stored_alerts = await conn.fetchval("SELECT count(*) FROM quality_alerts WHERE rule = 'fields.missing'")
+        assert stored_alerts >= 1
+    finally:
+        await conn.close()
+
+    # The pipeline kept running: every program RUNNING, every stage alive in `mdp status`.
+    status_text = pipeline.ctl("status")
+    assert status_text.count(" RUNNING ") == 7, status_text
+    st = await status_mod.collect(redis)
+    alive = {s.service for s in st.services if s.alive}
+    assert alive >= {"collector", "validator", "normalizer", "influx_writer", "postgres_writer", "cache_publisher"}
+    assert st.max_lag == 0
+    await redis.aclose()
+
+
+async def _at_least(count, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return await count >= n
+
+
+async def _equal(count, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return await count == n
+
+
+async def _alert_seen(redis: aioredis.Redis) -> bool:
+    codec = Codec()
+    for _, fields in await redis.xrange(streams.ALERTS):
+        for a in codec.decode_entry(fields):
+            if isinstance(a, Alert) and a.rule == "fields.missing" and a.kind == "candle":
+                assert a.reason and a.values
+                return True
+    return False
+
+
+async def _drained(redis: aioredis.Redis) -> bool:
+    st = await status_mod.collect(redis)
+    return bool(st.streams) and st.max_lag == 0
