@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -418,8 +417,3 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def consumer_name(service: str) -> str:
-    """Stable across restarts, so a restarted process finds its own pending entries at once."""
-    return f"{service}-{os.environ.get('MDP_INSTANCE', '0')}"

@@ -46,6 +46,11 @@ class Service:
         self.state = "starting"
         self.detail = ""
 
+    @property
+    def consumer_name(self) -> str:
+        """Stable across restarts, so a restarted process finds its own pending entries at once."""
+        return f"{self.name}-{self.instance}"
+
     def counters(self) -> dict[str, int]:
         return {}
 

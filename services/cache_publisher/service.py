@@ -158,7 +158,7 @@ class CachePublisher(Service):
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=f"{self.name}-{self.instance}",
+                                 name=self.consumer_name,
                                  selector=StreamSelector(patterns=INPUT_PATTERNS))
         self.set_price = self.redis.register_script(SET_PRICE_LUA)
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)

@@ -286,7 +286,7 @@ class Normalizer(Service):
         self.symbols = SymbolMap()
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=f"{self.name}-{self.instance}",
+                                 name=self.consumer_name,
                                  selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
         self.rejections = quality.RejectionLog(log)
         self.events_in = 0

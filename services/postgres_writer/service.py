@@ -114,7 +114,7 @@ class PostgresWriter(Service):
         self.dsn = settings.postgres.dsn
         self.pool: asyncpg.Pool | None = None
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=f"{self.name}-{self.instance}",
+                                 name=self.consumer_name,
                                  selector=StreamSelector(names=[streams.ALERTS], patterns=[MARKET_STREAMS]))
         self.count: dict[str, int] = {"markets_upserted": 0, "markets_unchanged": 0, "alerts_stored": 0,
                                       "alerts_duplicate": 0, "ignored": 0, "batches": 0, "connects": 0}

@@ -41,7 +41,7 @@ class Validator(Service):
         self.rules = rules
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=f"{self.name}-{self.instance}",
+                                 name=self.consumer_name,
                                  selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
         self.rejections = quality.RejectionLog(log)
         self.events_in = 0
