@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--count", type=int, default=20)
     sub.add_parser("migrate", help="apply PostgreSQL migrations")
     sub.add_parser("simulate", help="run the exchange simulator (see `mdp simulate -- --help`)", add_help=False)
+    import importlib
+    import pkgutil
+
+    import common.commands
+    for info in sorted(pkgutil.iter_modules(common.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"common.commands.{info.name}").register(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "simulate":
@@ -92,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             return int(simulate(rest) or 0)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        handler = {"status": _status, "alerts": _alerts, "migrate": _migrate}[args.command]
-        return asyncio.run(handler(args))
+        builtin = {"status": _status, "alerts": _alerts, "migrate": _migrate}
+        if args.command in builtin:
+            return asyncio.run(builtin[args.command](args))
+        result = args.func(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

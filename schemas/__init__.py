@@ -6,6 +6,7 @@ from schemas.events import (
     Alert,
     Candle,
     Event,
+    Gap,
     Heartbeat,
     Market,
     MarketEvent,
@@ -16,6 +17,6 @@ from schemas.events import (
 )
 
 __all__ = [
-    "KIND_OF", "Alert", "Candle", "Codec", "DecodeError", "Event", "Heartbeat", "Market",
+    "KIND_OF", "Alert", "Candle", "Codec", "DecodeError", "Event", "Gap", "Heartbeat", "Market",
     "MarketEvent", "Severity", "Side", "Ticker", "Trade",
 ]

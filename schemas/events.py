@@ -31,6 +31,8 @@ class Trade(msgspec.Struct, tag="trade", frozen=True, kw_only=True):
     side: Side | None
     ts_event: int
     ts_recv: int
+    # Names of the quality rules whose policy is "store with a flag" that this trade tripped.
+    quality: tuple[str, ...] = ()
 
 
 class Candle(msgspec.Struct, tag="candle", frozen=True, kw_only=True):
@@ -52,7 +54,9 @@ class Candle(msgspec.Struct, tag="candle", frozen=True, kw_only=True):
     closed: bool
     ts_event: int
     ts_recv: int
-    source: Literal["ws", "rest"] = "ws"
+    source: Literal["ws", "rest", "archive", "aggregate"] = "ws"
+    # Names of the quality rules whose policy is "store with a flag" that this candle tripped.
+    quality: tuple[str, ...] = ()
 
 
 class Ticker(msgspec.Struct, tag="ticker", frozen=True, kw_only=True):
@@ -100,6 +104,20 @@ class Alert(msgspec.Struct, tag="alert", frozen=True, kw_only=True):
     ts_recv: int
 
 
+class Gap(msgspec.Struct, tag="gap", frozen=True, kw_only=True):
+    """An explicit hole in a feed: no data of `channel` for (exchange, symbol) from `start` to `end` (ns, end
+    exclusive), e.g. while a socket was down. A repairer answers it with the missing data or an Alert."""
+
+    exchange: str
+    symbol: str
+    channel: str
+    start: int
+    end: int
+    reason: str
+    ts_event: int
+    ts_recv: int
+
+
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):
     """A service saying it is alive, with its counters since start."""
 
@@ -115,7 +133,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):
 
 
 MarketEvent = Trade | Candle | Ticker
-Event = Trade | Candle | Ticker | Market | Alert | Heartbeat
+Event = Trade | Candle | Ticker | Market | Alert | Gap | Heartbeat
 
 KIND_OF: dict[type, str] = {
     Trade: "trade",
@@ -123,5 +141,6 @@ KIND_OF: dict[type, str] = {
     Ticker: "ticker",
     Market: "market",
     Alert: "alert",
+    Gap: "gap",
     Heartbeat: "heartbeat",
 }
