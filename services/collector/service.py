@@ -204,6 +204,7 @@ class Collector(Service):
         if missing:
             raise SystemExit(f"symbols {missing} are not markets of {self.exchange_id}; "
                              f"fix exchanges[{self.exchange_id}].symbols in the config")
+        self.detail = ""
         now = time.time_ns()
         events: list[Event] = [market_event(self.exchange_id, m, now) for m in markets.values()]
         await self.publish(events)
