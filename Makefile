@@ -7,7 +7,7 @@ VAR := var
 export MDP_RUN_DIR ?= $(CURDIR)/$(VAR)/run
 export MDP_INFLUX_URL ?= http://127.0.0.1:8086
 
-.PHONY: deps venv stores demo run stop status test bench lint clean
+.PHONY: deps venv stores demo run stop status ctl test bench lint clean
 
 # Debian packages the pipeline needs that a fresh machine may lack.
 deps:
@@ -47,6 +47,10 @@ stop:
 
 status: venv
 	@$(BIN)/mdp status
+
+# supervisorctl with the project's config: make ctl ARGS="restart validator:*"
+ctl:
+	@bash tools/supervise.sh ctl $(or $(ARGS),status)
 
 test: deps venv
 	@bash tools/start-stores.sh --no-influx

@@ -2,6 +2,7 @@
 # Start or stop the pipeline under supervisord.
 #   tools/supervise.sh start CONFIG   start supervisord in the background; return when every program is RUNNING
 #   tools/supervise.sh stop           stop every program and supervisord
+#   tools/supervise.sh ctl ARGS...    supervisorctl with this project's config, e.g. `ctl status`, `ctl restart validator:*`
 # Environment: MDP_RUN_DIR (default var/run), MDP_SIM_ARGS (simulator options), MDP_START_TIMEOUT (s, default 90).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,5 +51,9 @@ case "${1:-}" in
       echo "pipeline is not running"
     fi
     ;;
-  *) echo "usage: $0 start CONFIG | stop" >&2; exit 2 ;;
+  ctl)
+    shift
+    ctl "$@"
+    ;;
+  *) echo "usage: $0 start CONFIG | stop | ctl ARGS..." >&2; exit 2 ;;
 esac
