@@ -62,8 +62,13 @@ class Service:
 
     async def heartbeat_once(self) -> None:
         now = time.time_ns()
+        counters = self.counters()
+        consumer = getattr(self, "consumer", None)
+        if consumer is not None:  # every consuming stage reports the same headline counters
+            counters["events_consumed"] = consumer.stats.events
+            counters["entries_dead_lettered"] = consumer.stats.dead_lettered
         beat = Heartbeat(service=self.name, instance=self.instance, pid=os.getpid(), started_at=self.started_at,
-                         counters=self.counters(), state=self.state, detail=self.detail,  # type: ignore[arg-type]
+                         counters=counters, state=self.state, detail=self.detail,  # type: ignore[arg-type]
                          ts_event=now, ts_recv=now)
         payload = self.codec.encode([beat])
         ttl = max(5, int(self.settings.bus.heartbeat_interval_s * 5))

@@ -105,14 +105,13 @@ async def collect(redis: aioredis.Redis) -> Status:
     return Status(services=services, streams=stream_list)
 
 
-MAIN_RATE = {"collector": "published_events", "validator": "events_in", "normalizer": "events_in",
-             "influx_writer": "points_written", "postgres_writer": "events", "cache_publisher": "events"}
+MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consumed (common.service)
 
 
 def render(status: Status) -> str:
     lines = ["SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)  DETAIL"]
     for s in status.services:
-        key = MAIN_RATE.get(s.service, "")
+        key = MAIN_RATE.get(s.service, "events_consumed")
         rate = s.rates.get(key)
         if rate is None and s.rates:
             rate = max(s.rates.values())

@@ -134,8 +134,7 @@ def _stage(name: str) -> Any:
     raise KeyError(name)
 
 
-async def bench_stage(settings: Settings, name: str, input_stream: str, events: list[Event],
-                      counter: str) -> float:
+async def bench_stage(settings: Settings, name: str, input_stream: str, events: list[Event]) -> float:
     """Pre-fill the stage's input stream, run the stage in this process until it processed everything."""
     cls = _stage(name)
     service = cls(settings, "bench")
@@ -148,8 +147,8 @@ async def bench_stage(settings: Settings, name: str, input_stream: str, events: 
     task = asyncio.create_task(service.run(stop))
     n = len(events)
     try:
-        async with asyncio.timeout(600):
-            while service.counters().get(counter, 0) < n:
+        async with asyncio.timeout(180):
+            while service.consumer.stats.events < n:
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.005)
@@ -243,16 +242,15 @@ async def main_async(args: argparse.Namespace) -> None:
             rows += await bench_bus(redis, trades)
         if "stages" in args.only:
             from common import streams
-            rows.append(("validator", await bench_stage(settings, "validator", streams.raw("binance"), trades,
-                                                        "events_in"), "real trades"))
-            rows.append(("normalizer", await bench_stage(settings, "normalizer", streams.valid("binance"),
-                                                         trades, "events_in"), "real trades"))
-            rows.append(("influx_writer", await bench_stage(
-                settings, "influx_writer", "md:trade:binance:BTC/USDT", trades, "trades"),
-                "real trades into InfluxDB 1.6.7"))
-            rows.append(("cache_publisher", await bench_stage(
-                settings, "cache_publisher", "md:trade:binance:BTC/USDT", trades, "events"),
-                "real trades: price key, ticks pub/sub, recent list"))
+            rows.append(("validator", await bench_stage(settings, "validator", streams.raw("binance"), trades),
+                         "real trades"))
+            rows.append(("normalizer", await bench_stage(settings, "normalizer", streams.valid("binance"), trades),
+                         "real trades"))
+            rows.append(("influx_writer", await bench_stage(settings, "influx_writer", "md:trade:binance:BTC/USDT",
+                                                            trades), "real trades into InfluxDB 1.6.7"))
+            rows.append(("cache_publisher", await bench_stage(settings, "cache_publisher",
+                                                              "md:trade:binance:BTC/USDT", trades),
+                         "real trades: price key, ticks pub/sub, recent list"))
         if "latency" in args.only:
             cfg = tmp / "bench.toml"
             cfg.write_text((PROJECT_ROOT / "config" / "simulator.toml").read_text())
