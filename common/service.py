@@ -24,6 +24,7 @@ from common.config import ConfigError, Settings, load_settings
 from schemas import Codec, Heartbeat
 
 log = logging.getLogger(__name__)
+REDIS_TIMEOUT_S = 10.0
 
 
 def setup_logging(service: str) -> None:
@@ -41,7 +42,10 @@ class Service:
         self.settings = settings
         self.instance = instance or os.environ.get("MDP_INSTANCE", "0")
         self.codec = Codec()
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis.url, decode_responses=False)
+        # Bounded waits: a Redis that stops answering raises instead of hanging (XREADGROUP blocks 1 s at most).
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis.url, decode_responses=False, socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30)
         self.started_at = time.time_ns()
         self.state = "starting"
         self.detail = ""

@@ -20,6 +20,8 @@ from decimal import Decimal
 from typing import Any
 
 import ccxt
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import streams
 from common.bus import Producer
@@ -31,6 +33,7 @@ from schemas import Candle, Event, Market, Trade
 log = logging.getLogger(__name__)
 
 MS = 1_000_000
+PUBLISH_RETRY_S = 60.0  # how long the collector retries publishing while Redis is down before exiting
 SWEEP_S = 0.5  # how often a quiet channel's ccxt cache is swept for updates that arrived between two calls
 TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
                 "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
@@ -135,7 +138,7 @@ class Collector(Service):
         self.stream = streams.raw(exchange)
         self.state_by_symbol = {s: SymbolState() for s in self.symbols}
         self.count: dict[str, int] = {"trades": 0, "candle_updates": 0, "candles_closed": 0, "rest_polls": 0,
-                                      "reconnects": 0, "markets": 0, "errors": 0}
+                                      "reconnects": 0, "markets": 0, "errors": 0, "publish_retries": 0}
         self.ws_alive: dict[str, float] = {}
 
     @staticmethod
@@ -156,8 +159,28 @@ class Collector(Service):
                                    "published_entries": self.producer.published_entries}
 
     async def publish(self, events: list[Event]) -> None:
-        if events:
-            await self.producer.publish({self.stream: events})
+        """Publish to raw:{exchange}; while Redis is unreachable retry with backoff for up to
+        PUBLISH_RETRY_S (meanwhile ccxt keeps receiving into its caches, bounded by tradesLimit/OHLCVLimit),
+        then fail the process so supervisord restarts it and the outage shows in its log and status."""
+        if not events:
+            return
+        deadline = time.monotonic() + PUBLISH_RETRY_S
+        delay = 0.2
+        while True:
+            try:
+                await self.producer.publish({self.stream: events})
+                if self.state == "degraded":
+                    self.state, self.detail = "running", ""
+                return
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.state, self.detail = "degraded", f"Redis unreachable: {exc}"
+                self.count["publish_retries"] += 1
+                log.error("cannot publish %d events to %s (%s); retrying in %.1f s", len(events), self.stream,
+                          exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         exchange = make_pro_exchange(self.exchange_settings)
@@ -175,10 +198,14 @@ class Collector(Service):
                     tasks.append(asyncio.create_task(self._trades_loop(exchange, symbol, stop)))
                 if "candles" in self.exchange_settings.channels:
                     tasks.append(asyncio.create_task(self._candles_loop(exchange, symbol, stop)))
-            await stop.wait()
-            for t in tasks:
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in [stopped, *tasks]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                    raise r  # a channel loop crashed: exit non-zero so supervisord restarts us
         finally:
             await exchange.close()
 
