@@ -56,8 +56,9 @@ test: deps venv
 	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: venv stores
+bench: venv deps
 	$(BIN)/python -m tools.bench
+	$(BIN)/python -m tools.bench_quality
 
 lint: venv
 	$(BIN)/python -m ruff check . || true
