@@ -56,7 +56,8 @@ test: deps venv
 	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: venv deps
+bench: deps venv
+	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.bench_quality
 
