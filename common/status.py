@@ -119,6 +119,13 @@ def render(status: Status) -> str:
                      f"{s.uptime_s:>7.0f} s {'' if rate is None else f'{rate:>10.1f}':>15}  {s.detail[:60]}")
     if not status.services:
         lines.append("(no service has sent a heartbeat: is the pipeline running? `make demo` starts it)")
+    quality = [(s.service, k, v) for s in status.services for k, v in sorted(s.counters.items())
+               if k.startswith(("rejected.", "flagged.", "repaired.")) and v]
+    if quality:
+        lines.append("")
+        lines.append("QUALITY (since each service started)   COUNT")
+        for service, key, value in quality:
+            lines.append(f"{service + ' ' + key:<38} {value:>6}")
     lines.append("")
     lines.append("STREAM                                   LENGTH   GROUP             CONSUMERS  PENDING      LAG")
     for st in status.streams:
