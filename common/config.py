@@ -31,6 +31,18 @@ class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dsn: str = "postgresql://postgres@127.0.0.1:5432/market_data"
 
 
+def _influx_tiers() -> dict[str, list[str]]:
+    # What each storage tier holds: "ticks" (trades) or candle timeframes. A timeframe not listed goes to the
+    # tier of the longest listed timeframe not longer than it (2h -> candles_1h); see docs/storage.md.
+    return {"ticks": ["ticks"], "candles_1m": ["1m", "3m", "5m", "15m", "30m"],
+            "candles_1h": ["1h", "2h", "4h", "6h", "8h", "12h"], "candles_1d": ["1d", "3d", "1w", "1M"]}
+
+
+def _influx_retention() -> dict[str, str]:
+    # The plan: raw ticks 7 days, 1m candles 90 days, 1h candles 2 years, 1d candles forever ("inf").
+    return {"ticks": "7d", "candles_1m": "90d", "candles_1h": "730d", "candles_1d": "inf"}
+
+
 class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = "http://127.0.0.1:8086"
     database: str = "market_data"
@@ -38,6 +50,18 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     password: str = ""
     batch_points: int = 5000
     timeout_s: float = 10.0
+    # "auto" reads the server's generation from /ping (X-Influxdb-Version); "1", "2" or "3" forces it.
+    generation: Literal["auto", "1", "2", "3"] = "auto"
+    org: str = ""  # 2.x organization name
+    token: str = ""  # 2.x / 3.x API token
+    # The bucket (2.x) or database (3.x) of a tier; {database} and {tier} are replaced.
+    bucket_template: str = "{database}_{tier}"
+    verify_tls: bool = True
+    ca_cert: str = ""  # PEM file of the CA that signed an https server's certificate
+    write_concurrency: int = 4  # write requests in flight at once
+    writer_consumers: int = 2  # batches the influx writer works on at once (one decodes while one is written)
+    tiers: dict[str, list[str]] = msgspec.field(default_factory=_influx_tiers)
+    retention: dict[str, str] = msgspec.field(default_factory=_influx_retention)
 
 
 class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,11 +86,90 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     price_ttl_s: int = 300
     recent_trades: int = 1000
+    orderbook_ttl_s: int = 60
+    orderbook_depth: int = 50  # levels kept per side of an orderbook:{exchange}:{symbol} snapshot
+    strategy_trades: int = 1000  # cap of a strategy's trade log trades:{strategy}
+    indicator_ttl_s: int = 300  # TTL of indicator:{symbol}:{name} when the writer gives none
+
+
+class PostgresWriterSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Fills per batch from which the writer stages them with binary COPY instead of one unnest() INSERT
+    # (docs/bench-postgres.md measures both paths; below this the fixed cost of COPY does not pay).
+    copy_min_rows: int = 100
 
 
 class ValidationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # An event stamped further than this in the future (exchange time vs our clock) is rejected.
     max_future_skew_s: float = 5.0
+
+
+def _sequential_id_exchanges() -> list[str]:
+    # Exchanges whose trade ids count up by one per trade and symbol (measured on the real captures:
+    # Binance spot, USD-M and COIN-M `@trade`, Coinbase Exchange `match`); Hyperliquid's are not.
+    return ["binance", "binanceus", "binanceusdm", "binancecoinm", "coinbaseexchange"]
+
+
+def _bar_timeframes() -> list[str]:
+    return ["5m", "15m", "1h", "4h", "1d"]
+
+
+class QualitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The live (stream) quality rules of the validator and the aggregator's bars; docs/quality-live.md.
+    Defaults measured on the real recordings (docs/quality-live.md, "Thresholds")."""
+
+    # time.stale: a trade or ticker received this long after its exchange time is flagged (0 disables).
+    stale_after_s: float = 60.0
+    # trade.id_gap runs for these exchange ids only.
+    sequential_trade_ids: list[str] = msgspec.field(default_factory=_sequential_id_exchanges)
+    # price.outlier: |log return - rolling median| > outlier_k * max(rolling MAD, outlier_min_mad), over the
+    # last outlier_window closed candles, once outlier_min_samples returns are known; same test for wicks.
+    outlier_window: int = 60
+    outlier_min_samples: int = 20
+    outlier_k: float = 15.0
+    outlier_min_mad: float = 0.0002
+    # candle.open_gap: |log(open / previous close)| > max(open_gap_k * MAD of those jumps, open_gap_min).
+    open_gap_k: float = 15.0
+    open_gap_min: float = 0.01
+    # price.stuck: O=H=L=C at one unchanged price for this many consecutive closed bars.
+    stuck_bars: int = 10
+    # price.cross_venue: close further than this (relative) from the median close of other venues.
+    cross_venue_tolerance: float = 0.02
+    # trade.outside_book: price beyond the last bid/ask by more than this (relative), if that quote is
+    # at most book_max_age_s older than the trade.
+    outside_book_tolerance: float = 0.0025
+    book_max_age_s: float = 10.0
+    # Closed candles remembered per series for time.duplicate / time.conflict / time.gap repair.
+    dedup_memory: int = 120
+    # Series (exchange, symbol, kind, timeframe) kept in memory; the least recently used is forgotten.
+    max_series: int = 5000
+    # A flag's alert is published at most once per this interval per series and rule (flags are not).
+    alert_interval_s: float = 10.0
+    # Aggregator: timeframes built from closed 1m candles, and the reconciliation tolerances (relative).
+    bar_timeframes: list[str] = msgspec.field(default_factory=_bar_timeframes)
+    reconcile_price_rel: float = 1e-9
+    reconcile_volume_rel: float = 1e-6
+
+
+class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The shared per-exchange REST budget (common/ratelimit.py), honoured by every process calling an exchange.
+    # Fraction of the exchange's published weight limit we spend; the rest absorbs clock skew at window edges.
+    utilization: float = 0.97
+    # Burst allowed above the steady pace, in seconds of the full rate.
+    burst_s: float = 0.5
+    # exchange id -> request weight per minute, replacing the built-in table (e.g. a VIP or shared-IP limit).
+    weight_per_minute: dict[str, int] = msgspec.field(default_factory=dict)
+    # A 418 ban (or a 429 cool-down) longer than this makes a caller raise instead of waiting it out.
+    max_wait_s: float = 900.0
+
+
+class BackfillSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # History backfill and archive import (services/backfill, docs/backfill.md).
+    concurrency: int = 4  # REST pages in flight at once per process (the shared budget still paces them)
+    write_pages: int = 5  # pages (up to 1000 candles each) written to InfluxDB per request at most
+    retries: int = 5  # attempts per page on network errors / 5xx before the run stops (a rerun resumes)
+    # Base URL of data.binance.vision archives; empty: the real one, rewritten like exchanges[binance].rest_url.
+    archive_url: str = ""
+    ratelimit: RateLimitSettings = RateLimitSettings()
 
 
 class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,6 +199,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bus: BusSettings = BusSettings()
     cache: CacheSettings = CacheSettings()
     validation: ValidationSettings = ValidationSettings()
+    quality: QualitySettings = QualitySettings()
+    postgres_writer: PostgresWriterSettings = PostgresWriterSettings()
+    backfill: BackfillSettings = BackfillSettings()
     exchanges: list[ExchangeSettings] = msgspec.field(default_factory=list)
 
     def exchange(self, exchange_id: str) -> ExchangeSettings:
@@ -116,6 +222,9 @@ _ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "MDP_INFLUX_DATABASE": ("influx", "database"),
     "MDP_INFLUX_USERNAME": ("influx", "username"),
     "MDP_INFLUX_PASSWORD": ("influx", "password"),
+    "MDP_INFLUX_TOKEN": ("influx", "token"),
+    "MDP_INFLUX_ORG": ("influx", "org"),
+    "MDP_INFLUX_GENERATION": ("influx", "generation"),
 }
 
 

@@ -7,6 +7,7 @@
   md:market:{exchange}              market catalog entries from ccxt's load_markets
   mdp:alerts                        quality and pipeline alerts (rejected events with reason and values)
   mdp:heartbeats                    service heartbeats
+  strategy:{strategy}               a strategy's fills, positions, metrics, registration -> postgres_writer
   dlq:{stream}                      dead letters of {stream}: entries that failed max_deliveries times
   mdp:streams (a set)               every md:* / raw:* / valid:* stream that has been published to
 """
@@ -17,6 +18,7 @@ ALERTS = "mdp:alerts"
 HEARTBEATS = "mdp:heartbeats"
 REGISTRY = "mdp:streams"
 ALIVE_PREFIX = "mdp:alive:"
+GAPS = "mdp:gaps"  # Gap events: holes the validator found in a feed (candle open times, trade ids)
 
 
 def raw(exchange: str) -> str:
@@ -27,12 +29,26 @@ def valid(exchange: str) -> str:
     return f"valid:{exchange}"
 
 
+def candle_built(exchange: str, symbol: str) -> str:
+    """1m candles the aggregator built from trades (source "aggregate"), apart from the exchange's own."""
+    return f"md:candle_built:{exchange}:{symbol}"
+
+
 def market_data(kind: str, exchange: str, symbol: str) -> str:
     return f"md:{kind}:{exchange}:{symbol}"
 
 
 def markets(exchange: str) -> str:
     return f"md:market:{exchange}"
+
+
+def strategy(name: str) -> str:
+    """A strategy's own events (fills, positions, metrics, registration): one stream per strategy, so its
+    events stay in order, its backlog and dead letters are its own, and a reader can follow one strategy."""
+    return f"strategy:{name}"
+
+
+STRATEGY_STREAMS = strategy("*")  # the postgres writer's pattern over the registry
 
 
 def dead_letter(stream: str) -> str:

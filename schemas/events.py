@@ -132,8 +132,73 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):
     ts_recv: int
 
 
+class StrategyInfo(msgspec.Struct, tag="strategy", frozen=True, kw_only=True):
+    """A strategy saying who it is, on `strategy:{strategy}`; upserted into `strategies` by name.
+
+    `ts_event` orders registrations: an older one (a late redelivery) never overwrites a newer one."""
+
+    strategy: str
+    description: str = ""
+    params: dict[str, object] = msgspec.field(default_factory=dict)
+    active: bool = True
+    ts_event: int
+    ts_recv: int
+
+
+class Fill(msgspec.Struct, tag="fill", frozen=True, kw_only=True):
+    """One fill of a strategy's order, keyed by (strategy, exchange, symbol, exchange_trade_id).
+
+    `ts_event` is the exchange's fill time, `ts_recv` when the strategy published it. `fee` may be
+    negative (a maker rebate); a non-zero fee needs its `fee_currency`."""
+
+    strategy: str
+    exchange: str
+    symbol: str
+    side: Side
+    price: Decimal
+    amount: Decimal
+    fee: Decimal = Decimal(0)
+    fee_currency: str | None = None
+    exchange_trade_id: str
+    order_id: str | None = None
+    ts_event: int
+    ts_recv: int
+
+
+class PositionUpdate(msgspec.Struct, tag="position", frozen=True, kw_only=True):
+    """A strategy's whole position in one market as of `ts_event` (signed quantity; negative is short).
+
+    Updates of one (strategy, exchange, symbol) are ordered by `ts_event`, which must increase: the
+    stored position only moves forward, and an update with the stored `ts_event` is a duplicate."""
+
+    strategy: str
+    exchange: str
+    symbol: str
+    quantity: Decimal
+    avg_price: Decimal | None = None
+    realized_pnl: Decimal = Decimal(0)
+    ts_event: int
+    ts_recv: int
+
+
+class PerformanceMetric(msgspec.Struct, tag="metric", frozen=True, kw_only=True):
+    """A strategy's metric (pnl, sharpe, ...) over `period` ending at `ts_event`.
+
+    The same (strategy, metric, period, ts_event) may be recomputed while the period runs: the value
+    computed last (the larger `ts_recv`) is kept."""
+
+    strategy: str
+    metric: str
+    period: str = "all"
+    value: Decimal
+    ts_event: int
+    ts_recv: int
+
+
 MarketEvent = Trade | Candle | Ticker
-Event = Trade | Candle | Ticker | Market | Alert | Gap | Heartbeat
+StrategyEvent = StrategyInfo | Fill | PositionUpdate | PerformanceMetric
+Event = (Trade | Candle | Ticker | Market | Alert | Gap | Heartbeat
+         | StrategyInfo | Fill | PositionUpdate | PerformanceMetric)
 
 KIND_OF: dict[type, str] = {
     Trade: "trade",
@@ -143,4 +208,8 @@ KIND_OF: dict[type, str] = {
     Alert: "alert",
     Gap: "gap",
     Heartbeat: "heartbeat",
+    StrategyInfo: "strategy",
+    Fill: "fill",
+    PositionUpdate: "position",
+    PerformanceMetric: "metric",
 }
