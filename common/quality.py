@@ -20,6 +20,11 @@ Rules (all severity "error", policy "reject": a rejected event is never stored d
                        inference by `to_ns`, so a millisecond stamp is judged by the time it denotes)
   ticker.crossed       bid >= ask when both are present
 
+The catalog (`CATALOG`) names every rule of the live validator (these stateless ones plus the stream rules of
+services/validator/series.py) and of the batch validator, with its severity and policy (reject, flag, repair,
+alert; see docs/quality-live.md). `finding()` builds a Finding of a catalog rule, `with_quality()` the copy of a
+trade or candle that carries its flags.
+
 Rules only judge values that are present and finite; a missing value is `fields.missing`'s alone, so one
 bad row produces one alert per distinct problem and never an exception.
 
@@ -39,10 +44,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
+import msgspec
+
 from common.config import ValidationSettings
 from schemas import KIND_OF, Alert, Candle, Event, Severity, Ticker, Trade
 
-Policy = Literal["reject", "flag"]
+# reject: quarantined (an Alert with the values on mdp:alerts), never stored. flag: stored with the rule's name in
+# the event's `quality` tuple, plus an Alert. repair: fixed (a copy dropped, an order restored) with an audit
+# Alert of severity info. alert: the event is fine, the Alert (and a Gap event) reports what is missing.
+Policy = Literal["reject", "flag", "repair", "alert"]
 
 NS_PER_S = 1_000_000_000
 
@@ -344,6 +354,67 @@ def to_alert(finding: Finding, event: Event, source: str, now_ns: int, exchange:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The rule catalog: every rule name of the live validator and the batch (DataFrame) validator
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One rule of the shared catalog: its stable name, severity, policy and what it means."""
+
+    name: str
+    severity: Severity
+    policy: Policy
+    meaning: str
+    live: bool  # whether the stream validator (services/validator) applies it
+
+
+def _entry(name: str, severity: Severity, policy: Policy, meaning: str, live: bool = True) -> CatalogEntry:
+    return CatalogEntry(name, severity, policy, meaning, live)
+
+
+CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
+    _entry("fields.missing", "error", "reject", "a None/NaN/empty required field"),
+    _entry("price.non_positive", "error", "reject", "a price <= 0"),
+    _entry("amount.non_positive", "error", "reject", "a trade amount <= 0"),
+    _entry("volume.negative", "error", "reject", "a candle volume < 0"),
+    _entry("ohlc.consistency", "error", "reject", "high/low do not bound open/close"),
+    _entry("time.invalid", "error", "reject", "a timestamp <= 0"),
+    _entry("time.future", "error", "reject", "later than now + validation.max_future_skew_s"),
+    _entry("ticker.crossed", "error", "reject", "bid >= ask"),
+    _entry("time.gap", "warning", "alert", "missing open times in a closed-candle series (a Gap event too)"),
+    _entry("time.duplicate", "info", "repair", "an identical closed candle again: the copy is dropped"),
+    _entry("time.conflict", "error", "reject", "a closed candle for an open time already seen, other values"),
+    _entry("time.out_of_order", "warning", "repair",
+           "a closed candle older than the newest one: passed (stores key by open time), audited"),
+    _entry("time.stale", "warning", "flag", "received later than stale_after_s after its exchange time"),
+    _entry("price.outlier", "warning", "flag", "log return or wick beyond k rolling MADs"),
+    _entry("price.cross_venue", "warning", "flag", "close far from the same symbol's close on other venues"),
+    _entry("price.stuck", "warning", "flag", "O=H=L=C unchanged for N or more consecutive bars"),
+    _entry("volume.zero", "info", "flag", "a zero-volume bar (real on illiquid markets; never dropped)"),
+    _entry("candle.open_gap", "warning", "flag", "open far from the previous close"),
+    _entry("trade.outside_book", "warning", "flag", "trade price beyond the last bid/ask by a tolerance"),
+    _entry("trade.id_gap", "warning", "flag", "trade ids not consecutive (a Gap event too)"),
+    _entry("candle.reconcile", "warning", "alert",
+           "a 1m candle built from trades disagrees with the exchange's (aggregator)"),
+)}
+
+
+def finding(rule: str, event: Event, reason: str, values: dict[str, str | None]) -> Finding:
+    """A Finding of catalog rule `rule` on `event`, with the catalog's severity and policy and the values
+    that locate the event (trade id, or timeframe and open time; ts_event). KeyError: not a catalog rule."""
+    entry = CATALOG[rule]
+    return Finding(rule, entry.severity, entry.policy, reason, {**values, **_identity(event)})
+
+
+def with_quality(event: Trade | Candle, rules: Iterable[str]) -> Trade | Candle:
+    """A copy of `event` whose `quality` also names `rules` (in order, each once)."""
+    merged = tuple(dict.fromkeys((*event.quality, *rules)))
+    if merged == event.quality:
+        return event
+    return msgspec.structs.replace(event, quality=merged)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Logging rejections without flooding
 
 
@@ -382,6 +453,7 @@ class RejectionLog:
 
 
 __all__ = [
-    "RULES", "RULES_BY_NAME", "CheckContext", "Finding", "Policy", "RejectionLog", "Rule", "check",
-    "describe", "iso", "kind_of", "rejects", "text", "to_alert", "to_ns",
+    "CATALOG", "RULES", "RULES_BY_NAME", "CatalogEntry", "CheckContext", "Finding", "Policy", "RejectionLog",
+    "Rule", "check", "describe", "finding", "iso", "kind_of", "rejects", "text", "to_alert", "to_ns",
+    "with_quality",
 ]

@@ -232,3 +232,28 @@ def test_rejection_log_reports_once_per_interval_then_counts(caplog: pytest.LogC
     assert len(lines) == 2
     assert "rejected 3 event(s) by price.non_positive" in lines[0]
     assert "+100 more since the last report" in lines[1]
+
+
+# --- the catalog ------------------------------------------------------------------------------------------
+
+def test_every_stateless_rule_is_in_the_catalog_with_its_severity_and_policy() -> None:
+    for rule in quality.RULES:
+        entry = quality.CATALOG[rule.name]
+        assert (entry.severity, entry.policy) == (rule.severity, rule.policy)
+    assert quality.CATALOG["time.duplicate"].policy == "repair"
+    assert quality.CATALOG["volume.zero"].policy == "flag" and quality.CATALOG["volume.zero"].severity == "info"
+
+
+def test_finding_takes_severity_and_policy_from_the_catalog_and_locates_the_event() -> None:
+    f = quality.finding("price.outlier", stubs.candle(), "a spike", {"close": "1"})
+    assert (f.severity, f.policy) == ("warning", "flag")
+    assert f.values["close"] == "1" and f.values["open_time"] == str(stubs.candle().open_time)
+    with pytest.raises(KeyError):
+        quality.finding("no.such.rule", stubs.candle(), "", {})
+
+
+def test_with_quality_appends_each_rule_once() -> None:
+    flagged = quality.with_quality(stubs.trade(), ["time.stale"])
+    assert flagged.quality == ("time.stale",)
+    assert quality.with_quality(flagged, ["trade.id_gap", "time.stale"]).quality == ("time.stale", "trade.id_gap")
+    assert quality.with_quality(flagged, []) is flagged

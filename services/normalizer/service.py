@@ -37,6 +37,21 @@ Candles - open_time must fall on the timeframe's boundary, else `candle.misalign
     epoch multiples): passed unchecked and counted as `unaligned_unchecked`.
   A timeframe that is not <number><s|m|h|d|w|M|y> is rejected with `candle.timeframe`.
 
+Amounts - in base units. A contract market (a unified symbol with a settle part, 'BASE/QUOTE:SETTLE') counts
+  trade amounts and ticker bid/ask sizes in contracts (ccxt's unified `amount`: ccxt's own trade cost is
+  amount * contractSize * price); its Market's `contract_size` says what one contract is worth:
+  * linear (settle != base, e.g. 'BTC/USDT:USDT', 'ETH/USD:USDC'): contract_size is in base units, so
+    base = contracts * contract_size (OKX BTC-USDT-SWAP: 0.01 BTC per contract; Binance USD-M: 1);
+  * inverse (settle == base, e.g. 'BTC/USD:BTC'): contract_size is in quote units, so
+    base = contracts * contract_size / price (Binance COIN-M BTCUSD_PERP: 100 USD per contract), with 28
+    significant digits. A ticker size uses its own side's price.
+  Candle volumes are left as they come: ccxt's parse_ohlcv already picks the base-unit volume column for
+  contracts (Binance kline[7] for inverse, OKX volCcy, Bybit turnover for inverse). Spot symbols (no ':')
+  are unchanged. A contract Market without contract_size counts as 1, as ccxt itself assumes. A contract
+  symbol whose Market was not seen is rejected with `market.unknown` (its unit cannot be known), one whose
+  contract_size is not a positive number with `market.contract_size`; note `contract_scaled` counts the
+  events whose amounts were scaled.
+
 Alerts found on valid:* are forwarded to mdp:alerts unchanged; heartbeats are dropped (counted `ignored`).
 """
 
@@ -76,11 +91,14 @@ RULE_SYMBOL_UNMAPPED = "symbol.unmapped"
 RULE_CANDLE_MISALIGNED = "candle.misaligned"
 RULE_CANDLE_TIMEFRAME = "candle.timeframe"
 RULE_TIME_INVALID = "time.invalid"
+RULE_MARKET_UNKNOWN = "market.unknown"
+RULE_CONTRACT_SIZE = "market.contract_size"
 
 _UNIFIED = re.compile(r"^[^/:\s]+/[^/:\s]+(?::[^/:\s]+)?$")
 _TIMEFRAME = re.compile(r"^([1-9][0-9]*)([smhdwMy])$")
 _UNIT_NS = {"s": NS, "m": 60 * NS, "h": 3_600 * NS, "d": DAY_NS, "w": WEEK_NS}
 _DEC = decimal.Context(prec=200)
+_DIV = decimal.Context(prec=28)  # inverse contracts: base = contracts * size / price rarely terminates
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
 
@@ -140,15 +158,18 @@ def expected_open(open_time_ns: int, timeframe: str) -> int | None:
 
 
 class SymbolMap:
-    """Exchange ids -> ccxt unified symbols, learned from Market events."""
+    """Exchange ids -> ccxt unified symbols, and contract sizes of contract markets, learned from Markets."""
 
     def __init__(self) -> None:
         self._ids: dict[str, dict[str, set[str]]] = {}
+        self.contract_sizes: dict[tuple[str, str], Decimal | None] = {}
 
     def learn(self, market: Market) -> None:
         if market.exchange_symbol and market.symbol:
             by_id = self._ids.setdefault(market.exchange, {})
             by_id.setdefault(market.exchange_symbol, set()).add(market.symbol)
+        if ":" in market.symbol:
+            self.contract_sizes[(market.exchange, market.symbol)] = market.contract_size
 
     def candidates(self, exchange: str, exchange_symbol: str) -> list[str]:
         ids = self._ids.get(exchange, {})
@@ -213,6 +234,47 @@ def _ns(event: Normalizable, name: str, value: int) -> int:
     return ns
 
 
+def contract_scale(event: Trade | Ticker, symbol: str, symbols: SymbolMap) -> tuple[Decimal, bool] | None:
+    """(contract size, inverse) of a contract market's event; None for spot; raises Rejected when unknown."""
+    if ":" not in symbol:
+        return None
+    key = (event.exchange, symbol)
+    if key not in symbols.contract_sizes:
+        raise Rejected(RULE_MARKET_UNKNOWN,
+                       f"{quality.describe(event)}: {symbol} is a contract market but no Market for it is known "
+                       f"to the normalizer, so the size of one contract (and the amount in base units) is "
+                       f"unknown; rejected. Publish the exchange's markets (collector load_markets) before its "
+                       f"data.", {"symbol": symbol})
+    size = symbols.contract_sizes[key]
+    if size is None:
+        size = _ONE  # as ccxt itself does (safe_value(market, 'contractSize', 1))
+    if not size.is_finite() or size <= 0:
+        raise Rejected(RULE_CONTRACT_SIZE,
+                       f"{quality.describe(event)}: the Market of {symbol} has contract_size={text_of(size)}, so "
+                       f"its amounts (in contracts) cannot be put in base units; rejected. Check what ccxt's "
+                       f"load_markets reports as contractSize for it.",
+                       {"symbol": symbol, "contract_size": text_of(size)})
+    base = symbol.partition("/")[0]
+    settle = symbol.partition(":")[2].partition("-")[0]
+    return size, settle == base
+
+
+def text_of(value: Decimal | None) -> str | None:
+    return quality.text(value)
+
+
+def to_base(amount: Decimal | None, price: Decimal | None, size: Decimal, inverse: bool) -> Decimal | None:
+    """Contracts -> base units (see the module docstring); None stays None, and so does an inverse amount
+    without a usable price."""
+    if amount is None or not amount.is_finite():
+        return amount
+    if not inverse:
+        return amount * size
+    if price is None or not price.is_finite() or price <= 0:
+        return None
+    return _DIV.divide(amount * size, price)
+
+
 def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, set[str]]:
     """The canonical form of `event` and notes on what changed ('symbol_mapped', 'ts_rescaled');
     raises Rejected. A Market also teaches `symbols` its exchange id."""
@@ -229,7 +291,12 @@ def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, se
         changes[name] = ns
     cd = canonical_decimal
     if isinstance(event, Trade):
-        changes.update(price=cd(event.price), amount=cd(event.amount))
+        amount = event.amount
+        scale = contract_scale(event, symbol, symbols)
+        if scale is not None:
+            amount = to_base(amount, event.price, *scale)
+            notes.add("contract_scaled")
+        changes.update(price=cd(event.price), amount=cd(amount))
     elif isinstance(event, Candle):
         changes.update(open=cd(event.open), high=cd(event.high), low=cd(event.low), close=cd(event.close),
                        volume=cd(event.volume))
@@ -256,8 +323,14 @@ def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, se
         if alignment == "unchecked":
             notes.add("unaligned_unchecked")
     elif isinstance(event, Ticker):
-        changes.update(bid=cd(event.bid), ask=cd(event.ask), last=cd(event.last), bid_size=cd(event.bid_size),
-                       ask_size=cd(event.ask_size))
+        bid_size, ask_size = event.bid_size, event.ask_size
+        scale = contract_scale(event, symbol, symbols)
+        if scale is not None and (bid_size is not None or ask_size is not None):
+            bid_size = to_base(bid_size, event.bid, *scale)
+            ask_size = to_base(ask_size, event.ask, *scale)
+            notes.add("contract_scaled")
+        changes.update(bid=cd(event.bid), ask=cd(event.ask), last=cd(event.last), bid_size=cd(bid_size),
+                       ask_size=cd(ask_size))
     elif isinstance(event, Market):
         changes.update(contract_size=cd(event.contract_size), price_precision=cd(event.price_precision),
                        amount_precision=cd(event.amount_precision))

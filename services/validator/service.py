@@ -1,16 +1,30 @@
 """The validator: reads raw:{exchange} (consumer group "validator"), runs the rules of common.quality on every
-event, forwards the events that pass to valid:{exchange} and turns every rejected event into one Alert per
-failed rule on mdp:alerts. Both outputs are returned from the handler, so the bus publishes them and
-acknowledges the inputs in one MULTI/EXEC: an input is never half-forwarded.
+event, then the stream rules of services.validator.series (which compare an event with what came before in
+its series), and forwards what passes to valid:{exchange}: flagged events as copies whose `quality` names the
+flags. Rejected events become one Alert per failed rule on mdp:alerts (with the offending values) and are
+never forwarded; flags, repairs and gaps also become Alerts (flags throttled per series and rule, see
+series.py), gaps also Gap events on mdp:gaps.
+
+Atomicity: the handler publishes its outputs and acknowledges its inputs itself, in one MULTI/EXEC
+(Producer.publish_and_ack), and only then commits the series state it staged for the batch. A batch whose
+publish fails is therefore judged again against the same state; a batch that was published but whose
+acknowledgement the bus retries is recognised by its entry ids and not published twice. (The bus's own
+acknowledgement that follows is a no-op XACK.)
 
 Routing: valid:{event.exchange}; an event without an exchange is rejected (fields.missing) and its alert
 carries the exchange of the raw stream it came from. Markets pass when exchange and symbol are non-empty.
 Alerts found on raw:* are forwarded to mdp:alerts unchanged; heartbeats (not market data) are dropped and
 counted as `ignored`.
 
-Counters (heartbeat): events_in, passed, rejected, alerts (alerts published), forwarded_alerts, ignored,
-rejected.{rule} per rule, plus the bus consumer's delivered/acked/dead_lettered/failures. Counters count
-processing, so a batch retried after a failed publish is counted again.
+Scaling: the stream rules need every event of a series in one process. Run one validator per raw stream
+(numprocs=1); a second instance in the same group would see every other entry and report gaps everywhere.
+
+Counters (heartbeat): events_in, passed, rejected, flagged (events forwarded with a flag), repaired (events
+dropped as duplicates), alerts (alerts published), gaps (Gap events published), forwarded_alerts, ignored,
+series (series in memory), series_evicted, and per rule `rejected.{rule}`, `flagged.{rule}`,
+`repaired.{rule}`, `alerted.{rule}` (what `mdp status` shows per rule), plus the bus consumer's
+delivered/acked/dead_lettered/failures. Counters count processing, so a batch retried after a failed publish
+is counted again.
 """
 
 from __future__ import annotations
@@ -18,18 +32,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from common import quality, streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
 from common.config import Settings
 from common.service import Service
 from schemas import Alert, Candle, Event, Market, Ticker, Trade
+from services.validator.series import SeriesBook, Staging, StreamRules
 
 log = logging.getLogger(__name__)
 
 GROUP = "validator"
 INPUT_PATTERN = "raw:*"
+DONE_MEMORY = 10_000  # entry ids of batches this process published itself (see the module docstring)
+VERB = {"reject": "rejected", "flag": "flagged", "repair": "repaired", "alert": "alerted"}
 
 
 class Validator(Service):
@@ -44,23 +61,30 @@ class Validator(Service):
                                  name=self.consumer_name,
                                  selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
         self.rejections = quality.RejectionLog(log)
+        self.stream_rules = StreamRules(settings.quality)
+        self.book = SeriesBook(settings.quality.max_series)
+        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.events_in = 0
         self.passed = 0
         self.rejected = 0
+        self.flagged = 0
+        self.repaired = 0
         self.alerts = 0
+        self.gaps = 0
         self.forwarded_alerts = 0
         self.ignored = 0
-        self.rejected_by_rule: Counter[str] = Counter()
+        self.by_rule: Counter[str] = Counter()  # "{rejected|flagged|repaired|alerted}.{rule}"
 
     def counters(self) -> dict[str, int]:
         s = self.consumer.stats
         out = {
             "events_in": self.events_in, "passed": self.passed, "rejected": self.rejected,
-            "alerts": self.alerts, "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored,
-            "delivered": s.delivered, "acked": s.acked, "dead_lettered": s.dead_lettered,
-            "failures": s.failures,
+            "flagged": self.flagged, "repaired": self.repaired, "alerts": self.alerts, "gaps": self.gaps,
+            "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored, "series": len(self.book),
+            "series_evicted": self.book.evicted, "delivered": s.delivered, "acked": s.acked,
+            "dead_lettered": s.dead_lettered, "failures": s.failures,
         }
-        out.update({f"rejected.{rule}": n for rule, n in self.rejected_by_rule.items()})
+        out.update(self.by_rule)
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -70,41 +94,72 @@ class Validator(Service):
         finally:
             self.rejections.flush()
 
-    def validate(self, event: Event, stream_exchange: str, ctx: quality.CheckContext,
-                 out: dict[str, list[Event]], alerts: list[Alert]) -> None:
-        """Route one event: to valid:{exchange} if it passes, else its alerts to `alerts`."""
+    def validate(self, event: Event, stream_exchange: str, ctx: quality.CheckContext, staging: Staging,
+                 out: dict[str, list[Event]], alerts: list[Alert], gaps: list[Event]) -> None:
+        """Route one event: to valid:{exchange} if it passes (flagged or not), else its alerts to `alerts`."""
         findings = quality.check(event, ctx, self.rules)
-        if not quality.rejects(findings):
-            self.passed += 1
-            out.setdefault(streams.valid(event.exchange), []).append(event)  # type: ignore[union-attr]
+        if quality.rejects(findings):
+            self.rejected += 1
+            for f in findings:
+                self.by_rule[f"rejected.{f.rule}"] += 1
+                alerts.append(quality.to_alert(f, event, self.name, ctx.now_ns, exchange=stream_exchange))
             return
-        self.rejected += 1
-        for f in findings:
-            self.rejected_by_rule[f.rule] += 1
-            alerts.append(quality.to_alert(f, event, self.name, ctx.now_ns, exchange=stream_exchange))
+        verdict = self.stream_rules.judge(event, staging, ctx.now_ns)
+        for f, send in zip(verdict.findings, verdict.alert, strict=True):
+            self.by_rule[f"{VERB[f.policy]}.{f.rule}"] += 1
+            if send:
+                alerts.append(quality.to_alert(f, event, self.name, ctx.now_ns, exchange=stream_exchange))
+        gaps.extend(verdict.gaps)
+        forwarded = verdict.event
+        if forwarded is None:
+            if verdict.rejected:
+                self.rejected += 1
+            else:
+                self.repaired += 1
+            return
+        self.passed += 1
+        if forwarded is not event:
+            self.flagged += 1
+        out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
 
     async def handle(self, batch: list[Delivery]) -> Outputs:
         ctx = quality.CheckContext.from_settings(self.settings.validation, now_ns=time.time_ns())
+        staging = self.book.stage()
         out: dict[str, list[Event]] = {}
         alerts: list[Alert] = []
         forwarded: list[Alert] = []
-        for delivery in batch:
+        gaps: list[Event] = []
+        fresh = [d for d in batch if (d.stream, d.entry_id) not in self._done]
+        for delivery in fresh:
             stream_exchange = delivery.stream.partition(":")[2]
             for event in delivery.events:
                 self.events_in += 1
                 if isinstance(event, (Trade, Candle, Ticker, Market)):
-                    self.validate(event, stream_exchange, ctx, out, alerts)
+                    self.validate(event, stream_exchange, ctx, staging, out, alerts, gaps)
                 elif isinstance(event, Alert):
                     forwarded.append(event)
-                else:  # a Heartbeat: not market data
+                else:  # a Heartbeat or a Gap: not market data
                     self.ignored += 1
                     if self.ignored == 1:
                         log.warning("ignoring %s events on %s: not market data (counted as 'ignored')",
                                     type(event).__name__, delivery.stream)
-        if alerts:
-            self.rejections.note(alerts)
+        rejections = [a for a in alerts if a.severity == "error"]
+        if rejections:
+            self.rejections.note(rejections)
         self.alerts += len(alerts)
+        self.gaps += len(gaps)
         self.forwarded_alerts += len(forwarded)
         if alerts or forwarded:
             out[streams.ALERTS] = [*forwarded, *alerts]
-        return out
+        if gaps:
+            out[streams.GAPS] = gaps
+        acks: dict[str, list[str]] = {}
+        for d in batch:
+            acks.setdefault(d.stream, []).append(d.entry_id)
+        await self.producer.publish_and_ack(out, acks, GROUP)
+        staging.commit()
+        for d in batch:
+            self._done[(d.stream, d.entry_id)] = None
+        while len(self._done) > DONE_MEMORY:
+            self._done.popitem(last=False)
+        return {}
