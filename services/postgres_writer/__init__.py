@@ -1,1 +1,1 @@
-"""PostgreSQL writer: the market catalog and quality alerts (python -m services.postgres_writer)."""
+"""PostgreSQL writer: market catalog, quality alerts, strategies' events (python -m services.postgres_writer)."""
