@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve all 1,695 symbols of the recorded exchangeInfo (default: "
                         f"{', '.join(DEFAULT_EXCHANGE_INFO_SYMBOLS)})")
     p.add_argument("--weight-limit", type=int, default=6000, help="REST request weight per minute before 429")
+    p.add_argument("--weight-window", type=float, default=60.0, help="seconds of a weight window (Binance: 60)")
+    p.add_argument("--ban-after", type=int, default=5,
+                   help="429s in one window after which a client still calling is banned with 418")
+    p.add_argument("--ban-seconds", type=float, default=120.0, help="length of the first 418 ban (doubles after)")
+    p.add_argument("--no-history", action="store_true",
+                   help="serve REST klines only from the real daily zips and the replay (no derived history)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the real-data folder (default: $MDP_REAL_DATA or ../shared/data/real)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -56,7 +62,8 @@ async def serve(args: argparse.Namespace) -> None:
         wait_for_streams=tuple(args.wait_for), book_ticker=not args.no_book_ticker,
         kline_throttle_ms=args.kline_throttle_ms, data_dir=args.data_dir,
         exchange_info_symbols=None if args.all_symbols else DEFAULT_EXCHANGE_INFO_SYMBOLS,
-        weight_limit=args.weight_limit)
+        weight_limit=args.weight_limit, weight_window_s=args.weight_window, ban_after_429s=args.ban_after,
+        ban_s=args.ban_seconds, history=not args.no_history)
     sim = Simulator(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ import heapq
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,8 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
-from services.simulator import binance
+from services.simulator import archives, binance
+from services.simulator.history import History
 from services.simulator.recording import (
     DEFAULT_SYMBOLS,
     MINUTE_MS,
@@ -53,7 +54,7 @@ from services.simulator.recording import (
 log = logging.getLogger("services.simulator")
 
 StartMode = Literal["subscribe", "manual", "immediate"]
-FAULT_KINDS = ("malformed_klines", "disconnect", "stall", "http_error", "drop_trades", "clear")
+FAULT_KINDS = ("malformed_klines", "disconnect", "stall", "http_error", "drop_trades", "corrupt_archive", "clear")
 DEFAULT_EXCHANGE_INFO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "ETHBTC", "BNBUSDT", "SOLUSDT")
 
 
@@ -70,7 +71,11 @@ class SimulatorOptions:
     kline_throttle_ms: int = 0  # 0: an open-kline update after every trade
     data_dir: Path | None = None
     exchange_info_symbols: tuple[str, ...] | None = DEFAULT_EXCHANGE_INFO_SYMBOLS  # None: all 1,695 symbols
-    weight_limit: int = 6000  # REQUEST_WEIGHT per minute; above it: HTTP 429 with Retry-After
+    weight_limit: int = 6000  # REQUEST_WEIGHT per window; above it: HTTP 429 with Retry-After
+    weight_window_s: float = 60.0  # Binance counts weight per clock minute
+    ban_after_429s: int = 5  # requests answered 429 in one window before the IP is banned (HTTP 418)
+    ban_s: float = 120.0  # the first ban's length; each further ban doubles it, up to 3 days (as Binance)
+    history: bool = True  # serve 1m klines for any range before the replay (services/simulator/history.py)
     ws_ping_s: float | None = 20.0  # server pings like Binance; None disables
     rest_candle_cap: int = 100_000  # derived candles kept for REST per symbol (looping forever grows it)
 
@@ -107,13 +112,15 @@ class _Faults:
     stall_mode: Literal["pause", "drop"] = "pause"
     drop_trades: int = 0
     down_until: float = 0.0  # time.monotonic(): WebSocket upgrades refused until then
+    corrupt_archive: int = 0  # the next N archive zips are served with one byte changed (CHECKSUM mismatch)
 
     def as_dict(self) -> dict[str, Any]:
         now = time.monotonic()
         return {"malformed_klines": self.malformed_klines, "malformed_shape": self.malformed_shape,
                 "http_error": self.http_error, "http_status": self.http_status,
                 "stall_remaining_s": round(max(0.0, self.stall_until - now), 3), "stall_mode": self.stall_mode,
-                "drop_trades": self.drop_trades, "ws_down_remaining_s": round(max(0.0, self.down_until - now), 3)}
+                "drop_trades": self.drop_trades, "ws_down_remaining_s": round(max(0.0, self.down_until - now), 3),
+                "corrupt_archive": self.corrupt_archive}
 
 
 class FaultError(ValueError):
@@ -132,7 +139,10 @@ class Simulator:
                                                      opts.book_ticker, opts.kline_throttle_ms)
         self._recorded_info = load_exchange_info(self.data_dir)
         binance.trim_exchange_info(self._recorded_info, opts.exchange_info_symbols, 0, 0)  # fail fast on typos
-        self._daily: dict[str, list[Candle]] = {s: load_daily_klines(self.data_dir, s) for s in self._symbol_ids()}
+        self.history = History(self.data_dir, self._history_end_ms()) if opts.history else None
+        self._daily: dict[str, list[Candle]] = {} if self.history else {
+            s: load_daily_klines(self.data_dir, s) for s in self._symbol_ids()}
+        self._archives: OrderedDict[str, bytes | None] = OrderedDict()
         self._data_streams = {binance.stream_name(s, ch) for s in self.recording.symbols
                               for ch in ("trade", "kline_1m", "bookTicker")}
         self._stream_names: dict[tuple[str, str], str] = {}
@@ -149,8 +159,12 @@ class Simulator:
         self._faults = _Faults()
         self._reset_replay_state()
         self._rest_requests: Counter[str] = Counter()
-        self._weight_minute = 0
+        self._weight_minute = 0  # index of the current weight window
         self._weight_used = 0
+        self._throttled_in_window = 0
+        self._ban_until = 0.0  # time.time()
+        self._bans = 0
+        self._rest_status: Counter[int] = Counter()
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------------------
@@ -230,6 +244,8 @@ class Simulator:
           (429/418 carry Retry-After, as Binance sends).
         - drop_trades: count: the next `count` trade messages are not sent (a gap in trade ids; klines still
           count them, as the exchange's own candles would).
+        - corrupt_archive: count=1: the next `count` archive zips are served with one byte changed, so they no
+          longer match their CHECKSUM files.
         - clear: remove every pending fault.
         """
         f = self._faults
@@ -258,6 +274,8 @@ class Simulator:
                 f.retry_after_s = int(params.get("retry_after", 1))
             elif kind == "drop_trades":
                 f.drop_trades = int(params["count"])
+            elif kind == "corrupt_archive":
+                f.corrupt_archive = int(params.get("count", 1))
             elif kind == "clear":
                 self._faults = _Faults()
             else:
@@ -300,7 +318,10 @@ class Simulator:
                              "streams": sorted(c.streams), "sent": c.sent} for c in self._connections],
             "subscriptions": {s: len(c) for s, c in self._subscribers.items() if c},
             "faults": self._faults.as_dict(),
-            "rest": {"requests": dict(self._rest_requests), "weight_used_1m": self._current_weight()},
+            "rest": {"requests": dict(self._rest_requests), "weight_used_1m": self._current_weight(),
+                     "status": {str(k): v for k, v in sorted(self._rest_status.items())},
+                     "banned_remaining_s": round(max(0.0, self._ban_until - time.time()), 3), "bans": self._bans,
+                     "history_end_ms": self.history.end_ms if self.history else None},
             "recording": {"symbols": list(rec.symbols), "trades": len(rec.trades), "candles": len(rec.candles),
                           "first_trade_id": rec.trades[0].id, "last_trade_id": rec.trades[-1].id,
                           "first_trade_time": rec.trades[0].time, "last_trade_time": rec.trades[-1].time,
@@ -557,35 +578,73 @@ class Simulator:
         return tuple(dict.fromkeys((*self.recording.symbols, "BTCUSDT")))
 
     def _current_weight(self) -> int:
-        return self._weight_used if self._weight_minute == int(time.time() // 60) else 0
+        return self._weight_used if self._weight_minute == int(time.time() // self.options.weight_window_s) else 0
+
+    def _history_end_ms(self) -> int:
+        """History is served up to the replay's first minute (the replay serves its own candles as it reaches
+        them); with shift_to_now the replay starts now, so history reaches up to the simulator's start."""
+        if self.options.shift_to_now:
+            now = int(time.time() * 1000)
+            return now - now % MINUTE_MS
+        first = min(t.time for t in self.recording.trades)
+        return first - first % MINUTE_MS
 
     def _rest(self, name: str, weight: Callable[[web.Request], int],
               handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[
                   [web.Request], Awaitable[web.Response]]:
-        """Wraps an endpoint with request counting, weight accounting and the http_error fault."""
+        """Wraps an endpoint with request counting, weight accounting, Binance's 429 / 418 and the http_error
+        fault. Weight is counted per clock window (`weight_window_s`, a minute on Binance) and reported in
+        X-MBX-USED-WEIGHT-1M. Over the limit: 429 with Retry-After = seconds to the window's end. A client
+        that keeps calling after `ban_after_429s` 429s in one window is banned (418, Retry-After = the ban):
+        every request is refused until the ban ends; each further ban doubles, up to 3 days."""
         async def wrapped(request: web.Request) -> web.Response:
-            self._rest_requests[name] += 1
-            minute = int(time.time() // 60)
-            if minute != self._weight_minute:
-                self._weight_minute, self._weight_used = minute, 0
-            self._weight_used += weight(request)
-            headers = {"X-MBX-USED-WEIGHT-1M": str(self._weight_used), "X-MBX-USED-WEIGHT": str(self._weight_used)}
-            f = self._faults
-            if f.http_error > 0:
-                f.http_error -= 1
-                return self._http_error(f.http_status, f.retry_after_s, headers)
-            if self._weight_used > self.options.weight_limit:
-                retry = 60 - int(time.time()) % 60
-                return self._http_error(429, retry, headers)
-            log.debug("REST %s", request.path_qs)
-            response = await handler(request)
-            response.headers.update(headers)
+            response = await self._rest_answer(name, weight, handler, request)
+            self._rest_status[response.status] += 1
             return response
         return wrapped
 
+    async def _rest_answer(self, name: str, weight: Callable[[web.Request], int],
+                           handler: Callable[[web.Request], Awaitable[web.Response]],
+                           request: web.Request) -> web.Response:
+        self._rest_requests[name] += 1
+        now = time.time()
+        window_s = self.options.weight_window_s
+        if now < self._ban_until:
+            return self._http_error(418, max(1, int(self._ban_until - now + 0.999)), {}, self._ban_until)
+        window = int(now // window_s)
+        if window != self._weight_minute:
+            self._weight_minute, self._weight_used, self._throttled_in_window = window, 0, 0
+        self._weight_used += weight(request)
+        headers = {"X-MBX-USED-WEIGHT-1M": str(self._weight_used), "X-MBX-USED-WEIGHT": str(self._weight_used)}
+        f = self._faults
+        if f.http_error > 0:
+            f.http_error -= 1
+            return self._http_error(f.http_status, f.retry_after_s, headers)
+        if self._weight_used > self.options.weight_limit:
+            self._throttled_in_window += 1
+            if self._throttled_in_window > self.options.ban_after_429s:
+                ban_s = min(self.options.ban_s * 2 ** self._bans, 3 * 86_400.0)
+                self._bans += 1
+                self._ban_until = now + ban_s
+                log.warning("banning the client for %.0f s (HTTP 418): %d requests after 429 in this window",
+                            ban_s, self._throttled_in_window - 1)
+                return self._http_error(418, max(1, int(ban_s + 0.999)), headers, self._ban_until)
+            retry = max(1, int((window + 1) * window_s - now + 0.999))
+            return self._http_error(429, retry, headers)
+        log.debug("REST %s", request.path_qs)
+        response = await handler(request)
+        response.headers.update(headers)
+        return response
+
     @staticmethod
-    def _http_error(status: int, retry_after_s: int, headers: dict[str, str]) -> web.Response:
-        if status in (418, 429):
+    def _http_error(status: int, retry_after_s: int, headers: dict[str, str],
+                    banned_until: float | None = None) -> web.Response:
+        if status == 418 and banned_until is not None:
+            headers = {**headers, "Retry-After": str(retry_after_s)}
+            body = binance.error_body(-1003, f"Way too much request weight used; IP banned until "
+                                             f"{int(banned_until * 1000)}. Please use WebSocket Streams for live "
+                                             f"updates to avoid bans.")
+        elif status in (418, 429):
             headers = {**headers, "Retry-After": str(retry_after_s)}
             body = binance.error_body(-1003, "Too many requests; current limit of IP(127.0.0.1) is exceeded. "
                                              "Please use WebSocket Streams for live updates.")
@@ -650,6 +709,9 @@ class Simulator:
         """Binance's klines selection: from `start` ascending (first `limit`), else the last `limit` up to
         `end` (or up to now); open times inclusive. The open candle of the replay is included."""
         sources: list[list[Candle]] = [self._daily.get(symbol, []), self._rest_closed.get(symbol, [])]
+        if self.history is not None:
+            sources.append(self.history.between(symbol, start, end, limit, start is not None,
+                                                int(time.time() * 1000)))
         if symbol in self._rest_open:
             sources.append([self._rest_open[symbol]])
         lo = start if start is not None else -(2**62)
@@ -661,6 +723,39 @@ class Simulator:
             parts.append(src[i:j])
         merged = list(heapq.merge(*parts, key=lambda c: c.open_time))
         return merged[:limit] if start is not None else merged[-limit:]
+
+    # ------------------------------------------------------------------------------------------------------
+    # data.binance.vision archives
+
+    def archive_zip(self, name: str) -> bytes | None:
+        """The zip `name` (e.g. BTCUSDT-1m-2020-01-01.zip) as data.binance.vision would serve it, or None."""
+        if name in self._archives:
+            self._archives.move_to_end(name)
+            return self._archives[name]
+        blob = archives.build(name, self.data_dir, self.history, time.time())
+        self._archives[name] = blob
+        if len(self._archives) > 64:
+            self._archives.popitem(last=False)
+        return blob
+
+    async def _archive(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        name = m["name"]
+        want_checksum = name.endswith(".CHECKSUM")
+        zip_name = name.removesuffix(".CHECKSUM")
+        parsed = archives.parse_name(zip_name)
+        ok = (parsed is not None and parsed[0] == m["symbol"] and parsed[1] == m["interval"]
+              and (len(parsed[2]) == 7) == (m["period"] == "monthly"))
+        blob = self.archive_zip(zip_name) if ok else None
+        if blob is None:
+            return web.Response(status=404, content_type="application/xml", text=archives.not_found(request.path))
+        if want_checksum:
+            return web.Response(body=archives.checksum_text(blob, zip_name).encode(), content_type="text/plain")
+        self._rest_requests["archive"] += 1
+        if self._faults.corrupt_archive > 0:
+            self._faults.corrupt_archive -= 1
+            blob = archives.corrupt(blob)
+        return web.Response(body=blob, content_type="application/zip")
 
     async def _not_served(self, request: web.Request) -> web.Response:
         log.warning("not served: %s %s", request.method, request.path_qs)
@@ -718,6 +813,9 @@ class Simulator:
             wrapped = self._rest(name, weight, handler)
             for prefix in ("/api.binance.com", ""):
                 r.add_get(f"{prefix}/api/v3/{name}", wrapped)
+        for prefix in ("/data.binance.vision", ""):
+            r.add_get(f"{prefix}/data/spot/{{period:daily|monthly}}/klines/{{symbol}}/{{interval}}/{{name}}",
+                      self._archive)
         for prefix in ("/stream.binance.com", ""):
             r.add_get(f"{prefix}/ws", self._ws_handler)
             r.add_get(f"{prefix}/ws/{{tail:.*}}", self._ws_handler)
