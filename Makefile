@@ -60,6 +60,9 @@ bench: deps venv
 	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.bench_quality
+	$(BIN)/python -m tools.bench_quality_live
+	$(BIN)/python -m tools.bench_backfill
+	$(BIN)/python -m tools.bench_postgres
 
 lint: venv
 	$(BIN)/python -m ruff check . || true
