@@ -7,7 +7,7 @@ VAR := var
 export MDP_RUN_DIR ?= $(CURDIR)/$(VAR)/run
 export MDP_INFLUX_URL ?= http://127.0.0.1:8086
 
-.PHONY: deps venv stores demo run stop status ctl test bench lint clean
+.PHONY: deps venv stores demo run stop status ctl init test bench lint clean
 
 # Debian packages the pipeline needs that a fresh machine may lack.
 deps:
@@ -48,6 +48,10 @@ stop:
 status: venv
 	@$(BIN)/mdp status
 
+# Build every storage tier (InfluxDB retention policies / buckets / databases) and apply PostgreSQL migrations.
+init: venv stores
+	$(BIN)/mdp init
+
 # supervisorctl with the project's config: make ctl ARGS="restart validator:*"
 ctl:
 	@bash tools/supervise.sh ctl $(or $(ARGS),status)
@@ -63,6 +67,7 @@ bench: deps venv
 	$(BIN)/python -m tools.bench_quality_live
 	$(BIN)/python -m tools.bench_backfill
 	$(BIN)/python -m tools.bench_postgres
+	$(BIN)/python -m tools.bench_storage
 
 lint: venv
 	$(BIN)/python -m ruff check . || true

@@ -88,8 +88,8 @@ async def influx_query(url: str, q: str) -> list[list[object]]:
 
 async def influx_count(url: str, measurement: str) -> int:
     try:
-        rows = await influx_query(url, f'SELECT count("close" ) FROM "{measurement}"' if measurement == "ohlcv"
-                                  else f'SELECT count("price") FROM "{measurement}"')
+        rows = await influx_query(url, f'SELECT count("close" ) FROM "candles_1m"."{measurement}" WHERE "timeframe" = \'1m\'' if measurement == "ohlcv"
+                                  else f'SELECT count("price") FROM "ticks"."{measurement}"')
     except (aiohttp.ClientError, KeyError):
         return 0
     return int(rows[0][1]) if rows else 0
@@ -136,7 +136,7 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     await asyncio.sleep(2)  # anything late (a doubled write) would land now
 
     # Assert: trades exactly once, with their exact values.
-    rows = await influx_query(influx, 'SELECT "trade_id", "price", "amount" FROM "trades" WHERE "symbol" = \'BTC/USDT\'')
+    rows = await influx_query(influx, 'SELECT "trade_id", "price", "amount" FROM "ticks"."trades" WHERE "symbol" = \'BTC/USDT\'')
     got_ids = [str(r[1]) for r in rows]
     assert len(got_ids) == len(expected_ids)
     assert sorted(got_ids) == sorted(expected_ids)
@@ -146,7 +146,7 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
         assert Decimal(str(by_id[str(t.id)][3])) == Decimal(t.qty)
 
     # Closed candles exactly once, equal to the recording's.
-    candles = await influx_query(influx, 'SELECT "open", "high", "low", "close", "volume" FROM "ohlcv" '
+    candles = await influx_query(influx, 'SELECT "open", "high", "low", "close", "volume" FROM "candles_1m"."ohlcv" '
                                          'WHERE "exchange" = \'binance\' AND "symbol" = \'BTC/USDT\' AND "timeframe" = \'1m\'')
     assert [c[0] for c in candles] == [c.open_time for c in expected_candles]
     for got, want in zip(candles, expected_candles, strict=True):
@@ -174,10 +174,17 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
 
     # The pipeline kept running: every program RUNNING, every stage alive in `mdp status`.
     status_text = pipeline.ctl("status")
-    assert status_text.count(" RUNNING ") == 7, status_text
+    assert status_text.count(" RUNNING ") == 8, status_text
     st = await status_mod.collect(redis)
     alive = {s.service for s in st.services if s.alive}
-    assert alive >= {"collector", "validator", "normalizer", "influx_writer", "postgres_writer", "cache_publisher"}
+    assert alive >= {"collector", "validator", "normalizer", "influx_writer", "postgres_writer", "cache_publisher",
+                     "aggregator"}
+    # The aggregator: every complete minute built from the trades agrees with the exchange's; the 5m bars
+    # that ended inside the recording are in InfluxDB.
+    agg = next(s.counters for s in st.services if s.service == "aggregator")
+    assert agg["reconcile_mismatch"] == 0 and agg["reconciled_ok"] >= 8, agg
+    fives = await influx_query(influx, 'SELECT "close" FROM "candles_1m"."ohlcv" WHERE "timeframe" = \'5m\'')
+    assert [r[0] for r in fives][-2:] == [1723161300000, 1723161600000]  # 23:55 and 00:00 UTC
     assert st.max_lag == 0
     await redis.aclose()
 

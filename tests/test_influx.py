@@ -1,22 +1,25 @@
 """The InfluxDB client and the influx writer on a real private influxd (1.6.7) and a real Redis: exact round
 trips, line-protocol escaping, trade timestamps that never collide, idempotent redelivery, InfluxDB down,
-refused writes, basic auth, and the writer service end to end through the bus."""
+refused writes, basic auth, the storage tiers as retention policies (`mdp init`, routing by timeframe,
+retention), and the writer service end to end through the bus. 2.x and 3.x: tests/test_influx_generations.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import subprocess
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from itertools import count
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
 
-from common import streams
+from common import cli, streams
 from common.bus import Delivery, Producer, StoreUnavailable
 from common.config import BusSettings, InfluxSettings, RedisSettings, Settings
 from common.influx import (
@@ -26,6 +29,7 @@ from common.influx import (
     encode_candles,
     encode_trades,
     escape_tag,
+    parse_retention,
     quote_ident,
     trade_timestamp,
 )
@@ -42,13 +46,16 @@ CANDLE_STREAM = streams.market_data("candle", "binance", "BTC/USDT")
 MS = 1_000_000
 replace = msgspec.structs.replace
 _db_numbers = count()
+# The stubs are real 2024 data: tests that do not test retention keep every tier forever, else InfluxDB would
+# (rightly) refuse points older than 7 days in the ticks tier.
+KEEP_ALL = {"ticks": "inf", "candles_1m": "inf", "candles_1h": "inf", "candles_1d": "inf"}
 
 
 @pytest.fixture
 def influx_settings(influx_server: LocalServer) -> InfluxSettings:
     """A database of its own for each test (created by the test or the writer, dropped after)."""
     return InfluxSettings(url=influx_server.url, database=f"mdp_test_{os.getpid()}_{next(_db_numbers)}",
-                          batch_points=1000, timeout_s=10.0)
+                          batch_points=1000, timeout_s=10.0, retention=KEEP_ALL)
 
 
 @pytest.fixture
@@ -59,8 +66,8 @@ async def client(influx_settings: InfluxSettings) -> AsyncIterator[InfluxClient]
         await c.execute(f"DROP DATABASE {quote_ident(influx_settings.database)}")
 
 
-async def points(client: InfluxClient, measurement: str, field: str) -> int:
-    rows = await client.query(f"SELECT count({field}) FROM {measurement}")
+async def points(client: InfluxClient, measurement: str, field: str, rp: str = "") -> int:
+    rows = await client.query(f"SELECT count({field}) FROM {measurement}", rp=rp)
     return int(rows[0]["count"]) if rows else 0
 
 
@@ -323,7 +330,8 @@ async def test_basic_auth_and_refused_credentials(tmp_path: Path, redis_server: 
             with pytest.raises(InfluxQueryError) as qinfo:
                 await anonymous.query("SHOW DATABASES")
             assert qinfo.value.status == 401
-        good = InfluxSettings(url=server.url, database="authdb", username="admin", password="s3cret")
+        good = InfluxSettings(url=server.url, database="authdb", username="admin", password="s3cret",
+                              retention=KEEP_ALL)
         async with InfluxClient(good) as c:
             await c.create_database()
             await c.write_lines(encode_trades([stubs.trade(0)]))
@@ -393,12 +401,13 @@ async def test_writer_stores_closed_candles_and_every_trade_then_acks(
     async with Running(writer):
         await wait_for(lambda: writer.consumer.stats.acked == total, what="every entry acknowledged")
 
-    async with InfluxClient(influx_settings) as c:  # the writer created the database itself
-        assert await points(c, "trades", "price") == 600
-        stored = await c.query("SELECT * FROM ohlcv ORDER BY time", exact=True)
+    async with InfluxClient(influx_settings) as c:  # the writer created the database and its tiers itself
+        assert await points(c, "trades", "price", rp="ticks") == 600
+        assert await points(c, "trades", "price") == 0  # nothing in the database's default retention policy
+        stored = await c.query_timeframe("1m", "SELECT * FROM ohlcv ORDER BY time", exact=True)
         assert [(r["time"], r["open"], r["high"], r["low"], r["close"], r["volume"]) for r in stored] == \
             [(k.open_time, k.open, k.high, k.low, k.close, k.volume) for k in closed]
-        rows = await c.query("SELECT price, amount, side, trade_id FROM trades", exact=True)
+        rows = await c.query_timeframe("ticks", "SELECT price, amount, side, trade_id FROM trades", exact=True)
         assert {(r["trade_id"], r["price"], r["amount"], r["side"]) for r in rows} == \
             {(t.trade_id, t.price, t.amount, t.side) for t in trades}
         await c.execute(f"DROP DATABASE {quote_ident(influx_settings.database)}")
@@ -414,7 +423,7 @@ async def test_writer_stores_closed_candles_and_every_trade_then_acks(
 async def test_writer_waits_for_influxdb_and_loses_nothing_across_an_outage(
         redis, redis_server: LocalServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
-    influx = InfluxSettings(url=f"http://127.0.0.1:{port}", database="outage", timeout_s=2)
+    influx = InfluxSettings(url=f"http://127.0.0.1:{port}", database="outage", timeout_s=2, retention=KEEP_ALL)
     producer = Producer(redis, Codec(), FAST, "test")
     first = [stubs.trade(i) for i in range(100)]
     second = [stubs.trade(i) for i in range(100, 250)]
@@ -441,7 +450,7 @@ async def test_writer_waits_for_influxdb_and_loses_nothing_across_an_outage(
             await wait_for(lambda: writer.consumer.stats.acked == 25, timeout=40, what="the second batch")
             assert writer.state == "running"
         async with InfluxClient(influx) as c:
-            assert await points(c, "trades", "price") == 250
+            assert await points(c, "trades", "price", rp="ticks") == 250
         assert (await redis.xpending(TRADE_STREAM, GROUP))["pending"] == 0
         assert writer.consumer.stats.dead_lettered == 0 and writer.count["write_errors"] >= 1
     finally:
@@ -457,7 +466,10 @@ async def test_writer_dead_letters_an_entry_influxdb_refuses_and_keeps_the_rest(
     await producer.publish({CANDLE_STREAM: [stubs.candle(2, o="NaN")]})  # no validator in front: unwritable
     await producer.publish({CANDLE_STREAM: [stubs.candle(3)], TRADE_STREAM: [stubs.trade(0)]})
 
-    writer = InfluxWriter(writer_settings(redis_server, influx_settings))
+    # One consumer: a consumer keeps the reason of an entry's failures in memory, and the test reads it from the
+    # dead letter; with two, the one that dead-letters may not be the one that saw it fail (then the letter
+    # points to the log, where the bus logged the failure with its reason).
+    writer = InfluxWriter(writer_settings(redis_server, replace(influx_settings, writer_consumers=1)))
     async with Running(writer):
         await wait_for(lambda: writer.consumer.stats.dead_lettered == 1, what="the bad entry dead-lettered")
         await wait_for(lambda: writer.consumer.stats.acked == 3, what="the good entries acknowledged")
@@ -467,9 +479,210 @@ async def test_writer_dead_letters_an_entry_influxdb_refuses_and_keeps_the_rest(
     reason = letters[0][1][b"reason"].decode()
     assert "InfluxWriteError" in reason and "invalid number" in reason
     async with InfluxClient(influx_settings) as c:
-        rows = await c.query("SELECT close FROM ohlcv")
+        rows = await c.query("SELECT close FROM ohlcv", rp="candles_1m")
         assert [r["time"] for r in rows] == [stubs.candle(i).open_time for i in (0, 1, 3)]
-        assert await points(c, "trades", "price") == 1
+        assert await points(c, "trades", "price", rp="ticks") == 1
         await c.execute(f"DROP DATABASE {quote_ident(influx_settings.database)}")
     for stream in (TRADE_STREAM, CANDLE_STREAM):
         assert (await redis.xpending(stream, GROUP))["pending"] == 0
+
+
+# -- storage tiers on 1.x: retention policies ----------------------------------------------------------
+
+NOW_NS = time.time_ns()
+MINUTE = 60 * 1_000_000_000
+
+
+def recent_candle(i: int, timeframe: str, age_s: int = 3600) -> Candle:
+    """A closed candle `age_s` seconds ago (inside every default tier but its own expiry tests)."""
+    open_time = (NOW_NS - age_s * 1_000_000_000) // MINUTE * MINUTE + i * MINUTE
+    return replace(stubs.candle(0), timeframe=timeframe, open_time=open_time, ts_event=open_time,
+                   ts_recv=open_time)
+
+
+def recent_trade(i: int, age_s: int = 60) -> Trade:
+    return stubs.trade(i, ts=NOW_NS - age_s * 1_000_000_000 + i * MS)
+
+
+async def retention_policies(client: InfluxClient) -> dict[str, int | None]:
+    rows = await client.query(f"SHOW RETENTION POLICIES ON {quote_ident(client.database)}")
+    return {r["name"]: (None if r["duration"] == "0s" else r["duration"]) for r in rows}
+
+
+async def test_generation_1_is_detected_and_each_tier_is_a_retention_policy(
+        influx_settings: InfluxSettings) -> None:
+    async with InfluxClient(replace(influx_settings, retention=InfluxSettings().retention)) as c:
+        # Act
+        version = await c.connect()
+        steps = await c.ensure_tiers()
+        again = await c.ensure_tiers()
+        # Assert
+        assert version.startswith("1.6") and c.generation == 1
+        assert await retention_policies(c) == {"autogen": None, "ticks": "168h0m0s", "candles_1m": "2160h0m0s",
+                                               "candles_1h": "17520h0m0s", "candles_1d": None}
+        assert [s for s in steps if "created" in s] == [
+            "retention policy 'ticks' (ticks): created, 7d",
+            "retention policy 'candles_1m' (1m, 3m, 5m, 15m, 30m): created, 90d",
+            "retention policy 'candles_1h' (1h, 2h, 4h, 6h, 8h, 12h): created, 730d",
+            "retention policy 'candles_1d' (1d, 3d, 1w, 1M): created, inf"]
+        assert all("unchanged" in s or "present" in s for s in again)
+        assert c.tier_for("ticks") == (c.database, "ticks")
+        assert [c.tier_for(tf)[1] for tf in ("1m", "5m", "15m", "1h", "2h", "4h", "1d", "3d", "1w", "1M")] == \
+            ["candles_1m"] * 3 + ["candles_1h"] * 3 + ["candles_1d"] * 4
+
+        # A retention changed in the config is applied to the existing policy.
+        changed = replace(c.settings, retention={**c.settings.retention, "ticks": "14d"})
+        async with InfluxClient(changed) as c2:
+            steps = await c2.ensure_tiers()
+        assert "retention policy 'ticks' (ticks): retention changed from 7d to 14d" in steps
+        assert (await retention_policies(c))["ticks"] == "336h0m0s"
+        await c.execute(f"DROP DATABASE {quote_ident(c.database)}")
+
+
+async def test_mdp_init_builds_every_tier_and_migrates_idempotently(
+        influx_server: LocalServer, redis_server: LocalServer, postgres_dsn: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Arrange: a config of its own (its own InfluxDB database), the plan's default tiers
+    database = f"mdp_init_{os.getpid()}"
+    config = tmp_path / "init.toml"
+    config.write_text(f'[redis]\nurl = "{redis_server.url}"\n[postgres]\ndsn = "{postgres_dsn}"\n'
+                      f'[influx]\nurl = "{influx_server.url}"\ndatabase = "{database}"\n')
+    # Act
+    first = await asyncio.to_thread(cli.main, ["--config", str(config), "init"])
+    out_first = capsys.readouterr().out
+    second = await asyncio.to_thread(cli.main, ["--config", str(config), "init"])
+    out_second = capsys.readouterr().out
+    # Assert
+    assert first == 0 and second == 0
+    assert "generation 1" in out_first and out_first.count(": created, ") == 4
+    assert "PostgreSQL at" in out_first and "migration(s)" in out_first
+    assert out_second.count(": unchanged, ") == 4 and "created" not in out_second
+    assert "applied 0 migration(s): none, the schema is current" in out_second
+    async with InfluxClient(InfluxSettings(url=influx_server.url, database=database)) as c:
+        assert set(await retention_policies(c)) == {"autogen", "ticks", "candles_1m", "candles_1h", "candles_1d"}
+        await c.execute(f"DROP DATABASE {quote_ident(database)}")
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") >= 1
+    finally:
+        await conn.close()
+
+
+async def test_mdp_init_fails_loudly_when_influxdb_is_down(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    config = tmp_path / "down.toml"
+    config.write_text(f'[influx]\nurl = "{url}"\ntimeout_s = 2\n')
+    code = await asyncio.to_thread(cli.main, ["--config", str(config), "init", "--influx-only"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert url in err and "is unavailable" in err and "make stores" in err
+
+
+async def test_writer_routes_each_timeframe_to_its_tier(
+        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: the plan's retention; recent trades and closed candles of every kind of timeframe
+    settings = writer_settings(redis_server, replace(influx_settings, retention=InfluxSettings().retention))
+    trades = [recent_trade(i) for i in range(5)]
+    frames = {"1m": "candles_1m", "5m": "candles_1m", "1h": "candles_1h", "2h": "candles_1h",
+              "4h": "candles_1h", "1d": "candles_1d", "1w": "candles_1d"}
+    candles = [recent_candle(i, tf) for i, tf in enumerate(frames)]
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({TRADE_STREAM: trades, CANDLE_STREAM: candles})
+    total = await entries(redis, TRADE_STREAM, CANDLE_STREAM)
+    writer = InfluxWriter(settings)
+    # Act
+    async with Running(writer):
+        await wait_for(lambda: writer.consumer.stats.acked == total, what="every entry acknowledged")
+    # Assert: each point in the retention policy of its timeframe, none elsewhere
+    async with InfluxClient(settings.influx) as c:
+        assert await points(c, "trades", "price", rp="ticks") == 5
+        for rp in ("candles_1m", "candles_1h", "candles_1d"):
+            rows = await c.query("SELECT close FROM ohlcv GROUP BY timeframe", rp=rp)
+            assert sorted(r["timeframe"] for r in rows) == sorted(tf for tf, tier in frames.items() if tier == rp)
+        for tf in frames:
+            got = await c.query_timeframe(tf, "SELECT close FROM ohlcv WHERE timeframe = $tf", params={"tf": tf})
+            assert len(got) == 1, tf
+        await c.execute(f"DROP DATABASE {quote_ident(c.database)}")
+    counters = writer.counters()
+    assert counters["points.ticks"] == 5 and counters["points.candles_1m"] == 2
+    assert counters["points.candles_1h"] == 3 and counters["points.candles_1d"] == 2
+    assert counters["expired_skipped"] == 0
+
+
+async def test_writer_skips_points_older_than_their_tier_and_acknowledges_them(
+        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:  # type: ignore[no-untyped-def]
+    settings = writer_settings(redis_server, replace(influx_settings, retention=InfluxSettings().retention))
+    day = 86400
+    old_trade, new_trade = recent_trade(0, age_s=8 * day), recent_trade(1, age_s=6 * day)
+    old_1m, old_1h = recent_candle(0, "1m", age_s=91 * day), recent_candle(1, "1h", age_s=91 * day)
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({TRADE_STREAM: [old_trade, new_trade], CANDLE_STREAM: [old_1m, old_1h]})
+    total = await entries(redis, TRADE_STREAM, CANDLE_STREAM)
+    writer = InfluxWriter(settings)
+    async with Running(writer):
+        await wait_for(lambda: writer.consumer.stats.acked == total, what="every entry acknowledged")
+    async with InfluxClient(settings.influx) as c:
+        rows = await c.query_timeframe("ticks", "SELECT trade_id FROM trades")
+        assert [r["trade_id"] for r in rows] == [new_trade.trade_id]  # 8 days old: beyond the 7d tier
+        assert await points(c, "ohlcv", "close", rp="candles_1m") == 0  # 91 days: beyond 90d
+        assert await points(c, "ohlcv", "close", rp="candles_1h") == 1  # 91 days: within 2 years
+        await c.execute(f"DROP DATABASE {quote_ident(c.database)}")
+    assert writer.counters()["expired_skipped"] == 2 and writer.consumer.stats.dead_lettered == 0
+
+
+async def test_points_the_server_drops_as_beyond_retention_are_counted_not_an_error(
+        client: InfluxClient) -> None:
+    db = quote_ident(client.database)
+    await client.execute(f'CREATE RETENTION POLICY "short" ON {db} DURATION 1h REPLICATION 1')
+    old = encode_trades([recent_trade(0, age_s=2 * 3600)])
+    new = encode_trades([recent_trade(1, age_s=60)])
+    await client.write_lines(old + new, rp="short")  # no exception: InfluxDB keeps what its policy keeps
+    assert client.expired_dropped == 1
+    assert await points(client, "trades", "price", rp="short") == 1
+    with pytest.raises(InfluxWriteError, match="retention policy not found") as info:
+        await client.write_lines(new, rp="missing")
+    assert info.value.database_not_found  # the writer makes the tiers again on this
+
+
+async def test_quality_flags_are_a_string_field_written_only_when_present(client: InfluxClient) -> None:
+    flagged = replace(stubs.trade(0), quality=("price.spike", "time.late"))
+    plain = stubs.trade(1)
+    bar = replace(stubs.candle(0), quality=("volume.zero",))
+    lines = encode_trades([flagged, plain]) + encode_candles([bar, stubs.candle(1)])
+    assert lines[0].endswith(f',quality="price.spike,time.late" {trade_timestamp(flagged.ts_event, "3735683259")}')
+    assert "quality" not in lines[1] and "quality" not in lines[3]
+    await client.write_lines(lines)
+    rows = await client.query("SELECT trade_id, quality FROM trades ORDER BY time")
+    assert [(r["trade_id"], r["quality"]) for r in rows] == [(flagged.trade_id, "price.spike,time.late"),
+                                                            (plain.trade_id, None)]
+    bars = await client.query("SELECT close, quality FROM ohlcv ORDER BY time")
+    assert [r["quality"] for r in bars] == ["volume.zero", None]
+
+
+def test_retention_text_parses_and_refuses_clearly() -> None:
+    assert [parse_retention(t) for t in ("7d", "90d", "730d", "12h", "2w", "inf")] == \
+        [604800, 7776000, 63072000, 43200, 1209600, None]
+    for bad in ("30m", "7 days", "", "-1d"):
+        with pytest.raises(ValueError, match="retention"):
+            parse_retention(bad)
+
+
+def test_the_writers_wire_view_gives_the_same_lines_as_the_schema() -> None:
+    """The writer decodes decimals as text (services/influx_writer/wire.py): same lines, other events intact."""
+    from services.influx_writer.wire import CandleText, TradeText, WireCodec
+
+    codec = Codec()
+    trades = [stubs.trade(0, price="61837.63000000", amount="0.00100000"),
+              replace(stubs.trade(1, price="0.00000012"), side=None, quality=("price.spike",)),
+              replace(stubs.trade(2), trade_id="uuid-like-id"), replace(stubs.trade(3), price=None)]
+    candles = [stubs.candle(0, o="1E+2", v="0"), replace(stubs.candle(1), timeframe="4h", quality=("gap",))]
+    others = [stubs.ticker(), stubs.alert()]
+    entry = codec.entry([*trades, *candles, *others])
+    schema = codec.decode_entry(entry)
+    wire = WireCodec().decode_entry(entry)
+    assert [type(e) for e in wire] == [TradeText] * 4 + [CandleText] * 2 + [type(o) for o in others]
+    assert wire[-2:] == others
+    assert encode_trades(wire[:4]) == encode_trades(schema[:4])  # type: ignore[arg-type]
+    assert encode_candles(wire[4:6]) == encode_candles(schema[4:6])  # type: ignore[arg-type]
+    assert len(encode_trades(wire[:4])) == 3  # the trade without a price is skipped either way

@@ -267,7 +267,7 @@ async def test_cache_publisher_price_recent_trades_and_ticks(redis, redis_server
     assert json.loads(await redis.get("price:binance:BTC/USDT")) == price_of(last)
     assert 0 < await redis.ttl("price:binance:BTC/USDT") <= 300
     # the recent list: capped, newest first, exactly the newest trades' JSON
-    listed = await redis.lrange("trades:binance:BTC/USDT", 0, -1)
+    listed = await redis.lrange("recent_trades:binance:BTC/USDT", 0, -1)
     assert len(listed) == RECENT
     assert listed == [trade_json(t) for t in reversed(trades[-RECENT:])]
     assert json.loads(listed[0]) == {"exchange": "binance", "symbol": "BTC/USDT", "trade_id": last.trade_id,
@@ -286,7 +286,7 @@ async def test_cache_publisher_price_recent_trades_and_ticks(redis, redis_server
         await run_until([svc2], lambda: svc2.consumer.stats.events == len(again))  # noqa: B023
         # Assert: the price did not move back, the list holds no duplicate
         assert json.loads(await redis.get("price:binance:BTC/USDT")) == price_of(last)
-        assert await redis.lrange("trades:binance:BTC/USDT", 0, -1) == listed
+        assert await redis.lrange("recent_trades:binance:BTC/USDT", 0, -1) == listed
         assert svc2.counters()["trades_listed"] == 0
         assert len(await drain(ps, len(again))) == len(again)  # pub/sub is at-least-once: republished
         assert await pending(redis, stream, "cache_publisher") == 0
@@ -319,8 +319,8 @@ async def test_cache_price_moves_forward_across_sources(redis, stage_settings) -
     await run_until([svc3], lambda: svc3.consumer.stats.events == 1)
     expected = {"price": "61850.10", "ts": new_bar.ts_event, "source": "candle"}
     assert json.loads(await redis.get(key)) == expected
-    assert not await redis.exists("trades:binance:BTC/USDT:candle")
-    assert await redis.llen("trades:binance:BTC/USDT") == 1  # only the trade is a trade
+    assert not await redis.exists("recent_trades:binance:BTC/USDT:candle")
+    assert await redis.llen("recent_trades:binance:BTC/USDT") == 1  # only the trade is a trade
 
 
 # --- the three stages chained -----------------------------------------------------------------------------
@@ -337,8 +337,43 @@ async def test_rejected_event_never_reaches_the_cache(redis, stage_settings) -> 
     await run_until([validator, normalizer, cache], lambda: cache.consumer.stats.events == len(good))
     expected = {"price": "61837.63", "ts": good[-1].ts_event, "source": "trade"}
     assert json.loads(await redis.get("price:binance:BTC/USDT")) == expected
-    listed = [json.loads(x)["trade_id"] for x in await redis.lrange("trades:binance:BTC/USDT", 0, -1)]
+    listed = [json.loads(x)["trade_id"] for x in await redis.lrange("recent_trades:binance:BTC/USDT", 0, -1)]
     assert listed == [t.trade_id for t in reversed(good)]
     alerts = await read(redis, streams.ALERTS)
     assert [(a.rule, a.values["trade_id"]) for a in alerts] == [("price.non_positive", poisoned.trade_id)]  # type: ignore[union-attr]
     assert poisoned.trade_id not in {t.trade_id for t in await read(redis, streams.valid("binance"))}  # type: ignore[union-attr]
+
+
+# --- normalizer: contract sizes ---------------------------------------------------------------------------
+
+async def test_normalizer_puts_contract_amounts_in_base_units(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: a linear swap worth 0.01 BTC per contract (OKX BTC-USDT-SWAP), an inverse one worth 100 USD
+    # per contract (Binance COIN-M BTCUSD_PERP), a spot market; amounts in contracts as ccxt reports them
+    linear = replace(market("BTC/USDT:USDT", "BTC-USDT-SWAP", "swap"), contract_size=Decimal("0.01"))
+    inverse = replace(market("BTC/USD:BTC", "BTCUSD_PERP", "swap"), contract_size=Decimal("100"))
+    on_linear = stubs.trade(0, symbol="BTC/USDT:USDT", price="61837.6", amount="3")
+    on_inverse = stubs.trade(1, symbol="BTC/USD:BTC", price="50000", amount="5")
+    spot = stubs.trade(2, price="61837.63", amount="0.02")
+    quote = replace(stubs.ticker(), symbol="BTC/USDT:USDT", bid_size=Decimal("7"), ask_size=Decimal("2"))
+    bar = replace(stubs.candle(), symbol="BTC/USD:BTC", volume=Decimal("1.5"))  # ccxt: base volume already
+    unknown = stubs.trade(3, symbol="ETH/USDT:USDT", amount="1")  # no Market seen for it
+    inputs: list[Event] = [linear, inverse, on_linear, on_inverse, spot, quote, bar, unknown]
+    await Producer(redis, codec, FAST, "test").publish({streams.valid("binance"): inputs})
+    svc = Normalizer(stage_settings)
+    # Act
+    await run_until([svc], lambda: svc.published + svc.rejected == len(inputs))
+    # Assert
+    [t] = await read(redis, streams.market_data("trade", "binance", "BTC/USDT:USDT"))
+    assert isinstance(t, Trade) and t.amount == Decimal("0.03") and str(t.amount) == "0.03"
+    [t] = await read(redis, streams.market_data("trade", "binance", "BTC/USD:BTC"))
+    assert isinstance(t, Trade) and t.amount == Decimal("0.01")  # 5 x 100 USD at 50,000 USD/BTC
+    [t] = await read(redis, streams.market_data("trade", "binance", "BTC/USDT"))
+    assert isinstance(t, Trade) and t.amount == Decimal("0.02")
+    [q] = await read(redis, streams.market_data("ticker", "binance", "BTC/USDT:USDT"))
+    assert isinstance(q, Ticker) and (q.bid_size, q.ask_size) == (Decimal("0.07"), Decimal("0.02"))
+    [c] = await read(redis, streams.market_data("candle", "binance", "BTC/USD:BTC"))
+    assert isinstance(c, Candle) and c.volume == Decimal("1.5")
+    [a] = await read(redis, streams.ALERTS)
+    assert isinstance(a, Alert) and a.rule == "market.unknown" and a.values["symbol"] == "ETH/USDT:USDT"
+    assert "contract" in a.reason and "load_markets" in a.reason
+    assert svc.counters()["contract_scaled"] == 3

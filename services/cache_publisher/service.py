@@ -1,5 +1,6 @@
 """The cache publisher: reads md:trade:*, md:ticker:* and md:candle:* (consumer group "cache_publisher") and
-keeps the live view of the market in Redis (the same Redis as the bus, settings.redis.url):
+keeps the live view of the market in Redis (the same Redis as the bus, settings.redis.url). The key layout is
+common/cache.py's (the plan's cache); strategies read it with common.cache.CacheClient.
 
   price:{exchange}:{symbol}    JSON {"price": "<decimal text>", "ts": <ts_event ns>,
                                "source": "trade"|"ticker"|"candle"}, TTL cache.price_ttl_s (counted from the
@@ -8,11 +9,12 @@ keeps the live view of the market in Redis (the same Redis as the bus, settings.
                                It only moves forward: a Lua script compares ts_event with the stored one and
                                keeps the stored price when it is newer (equal ts: the later write wins, so of
                                several trades in one millisecond the last one processed stands).
-  trades:{exchange}:{symbol}   the newest cache.recent_trades trades, newest first, as trade JSON
+  recent_trades:{exchange}:{symbol}  the market's newest cache.recent_trades trades, newest first, as tick JSON
                                {"exchange", "symbol", "trade_id", "price", "amount", "side", "ts", "ts_recv"}.
-  trades_hw:{exchange}:{symbol}  the list's high-water mark: ts_event (20 digits) "|" trade id (zero-padded
-                               to 20 digits when numeric) of the newest trade pushed.
-  ticks:{symbol} (pub/sub)     every trade as the same trade JSON (it names its exchange).
+                               (Not trades:{exchange}:{symbol}: trades:{strategy} is a strategy's own log.)
+  recent_trades_hw:{exchange}:{symbol}  the list's high-water mark: ts_event (20 digits) "|" trade id
+                               (zero-padded to 20 digits when numeric) of the newest trade pushed.
+  ticks:{symbol} (pub/sub)     every trade as the same tick JSON (it names its exchange).
 
 Every write of a batch goes in one MULTI/EXEC pipeline, so readers never see half a batch; the inputs are
 acknowledged after it (by the bus), so a crash in between redelivers the batch.
@@ -36,11 +38,18 @@ import logging
 from collections import Counter
 from decimal import Decimal
 
-import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.bus import Consumer, Delivery, StoreUnavailable, StreamSelector
+from common.cache import (
+    price_json,
+    price_key,
+    recent_trades_hw_key,
+    recent_trades_key,
+    ticks_channel,
+    trade_json,
+)
 from common.config import Settings
 from common.service import Service
 from schemas import Candle, Ticker, Trade
@@ -104,39 +113,6 @@ if pushed > 0 then
 end
 return pushed
 """
-
-
-def price_key(exchange: str, symbol: str) -> str:
-    return f"price:{exchange}:{symbol}"
-
-
-def trades_key(exchange: str, symbol: str) -> str:
-    return f"trades:{exchange}:{symbol}"
-
-
-def trades_hw_key(exchange: str, symbol: str) -> str:
-    return f"trades_hw:{exchange}:{symbol}"
-
-
-def ticks_channel(symbol: str) -> str:
-    return f"ticks:{symbol}"
-
-
-def _dec(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")
-
-
-_json = msgspec.json.Encoder()
-
-
-def trade_json(t: Trade) -> bytes:
-    return _json.encode({"exchange": t.exchange, "symbol": t.symbol, "trade_id": t.trade_id,
-                         "price": _dec(t.price), "amount": _dec(t.amount), "side": t.side, "ts": t.ts_event,
-                         "ts_recv": t.ts_recv})
-
-
-def price_json(price: Decimal, ts: int, source: str) -> bytes:
-    return _json.encode({"price": format(price, "f"), "ts": ts, "source": source})
 
 
 def order_key(t: Trade) -> str:
@@ -204,7 +180,7 @@ class CachePublisher(Service):
             args: list[str | bytes | int] = [cache.recent_trades]
             for k, body in items[-cache.recent_trades:]:
                 args += [k, body]
-            keys = [trades_key(exchange, symbol), trades_hw_key(exchange, symbol)]
+            keys = [recent_trades_key(exchange, symbol), recent_trades_hw_key(exchange, symbol)]
             await self.push_trades(keys=keys, args=args, client=pipe)
         for channel, body in ticks:
             pipe.publish(channel, body)
