@@ -4,8 +4,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 VAR := var
-export MDP_RUN_DIR ?= $(CURDIR)/$(VAR)/run
-export MDP_INFLUX_URL ?= http://127.0.0.1:8086
 
 .PHONY: deps venv stores demo run stop status ctl init test bench lint clean
 

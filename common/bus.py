@@ -273,7 +273,7 @@ class Consumer:
                 self._claimed_at = time.monotonic()
                 await self.reclaim()
             if not self.streams:
-                await _sleep_unless(stop, 0.5)
+                await sleep_unless(stop, 0.5)
                 continue
             resp = await self.redis.xreadgroup(self.group, self.name, {s: ">" for s in self.streams},
                                                count=self.settings.read_count, block=self.settings.block_ms)
@@ -304,7 +304,7 @@ class Consumer:
                 self.stats.last_error = str(exc)
                 log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
                           len(good), backoff, exc)
-                if await _sleep_unless(self._stop, backoff):
+                if await sleep_unless(self._stop, backoff):
                     return  # stopping: entries stay pending and are redelivered after restart
                 backoff = min(backoff * 2, 30.0)
             except Exception as exc:  # noqa: BLE001 - isolate the entry that fails, keep the rest flowing
@@ -410,8 +410,8 @@ class Consumer:
         log.error("dead-lettered entry %s of %s (group %s): %s", entry_id, stream, self.group, reason)
 
 
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to `seconds`; True if `stop` was set meanwhile."""
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep about `seconds` (+-20% jitter, so retrying processes spread out); True if `stop` was set meanwhile."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds * (0.8 + 0.4 * random.random()))
         return True

@@ -26,6 +26,10 @@ from tools.localstores import LocalServer, start_influxd, start_redis  # noqa: E
 
 SHARED_DATA = (ROOT.parent / "shared" / "data" / "real").resolve()
 
+# The tests choose their own servers and config files: a user's MDP_* store settings must not leak in.
+for _var in [v for v in os.environ if v.startswith("MDP_") and v not in ("MDP_TEST_POSTGRES_DSN", "MDP_REAL_DATA")]:
+    del os.environ[_var]
+
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:

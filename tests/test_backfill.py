@@ -72,9 +72,9 @@ def keep_everything(settings: Settings) -> Settings:
     return msgspec.structs.replace(settings, influx=msgspec.structs.replace(settings.influx, retention=forever))
 
 
-def retention_toml(settings: Settings) -> str:
-    if not hasattr(settings.influx, "retention"):
-        return ""
+def retention_toml(settings: Settings, base_config: str = "") -> str:
+    if not hasattr(settings.influx, "retention") or "\nretention = " in base_config:
+        return ""  # the base config sets every tier's retention itself (config/simulator.toml keeps them all)
     return "\n[influx.retention]\n" + "".join(f'{tier} = "inf"\n' for tier in settings.influx.retention)
 
 
@@ -328,9 +328,9 @@ async def test_backfill_resumes_after_sigkill(redis_server: LocalServer, influx_
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
         settings, env = sim_settings(sim, redis_server, influx_server, postgres_dsn, f"bf_{uuid.uuid4().hex[:8]}")
         config = tmp_path / "slow.toml"
-        config.write_text((ROOT / "config" / "simulator.toml").read_text()
-                          + "\n[backfill]\nconcurrency = 2\nwrite_pages = 1\n"
-                            "[backfill.ratelimit]\nweight_per_minute = { binance = 640 }\n" + retention_toml(settings))
+        base = (ROOT / "config" / "simulator.toml").read_text()
+        config.write_text(base + "\n[backfill]\nconcurrency = 2\nwrite_pages = 1\n"
+                          "[backfill.ratelimit]\nweight_per_minute = { binance = 640 }\n" + retention_toml(settings, base))
         env = {**os.environ, **env, "MDP_CONFIG": str(config)}
         args = [sys.executable, "-m", "common.cli", "backfill", "--exchange", "binance", "--symbol", "BTC/USDT",
                 "--since", "2023-03-10", "--until", "2023-03-30", "--no-progress"]
@@ -388,8 +388,10 @@ async def test_history_older_than_the_storage_tier_keeps_is_not_fetched(
     # Arrange: the default tiers (1m candles kept 90 days) and a request for 2023.
     env = {"MDP_REDIS_URL": redis_server.url, "MDP_INFLUX_URL": influx_server.url, "MDP_POSTGRES_DSN": postgres_dsn}
     settings = load_settings(ROOT / "config" / "simulator.toml", env=env)
-    if not hasattr(settings.influx, "retention"):
-        pytest.fail("this tree has no storage tiers (influx.retention); the test needs them")
+    # config/simulator.toml keeps every tier forever (it replays old recordings); this test needs the plan's.
+    from common.config import InfluxSettings
+    settings = msgspec.structs.replace(settings, influx=msgspec.structs.replace(
+        settings.influx, retention=InfluxSettings().retention))
     lines: list[str] = []
 
     # Act

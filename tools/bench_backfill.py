@@ -143,9 +143,9 @@ async def main(opts: argparse.Namespace) -> int:
         dsn_b = await scratch_db(admin, "mdp_bench_backfill_b")
         # Two years of 1m candles must be kept: every storage tier keeps its data forever in this run.
         config = tmp / "bench.toml"
-        tiers = getattr(load_settings().influx, "retention", {})
-        config.write_text((PROJECT_ROOT / "config" / "simulator.toml").read_text()
-                          + ("\n[influx.retention]\n" + "".join(f'{t} = "inf"\n' for t in tiers) if tiers else ""))
+        base = (PROJECT_ROOT / "config" / "simulator.toml").read_text()
+        tiers = {} if "\nretention = " in base else getattr(load_settings().influx, "retention", {})
+        config.write_text(base + ("\n[influx.retention]\n" + "".join(f'{t} = "inf"\n' for t in tiers) if tiers else ""))
         base_env = {**os.environ, "MDP_REDIS_URL": redis.url, "MDP_INFLUX_URL": influx.url,
                     "MDP_SIMULATOR_URL": sim_url, "MDP_CONFIG": str(config)}
         env_a = {**base_env, "MDP_POSTGRES_DSN": dsn_a, "MDP_INFLUX_DATABASE": "bench_a"}

@@ -40,10 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 
-from common.bus import Consumer, ConsumerStats, Delivery, Handler, StoreUnavailable, StreamSelector
+from common.bus import sleep_unless, Consumer, ConsumerStats, Delivery, Handler, StoreUnavailable, StreamSelector
 from common.config import Settings
 from common.influx import InfluxClient, InfluxError, InfluxWriteError, Tier, encode_candles, encode_trades
 from common.service import Service
@@ -151,10 +150,7 @@ class InfluxWriter(Service):
             except StoreUnavailable as exc:
                 self._degraded(exc)
                 log.error("%s; retrying in %.1f s (reading nothing from Redis meanwhile)", exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay * (0.8 + 0.4 * random.random()))
-                except TimeoutError:
-                    pass
+                await sleep_unless(stop, delay)
                 delay = min(delay * 2, 30.0)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 import asyncpg
 
 from common import streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, now_ns
+from common.bus import sleep_unless, Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, now_ns
 from common.config import ConfigError, Settings
 from common.migrate import migrate, safe_dsn
 from common.service import Service
@@ -165,10 +164,7 @@ class PostgresWriter(Service):
                 self.state = "degraded"
                 self.detail = str(exc)
                 log.error("%s; retrying in %.1f s", exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay * (0.8 + 0.4 * random.random()))
-                except TimeoutError:
-                    pass
+                await sleep_unless(stop, delay)
                 delay = min(delay * 2, 30.0)
 
     # -- service --------------------------------------------------------------------------------
