@@ -189,7 +189,8 @@ class ConsumerStats:
 
 class Consumer:
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: BusSettings, group: str, name: str,
-                 selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0) -> None:
+                 selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0,
+                 on_acked: Callable[[list[Delivery]], None] | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
@@ -198,6 +199,9 @@ class Consumer:
         self.selector = selector
         self.producer = producer
         self.refresh_s = refresh_s
+        # Called after a batch's outputs are published and its entries acknowledged: where a stateful stage
+        # commits the state it staged for the batch (so a failed publish leaves the state as it was).
+        self.on_acked = on_acked
         self.streams: list[str] = []
         self._refreshed_at = 0.0
         self._claimed_at = 0.0
@@ -295,6 +299,8 @@ class Consumer:
             try:
                 outputs = await self._handler(good)
                 await self._ack(good, outputs or {})
+                if self.on_acked is not None:
+                    self.on_acked(good)
                 self._record(good, time.perf_counter() - started)
                 self.stats.state = "running"
                 return

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from datetime import UTC, datetime
 
 from common import streams
@@ -53,7 +53,6 @@ GROUP = "aggregator"
 INPUT_PATTERNS = ("md:trade:*", "md:candle:*")
 KEEP_PERIODS = 12  # bars kept per timeframe (a late minute for one of them re-emits it)
 MINUTES_TTL_S = 2 * 86_400
-DONE_MEMORY = 10_000
 COUNTERS = ("trades", "candles_in", "minutes_built", "partial_minutes", "bars", "bars_incomplete", "reconciled_ok",
             "reconcile_mismatch", "reconcile_skipped", "reconcile_expired", "late_dropped", "trades_late",
             "trades_redelivered", "trades_invalid", "recovered_minutes", "ignored")
@@ -80,9 +79,10 @@ class Aggregator(Service):
         self.book = SeriesBook(q.max_series)
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
-                                 selector=StreamSelector(patterns=INPUT_PATTERNS), producer=self.producer)
+                                 selector=StreamSelector(patterns=INPUT_PATTERNS), producer=self.producer,
+                                 on_acked=self._commit)
         self.count: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._staged: Staging | None = None
 
     def counters(self) -> dict[str, int]:
         s = self.consumer.stats
@@ -98,15 +98,19 @@ class Aggregator(Service):
 
     # -- the handler ----------------------------------------------------------------------------------
 
+    def _commit(self, batch: list[Delivery]) -> None:
+        if self._staged is not None:
+            self._staged.commit()
+            self._staged = None
+
     async def handle(self, batch: list[Delivery]) -> Outputs:
         now = time.time_ns()
         staging = self.book.stage()
-        fresh = [d for d in batch if (d.stream, d.entry_id) not in self._done]
-        await self._recover(fresh, staging)
+        await self._recover(batch, staging)
         out: dict[str, list[Event]] = {}
         alerts: list[Event] = []
         minutes: list[Candle] = []
-        for d in fresh:
+        for d in batch:
             for event in d.events:
                 if isinstance(event, Trade):
                     self._trade(event, staging, out, alerts, now)
@@ -127,16 +131,8 @@ class Aggregator(Service):
                 pipe.hset(key, str(c.open_time), self.codec.encode([c]))
                 pipe.expire(key, MINUTES_TTL_S)
             await pipe.execute()
-        acks: dict[str, list[str]] = {}
-        for d in batch:
-            acks.setdefault(d.stream, []).append(d.entry_id)
-        await self.producer.publish_and_ack(out, acks, GROUP)
-        staging.commit()
-        for d in batch:
-            self._done[(d.stream, d.entry_id)] = None
-        while len(self._done) > DONE_MEMORY:
-            self._done.popitem(last=False)
-        return {}
+        self._staged = staging  # committed by _commit once the bus has published and acknowledged
+        return out
 
     def _bars(self, staging: Staging, exchange: str, symbol: str) -> SymbolBars:
         return staging.get((exchange, symbol, "bars", ""), lambda: SymbolBars(exchange, symbol))

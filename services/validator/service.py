@@ -5,11 +5,9 @@ flags. Rejected events become one Alert per failed rule on mdp:alerts (with the 
 never forwarded; flags, repairs and gaps also become Alerts (flags throttled per series and rule, see
 series.py), gaps also Gap events on mdp:gaps.
 
-Atomicity: the handler publishes its outputs and acknowledges its inputs itself, in one MULTI/EXEC
-(Producer.publish_and_ack), and only then commits the series state it staged for the batch. A batch whose
-publish fails is therefore judged again against the same state; a batch that was published but whose
-acknowledgement the bus retries is recognised by its entry ids and not published twice. (The bus's own
-acknowledgement that follows is a no-op XACK.)
+Atomicity: the handler returns its outputs; the bus publishes them and acknowledges the inputs in one
+MULTI/EXEC, and only then (the consumer's `on_acked` hook) is the series state staged for the batch
+committed. A batch whose publish fails is therefore judged again against the same state.
 
 Routing: valid:{event.exchange}; an event without an exchange is rejected (fields.missing) and its alert
 carries the exchange of the raw stream it came from. Markets pass when exchange and symbol are non-empty.
@@ -32,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 from common import quality, streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
@@ -45,7 +43,6 @@ log = logging.getLogger(__name__)
 
 GROUP = "validator"
 INPUT_PATTERN = "raw:*"
-DONE_MEMORY = 10_000  # entry ids of batches this process published itself (see the module docstring)
 VERB = {"reject": "rejected", "flag": "flagged", "repair": "repaired", "alert": "alerted"}
 
 
@@ -59,11 +56,12 @@ class Validator(Service):
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
                                  name=self.consumer_name,
-                                 selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
+                                 selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer,
+                                 on_acked=self._commit)
         self.rejections = quality.RejectionLog(log)
         self.stream_rules = StreamRules(settings.quality)
         self.book = SeriesBook(settings.quality.max_series)
-        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._staged: Staging | None = None
         self.events_in = 0
         self.passed = 0
         self.rejected = 0
@@ -122,6 +120,11 @@ class Validator(Service):
             self.flagged += 1
         out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
 
+    def _commit(self, batch: list[Delivery]) -> None:
+        if self._staged is not None:
+            self._staged.commit()
+            self._staged = None
+
     async def handle(self, batch: list[Delivery]) -> Outputs:
         ctx = quality.CheckContext.from_settings(self.settings.validation, now_ns=time.time_ns())
         staging = self.book.stage()
@@ -129,8 +132,7 @@ class Validator(Service):
         alerts: list[Alert] = []
         forwarded: list[Alert] = []
         gaps: list[Event] = []
-        fresh = [d for d in batch if (d.stream, d.entry_id) not in self._done]
-        for delivery in fresh:
+        for delivery in batch:
             stream_exchange = delivery.stream.partition(":")[2]
             for event in delivery.events:
                 self.events_in += 1
@@ -153,13 +155,5 @@ class Validator(Service):
             out[streams.ALERTS] = [*forwarded, *alerts]
         if gaps:
             out[streams.GAPS] = gaps
-        acks: dict[str, list[str]] = {}
-        for d in batch:
-            acks.setdefault(d.stream, []).append(d.entry_id)
-        await self.producer.publish_and_ack(out, acks, GROUP)
-        staging.commit()
-        for d in batch:
-            self._done[(d.stream, d.entry_id)] = None
-        while len(self._done) > DONE_MEMORY:
-            self._done.popitem(last=False)
-        return {}
+        self._staged = staging  # committed by _commit once the bus has published and acknowledged
+        return out
