@@ -2,7 +2,8 @@
 
   raw:{exchange}                    collector -> validator: everything a collector saw, as received (internal)
   valid:{exchange}                  validator -> normalizer: events that passed validation (internal)
-  md:{kind}:{exchange}:{symbol}     normalized public feeds, kind in trade | candle | ticker
+  md:{kind}:{exchange}:{symbol}     normalized public feeds, kind in trade | candle | ticker | book | funding |
+                                    open_interest (KIND_OF in schemas/events.py)
                                     e.g. md:trade:binance:BTC/USDT, md:candle:binance:BTC/USDT
   md:market:{exchange}              market catalog entries from ccxt's load_markets
   mdp:alerts                        quality and pipeline alerts (rejected events with reason and values)
@@ -18,7 +19,8 @@ ALERTS = "mdp:alerts"
 HEARTBEATS = "mdp:heartbeats"
 REGISTRY = "mdp:streams"
 ALIVE_PREFIX = "mdp:alive:"
-GAPS = "mdp:gaps"  # Gap events: holes the validator found in a feed (candle open times, trade ids)
+GAPS = "mdp:gaps"  # Gap events: holes found in a feed (validator: candle open times, trade ids; collector:
+#                    reconnects and stalls) -> the gap_repair service
 
 
 def raw(exchange: str) -> str:

@@ -6,10 +6,13 @@ from schemas.events import (
     Alert,
     Candle,
     Event,
+    FundingRate,
     Gap,
     Heartbeat,
     Market,
     MarketEvent,
+    OpenInterest,
+    OrderBook,
     Severity,
     Side,
     Ticker,
@@ -17,6 +20,6 @@ from schemas.events import (
 )
 
 __all__ = [
-    "KIND_OF", "Alert", "Candle", "Codec", "DecodeError", "Event", "Gap", "Heartbeat", "Market",
-    "MarketEvent", "Severity", "Side", "Ticker", "Trade",
+    "KIND_OF", "Alert", "Candle", "Codec", "DecodeError", "Event", "FundingRate", "Gap", "Heartbeat", "Market",
+    "MarketEvent", "OpenInterest", "OrderBook", "Severity", "Side", "Ticker", "Trade",
 ]

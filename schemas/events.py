@@ -195,15 +195,65 @@ class PerformanceMetric(msgspec.Struct, tag="metric", frozen=True, kw_only=True)
     ts_recv: int
 
 
-MarketEvent = Trade | Candle | Ticker
+BookLevel = tuple[Decimal, Decimal]  # (price, amount)
+
+
+class OrderBook(msgspec.Struct, tag="book", frozen=True, kw_only=True):
+    """A bounded-depth L2 snapshot of one market, never crossed (best bid < best ask), as built by the
+    collector from the exchange's snapshot and diffs under the exchange's sequence rules.
+    `bids` best (highest) first, `asks` best (lowest) first. `sequence` is the exchange's update id / nonce
+    the book was built up to (Binance `u`/`lastUpdateId`, Coinbase `sequence_num`, Hyperliquid `time`);
+    None when the exchange gives none. `depth` is the bound the collector was configured with."""
+
+    exchange: str
+    symbol: str
+    bids: tuple[BookLevel, ...]
+    asks: tuple[BookLevel, ...]
+    depth: int
+    sequence: int | None
+    ts_event: int
+    ts_recv: int
+    quality: tuple[str, ...] = ()
+
+
+class FundingRate(msgspec.Struct, tag="funding", frozen=True, kw_only=True):
+    """Perpetuals: the current funding rate with the mark and index prices it was computed from."""
+
+    exchange: str
+    symbol: str
+    funding_rate: Decimal | None
+    mark_price: Decimal | None
+    index_price: Decimal | None
+    next_funding_time: int | None  # ns since epoch, None when the exchange does not say
+    ts_event: int
+    ts_recv: int
+    quality: tuple[str, ...] = ()
+
+
+class OpenInterest(msgspec.Struct, tag="open_interest", frozen=True, kw_only=True):
+    """Perpetuals: open interest in contracts (`amount`) and, when the exchange gives it, in quote (`value`)."""
+
+    exchange: str
+    symbol: str
+    amount: Decimal | None
+    value: Decimal | None
+    ts_event: int
+    ts_recv: int
+    quality: tuple[str, ...] = ()
+
+
+MarketEvent = Trade | Candle | Ticker | OrderBook | FundingRate | OpenInterest
 StrategyEvent = StrategyInfo | Fill | PositionUpdate | PerformanceMetric
-Event = (Trade | Candle | Ticker | Market | Alert | Gap | Heartbeat
+Event = (Trade | Candle | Ticker | OrderBook | FundingRate | OpenInterest | Market | Alert | Gap | Heartbeat
          | StrategyInfo | Fill | PositionUpdate | PerformanceMetric)
 
 KIND_OF: dict[type, str] = {
     Trade: "trade",
     Candle: "candle",
     Ticker: "ticker",
+    OrderBook: "book",
+    FundingRate: "funding",
+    OpenInterest: "open_interest",
     Market: "market",
     Alert: "alert",
     Gap: "gap",

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve REST klines only from the real daily zips and the replay (no derived history)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the real-data folder (default: $MDP_REAL_DATA or ../shared/data/real)")
+    p.add_argument("--venue", action="append", default=[], metavar="EXCHANGE",
+                   help="also serve this exchange on the same port (repeatable): a ccxt id of "
+                        "services/simulator/venue.py VENUES, e.g. binanceusdm, coinbase, hyperliquid")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     return p.parse_args(argv)
 
@@ -63,7 +66,8 @@ async def serve(args: argparse.Namespace) -> None:
         kline_throttle_ms=args.kline_throttle_ms, data_dir=args.data_dir,
         exchange_info_symbols=None if args.all_symbols else DEFAULT_EXCHANGE_INFO_SYMBOLS,
         weight_limit=args.weight_limit, weight_window_s=args.weight_window, ban_after_429s=args.ban_after,
-        ban_s=args.ban_seconds, history=not args.no_history)
+        ban_s=args.ban_seconds, history=not args.no_history,
+        venues=tuple(args.venue))
     sim = Simulator(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

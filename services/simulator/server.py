@@ -37,6 +37,7 @@ from aiohttp import web
 
 from services.simulator import archives, binance
 from services.simulator.history import History
+from services.simulator.venue import Venue, build_venues
 from services.simulator.recording import (
     DEFAULT_SYMBOLS,
     MINUTE_MS,
@@ -78,9 +79,10 @@ class SimulatorOptions:
     history: bool = True  # serve 1m klines for any range before the replay (services/simulator/history.py)
     ws_ping_s: float | None = 20.0  # server pings like Binance; None disables
     rest_candle_cap: int = 100_000  # derived candles kept for REST per symbol (looping forever grows it)
+    venues: tuple[str, ...] = ()  # other exchanges served on the same port (services/simulator/venue.py)
 
     def __post_init__(self) -> None:
-        for name in ("symbols", "wait_for_streams", "exchange_info_symbols"):  # lists from JSON/CLI/kwargs
+        for name in ("symbols", "wait_for_streams", "exchange_info_symbols", "venues"):  # lists from JSON/CLI/kwargs
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -165,6 +167,7 @@ class Simulator:
         self._ban_until = 0.0  # time.time()
         self._bans = 0
         self._rest_status: Counter[int] = Counter()
+        self.venues: dict[str, Venue] = {v.exchange: v for v in build_venues(opts.venues, opts)}
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------------------
@@ -185,10 +188,14 @@ class Simulator:
                  rec.trades[-1].id, rec.duration_s, len(rec.candles), self.speed or "max",
                  ", looping" if self.loop else "", ", shifted to now" if self.options.shift_to_now else "",
                  self.options.start)
+        for venue in self.venues.values():
+            await venue.start()
         if self.options.start == "immediate":
             self.restart()
 
     async def stop(self) -> None:
+        for venue in self.venues.values():
+            await venue.stop()
         await self._cancel_replay()
         self.state = "stopped"
         await self.disconnect_all(code=aiohttp.WSCloseCode.GOING_AWAY)
@@ -322,6 +329,7 @@ class Simulator:
                      "status": {str(k): v for k, v in sorted(self._rest_status.items())},
                      "banned_remaining_s": round(max(0.0, self._ban_until - time.time()), 3), "bans": self._bans,
                      "history_end_ms": self.history.end_ms if self.history else None},
+            "venues": {name: venue.status() for name, venue in self.venues.items()},
             "recording": {"symbols": list(rec.symbols), "trades": len(rec.trades), "candles": len(rec.candles),
                           "first_trade_id": rec.trades[0].id, "last_trade_id": rec.trades[-1].id,
                           "first_trade_time": rec.trades[0].time, "last_trade_time": rec.trades[-1].time,
@@ -771,6 +779,16 @@ class Simulator:
     async def _sim_fault(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
         kind = body.pop("kind", None)
+        exchange = body.pop("exchange", "binance")
+        if exchange != "binance":
+            venue = self.venues.get(exchange)
+            if venue is None:
+                return web.json_response({"error": f"exchange {exchange!r} is not served here; served: "
+                                                   f"{', '.join(['binance', *self.venues])}"}, status=400)
+            try:
+                return web.json_response({"ok": True, "faults": venue.inject(str(kind), **body)})
+            except FaultError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
         if not isinstance(kind, str):
             return web.json_response({"error": f"'kind' is required: one of {', '.join(FAULT_KINDS)}"},
                                      status=400)
@@ -820,6 +838,8 @@ class Simulator:
             r.add_get(f"{prefix}/ws", self._ws_handler)
             r.add_get(f"{prefix}/ws/{{tail:.*}}", self._ws_handler)
             r.add_get(f"{prefix}/stream", self._ws_handler)
+        for venue in self.venues.values():
+            venue.add_routes(r)
         r.add_get("/_sim/status", self._sim_status)
         r.add_post("/_sim/fault", self._sim_fault)
         r.add_post("/_sim/replay", self._sim_replay)
