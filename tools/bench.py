@@ -135,19 +135,25 @@ def _stage(name: str) -> Any:
 
 
 async def bench_stage(settings: Settings, name: str, input_stream: str, events: list[Event]) -> float:
-    """Pre-fill the stage's input stream, run the stage in this process until it processed everything."""
-    cls = _stage(name)
+    return await stage_rate(settings, _stage(name), {input_stream: events})
+
+
+async def stage_rate(settings: Settings, cls: Any, streams_in: dict[str, list[Event]],
+                     timeout_s: float = 300) -> float:
+    """Events/s of one stage (a Service class with a `consumer`) draining streams pre-filled through
+    `Producer`, timed from start until it has consumed every event (raising what the stage raised)."""
     service = cls(settings, "bench")
     await service.redis.flushdb()
     producer = Producer(service.redis, service.codec, settings.bus, "bench")
-    for i in range(0, len(events), 5000):
-        await producer.publish({input_stream: events[i:i + 5000]})
+    for stream, events in streams_in.items():
+        for i in range(0, len(events), 5000):
+            await producer.publish({stream: events[i:i + 5000]})
+    n = sum(len(v) for v in streams_in.values())
     stop = asyncio.Event()
     t0 = time.perf_counter()
     task = asyncio.create_task(service.run(stop))
-    n = len(events)
     try:
-        async with asyncio.timeout(180):
+        async with asyncio.timeout(timeout_s):
             while service.consumer.stats.events < n:
                 if task.done():
                     task.result()

@@ -24,13 +24,12 @@ from decimal import Decimal
 from pathlib import Path
 
 from common import quality, streams
-from common.bus import Producer
 from common.config import BusSettings, QualitySettings, RedisSettings, Settings
 from schemas import Candle, Event
 from services.aggregator import Aggregator
 from services.validator import Validator
 from services.validator.series import SeriesBook, StreamRules
-from tools.bench import REAL, real_trades
+from tools.bench import REAL, real_trades, stage_rate
 from tools.localstores import start_redis
 
 BUS = BusSettings(stream_maxlen=100_000, backpressure_high_water=50_000, batch_max_events=500, read_count=100,
@@ -65,29 +64,9 @@ def rules_cost(events: list[Event], stream: bool) -> float:
     return (time.perf_counter() - t0) / len(events) * 1e6
 
 
-async def service_rate(settings: Settings, cls: type[Validator] | type[Aggregator], streams_in: dict[str, list[Event]]) -> float:
-    service = cls(settings, "bench")
-    await service.redis.flushdb()
-    producer = Producer(service.redis, service.codec, settings.bus, "bench")
-    for stream, events in streams_in.items():
-        for i in range(0, len(events), 5000):
-            await producer.publish({stream: events[i:i + 5000]})
-    n = sum(len(v) for v in streams_in.values())
-    stop = asyncio.Event()
-    t0 = time.perf_counter()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        async with asyncio.timeout(300):
-            while service.consumer.stats.events < n:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.005)
-    finally:
-        elapsed = time.perf_counter() - t0
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await service.close()
-    return n / elapsed
+async def service_rate(settings: Settings, cls: type[Validator] | type[Aggregator],
+                       streams_in: dict[str, list[Event]]) -> float:
+    return await stage_rate(settings, cls, streams_in)
 
 
 async def main_async(args: argparse.Namespace) -> None:
