@@ -3,7 +3,8 @@
 Sources (all under the shared real-data folder, see `real_data_dir`; nothing here is synthetic):
 - `ws-captures/binance_spot_{symbol}_*.gz`: raw WebSocket traffic, one line per message,
   `<local receive ns> <combined-stream JSON>`. The `@trade` and `@bookTicker` messages are replayed in
-  recorded order; depth diffs and the REST depth snapshot line are skipped. Files of one symbol are read in
+  recorded order; with `depth=True` also the `@depth@100ms` diffs, and the REST depth snapshot line is kept as
+  the symbol's snapshot (services/simulator/depth.py says how both are served). Files of one symbol are read in
   name order (they are consecutive); several symbols are merged by receive time.
 - `binance-spot-1m-daily/BTCUSDT-1m-*.zip`: data.binance.vision daily 1m klines (12-column CSV), checked
   against their `.CHECKSUM` files, served by REST as they are.
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
+from services.simulator.depth import DepthDiff, DepthSnapshot, load_depth
 
 MINUTE_MS = 60_000
 SCALE = 10**8  # Binance prints prices and quantities with 8 decimals
@@ -162,7 +165,15 @@ class BookTickerEvent(msgspec.Struct, frozen=True):
     book: BookTicker
 
 
-ReplayEvent = TradeEvent | KlineEvent | BookTickerEvent
+class DepthEvent(msgspec.Struct, frozen=True):
+    recv_ns: int
+    diff: DepthDiff
+
+
+ReplayEvent = TradeEvent | KlineEvent | BookTickerEvent | DepthEvent
+# Loop k shifts depth update ids by k * (the recording's id span + this), so the chain visibly breaks at a loop:
+# the book restarts from the recorded snapshot and clients resync, as after a gap.
+DEPTH_LOOP_JUMP = 1_000_000
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,15 +311,25 @@ def capture_files(data_dir: Path, symbol: str) -> list[Path]:
     return files
 
 
-def _events_of(data_dir: Path, symbol: str, book_ticker: bool) -> Iterator[TradeEvent | BookTickerEvent]:
-    """One symbol's trade (and bookTicker) events in recorded order, checked to be in order."""
+def _events_of(data_dir: Path, symbol: str, book_ticker: bool,
+               depth: list[DepthDiff] | None = None) -> Iterator[TradeEvent | BookTickerEvent | DepthEvent]:
+    """One symbol's trade (and bookTicker, and depth) events in recorded order, checked to be in order."""
     last_recv = -1
     last_id: int | None = None
-    for path in capture_files(data_dir, symbol):
+    depth_events = iter([DepthEvent(d.recv_ns, d) for d in depth or ()])
+    pending_depth = next(depth_events, None)
+    files = capture_files(data_dir, symbol)
+    for path in files:
         trades, books = _read_capture(path, path.stat().st_mtime_ns)
-        merged: Iterable[TradeEvent | BookTickerEvent] = heapq.merge(
+        end_ns = max([t.recv_ns for t in trades[-1:]] + [b.recv_ns for b in books[-1:]] + [0])
+        file_depth: list[DepthEvent] = []  # the diffs of this file: those up to its last trade/bookTicker
+        while pending_depth is not None and (pending_depth.recv_ns <= end_ns or path == files[-1]):
+            file_depth.append(pending_depth)
+            pending_depth = next(depth_events, None)
+        merged: Iterable[TradeEvent | BookTickerEvent | DepthEvent] = heapq.merge(
             (TradeEvent(t.recv_ns, t) for t in trades),
             (BookTickerEvent(b.recv_ns, b) for b in books) if book_ticker else (),
+            file_depth,
             key=lambda e: e.recv_ns)
         for ev in merged:
             if ev.recv_ns < last_recv:
@@ -334,10 +355,12 @@ class Recording:
     `trades_in_loop` / `candles_in_loop` for later loops or a `--shift-to-now` offset.
     """
 
-    def __init__(self, symbols: tuple[str, ...], events: list[ReplayEvent], data_dir: Path) -> None:
+    def __init__(self, symbols: tuple[str, ...], events: list[ReplayEvent], data_dir: Path,
+                 snapshots: dict[str, DepthSnapshot] | None = None) -> None:
         self.symbols = symbols
         self.events = events
         self.data_dir = data_dir
+        self.snapshots: dict[str, DepthSnapshot] = snapshots or {}  # recorded REST depth snapshot per symbol
         self.trades: list[Trade] = [e.trade for e in events if isinstance(e, TradeEvent)]
         self.candles: list[Candle] = [e.candle for e in events if isinstance(e, KlineEvent) and e.closed]
         if not self.trades:
@@ -353,26 +376,34 @@ class Recording:
             self.id_span[sym] = (max(ids) - min(ids) + 1) if ids else 0
             uids = [e.book.update_id for e in events if isinstance(e, BookTickerEvent) and e.book.symbol == sym]
             self.book_id_span[sym] = (max(uids) - min(uids) + 1) if uids else 0
+        self.depth_id_span: dict[str, int] = {}
+        for sym in self.snapshots:
+            ids = [i for e in events if isinstance(e, DepthEvent) and e.diff.symbol == sym
+                   for i in (e.diff.first_id, e.diff.final_id)]
+            self.depth_id_span[sym] = (max(ids) - min(ids) + 1 + DEPTH_LOOP_JUMP) if ids else 0
 
     @classmethod
     def load(cls, data_dir: Path | None = None, symbols: Sequence[str] = DEFAULT_SYMBOLS,
-             max_trades: int | None = None, book_ticker: bool = True, kline_throttle_ms: int = 0) -> Recording:
+             max_trades: int | None = None, book_ticker: bool = True, kline_throttle_ms: int = 0,
+             depth: bool = False) -> Recording:
         """Read the captures of `symbols` and build the replay: only the first `max_trades` trades (in replay
-        order, all symbols together) and the bookTickers received before the last of them, when given."""
+        order, all symbols together) and the bookTickers (and depth diffs) received before the last of them,
+        when given."""
         data_dir = data_dir or real_data_dir()
         syms = tuple(s.upper() for s in symbols)
         if max_trades is not None and max_trades < 1:
             raise ValueError(f"max_trades must be >= 1, got {max_trades}")
-        streams = [_events_of(data_dir, s, book_ticker) for s in syms]
+        depth_of = {s: load_depth(capture_files(data_dir, s)) for s in syms} if depth else {}
+        streams = [_events_of(data_dir, s, book_ticker, depth_of[s][0] if depth else None) for s in syms]
         merged = heapq.merge(*streams, key=lambda e: e.recv_ns) if len(streams) > 1 else streams[0]
-        base: list[TradeEvent | BookTickerEvent] = []
+        base: list[TradeEvent | BookTickerEvent | DepthEvent] = []
         n_trades = 0
         for ev in merged:
             if max_trades is not None and n_trades >= max_trades:
                 break
             base.append(ev)
             n_trades += isinstance(ev, TradeEvent)
-        return cls(syms, _with_klines(base, kline_throttle_ms), data_dir)
+        return cls(syms, _with_klines(base, kline_throttle_ms), data_dir, {s: d[1] for s, d in depth_of.items()})
 
     def trades_in_loop(self, loop: int = 0, time_offset_ms: int = 0) -> list[Trade]:
         """The trades the replay sends in loop `loop` (0-based) with the given `--shift-to-now` offset."""
@@ -389,7 +420,7 @@ class Recording:
         return (self.events[-1].recv_ns - self.first_recv_ns) / 1e9
 
 
-def _with_klines(base: list[TradeEvent | BookTickerEvent], throttle_ms: int) -> list[ReplayEvent]:
+def _with_klines(base: list[TradeEvent | BookTickerEvent | DepthEvent], throttle_ms: int) -> list[ReplayEvent]:
     """Insert the derived kline events (see the module docstring) after the trades that cause them."""
     out: list[ReplayEvent] = []
     open_: dict[str, _CandleBuilder] = {}

@@ -6,7 +6,7 @@ real daily zips plus the derived candles the replay has reached (closed ones and
 never shows data "from the future" of the replay, as a real exchange would not.
 
 URL layout (see common/exchanges.py): `{base}/{original host}{original path}` and `{base}{original path}`:
-- REST   /api.binance.com/api/v3/{ping,time,exchangeInfo,klines}  and  /api/v3/...
+- REST   /api.binance.com/api/v3/{ping,time,exchangeInfo,klines,depth}  and  /api/v3/...
 - WS     /stream.binance.com/ws[/{anything}]  and  /ws[/...]: raw event payloads (Binance's `/ws`);
          a last path segment containing '@' is a stream subscribed at connect, as on Binance.
          /stream.binance.com/stream?streams=a/b  and  /stream?...: combined `{"stream","data"}` envelopes.
@@ -35,13 +35,16 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
-from services.simulator import archives, binance
+from services.simulator import archives, binance, depth
 from services.simulator.history import History
+from services.simulator.spot_trades import SpotTrades
 from services.simulator.venue import Venue, build_venues
+from services.simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
 from services.simulator.recording import (
     DEFAULT_SYMBOLS,
     MINUTE_MS,
     Candle,
+    DepthEvent,
     KlineEvent,
     Recording,
     ReplayEvent,
@@ -55,7 +58,8 @@ from services.simulator.recording import (
 log = logging.getLogger("services.simulator")
 
 StartMode = Literal["subscribe", "manual", "immediate"]
-FAULT_KINDS = ("malformed_klines", "disconnect", "stall", "http_error", "drop_trades", "corrupt_archive", "clear")
+FAULT_KINDS = ("malformed_klines", "disconnect", "stall", "http_error", "drop_trades", "corrupt_archive", "halt",
+               *WIRE_FAULT_KINDS, "clear")
 DEFAULT_EXCHANGE_INFO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "ETHBTC", "BNBUSDT", "SOLUSDT")
 
 
@@ -80,6 +84,7 @@ class SimulatorOptions:
     ws_ping_s: float | None = 20.0  # server pings like Binance; None disables
     rest_candle_cap: int = 100_000  # derived candles kept for REST per symbol (looping forever grows it)
     venues: tuple[str, ...] = ()  # other exchanges served on the same port (services/simulator/venue.py)
+    depth: bool = True  # replay the recorded depth diffs and serve GET /api/v3/depth (services/simulator/depth.py)
 
     def __post_init__(self) -> None:
         for name in ("symbols", "wait_for_streams", "exchange_info_symbols", "venues"):  # lists from JSON/CLI/kwargs
@@ -115,10 +120,12 @@ class _Faults:
     drop_trades: int = 0
     down_until: float = 0.0  # time.monotonic(): WebSocket upgrades refused until then
     corrupt_archive: int = 0  # the next N archive zips are served with one byte changed (CHECKSUM mismatch)
+    halt_until: float = 0.0  # time.monotonic(): the market is halted (replay held, nothing sent) until then
+    wire: WireFaults = field(default_factory=WireFaults)
 
     def as_dict(self) -> dict[str, Any]:
         now = time.monotonic()
-        return {"malformed_klines": self.malformed_klines, "malformed_shape": self.malformed_shape,
+        return {"halt_remaining_s": round(max(0.0, self.halt_until - now), 3), **self.wire.as_dict(), "malformed_klines": self.malformed_klines, "malformed_shape": self.malformed_shape,
                 "http_error": self.http_error, "http_status": self.http_status,
                 "stall_remaining_s": round(max(0.0, self.stall_until - now), 3), "stall_mode": self.stall_mode,
                 "drop_trades": self.drop_trades, "ws_down_remaining_s": round(max(0.0, self.down_until - now), 3),
@@ -138,7 +145,7 @@ class Simulator:
         opts = self.options
         self.data_dir = opts.data_dir or real_data_dir()
         self.recording = recording or Recording.load(self.data_dir, opts.symbols, opts.max_trades,
-                                                     opts.book_ticker, opts.kline_throttle_ms)
+                                                     opts.book_ticker, opts.kline_throttle_ms, opts.depth)
         self._recorded_info = load_exchange_info(self.data_dir)
         binance.trim_exchange_info(self._recorded_info, opts.exchange_info_symbols, 0, 0)  # fail fast on typos
         self.history = History(self.data_dir, self._history_end_ms()) if opts.history else None
@@ -147,6 +154,8 @@ class Simulator:
         self._archives: OrderedDict[str, bytes | None] = OrderedDict()
         self._data_streams = {binance.stream_name(s, ch) for s in self.recording.symbols
                               for ch in ("trade", "kline_1m", "bookTicker")}
+        self._data_streams |= {binance.stream_name(s, ch) for s in self.recording.snapshots
+                               for ch in ("depth", "depth@100ms")}
         self._stream_names: dict[tuple[str, str], str] = {}
         self.speed = opts.speed
         self.loop = opts.loop
@@ -253,6 +262,10 @@ class Simulator:
           count them, as the exchange's own candles would).
         - corrupt_archive: count=1: the next `count` archive zips are served with one byte changed, so they no
           longer match their CHECKSUM files.
+        - halt: seconds (required): a trading halt: the replay holds (no message of any stream, nothing lost),
+          connections stay open, pings and REST are answered; then it resumes where it stopped.
+        - malformed_ws, duplicate, reorder, sequence_gap: count=1, stream='' (a substring of the stream name,
+          e.g. '@depth'); clock_skew: ms: see services/simulator/wirefaults.py.
         - clear: remove every pending fault.
         """
         f = self._faults
@@ -283,6 +296,12 @@ class Simulator:
                 f.drop_trades = int(params["count"])
             elif kind == "corrupt_archive":
                 f.corrupt_archive = int(params.get("count", 1))
+            elif kind == "halt":
+                if "seconds" not in params:
+                    raise FaultError("halt needs 'seconds'")
+                f.halt_until = time.monotonic() + float(params["seconds"])
+            elif kind in WIRE_FAULT_KINDS:
+                f.wire.arm(kind, params)
             elif kind == "clear":
                 self._faults = _Faults()
             else:
@@ -325,6 +344,9 @@ class Simulator:
                              "streams": sorted(c.streams), "sent": c.sent} for c in self._connections],
             "subscriptions": {s: len(c) for s, c in self._subscribers.items() if c},
             "faults": self._faults.as_dict(),
+            "depth": {sym: {"last_update_id": b.last_update_id, "passed_snapshot": b.passed_snapshot,
+                            "snapshot_last_update_id": b.snapshot.last_update_id, "snapshots_served": b.served}
+                      for sym, b in self._books.items()},
             "rest": {"requests": dict(self._rest_requests), "weight_used_1m": self._current_weight(),
                      "status": {str(k): v for k, v in sorted(self._rest_status.items())},
                      "banned_remaining_s": round(max(0.0, self._ban_until - time.time()), 3), "bans": self._bans,
@@ -352,6 +374,8 @@ class Simulator:
         self.time_offset_ms = 0
         self._rest_closed: dict[str, list[Candle]] = {s: [] for s in self.recording.symbols}
         self._rest_open: dict[str, Candle] = {}
+        self._books = {sym: depth.DepthBook(snap) for sym, snap in self.recording.snapshots.items()}
+        self._depth_pending: dict[str, list[depth.DepthDiff]] = {}  # diffs of the current second, for `@depth`
 
     async def _cancel_replay(self) -> None:
         if self._task is not None and not self._task.done():
@@ -386,6 +410,9 @@ class Simulator:
             loop_ns = k * rec.loop_shift_ms * 1_000_000 - rec.first_recv_ns
             id_shift = {s: k * n for s, n in rec.id_span.items()}
             book_shift = {s: k * n for s, n in rec.book_id_span.items()}
+            for sym, book in self._books.items():
+                book.reset(k * rec.depth_id_span[sym])
+                self._depth_pending.pop(sym, None)
             for i, ev in enumerate(events):
                 self.position = i
                 if self.speed > 0:
@@ -398,6 +425,8 @@ class Simulator:
                     await asyncio.sleep(0)  # let the server answer requests while replaying flat out
                 if self._faults.stall_until > time.monotonic() and self._faults.stall_mode == "pause":
                     paused += await self._sit_out_stall()
+                if self._faults.halt_until > time.monotonic():
+                    paused += await self._sit_out_halt()
                 await self._dispatch(ev, shift_ms, id_shift, book_shift)
                 if time.monotonic() >= next_log:
                     next_log = time.monotonic() + 10
@@ -415,6 +444,12 @@ class Simulator:
     async def _sit_out_stall(self) -> float:
         began = time.monotonic()
         while (remaining := self._faults.stall_until - time.monotonic()) > 0 and self._faults.stall_mode == "pause":
+            await asyncio.sleep(min(remaining, 0.05))
+        return time.monotonic() - began
+
+    async def _sit_out_halt(self) -> float:
+        began = time.monotonic()
+        while (remaining := self._faults.halt_until - time.monotonic()) > 0:
             await asyncio.sleep(min(remaining, 0.05))
         return time.monotonic() - began
 
@@ -455,6 +490,9 @@ class Simulator:
             if not subscribers:
                 return
             payload = binance.kline_event(candle, ev.event_time + shift_ms, ev.closed)
+        elif isinstance(ev, DepthEvent):
+            await self._dispatch_depth(ev.diff, shift_ms)
+            return
         else:
             book = ev.book
             stream = self._stream(book.symbol, "bookTicker")
@@ -462,22 +500,48 @@ class Simulator:
             if not subscribers:
                 return
             payload = binance.book_ticker_event(book, book.update_id + book_shift[book.symbol])
-        if self._faults.stall_until > time.monotonic():  # stall in 'drop' mode: the data is lost
+        await self._send(stream, payload, subscribers)
+
+    async def _dispatch_depth(self, recorded: depth.DepthDiff, shift_ms: int) -> None:
+        """A recorded diff: the exchange's book takes it (even when the gap fault keeps it off the wire); sent
+        as is on `@depth@100ms`, merged per second of event time on `@depth` (Binance's 1000ms stream)."""
+        sym = recorded.symbol
+        book = self._books[sym]
+        diff = recorded.shifted(book.id_shift, shift_ms)
+        book.apply(diff)
+        pending = self._depth_pending.setdefault(sym, [])
+        if pending and pending[-1].event_time // 1000 != diff.event_time // 1000:
+            await self._send_diff(self._stream(sym, "depth"), depth.merge_diffs(pending))
+            pending.clear()
+        pending.append(diff)
+        await self._send_diff(self._stream(sym, "depth@100ms"), diff)
+
+    async def _send_diff(self, stream: str, diff: depth.DepthDiff) -> None:
+        subscribers = self._subscribers.get(stream)
+        if not subscribers or self._faults.wire.drop_depth(stream, diff.final_id):
             return
-        raw = binance.encode(payload)
-        wrapped: str | None = None
-        for conn in list(subscribers):
-            if conn.combined:
-                wrapped = wrapped or binance.combined(stream, raw)
-            try:
-                await conn.ws.send_str(wrapped if conn.combined and wrapped else raw)
-            except (ConnectionError, RuntimeError) as exc:
-                log.info("dropping WebSocket %s (%s)", conn.path, exc)
-                self._forget(conn)
-                continue
-            conn.sent += 1
-            self.messages_sent += 1
-            self.sent_by_stream[stream] += 1
+        await self._send(stream, diff.wire(), subscribers)
+
+    async def _send(self, stream: str, payload: dict[str, Any], subscribers: set[_Connection]) -> None:
+        """One event to the subscribers of `stream`, through the wire faults (skew, malformed, duplicate,
+        reorder); nothing while a stall in 'drop' mode lasts (the data is lost)."""
+        if self._faults.stall_until > time.monotonic():
+            return
+        wire = self._faults.wire
+        for raw in wire.frames(stream, binance.encode(wire.skew(payload))):
+            wrapped: str | None = None
+            for conn in list(subscribers):
+                if conn.combined:
+                    wrapped = wrapped or binance.combined(stream, raw)
+                try:
+                    await conn.ws.send_str(wrapped if conn.combined and wrapped else raw)
+                except (ConnectionError, RuntimeError) as exc:
+                    log.info("dropping WebSocket %s (%s)", conn.path, exc)
+                    self._forget(conn)
+                    continue
+                conn.sent += 1
+                self.messages_sent += 1
+                self.sent_by_stream[stream] += 1
 
     def _store_candle(self, candle: Candle, closed: bool) -> None:
         sym = candle.symbol
@@ -666,7 +730,36 @@ class Simulator:
         return web.json_response({})
 
     async def _time(self, request: web.Request) -> web.Response:
-        return web.json_response({"serverTime": int(time.time() * 1000)})
+        return web.json_response({"serverTime": int(time.time() * 1000) + self._faults.wire.skew_ms})
+
+    @staticmethod
+    def _depth_weight(request: web.Request) -> int:
+        try:
+            return depth.depth_weight(int(request.query.get("limit", 100)), futures=False)
+        except ValueError:
+            return 5
+
+    async def _depth(self, request: web.Request) -> web.Response:
+        """`GET /api/v3/depth`: the recorded snapshot, or the book the replay has reached (depth.py)."""
+        symbol = request.query.get("symbol")
+        if not symbol:
+            return web.json_response(binance.missing_parameter("symbol"), status=400)
+        book = self._books.get(symbol)
+        if book is None:
+            return web.json_response(binance.error_body(
+                -1121, f"Invalid symbol. (the simulator has depth for {', '.join(self._books) or 'no symbol'})"),
+                status=400)
+        try:
+            limit = int(request.query.get("limit", 100))
+        except ValueError:
+            return web.json_response(binance.error_body(-1100, "Illegal characters found in parameter 'limit'."),
+                                     status=400)
+        if limit not in depth.SPOT_DEPTH_LIMITS:
+            return web.json_response(binance.error_body(
+                -1100, f"Illegal characters found in parameter 'limit'; legal range is "
+                       f"'{', '.join(map(str, depth.SPOT_DEPTH_LIMITS))}'."), status=400)
+        return web.Response(text=binance.encode(book.rest_body(limit, False, int(time.time() * 1000))),
+                            content_type="application/json")
 
     async def _exchange_info_endpoint(self, request: web.Request) -> web.Response:
         info = binance.trim_exchange_info(self._recorded_info, self.options.exchange_info_symbols,
@@ -826,6 +919,8 @@ class Simulator:
             ("time", lambda _: binance.REST_WEIGHTS["time"], self._time),
             ("exchangeInfo", lambda _: binance.REST_WEIGHTS["exchangeInfo"], self._exchange_info_endpoint),
             ("klines", self._klines_weight, self._klines),
+            ("depth", self._depth_weight, self._depth),
+            *SpotTrades(self).endpoints(),  # historicalTrades, aggTrades (services/simulator/spot_trades.py)
         ]
         for name, weight, handler in endpoints:
             wrapped = self._rest(name, weight, handler)

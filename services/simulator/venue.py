@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     from services.simulator.server import SimulatorOptions
 
 # ccxt id -> "module:class". A venue class takes (options: SimulatorOptions) and satisfies `Venue`.
-VENUES: dict[str, str] = {}
+VENUES: dict[str, str] = {
+    "binanceusdm": "services.simulator.usdm:BinanceUsdm",
+    "coinbase": "services.simulator.coinbase:CoinbaseVenue",
+    "hyperliquid": "services.simulator.hyperliquid:HyperliquidVenue",
+}
 
 
 class Venue(Protocol):
