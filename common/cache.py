@@ -181,6 +181,11 @@ return 1
 """
 
 
+def orderbook_levels_json(levels: Iterable[tuple[Decimal, Decimal]]) -> bytes:
+    """A book side as the orderbook:{exchange}:{symbol} hash stores it: JSON [["<price>", "<amount>"], ...]."""
+    return _json.encode([[_dec(p), _dec(q)] for p, q in levels])
+
+
 class CacheError(ValueError):
     """A value the cache refuses to store (a crossed book, a non-positive price); the message names it."""
 
@@ -352,6 +357,6 @@ class CacheClient:
 
 __all__ = [
     "CacheClient", "CacheError", "Indicator", "OrderBook", "Price", "StrategyTrade", "Tick", "indicator_key",
-    "orderbook_key", "price_json", "price_key", "recent_trades_hw_key", "recent_trades_key", "session_key",
+    "orderbook_key", "orderbook_levels_json", "price_json", "price_key", "recent_trades_hw_key", "recent_trades_key", "session_key",
     "strategy_trades_key", "ticks_channel", "trade_json",
 ]

@@ -59,7 +59,12 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     verify_tls: bool = True
     ca_cert: str = ""  # PEM file of the CA that signed an https server's certificate
     write_concurrency: int = 4  # write requests in flight at once
-    writer_consumers: int = 2  # batches the influx writer works on at once (one decodes while one is written)
+    # The influx writer works on `writer_consumers` batches at once (some decode while others are written), each
+    # of at most `writer_read_count` entries (XREADGROUP COUNT; it replaces bus.read_count for the writer). Small
+    # batches keep InfluxDB fed: a batch's first request goes out after ~4 ms of decoding instead of ~20 ms
+    # (docs/bench-storage.md). Memory: at most consumers x read count x bus.batch_max_events events.
+    writer_consumers: int = 4
+    writer_read_count: int = 20
     tiers: dict[str, list[str]] = msgspec.field(default_factory=_influx_tiers)
     retention: dict[str, str] = msgspec.field(default_factory=_influx_retention)
 
@@ -172,10 +177,24 @@ class BackfillSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ratelimit: RateLimitSettings = RateLimitSettings()
 
 
+class GapRepairSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The gap repair service (services/gap_repair, docs/gap-repair.md).
+    scan_interval_s: float = 300.0  # how often InfluxDB and the ledger are scanned for holes no Gap announced
+    scan_lookback_s: float = 21_600.0  # the scan looks at the candles of this recent window (6 h)
+    # Candles that closed less than this ago are not scanned yet: the live pipeline may still be storing them.
+    scan_settle_s: float = 180.0
+    retries: int = 3  # attempts per REST request on network errors / 5xx before the gap becomes an alert
+    max_trades: int = 200_000  # trades one Gap may repair at most; a longer window is an alert (use backfill)
+    trades_page: int = 1000  # trades per historicalTrades / aggTrades request (Binance's maximum)
+
+
 class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     symbols: list[str]
-    channels: list[Literal["trades", "candles"]] = msgspec.field(default_factory=lambda: ["trades", "candles"])
+    # ticker: best bid/ask (and last); book: bounded L2 snapshots; funding: funding rate with mark and index
+    # price; open_interest: perpetuals only (services/collector/channels.py says how each is fetched).
+    channels: list[Literal["trades", "candles", "ticker", "book", "funding", "open_interest"]] = msgspec.field(
+        default_factory=lambda: ["trades", "candles"])
     timeframe: str = "1m"
     market_types: list[str] = msgspec.field(default_factory=lambda: ["spot"])
     # Base URLs replacing ccxt's endpoints; empty means the exchange's own (live) endpoints.
@@ -190,6 +209,23 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trades_limit: int = 100_000
     ohlcv_limit: int = 10_000
     ccxt_options: dict[str, object] = msgspec.field(default_factory=dict)
+    # Order books: levels a side in each published snapshot, snapshots per second per symbol at most (the
+    # latest book wins: updates in between are folded into the next snapshot), and the REST snapshot's size.
+    book_depth: int = 20
+    book_max_per_s: float = 10.0
+    book_snapshot_limit: int = 1000
+    # Stall watchdog: seconds without a message on a channel (per symbol) before its socket is reconnected
+    # and a Gap published; channels not listed use ws_stall_s (candles then also poll REST meanwhile).
+    stall_s: dict[str, float] = msgspec.field(default_factory=lambda: {"trades": 60.0, "open_interest": 60.0})
+    # Reconnects: capped exponential backoff with full jitter (base * 2^attempt, at most the cap).
+    reconnect_backoff_s: float = 0.5
+    reconnect_backoff_max_s: float = 30.0
+    # Subscriptions (WebSocket messages that open a channel) started per second at most, across the process,
+    # so that hundreds of symbols start without tripping the exchange's connection/message limits.
+    subscribe_per_s: float = 10.0
+    # Channels an exchange only offers over REST (Binance USD-M open interest): poll interval in seconds.
+    rest_channel_poll_s: float = 10.0
+    rest_timeout_s: float = 30.0  # bound of one REST call (a ban is waited out before it, see ratelimit.py)
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -202,6 +238,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     quality: QualitySettings = QualitySettings()
     postgres_writer: PostgresWriterSettings = PostgresWriterSettings()
     backfill: BackfillSettings = BackfillSettings()
+    gap_repair: GapRepairSettings = GapRepairSettings()
     exchanges: list[ExchangeSettings] = msgspec.field(default_factory=list)
 
     def exchange(self, exchange_id: str) -> ExchangeSettings:
@@ -277,3 +314,12 @@ def _check(settings: Settings, path: Path) -> None:
             schemes = ("http://", "https://") if url_key == "rest_url" else ("ws://", "wss://")
             if url and not url.startswith(schemes):
                 raise bad(f"exchanges[{ex.id}].{url_key}", url, f"must start with {' or '.join(schemes)}")
+        for channel, seconds in ex.stall_s.items():
+            if channel not in ("trades", "candles", "ticker", "book", "funding", "open_interest") or seconds <= 0:
+                raise bad(f"exchanges[{ex.id}].stall_s.{channel}", seconds,
+                          "must name a channel (trades, candles, ticker, book, funding, open_interest) with "
+                          "seconds > 0")
+        for key in ("book_depth", "book_max_per_s", "book_snapshot_limit", "reconnect_backoff_s",
+                    "reconnect_backoff_max_s", "subscribe_per_s", "rest_channel_poll_s", "rest_timeout_s"):
+            if getattr(ex, key) <= 0:
+                raise bad(f"exchanges[{ex.id}].{key}", getattr(ex, key), "must be > 0")

@@ -46,9 +46,25 @@ class StreamStatus:
 
 
 @dataclass
+class ChannelStatus:
+    """One channel of one collector instance: message rate, age of its newest message (any symbol) and of
+    its stalest symbol's last message, gaps published since start (collector `channel.{c}.*` counters)."""
+
+    service: str
+    instance: str
+    channel: str
+    rate: float | None
+    last_age_s: float | None
+    stalest_age_s: float | None
+    messages: int
+    gaps: int
+
+
+@dataclass
 class Status:
     services: list[ServiceStatus]
     streams: list[StreamStatus]
+    channels: list[ChannelStatus] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +118,27 @@ async def collect(redis: aioredis.Redis) -> Status:
                         consumers=int(g["consumers"]), pending=int(g["pending"]),
                         lag=None if g.get("lag") is None else int(g["lag"]))
             for g in groups]))
-    return Status(services=services, streams=stream_list)
+    return Status(services=services, streams=stream_list, channels=channel_status(services, now))
+
+
+def channel_status(services: list[ServiceStatus], now_ns: int) -> list[ChannelStatus]:
+    """Per-channel rows from the collectors' `channel.{c}.messages|gaps|last_ms|oldest_ms` counters."""
+    rows = []
+    for s in services:
+        names = sorted({k.split(".")[1] for k in s.counters if k.startswith("channel.") and k.count(".") == 2})
+        for c in names:
+            rows.append(ChannelStatus(service=s.service, instance=s.instance, channel=c,
+                                      rate=s.rates.get(f"channel.{c}.messages"),
+                                      last_age_s=_age_s(s.counters.get(f"channel.{c}.last_ms", 0), now_ns),
+                                      stalest_age_s=_age_s(s.counters.get(f"channel.{c}.oldest_ms", 0), now_ns),
+                                      messages=s.counters.get(f"channel.{c}.messages", 0),
+                                      gaps=s.counters.get(f"channel.{c}.gaps", 0)))
+    return rows
+
+
+def _age_s(ms: int, now_ns: int) -> float | None:
+    """Seconds since a wall-clock ms stamp; None for 0 (never)."""
+    return round((now_ns / 1e6 - ms) / 1000, 1) if ms > 0 else None
 
 
 MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consumed (common.service)
@@ -119,6 +155,15 @@ def render(status: Status) -> str:
                      f"{s.uptime_s:>7.0f} s {'' if rate is None else f'{rate:>10.1f}':>15}  {s.detail[:60]}")
     if not status.services:
         lines.append("(no service has sent a heartbeat: is the pipeline running? `make demo` starts it)")
+    if status.channels:
+        lines.append("")
+        lines.append("CHANNEL (collector)             RATE (msg/s)  LAST MSG  STALEST SYMBOL  MESSAGES    GAPS")
+        for c in status.channels:
+            def fmt(age: float | None) -> str:
+                return "never" if age is None else f"{age:.1f} s"
+            rate = "" if c.rate is None else f"{c.rate:.1f}"
+            lines.append(f"{c.instance + ' ' + c.channel:<31} {rate:>12} {fmt(c.last_age_s):>9} "
+                         f"{fmt(c.stalest_age_s):>15} {c.messages:>9} {c.gaps:>7}")
     quality = [(s.service, k, v) for s in status.services for k, v in sorted(s.counters.items())
                if k.startswith(("rejected.", "flagged.", "repaired.")) and v]
     if quality:

@@ -116,6 +116,10 @@ class Gap(msgspec.Struct, tag="gap", frozen=True, kw_only=True):
     reason: str
     ts_event: int
     ts_recv: int
+    # Trades on exchanges that number them one by one: the first and last missing trade id, inclusive ("" when
+    # unknown). Producers also write them into `reason` as "trade ids A..B missing" for readers of the text.
+    first_missing_id: str = ""
+    last_missing_id: str = ""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):

@@ -248,6 +248,7 @@ async def test_trade_id_gap_flags_the_trade_after_the_hole_and_publishes_a_gap(r
     g = out.gaps[0]
     assert (g.channel, g.start, g.end) == ("trades", t1.ts_event, t5.ts_event)
     assert f"{int(t1.trade_id) + 1}..{int(t5.trade_id) - 1}" in g.reason
+    assert (g.first_missing_id, g.last_missing_id) == (str(int(t1.trade_id) + 1), str(int(t5.trade_id) - 1))
 
 
 async def test_trade_id_gap_quiet_on_exchanges_without_sequential_ids(redis, settings) -> None:  # type: ignore[no-untyped-def]

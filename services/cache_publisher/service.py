@@ -15,6 +15,11 @@ common/cache.py's (the plan's cache); strategies read it with common.cache.Cache
   recent_trades_hw:{exchange}:{symbol}  the list's high-water mark: ts_event (20 digits) "|" trade id
                                (zero-padded to 20 digits when numeric) of the newest trade pushed.
   ticks:{symbol} (pub/sub)     every trade as the same tick JSON (it names its exchange).
+  orderbook:{exchange}:{symbol}  hash {bids, asks, sequence, ts} from md:book:* (common/cache.py), the newest
+                               snapshot of the batch per market, cut to cache.orderbook_depth levels a side, TTL
+                               cache.orderbook_ttl_s (60 s): a feed that stops lets it expire rather than lie.
+                               Forward-only by `sequence` (the book's update id; its ts_event when the exchange
+                               gives none), so a redelivered or older snapshot never replaces a newer one.
 
 Every write of a batch goes in one MULTI/EXEC pipeline, so readers never see half a batch; the inputs are
 acknowledged after it (by the bus), so a crash in between redelivers the batch.
@@ -43,6 +48,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.bus import Consumer, Delivery, StoreUnavailable, StreamSelector
 from common.cache import (
+    PUT_ORDERBOOK_LUA,
+    orderbook_key,
+    orderbook_levels_json,
     price_json,
     price_key,
     recent_trades_hw_key,
@@ -52,12 +60,12 @@ from common.cache import (
 )
 from common.config import Settings
 from common.service import Service
-from schemas import Candle, Ticker, Trade
+from schemas import Candle, OrderBook, Ticker, Trade
 
 log = logging.getLogger(__name__)
 
 GROUP = "cache_publisher"
-INPUT_PATTERNS = ("md:trade:*", "md:ticker:*", "md:candle:*")
+INPUT_PATTERNS = ("md:trade:*", "md:ticker:*", "md:candle:*", "md:book:*")
 
 # Byte-wise comparison: Lua's `<` on strings uses strcoll, and redis-server sets LC_COLLATE from the
 # environment, so a locale could reorder punctuation or letters.
@@ -128,6 +136,11 @@ def price_of(event: Trade | Ticker | Candle) -> tuple[Decimal, str] | None:
     return (event.close, "candle") if event.close is not None else None
 
 
+def book_sequence(book: OrderBook) -> int:
+    """What orders a market's snapshots: the exchange's update id, else the exchange time."""
+    return book.sequence if book.sequence is not None else book.ts_event
+
+
 class CachePublisher(Service):
     name = "cache_publisher"
 
@@ -138,6 +151,7 @@ class CachePublisher(Service):
                                  selector=StreamSelector(patterns=INPUT_PATTERNS))
         self.set_price = self.redis.register_script(SET_PRICE_LUA)
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
+        self.put_book = self.redis.register_script(PUT_ORDERBOOK_LUA)
         self.stats: Counter[str] = Counter()
 
     def counters(self) -> dict[str, int]:
@@ -154,9 +168,15 @@ class CachePublisher(Service):
         prices: dict[str, tuple[int, bytes]] = {}  # key -> newest (ts, JSON) of the batch
         trades: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
         ticks: list[tuple[str, bytes]] = []
+        books: dict[str, OrderBook] = {}  # key -> newest snapshot of the batch
         for delivery in batch:
             for event in delivery.events:
                 self.stats["events_in"] += 1
+                if isinstance(event, OrderBook):
+                    key = orderbook_key(event.exchange, event.symbol)
+                    if key not in books or book_sequence(event) >= book_sequence(books[key]):
+                        books[key] = event
+                    continue
                 if not isinstance(event, (Trade, Ticker, Candle)):
                     self.stats["ignored"] += 1
                     continue
@@ -170,7 +190,7 @@ class CachePublisher(Service):
                     body = trade_json(event)
                     trades.setdefault((event.exchange, event.symbol), []).append((order_key(event), body))
                     ticks.append((ticks_channel(event.symbol), body))
-        if not prices and not trades:
+        if not prices and not trades and not books:
             return
         pipe = self.redis.pipeline(transaction=True)
         for key, (ts, body) in prices.items():
@@ -182,6 +202,11 @@ class CachePublisher(Service):
                 args += [k, body]
             keys = [recent_trades_key(exchange, symbol), recent_trades_hw_key(exchange, symbol)]
             await self.push_trades(keys=keys, args=args, client=pipe)
+        for key, book in books.items():
+            depth = cache.orderbook_depth
+            await self.put_book(keys=[key], args=[book_sequence(book), orderbook_levels_json(book.bids[:depth]),
+                                                  orderbook_levels_json(book.asks[:depth]), book.ts_event,
+                                                  cache.orderbook_ttl_s], client=pipe)
         for channel, body in ticks:
             pipe.publish(channel, body)
         try:
@@ -196,3 +221,7 @@ class CachePublisher(Service):
         self.stats["trades_listed"] += pushed
         self.stats["trades_not_listed"] += listed - pushed
         self.stats["ticks_published"] += len(ticks)
+        first_book = len(prices) + len(trades)
+        books_written = sum(int(r) for r in results[first_book:first_book + len(books)])
+        self.stats["books_written"] += books_written
+        self.stats["books_stale"] += len(books) - books_written

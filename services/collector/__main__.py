@@ -1,7 +1,31 @@
-from common.service import service_main
-from services.collector.service import Collector
+"""Exchange collector service: ccxt.pro WebSocket + REST -> raw:{exchange} (and Gap markers -> mdp:gaps)."""
+import sys
 
-service_main(Collector, extra=[
+from common.config import load_settings
+from common.service import service_main
+
+
+def _configured(argv: list[str]) -> bool:
+    """Whether --exchange names an [[exchanges]] entry of the config (--config or $MDP_CONFIG)."""
+    exchange = argv[argv.index("--exchange") + 1] if "--exchange" in argv else ""
+    config = argv[argv.index("--config") + 1] if "--config" in argv else None
+    return any(ex.id == exchange for ex in load_settings(config).exchanges)
+
+
+OPTIONS = [
     ("--exchange", {"required": True, "help": "ccxt exchange id configured in [[exchanges]], e.g. binance"}),
     ("--shard", {"default": None, "help": "i/n: collect only shard i of n of the symbols (stable by name)"}),
-])
+]
+IDLE = ("--idle-unless-configured", {"action": "store_true",
+                                     "help": "when the config has no [[exchanges]] entry for --exchange, stay up "
+                                             "idle, saying so in `mdp status`, instead of exiting (supervisord "
+                                             "programs for exchanges a config may leave out)"})
+
+if "--idle-unless-configured" in sys.argv and not _configured(sys.argv):
+    from services.collector.idle import Unconfigured
+
+    service_main(Unconfigured, extra=[*OPTIONS, IDLE])
+else:
+    from services.collector.service import Collector
+
+    service_main(Collector, extra=[*OPTIONS, IDLE])

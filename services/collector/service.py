@@ -1,13 +1,29 @@
-"""Collector: one process per exchange (or per shard of its symbols), ccxt.pro WebSocket plus REST fallback.
+"""Collector: one process per exchange (or per shard of its symbols), ccxt.pro WebSocket plus REST.
 
 Publishes everything it receives, as received, to `raw:{exchange}` (the validator decides what is good):
 - Market: the catalog from `load_markets`, at start.
 - Trade: every trade of `watch_trades`, one stream entry per wake-up (FACTS.md: packing is ~1.5x cheaper).
 - Candle: `watch_ohlcv` updates as `closed=False`; a candle is published `closed=True` once a later candle
   of the same symbol has been seen (ccxt does not pass on Binance's `x` flag; for exchanges that publish a
-  candle every interval this closes each candle within one update of its end).
-When a channel's socket yields nothing for `ws_stall_s` (or raises), the collector polls REST `fetch_ohlcv`
-every `rest_poll_s` from the last closed candle until the socket delivers again. Every wait is bounded.
+  candle every interval this closes each candle within one update of its end). While the candle socket is
+  quiet for `ws_stall_s` (or down) it polls REST `fetch_ohlcv` every `rest_poll_s` from the last closed candle.
+- Ticker, OrderBook (bounded, throttled, never crossed), FundingRate, OpenInterest: see feeds.py.
+
+Resilience (docs/collector.md):
+- Every wait is bounded: each `watch_*` waits at most SWEEP_S, then the feed sweeps ccxt's caches and the
+  stall watchdog checks the channel's last message; REST calls are bounded by `rest_timeout_s`.
+- A channel that fails (ccxt raises) reconnects after a capped exponential backoff with jitter; one that
+  stays silent for its `stall_s` is reconnected by closing its ccxt connection (a server that stalls while
+  answering pings would otherwise hang `watch_*` forever). Binance's 24 h forced disconnect is one such
+  failure.
+- Every break marks an outage on each channel it touched (also when ccxt's connection closes while no task
+  was waiting: the close hook); the first message afterwards publishes a `Gap` to `mdp:gaps` with the
+  window [exchange time of the last message before, exchange time of the first after] and, for trades, the
+  last trade id seen (`last_trade_id=` in its reason), for services/gap_repair to fill from REST.
+- (Re)subscriptions are paced at `subscribe_per_s` across the process, so hundreds of symbols start (and
+  reconnect) without tripping the exchange's WebSocket message/connection limits.
+- REST (markets, candle polls, order-book snapshots ccxt fetches, polled channels) spends the exchange's
+  shared budget in Redis (common/ratelimit.py); a 418 stops every REST call to the exchange for the ban.
 """
 
 from __future__ import annotations
@@ -16,7 +32,8 @@ import asyncio
 import logging
 import random
 import time
-from decimal import Decimal
+import zlib
+from collections import Counter
 from typing import Any
 
 import ccxt
@@ -24,111 +41,116 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import streams
-from common.bus import Producer
+from common.bus import Producer, sleep_unless
 from common.config import ExchangeSettings, Settings
 from common.exchanges import make_pro_exchange
+from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.service import Service
-from schemas import Candle, Event, Market, Trade
+from schemas import Event, Gap
+from services.collector.events import (
+    TIMEFRAME_MS,
+    candle_event,
+    dec,
+    market_event,
+    trade_event,
+)
+from services.collector.feeds import (
+    ChannelStats,
+    Feed,
+    Outage,
+    PolledFeed,
+    cache_tail,
+    crossed_alert,
+    plan_feeds,
+)
+
+__all__ = ["Collector", "SymbolState", "backoff_delay", "cache_tail", "candle_event", "dec", "market_event",
+           "trade_event"]
 
 log = logging.getLogger(__name__)
 
-MS = 1_000_000
 PUBLISH_RETRY_S = 60.0  # how long the collector retries publishing while Redis is down before exiting
-SWEEP_S = 0.5  # how often a quiet channel's ccxt cache is swept for updates that arrived between two calls
-TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
-                "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
+SWEEP_S = 0.5  # the longest single wait on a socket: then caches are swept and the watchdog looks
+MS = 1_000_000
+# OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
+# there in ccxt 4.5.90; it is transient like a NetworkError and must be retried, not crash the feed.
+ERRORS = (ccxt.OperationFailed, ccxt.ExchangeError, ExchangeBanned)
 
 
-def dec(value: Any) -> Decimal | None:
-    """Exact decimal of a ccxt number: floats via their shortest repr, which restores the exchange's text."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    try:
-        return Decimal(str(value))
-    except ArithmeticError:
-        return None
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Seconds before reconnect attempt `attempt` (1, 2, ...): base * 2^(attempt-1), capped, with "equal
+    jitter" (half fixed, half random) so reconnecting processes spread out yet never retry at once."""
+    ceiling = min(cap_s, base_s * 2 ** min(max(attempt - 1, 0), 30))
+    return ceiling / 2 + (rng or random).random() * ceiling / 2
 
 
-def trade_event(exchange: str, symbol: str, t: dict[str, Any], ts_recv: int) -> Trade:
-    ts = t.get("timestamp")
-    return Trade(exchange=exchange, symbol=t.get("symbol") or symbol, trade_id=str(t.get("id") or ""),
-                 price=dec(t.get("price")), amount=dec(t.get("amount")),
-                 side=t.get("side") if t.get("side") in ("buy", "sell") else None,
-                 ts_event=int(ts) * MS if ts is not None else 0, ts_recv=ts_recv)
+def book_snapshot_weight(exchange_id: str, limit: int) -> int:
+    """Request weight of the REST depth snapshot ccxt fetches to build a book (Binance's published tables)."""
+    if exchange_id == "binance":
+        return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
+    if exchange_id == "binanceusdm":
+        return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
+    return 1
 
 
-def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], closed: bool, ts_recv: int,
-                 source: str) -> Candle:
-    open_ms = row[0] if row and row[0] is not None else None
-    values = [dec(v) for v in (list(row[1:6]) + [None] * 5)[:5]]
-    open_time = int(open_ms) * MS if open_ms is not None else 0
-    close_ms = (int(open_ms) + TIMEFRAME_MS.get(timeframe, 0) - 1) if open_ms is not None else 0
-    return Candle(exchange=exchange, symbol=symbol, timeframe=timeframe, open_time=open_time,
-                  open=values[0], high=values[1], low=values[2], close=values[3], volume=values[4],
-                  closed=closed, ts_event=close_ms * MS if closed else ts_recv, ts_recv=ts_recv,
-                  source=source)  # type: ignore[arg-type]
+class Pacer:
+    """Spaces (re)subscriptions at most `per_s` a second across the process (slots handed out in order)."""
+
+    def __init__(self, per_s: float) -> None:
+        self.interval = 1.0 / per_s
+        self.next_slot = 0.0
+        self.granted = 0
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        now = time.monotonic()
+        slot = max(now, self.next_slot)
+        self.next_slot = slot + self.interval
+        self.granted += 1
+        if slot > now:
+            await sleep_exact(stop, slot - now)
 
 
-def market_event(exchange: str, m: dict[str, Any], ts: int) -> Market:
-    precision = m.get("precision") or {}
-    return Market(exchange=exchange, symbol=m["symbol"], exchange_symbol=str(m.get("id") or ""),
-                  base=str(m.get("base") or ""), quote=str(m.get("quote") or ""),
-                  market_type=str(m.get("type") or ""), active=m.get("active"),
-                  contract_size=dec(m.get("contractSize")), price_precision=dec(precision.get("price")),
-                  amount_precision=dec(precision.get("amount")), ts_event=ts, ts_recv=ts)
-
-
-def cache_tail(cache: list[dict[str, Any]] | None, seen: dict[str, None]) -> list[dict[str, Any]]:
-    """The trades at the end of a ccxt trade cache that come after the last one already seen."""
-    if not cache:
-        return []
-    tail = []
-    for t in reversed(cache):
-        if str(t.get("id")) in seen:
-            break
-        tail.append(t)
-    tail.reverse()
-    return tail
-
-
-class SymbolState:
-    """Per-symbol memory of what was published, so reconnects and REST polls never publish twice."""
-
-    def __init__(self) -> None:
-        self.last_trade_ms = -1
-        self.recent_trade_ids: dict[str, None] = {}
-        self.last_candle: list[Any] | None = None
-        self.last_closed_open_ms = -1
-
-    def new_trades(self, trades: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        fresh = []
-        for t in trades:
-            tid = str(t.get("id"))
-            ts = t.get("timestamp") or 0
-            if tid in self.recent_trade_ids or ts < self.last_trade_ms:
-                continue
-            fresh.append(t)
-            self.recent_trade_ids[tid] = None
-            self.last_trade_ms = max(self.last_trade_ms, ts)
-        while len(self.recent_trade_ids) > 10_000:  # bounded: ids older than the last 10k are not re-sent
-            del self.recent_trade_ids[next(iter(self.recent_trade_ids))]
-        return fresh
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+async def sleep_exact(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:
         pass
 
 
+class SymbolState:
+    """Per-symbol memory of what was published, so reconnects and REST polls never publish twice."""
+
+    TRADE_ID_MEMORY = 10_000
+
+    def __init__(self) -> None:
+        self.forgotten_trade_ms = -1  # newest exchange time of a trade whose id fell out of the memory
+        self.recent_trade_ids: dict[str, int] = {}  # id -> exchange time (ms), oldest first
+        self.last_candle: list[Any] | None = None
+        self.last_closed_open_ms = -1
+
+    def new_trades(self, trades: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The trades not published yet, by id. A trade older than the ids still remembered (the last
+        TRADE_ID_MEMORY) counts as published: a resubscribe snapshot may re-send it. Exchange time is not
+        otherwise a filter: a reordered message, or an exchange clock stepping back, must not drop trades."""
+        fresh = []
+        for t in trades:
+            tid = str(t.get("id"))
+            ts = t.get("timestamp") or 0
+            if tid in self.recent_trade_ids or ts < self.forgotten_trade_ms:
+                continue
+            fresh.append(t)
+            self.recent_trade_ids[tid] = ts
+        while len(self.recent_trade_ids) > self.TRADE_ID_MEMORY:  # bounded
+            oldest = next(iter(self.recent_trade_ids))
+            self.forgotten_trade_ms = max(self.forgotten_trade_ms, self.recent_trade_ids.pop(oldest))
+        return fresh
+
+
 class Collector(Service):
     name = "collector"
 
     def __init__(self, settings: Settings, instance: str | None = None, exchange: str = "binance",
-                 shard: str | None = None) -> None:
+                 shard: str | None = None, idle_unless_configured: bool = False) -> None:
         self.exchange_settings: ExchangeSettings = settings.exchange(exchange)
         super().__init__(settings, instance)
         self.instance = f"{exchange}-{self.instance}"
@@ -137,9 +159,15 @@ class Collector(Service):
         self.producer = Producer(self.redis, self.codec, settings.bus, source=f"collector:{exchange}")
         self.stream = streams.raw(exchange)
         self.state_by_symbol = {s: SymbolState() for s in self.symbols}
-        self.count: dict[str, int] = {"trades": 0, "candle_updates": 0, "candles_closed": 0, "rest_polls": 0,
-                                      "reconnects": 0, "markets": 0, "errors": 0, "publish_retries": 0}
-        self.ws_alive: dict[str, float] = {}
+        self.count: Counter[str] = Counter({k: 0 for k in (
+            "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
+            "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
+            "sequence_gaps")})
+        self.pacer = Pacer(self.exchange_settings.subscribe_per_s)
+        self.feeds: list[Feed] = []
+        self.polled: list[PolledFeed] = []
+        self.exchange: Any = None
+        self.rest: BudgetedExchange | None = None
 
     @staticmethod
     def _shard(symbols: list[str], shard: str | None) -> list[str]:
@@ -151,24 +179,49 @@ class Collector(Service):
             assert 0 <= i < n
         except (ValueError, AssertionError):
             raise SystemExit(f"--shard {shard!r} must be i/n with 0 <= i < n, e.g. 0/2") from None
-        import zlib
         return [s for s in symbols if zlib.crc32(s.encode()) % n == i]
 
-    def counters(self) -> dict[str, int]:
-        return dict(self.count) | {"published_events": self.producer.published_events,
-                                   "published_entries": self.producer.published_entries}
+    # -- status -----------------------------------------------------------------------------------------
 
-    async def publish(self, events: list[Event]) -> None:
-        """Publish to raw:{exchange}; while Redis is unreachable retry with backoff for up to
-        PUBLISH_RETRY_S (meanwhile ccxt keeps receiving into its caches, bounded by tradesLimit/OHLCVLimit),
-        then fail the process so supervisord restarts it and the outage shows in its log and status."""
-        if not events:
+    def counters(self) -> dict[str, int]:
+        """Headline counters plus, per channel, `channel.{c}.messages`, `.gaps`, `.last_ms` (wall clock of the
+        newest message of any symbol) and `.oldest_ms` (of the symbol heard from longest ago): `mdp status`
+        turns them into each channel's rate and last-message age."""
+        out = dict(self.count) | {"published_events": self.producer.published_events,
+                                  "published_entries": self.producer.published_entries,
+                                  "subscriptions": self.pacer.granted}
+        if self.rest is not None:
+            out["rest_requests"] = self.rest.stats.requests
+            out["rest_429"] = self.rest.stats.throttled_429
+            out["rest_418"] = self.rest.stats.banned_418
+        per: dict[str, list[ChannelStats]] = {}
+        for feed in [*self.feeds, *self.polled]:
+            for channel, stats in feed.stats.items():
+                per.setdefault(channel, []).append(stats)
+        for channel, all_stats in per.items():
+            out[f"channel.{channel}.messages"] = sum(s.messages for s in all_stats)
+            out[f"channel.{channel}.gaps"] = sum(s.gaps for s in all_stats)
+            out[f"channel.{channel}.last_ms"] = max(s.last_recv_ms for s in all_stats)
+            out[f"channel.{channel}.oldest_ms"] = min(s.last_recv_ms for s in all_stats)
+        return out
+
+    # -- publishing -------------------------------------------------------------------------------------
+
+    async def publish(self, events: list[Event], gaps: list[Event] | None = None) -> None:
+        """Publish to raw:{exchange} (and Gap markers to mdp:gaps, in the same round trip); while Redis is
+        unreachable retry with backoff for up to PUBLISH_RETRY_S (meanwhile ccxt keeps receiving into its
+        caches, bounded by tradesLimit/OHLCVLimit), then fail the process so supervisord restarts it and the
+        outage shows in its log and status."""
+        if not events and not gaps:
             return
+        outputs: dict[str, list[Event]] = {self.stream: events}
+        if gaps:
+            outputs[streams.GAPS] = gaps
         deadline = time.monotonic() + PUBLISH_RETRY_S
         delay = 0.2
         while True:
             try:
-                await self.producer.publish({self.stream: events})
+                await self.producer.publish(outputs)
                 if self.state == "degraded":
                     self.state, self.detail = "running", ""
                 return
@@ -182,48 +235,213 @@ class Collector(Service):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def emit(self, feed: Feed, channel: str, events: list[Event], first_ns: int, last_ns: int,
+                   last_id: str = "", first_id: str = "", ends_outage: bool = True) -> None:
+        """Publish a channel's events; the first message after an outage also publishes its Gap (unless
+        `ends_outage` is False: messages ccxt had received before the break)."""
+        stats = feed.stats[channel]
+        gaps: list[Event] = []
+        if stats.outage is not None and ends_outage:
+            gaps.append(self._gap(feed.symbol, channel, stats.outage, first_ns, first_id))
+            stats.outage = None
+            stats.gaps += 1
+            self.count["gaps"] += 1
+        stats.messages += 1
+        stats.last_recv_ms = time.time_ns() // MS
+        stats.last_event_ns = max(stats.last_event_ns, last_ns)
+        if last_id:
+            stats.last_id = last_id
+        await self.publish(events, gaps)
+
+    def _gap(self, symbol: str, channel: str, outage: Outage, end_ns: int, first_id: str = "") -> Gap:
+        reason = outage.reason
+        first_missing = last_missing = ""
+        if channel == "trades" and outage.last_id:
+            reason += f"; last_trade_id={outage.last_id}"
+            if first_id:
+                reason += f", first_trade_id_after={first_id}"
+            sequential = self.exchange_id in self.settings.quality.sequential_trade_ids
+            if sequential and outage.last_id.isdigit() and first_id.isdigit():
+                # the ids services/gap_repair fetches by id (its `trade ids A..B missing` form)
+                lo, hi = int(outage.last_id) + 1, int(first_id) - 1
+                reason += f"; trade ids {lo}..{hi} missing" if hi >= lo else "; no trade id missing"
+                if hi >= lo:
+                    first_missing, last_missing = str(lo), str(hi)
+        now = time.time_ns()
+        log.warning("gap in %s %s %s from %d to %d (%.3f s): %s", self.exchange_id, symbol, channel,
+                    outage.start_ns, end_ns, (end_ns - outage.start_ns) / 1e9, reason)
+        return Gap(exchange=self.exchange_id, symbol=symbol, channel=channel, start=outage.start_ns,
+                   end=max(end_ns, outage.start_ns), reason=reason, ts_event=now, ts_recv=now,
+                   first_missing_id=first_missing, last_missing_id=last_missing)
+
+    def mark_outage(self, feed: Feed, reason: str) -> None:
+        """Open an outage on each channel of `feed` (an open one keeps its start: one Gap per window)."""
+        held = feed.position()
+        for stats in feed.stats.values():
+            if stats.outage is None:
+                start, last_id = stats.last_event_ns or feed.started_ns, stats.last_id
+                if held is not None and held[0] >= start:
+                    start, last_id = held[0], held[1] or last_id
+                stats.outage = Outage(start_ns=start, reason=reason, last_id=last_id)
+
+    # -- connections ------------------------------------------------------------------------------------
+
+    def _needles(self, symbol: str) -> set[str]:
+        """Strings that name `symbol` in ccxt's subscription keys ('btcusdt@trade', 'trade:BTC/USDC:USDC')."""
+        market = (self.exchange.markets or {}).get(symbol) or {}
+        needles = {symbol}
+        for key in ("id", "lowercaseId"):
+            value = str(market.get(key) or "")
+            if len(value) >= 4:
+                needles.add(value)
+        return needles
+
+    def _carries(self, client: Any, feed: Feed, by_hint: bool) -> bool:
+        """Whether ccxt connection `client` carries `feed`: a subscription key names its symbol (and, with
+        `by_hint`, its channel)."""
+        keys = [str(k).lower() for k in (getattr(client, "subscriptions", None) or {})]
+        needles = [n.lower() for n in self._needles(feed.symbol)]
+        return any(any(n in k for n in needles) and (not by_hint or any(h in k for h in feed.hints))
+                   for k in keys)
+
+    def _feeds_on(self, client: Any) -> list[Feed]:
+        """The feeds a connection carries: matched by symbol and channel, else by symbol, else (cannot
+        tell) every feed of the process."""
+        for by_hint in (True, False):
+            hit = [f for f in self.feeds if self._carries(client, f, by_hint)]
+            if hit:
+                return hit
+        return list(self.feeds)
+
+    def drop_connections(self, feed: Feed, reason: str) -> int:
+        """Close the ccxt connection(s) carrying `feed` (matched like `_feeds_on`; all when none can be told
+        apart), so the next watch call reconnects and resubscribes. Returns how many were closed."""
+        clients = list((self.exchange.clients or {}).values())
+        chosen: list[Any] = []
+        for by_hint in (True, False):
+            chosen = [c for c in clients if self._carries(c, feed, by_hint)]
+            if chosen:
+                break
+        for client in chosen or clients:
+            client.on_error(ccxt.NetworkError(reason))
+        return len(chosen or clients)
+
+    def _hook_connection_events(self) -> None:
+        """Mark an outage on the feeds of a ccxt connection that closes or fails, also when no task of ours
+        was waiting on it at that moment (ccxt then reconnects silently on the next watch call)."""
+        exchange = self.exchange
+        on_close, on_error = exchange.on_close, exchange.on_error
+
+        def current(client: Any) -> bool:  # a connection we already dropped closes late: not news
+            return (exchange.clients or {}).get(client.url) is client
+
+        def closed(client: Any, code: Any) -> Any:
+            for feed in self._feeds_on(client) if current(client) else []:
+                self.mark_outage(feed, f"connection closed (code {code})")
+            return on_close(client, code)
+
+        def failed(client: Any, error: Any) -> Any:
+            for feed in self._feeds_on(client) if current(client) else []:
+                self.mark_outage(feed, f"connection failed ({type(error).__name__}: {error})")
+            return on_error(client, error)
+
+        exchange.on_close, exchange.on_error = closed, failed
+        if self.exchange_id == "coinbase":
+            self._check_coinbase_sequence()
+
+    def _check_coinbase_sequence(self) -> None:
+        """Coinbase Advanced Trade numbers every message of a connection (`sequence_num`, +1 each, any channel);
+        ccxt.pro 4.5.90 does not look at it. A skipped number is a lost message, and a lost level2 update
+        makes a wrong book: drop ccxt's books of that connection and reconnect (a fresh snapshot follows),
+        with an outage (Gap) on every feed it carried."""
+        exchange = self.exchange
+        handle = exchange.handle_message
+
+        def checked(client: Any, message: Any) -> Any:
+            seq = message.get("sequence_num") if isinstance(message, dict) else None
+            if isinstance(seq, int):
+                last = getattr(client, "mdp_sequence", None)
+                client.mdp_sequence = seq
+                if last is not None and seq != last + 1:
+                    self._on_sequence_gap(client, last, seq)
+                    return None
+            return handle(client, message)
+
+        exchange.handle_message = checked
+
+    def _on_sequence_gap(self, client: Any, last: int, seq: int) -> None:
+        self.count["sequence_gaps"] += 1
+        reason = f"sequence gap: message {seq} after {last} ({seq - last - 1} lost); books resynced"
+        log.warning("%s %s; reconnecting %s", self.exchange_id, reason, client.url)
+        for feed in self._feeds_on(client):
+            self.mark_outage(feed, reason)
+            if "book" in feed.channels:
+                (self.exchange.orderbooks or {}).pop(feed.symbol, None)
+                self.count["book_resyncs"] += 1
+        client.on_error(ccxt.NetworkError(reason))
+
+    def _budget_rest(self) -> None:
+        """Every REST call of the exchange object spends the shared budget, including the depth snapshot
+        ccxt.pro fetches by itself to build an order book."""
+        ex = self.exchange_settings
+        budget = RateBudget(self.redis, self.exchange_id,
+                            limit_for(self.exchange_id, self.settings.backfill.ratelimit, self.exchange.rateLimit),
+                            self.settings.backfill.ratelimit)
+        self.rest = BudgetedExchange(self.exchange, budget)
+        original = self.exchange.fetch_rest_order_book_safe
+        weight = min(book_snapshot_weight(self.exchange_id, ex.book_snapshot_limit), budget.cap)
+        rest = self.rest
+
+        async def budgeted_snapshot(symbol: Any, limit: Any = None, params: Any = None) -> Any:
+            return await rest.call(weight, original, symbol, limit, params or {})
+
+        self.exchange.fetch_rest_order_book_safe = budgeted_snapshot
+        if self.exchange_id in ("binance", "binanceusdm"):
+            self.exchange.options["watchOrderBookLimit"] = ex.book_snapshot_limit
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
     async def run(self, stop: asyncio.Event) -> None:
-        exchange = make_pro_exchange(self.exchange_settings)
+        self.exchange = make_pro_exchange(self.exchange_settings)
         try:
+            ex = self.exchange_settings
             log.info("collector %s: symbols %s, channels %s, REST %s, WS %s", self.exchange_id, self.symbols,
-                     self.exchange_settings.channels, self.exchange_settings.rest_url or "(live)",
-                     self.exchange_settings.ws_url or "(live)")
-            await self._load_markets(exchange, stop)
+                     ex.channels, ex.rest_url or "(live)", ex.ws_url or "(live)")
+            self._budget_rest()
+            self._hook_connection_events()
+            await self._load_markets(stop)
             if stop.is_set():
                 return
+            self.feeds, self.polled = plan_feeds(self, self.exchange, ex, self.symbols)
             self.state = "running"
-            tasks = []
-            for symbol in self.symbols:
-                if "trades" in self.exchange_settings.channels:
-                    tasks.append(asyncio.create_task(self._trades_loop(exchange, symbol, stop)))
-                if "candles" in self.exchange_settings.channels:
-                    tasks.append(asyncio.create_task(self._candles_loop(exchange, symbol, stop)))
+            tasks = [asyncio.create_task(self._run_feed(f, stop), name=f"feed {f.name}") for f in self.feeds]
+            tasks += [asyncio.create_task(self._run_polled(p, stop), name=f"poll {p.name}") for p in self.polled]
             stopped = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for t in [stopped, *tasks]:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                    raise r  # a channel loop crashed: exit non-zero so supervisord restarts us
+                    raise r  # a feed crashed: exit non-zero so supervisord restarts us
         finally:
-            await exchange.close()
+            await self.exchange.close()
 
-    async def _load_markets(self, exchange: Any, stop: asyncio.Event) -> None:
+    async def _load_markets(self, stop: asyncio.Event) -> None:
+        assert self.rest is not None
         delay = 1.0
+        weight = self.rest.budget.limit.markets_weight
         while not stop.is_set():
             try:
-                markets = await asyncio.wait_for(exchange.load_markets(), timeout=30)
+                markets = await asyncio.wait_for(self.rest.call(weight, self.exchange.load_markets),
+                                                 timeout=self.exchange_settings.rest_timeout_s)
                 break
-            except (ccxt.NetworkError, ccxt.ExchangeError, TimeoutError) as exc:
+            except (*ERRORS, TimeoutError) as exc:
                 self.count["errors"] += 1
                 self.detail = f"load_markets failed: {exc}"
                 log.error("load_markets on %s failed (%s: %s); retrying in %.0f s", self.exchange_id,
                           type(exc).__name__, exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                await sleep_exact(stop, delay)
                 delay = min(delay * 2, 60)
         else:
             return
@@ -238,93 +456,119 @@ class Collector(Service):
         self.count["markets"] = len(events)
         log.info("published %d markets of %s", len(events), self.exchange_id)
 
-    async def _backoff(self, stop: asyncio.Event, attempt: int) -> None:
-        delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * (0.5 + random.random())
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            pass
+    # -- the feed loop ----------------------------------------------------------------------------------
 
-    async def _trades_loop(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
-        state = self.state_by_symbol[symbol]
-        failures = 0
-        last_message = time.monotonic()
-        stalled = False
+    async def _run_feed(self, feed: Feed, stop: asyncio.Event) -> None:
+        """Wait for updates (each wait bounded by SWEEP_S), sweep, watch for stalls, reconnect on failures."""
+        ex = self.exchange_settings
+        attempt = 0
+        subscribe = True
+        while not stop.is_set():
+            if subscribe:
+                await self.pacer.wait(stop)
+                feed.quiet_since = time.monotonic()
+                subscribe = False
+            try:
+                async with asyncio.timeout(SWEEP_S):  # cheaper than wait_for: no task per wait
+                    result = await feed.watch()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if stop.is_set() or (task is not None and task.cancelling()):
+                    raise
+                # ccxt cancelled the future we waited on (it closed that connection): a failure, not our stop
+                attempt += 1
+                self._on_failure(feed, ccxt.NetworkError("ccxt cancelled the wait (connection closed)"))
+                await sleep_exact(stop, backoff_delay(attempt, ex.reconnect_backoff_s, ex.reconnect_backoff_max_s))
+                subscribe = True
+                continue
+            except TimeoutError:
+                await feed.sweep()
+                quiet = time.monotonic() - feed.quiet_since
+                if quiet > feed.stall_s:
+                    self._on_stall(feed, quiet)
+                    subscribe = True
+                continue
+            except ERRORS as exc:
+                attempt += 1
+                self._on_failure(feed, exc)
+                await feed.on_break()
+                await sleep_exact(stop, backoff_delay(attempt, ex.reconnect_backoff_s, ex.reconnect_backoff_max_s))
+                subscribe = True
+                continue
+            attempt = 0
+            feed.quiet_since = time.monotonic()
+            await feed.on_update(result)
+
+    def _on_stall(self, feed: Feed, quiet: float) -> None:
+        self.count["stalls"] += 1
+        reason = f"stall: no {'/'.join(feed.channels)} message for {quiet:.1f} s (stall_s {feed.stall_s:g})"
+        log.warning("%s %s: %s; reconnecting", self.exchange_id, feed.name, reason)
+        self.mark_outage(feed, reason)
+        self.drop_connections(feed, reason)
+
+    def _on_failure(self, feed: Feed, exc: BaseException) -> None:
+        if isinstance(exc, ccxt.ChecksumError | ccxt.InvalidNonce):
+            self.count["book_resyncs"] += 1  # ccxt found a sequence break and rebuilds from a new snapshot
+            reason = f"sequence break, book resynced ({type(exc).__name__}: {exc})"
+        else:
+            self.count["reconnects"] += 1
+            reason = f"reconnect after {type(exc).__name__}: {exc}"
+        if isinstance(exc, ExchangeBanned):
+            self.count["errors"] += 1
+        log.warning("%s %s failed (%s: %s); reconnecting", self.exchange_id, feed.name, type(exc).__name__, exc)
+        self.mark_outage(feed, reason[:300])
+
+    async def _run_polled(self, feed: PolledFeed, stop: asyncio.Event) -> None:
+        ex = self.exchange_settings
         while not stop.is_set():
             try:
-                await asyncio.wait_for(exchange.watch_trades(symbol), timeout=SWEEP_S)
-                last_message = time.monotonic()
-                stalled = False
-            except TimeoutError:
-                if not stalled and time.monotonic() - last_message > self.exchange_settings.ws_stall_s:
-                    stalled = True
-                    log.warning("no trade from %s %s for %.0f s", self.exchange_id, symbol,
-                                self.exchange_settings.ws_stall_s)
-            except (ccxt.NetworkError, ccxt.ExchangeError) as exc:
-                failures += 1
-                self.count["reconnects"] += 1
-                log.warning("trades socket of %s %s failed (%s: %s); reconnecting", self.exchange_id, symbol,
-                            type(exc).__name__, exc)
-                await self._backoff(stop, failures)
-                continue
+                events = await asyncio.wait_for(feed.poll(), timeout=ex.rest_timeout_s)
+            except (*ERRORS, TimeoutError) as exc:
+                self.count["errors"] += 1
+                log.error("REST %s of %s failed (%s: %s)", feed.name, self.exchange_id, type(exc).__name__, exc)
             else:
-                failures = 0
-            await self._publish_trades(exchange, symbol, state)
+                stats = feed.stats[feed.channel]
+                stats.messages += 1
+                stats.last_recv_ms = time.time_ns() // MS
+                await self.publish(events)
+            await sleep_unless(stop, ex.rest_channel_poll_s)
 
-    async def _publish_trades(self, exchange: Any, symbol: str, state: SymbolState) -> None:
-        """Publish what ccxt's trade cache holds beyond what we published.
+    async def on_crossed_book(self, feed: Feed, book: Any) -> None:
+        """A crossed book is never published: alert, drop ccxt's book and reconnect, so it is rebuilt."""
+        self.count["books_crossed"] += 1
+        await self.publish([crossed_alert(self, book)])
+        (self.exchange.orderbooks or {}).pop(feed.symbol, None)
+        self.mark_outage(feed, "crossed book: rebuilt from a fresh snapshot")
+        self.drop_connections(feed, f"crossed book {feed.symbol}")
 
-        ccxt.pro signals only messages that arrive while a watch_* call waits; one arriving between two calls
-        sits in the cache until the next message. Reading the cache's tail picks it up at once.
-        """
-        ts_recv = time.time_ns()
-        fresh = state.new_trades(cache_tail(exchange.trades.get(symbol) if exchange.trades else None,
-                                            state.recent_trade_ids))
-        if fresh:
-            await self.publish([trade_event(self.exchange_id, symbol, t, ts_recv) for t in fresh])
-            self.count["trades"] += len(fresh)
+    # -- candles ----------------------------------------------------------------------------------------
 
-    async def _candles_loop(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
-        tf = self.exchange_settings.timeframe
-        failures = 0
-        last_message = time.monotonic()
-        while not stop.is_set():
-            try:
-                rows = await asyncio.wait_for(exchange.watch_ohlcv(symbol, tf), timeout=SWEEP_S)
-                failures = 0
-                last_message = time.monotonic()
-                await self._on_candles(symbol, rows, "ws")
-                continue
-            except TimeoutError:
-                cached = (exchange.ohlcvs or {}).get(symbol, {}).get(tf)
-                if cached:  # updates that arrived between two watch calls (see _publish_trades)
-                    await self._on_candles(symbol, list(cached[-2:]), "ws")
-                if time.monotonic() - last_message < self.exchange_settings.ws_stall_s:
-                    continue
-                log.warning("no candle from %s %s for %.0f s; polling REST", self.exchange_id, symbol,
-                            time.monotonic() - last_message)
-            except (ccxt.NetworkError, ccxt.ExchangeError) as exc:
-                failures += 1
-                self.count["reconnects"] += 1
-                log.warning("candles socket of %s %s failed (%s: %s); polling REST until it is back",
-                            self.exchange_id, symbol, type(exc).__name__, exc)
-            await self._poll_rest(exchange, symbol, stop)
-            await self._backoff(stop, failures) if failures else await _sleep(stop, self.exchange_settings.rest_poll_s)
-
-    async def _poll_rest(self, exchange: Any, symbol: str, stop: asyncio.Event) -> None:
+    async def poll_candles(self, feed: Feed, symbol: str) -> None:
+        """REST fetch_ohlcv from the last closed candle, through the shared budget (a ban holds it)."""
+        assert self.rest is not None
         state = self.state_by_symbol[symbol]
         tf = self.exchange_settings.timeframe
         since = state.last_closed_open_ms + TIMEFRAME_MS[tf] if state.last_closed_open_ms >= 0 else None
         self.count["rest_polls"] += 1
         try:
-            rows = await asyncio.wait_for(exchange.fetch_ohlcv(symbol, tf, since=since, limit=1000), timeout=30)
-        except (ccxt.NetworkError, ccxt.ExchangeError, TimeoutError) as exc:
+            rows = await asyncio.wait_for(
+                self.rest.call(self.rest.budget.limit.ohlcv_weight, self.exchange.fetch_ohlcv, symbol, tf,
+                               since=since, limit=1000),
+                timeout=self.exchange_settings.rest_timeout_s)
+        except TimeoutError:
+            self.count["rest_held"] += 1
+            log.error("REST fetch_ohlcv %s %s did not complete within %.0f s (REST held by the shared budget: "
+                      "a 429 cool-down or a 418 ban, or a slow exchange)", self.exchange_id, symbol,
+                      self.exchange_settings.rest_timeout_s)
+            return
+        except ERRORS as exc:
             self.count["errors"] += 1
             log.error("REST fetch_ohlcv %s %s failed (%s: %s)", self.exchange_id, symbol, type(exc).__name__, exc)
             return
-        await self._on_candles(symbol, rows, "rest")
+        await self.on_candles(feed, symbol, rows, "rest")
 
-    async def _on_candles(self, symbol: str, rows: list[list[Any]], source: str) -> None:
+    async def on_candles(self, feed: Feed, symbol: str, rows: list[list[Any]], source: str,
+                         ends_outage: bool = True) -> None:
         state = self.state_by_symbol[symbol]
         tf = self.exchange_settings.timeframe
         ts_recv = time.time_ns()
@@ -349,4 +593,12 @@ class Collector(Service):
         if updated and state.last_candle is not None:
             events.append(candle_event(self.exchange_id, symbol, tf, state.last_candle, False, ts_recv, source))
             self.count["candle_updates"] += 1
-        await self.publish(events)
+        if not events:
+            return
+        if source == "rest":  # fills in while the socket is quiet; only a socket message ends an outage
+            await self.publish(events)
+            return
+        opens = [c.open_time for c in events if getattr(c, "open_time", 0)]
+        await self.emit(feed, "candles", events, min(opens, default=ts_recv), max(opens, default=ts_recv),
+                        ends_outage=ends_outage)
+

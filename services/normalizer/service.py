@@ -73,7 +73,18 @@ from common import quality, streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
 from common.config import Settings
 from common.service import Service
-from schemas import Alert, Candle, DecodeError, Event, Market, Ticker, Trade
+from schemas import (
+    Alert,
+    Candle,
+    DecodeError,
+    Event,
+    FundingRate,
+    Market,
+    OpenInterest,
+    OrderBook,
+    Ticker,
+    Trade,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +202,7 @@ class Rejected(Exception):
         self.finding = quality.Finding(rule, "error", "reject", reason, values)
 
 
-Normalizable = Trade | Candle | Ticker | Market
+Normalizable = Trade | Candle | Ticker | Market | OrderBook | FundingRate | OpenInterest
 
 
 def canonical_symbol(event: Normalizable, symbols: SymbolMap) -> tuple[str, bool]:
@@ -234,7 +245,7 @@ def _ns(event: Normalizable, name: str, value: int) -> int:
     return ns
 
 
-def contract_scale(event: Trade | Ticker, symbol: str, symbols: SymbolMap) -> tuple[Decimal, bool] | None:
+def contract_scale(event: Trade | Ticker | OrderBook, symbol: str, symbols: SymbolMap) -> tuple[Decimal, bool] | None:
     """(contract size, inverse) of a contract market's event; None for spot; raises Rejected when unknown."""
     if ":" not in symbol:
         return None
@@ -334,10 +345,30 @@ def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, se
     elif isinstance(event, Market):
         changes.update(contract_size=cd(event.contract_size), price_precision=cd(event.price_precision),
                        amount_precision=cd(event.amount_precision))
+    elif isinstance(event, OrderBook):
+        changes.update(bids=book_levels(event, event.bids, symbol, symbols, notes),
+                       asks=book_levels(event, event.asks, symbol, symbols, notes))
+    elif isinstance(event, FundingRate):
+        changes.update(funding_rate=cd(event.funding_rate), mark_price=cd(event.mark_price),
+                       index_price=cd(event.index_price),
+                       next_funding_time=quality.to_ns(event.next_funding_time)
+                       if event.next_funding_time else None)
+    elif isinstance(event, OpenInterest):  # amount stays in contracts, as the schema says
+        changes.update(amount=cd(event.amount), value=cd(event.value))
     out = msgspec.structs.replace(event, **changes)
     if isinstance(out, Market):
         symbols.learn(out)
     return out, notes
+
+
+def book_levels(event: OrderBook, levels: tuple[tuple[Decimal, Decimal], ...], symbol: str, symbols: SymbolMap,
+                notes: set[str]) -> tuple[tuple[Decimal, Decimal], ...]:
+    """A book side with canonical decimals and, on a contract market, amounts in base units (as ticker sizes)."""
+    scale = contract_scale(event, symbol, symbols)
+    if scale is None:
+        return tuple((canonical_decimal(p), canonical_decimal(a)) for p, a in levels)  # type: ignore[misc]
+    notes.add("contract_scaled")
+    return tuple((canonical_decimal(p), canonical_decimal(to_base(a, p, *scale))) for p, a in levels)  # type: ignore[misc]
 
 
 def output_stream(event: Normalizable) -> str:
@@ -419,7 +450,8 @@ class Normalizer(Service):
                 if isinstance(event, Alert):
                     forwarded.append(event)
                     continue
-                if not isinstance(event, (Trade, Candle, Ticker, Market)):
+                if not isinstance(event, (Trade, Candle, Ticker, Market, OrderBook, FundingRate,
+                                          OpenInterest)):
                     self.ignored += 1
                     continue
                 try:

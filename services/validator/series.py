@@ -318,7 +318,8 @@ class StreamRules:
                 verdict.gaps.append(Gap(exchange=event.exchange, symbol=event.symbol, channel="trades",
                                         start=state.last_ts, end=ts,
                                         reason=f"trade ids {span} missing ({missing})",
-                                        ts_event=ts, ts_recv=now_ns))
+                                        ts_event=ts, ts_recv=now_ns, first_missing_id=str(last + 1),
+                                        last_missing_id=str(n - 1)))
             if last is None or n > last:
                 state.last_id, state.last_ts = n, ts
         if state.bid is not None and state.ask is not None and event.price is not None \

@@ -36,7 +36,8 @@ from common import quality, streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
 from common.config import Settings
 from common.service import Service
-from schemas import Alert, Candle, Event, Market, Ticker, Trade
+from schemas import Alert, Candle, Event, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
+from services.validator.market_rules import VALIDATOR_RULES
 from services.validator.series import SeriesBook, Staging, StreamRules
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Validator(Service):
     name = "validator"
 
     def __init__(self, settings: Settings, instance: str | None = None,
-                 rules: tuple[quality.Rule, ...] = quality.RULES) -> None:
+                 rules: tuple[quality.Rule, ...] = VALIDATOR_RULES) -> None:
         super().__init__(settings, instance)
         self.rules = rules
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
@@ -136,7 +137,7 @@ class Validator(Service):
             stream_exchange = delivery.stream.partition(":")[2]
             for event in delivery.events:
                 self.events_in += 1
-                if isinstance(event, (Trade, Candle, Ticker, Market)):
+                if isinstance(event, (Trade, Candle, Ticker, Market, OrderBook, FundingRate, OpenInterest)):
                     self.validate(event, stream_exchange, ctx, staging, out, alerts, gaps)
                 elif isinstance(event, Alert):
                     forwarded.append(event)
