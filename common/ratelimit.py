@@ -73,6 +73,8 @@ class ExchangeLimit:
 # per IP; /info candleSnapshot costs 20 plus more for long answers (we charge 20 + 5000/60 ~ 104 rounded up).
 EXCHANGE_LIMITS: dict[str, ExchangeLimit] = {
     "binance": ExchangeLimit(6000, 60.0, 2, 20, "x-mbx-used-weight-1m", "Binance spot REQUEST_WEIGHT"),
+    # Binance USD-M: REQUEST_WEIGHT 2400/min; GET /fapi/v1/klines weight 5 at limit 500..1000; exchangeInfo 1.
+    "binanceusdm": ExchangeLimit(2400, 60.0, 5, 1, "x-mbx-used-weight-1m", "Binance USD-M REQUEST_WEIGHT"),
     "coinbase": ExchangeLimit(600, 60.0, 1, 4, None, "Coinbase public REST 10 requests/s"),
     "hyperliquid": ExchangeLimit(1200, 60.0, 104, 20, None, "Hyperliquid 1200 weight/min per IP"),
 }

@@ -1,6 +1,7 @@
 """The coverage ledger (PostgreSQL table `coverage`, migration 0004): which time ranges of a series are
-fetched-and-verified ('covered', by source rest / archive / live) and which the source showed to be empty,
-with the evidence. Everything else is a hole.
+fetched-and-verified ('covered', by source rest / archive / live), which the source showed to be empty,
+with the evidence, and which the exchange no longer serves at all ('unfetchable', migration 0005: history
+older than an exchange's cap, with the cap as evidence). Everything else is a hole.
 
 Why a ledger and not "the last stored candle": a backfill resumes from what was recorded, not from the newest
 point in InfluxDB, so a page that failed in the middle of a run is fetched again instead of being skipped; and
@@ -11,9 +12,10 @@ Rules, all applied in one transaction per `record()` under a per-series advisory
 of one series queue; different series do not block each other):
 - covered ranges of one (series, source) are merged with the rows they overlap or touch;
 - a covered range is cut out of every 'empty' row of the series (data that exists is not empty);
-- an empty range is first cut down by what is covered (any source), then merged with the 'empty' rows of its
-  source it overlaps or touches; their evidence lists are joined (capped at `EVIDENCE_CAP` entries plus a
-  {"more": n} count).
+- an empty (or unfetchable) range is first cut down by what is covered (any source), then merged with the
+  rows of its state and source it overlaps or touches; their evidence lists are joined (capped at
+  `EVIDENCE_CAP` entries plus a {"more": n} count);
+- a covered range is cut out of 'unfetchable' rows too (whatever is stored is not missing).
 Record a range only after its candles are durable in InfluxDB: the ledger must never claim more than is
 stored. Re-recording what is recorded changes nothing but `updated_at`: writers are idempotent.
 """
@@ -59,6 +61,7 @@ class Coverage:
     series: Series
     covered: dict[str, list[Span]] = field(default_factory=dict)  # source -> disjoint sorted spans
     empty: list[EmptyRange] = field(default_factory=list)
+    unfetchable: list[EmptyRange] = field(default_factory=list)  # beyond the exchange's history cap
 
     def covered_all(self) -> list[Span]:
         return merge(s for spans in self.covered.values() for s in spans)
@@ -66,12 +69,16 @@ class Coverage:
     def empty_all(self) -> list[Span]:
         return merge(e.span for e in self.empty)
 
+    def unfetchable_all(self) -> list[Span]:
+        return merge(e.span for e in self.unfetchable)
+
     def known(self) -> list[Span]:
-        """Covered or known empty: what a backfill need not fetch again."""
-        return merge([*self.covered_all(), *self.empty_all()])
+        """Covered, known empty or unfetchable: what a backfill need not (or cannot) fetch again."""
+        return merge([*self.covered_all(), *self.empty_all(), *self.unfetchable_all()])
 
     def holes(self, window: Span | None = None) -> list[Span]:
-        """What is neither covered nor known empty, inside `window` (default: first to last recorded time)."""
+        """What is neither covered, known empty nor unfetchable, inside `window` (default: first to last
+        recorded time)."""
         known = self.known()
         if window is None:
             if not known:
@@ -138,13 +145,16 @@ class Ledger:
         await self.pool.close()
 
     async def record(self, series: Series, source: Source, covered: Iterable[Span] = (),
-                     empty: Iterable[tuple[Span, dict[str, Any]]] = ()) -> None:
-        """Record `covered` spans and `empty` (span, evidence) of `series` from `source`, in one transaction."""
+                     empty: Iterable[tuple[Span, dict[str, Any]]] = (),
+                     unfetchable: Iterable[tuple[Span, dict[str, Any]]] = ()) -> None:
+        """Record `covered` spans, `empty` and `unfetchable` (span, evidence) of `series` from `source`, in one
+        transaction."""
         if source not in SOURCES:
             raise ValueError(f"ledger source {source!r} is not one of {', '.join(SOURCES)}")
         covered = merge(covered)
         empty = list(empty)
-        if not covered and not empty:
+        unfetchable = list(unfetchable)
+        if not covered and not empty and not unfetchable:
             return
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 4))",
@@ -153,6 +163,8 @@ class Ledger:
                 await self._add_covered(conn, series, source, covered)
             for span, evidence in empty:
                 await self._add_empty(conn, series, source, span, evidence)
+            for span, evidence in unfetchable:
+                await self._add_empty(conn, series, source, span, evidence, state="unfetchable")
 
     async def _near(self, conn: asyncpg.Connection, series: Series, state: str, source: str | None,
                     hull: Span) -> list[asyncpg.Record]:
@@ -178,21 +190,23 @@ class Ledger:
         if merged != sorted(_span(r["span"]) for r in touched):
             await self._replace(conn, series, "covered", source, [r["id"] for r in touched],
                                 [(s, []) for s in merged])
-        # Data that exists is not empty: cut covered spans out of every source's empty rows.
-        for row in await self._near(conn, series, "empty", None, hull):
-            span = _span(row["span"])
-            rest = subtract([span], covered)
-            if rest == [span]:
-                continue
-            await self._replace(conn, series, "empty", row["source"], [row["id"]],
-                                [(s, _json(row["evidence"])) for s in rest])
+        # Data that exists is neither empty nor missing: cut covered spans out of every source's empty and
+        # unfetchable rows.
+        for state in ("empty", "unfetchable"):
+            for row in await self._near(conn, series, state, None, hull):
+                span = _span(row["span"])
+                rest = subtract([span], covered)
+                if rest == [span]:
+                    continue
+                await self._replace(conn, series, state, row["source"], [row["id"]],
+                                    [(s, _json(row["evidence"])) for s in rest])
 
     async def _add_empty(self, conn: asyncpg.Connection, series: Series, source: str, span: Span,
-                         evidence: dict[str, Any]) -> None:
+                         evidence: dict[str, Any], state: str = "empty") -> None:
         covered_rows = await self._near(conn, series, "covered", None, span)
         pieces = subtract([span], [_span(r["span"]) for r in covered_rows])
         for piece in pieces:
-            rows = await self._near(conn, series, "empty", source, piece)
+            rows = await self._near(conn, series, state, source, piece)
             merged = merge([piece, *(_span(r["span"]) for r in rows)])
             if len(rows) == 1 and merged == [_span(rows[0]["span"])] and evidence in _json(rows[0]["evidence"]):
                 continue  # already recorded, with this evidence: nothing changes
@@ -200,7 +214,7 @@ class Ledger:
             for r in rows:
                 joined = join_evidence(joined, _json(r["evidence"]))
             joined = join_evidence(joined, [evidence])
-            await self._replace(conn, series, "empty", source, [r["id"] for r in rows],
+            await self._replace(conn, series, state, source, [r["id"] for r in rows],
                                 [(s, joined) for s in merged])
 
     async def coverage(self, series: Series) -> Coverage:
@@ -240,13 +254,15 @@ def _json(value: Any) -> Any:
 def _coverage(series: Series, rows: Iterable[asyncpg.Record]) -> Coverage:
     covered: dict[str, list[Span]] = defaultdict(list)
     empty: list[EmptyRange] = []
+    unfetchable: list[EmptyRange] = []
     for r in rows:
         span = _span(r["span"])
         if r["state"] == "covered":
             covered[r["source"]].append(span)
         else:
-            empty.append(EmptyRange(span, r["source"], tuple(_json(r["evidence"]))))
-    return Coverage(series, {k: merge(v) for k, v in covered.items()}, empty)
+            (empty if r["state"] == "empty" else unfetchable).append(
+                EmptyRange(span, r["source"], tuple(_json(r["evidence"]))))
+    return Coverage(series, {k: merge(v) for k, v in covered.items()}, empty, unfetchable)
 
 
 def percent(part: int, whole: int) -> float:

@@ -6,13 +6,15 @@ Exchanges differ in how much history REST serves (the table below is also in doc
 | exchange    | candles per request | how far back                         | minutes without trades        |
 |-------------|---------------------|--------------------------------------|-------------------------------|
 | binance     | 1000                | since the market's listing           | a candle with zero volume     |
+| binanceusdm | 1000 (weight 5)     | since the market's listing           | a candle with zero volume     |
 | coinbase    | 300                 | since listing                        | no candle (recorded as empty) |
-| hyperliquid | 5000                | only the latest 5,000 candles per    | a candle                      |
+| hyperliquid | 5000                | only the latest 5,000 candles per    | no candle (recorded as empty) |
 |             |                     | timeframe: older ones are gone       |                               |
 
-For a capped exchange the plan says so (`notices`), fetches what exists and leaves the older part of the
-requested span as a hole in the ledger: not empty (the market traded then) and not fetchable. The live
-collector records forward from now on, so the hole does not grow.
+For a capped exchange the plan says so (`notices`), fetches what exists and records the older part of the
+requested span as 'unfetchable' in the ledger (`unfetchable`, with `unfetchable_evidence`): not empty (the
+market traded then) and not a hole (no request can fill it). The live collector records forward from now
+on, so the range does not grow.
 
 `plan_backfill` is pure (no network, no database): tests and `mdp backfill --plan` use it as it is.
 """
@@ -20,6 +22,7 @@ collector records forward from now on, so the hole does not grow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.backfill.span import Span, ceil_to, intersect, iso, subtract, timeframe_ns, total
 
@@ -31,15 +34,19 @@ class ExchangeHistory:
     page_limit: int  # candles per request at most
     depth_candles: int | None = None  # only the latest N candles per timeframe exist (None: no cap)
     sparse: bool = False  # no candle for an interval without trades
+    # One answer holds every candle of the page's time range (the request is a start..end range of at most
+    # page_limit slots): no confirming request after the last candle returned (rest.py).
+    whole_range: bool = False
     note: str = ""
 
 
 HISTORY: dict[str, ExchangeHistory] = {
     "binance": ExchangeHistory(1000, note="full history since listing, 1000 candles per request"),
     "binanceus": ExchangeHistory(1000, note="full history since listing, 1000 candles per request"),
-    "coinbase": ExchangeHistory(300, sparse=True,
+    "binanceusdm": ExchangeHistory(1000, note="full history since listing, 1000 candles per request (weight 5)"),
+    "coinbase": ExchangeHistory(300, sparse=True, whole_range=True,
                                 note="300 candles per request; no candle for intervals without trades"),
-    "hyperliquid": ExchangeHistory(5000, depth_candles=5000,
+    "hyperliquid": ExchangeHistory(5000, depth_candles=5000, sparse=True, whole_range=True,
                                    note="keeps only the latest 5,000 candles per timeframe"),
 }
 DEFAULT_HISTORY = ExchangeHistory(500, note="history depth unknown; 500 candles per request")
@@ -67,6 +74,8 @@ class BackfillPlan:
     pages: list[Page]
     step_ns: int
     notices: list[str] = field(default_factory=list)
+    unfetchable: Span | None = None  # the part of `requested` older than the exchange keeps
+    unfetchable_evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
     def candles_todo(self) -> int:
@@ -101,26 +110,33 @@ def plan_backfill(exchange: str, symbol: str, timeframe: str, requested: Span, n
     limit = min(page_limit or history.page_limit, history.page_limit)
     notices: list[str] = []
     fetchable: Span | None = requested
+    unfetchable: Span | None = None
+    evidence: dict[str, Any] = {}
     if history.depth_candles is not None:
         oldest = ceil_to(now_ns - history.depth_candles * step, step)
         notices.append(
             f"{exchange} {history.note}: the oldest {timeframe} candle it still has opens about {iso(oldest)}; "
-            f"years of history cannot be fetched there. Fetching what exists; the live collector records "
-            f"{symbol} forward from now (docs/backfill.md, 'Exchanges that cap history').")
-        if oldest >= requested.end:
-            fetchable = None
-        elif oldest > requested.start:
-            fetchable = Span(oldest, requested.end)
-            notices.append(f"{(oldest - requested.start) // step:,} of the {requested.duration // step:,} "
-                           f"requested {timeframe} candles ({iso(requested.start)} .. {iso(oldest)}) are "
-                           f"older than that and stay a hole in the ledger")
+            f"older history does not exist on the exchange and cannot be fetched there. Fetching what exists; "
+            f"the live collector records {symbol} forward from now (docs/backfill.md, 'Per exchange').")
+        if oldest > requested.start:
+            unfetchable = Span(requested.start, min(oldest, requested.end))
+            fetchable = Span(oldest, requested.end) if oldest < requested.end else None
+            notices.append(f"{unfetchable.duration // step:,} of the {requested.duration // step:,} "
+                           f"requested {timeframe} candles ({iso(unfetchable.start)} .. {iso(unfetchable.end)}) "
+                           f"are older than that: recorded as unfetchable in the ledger (`mdp coverage` shows "
+                           f"them)")
+            # Stable across runs (no times in it), so a rerun that extends the range keeps one evidence entry.
+            evidence = {"kind": "exchange_history_cap",
+                        "reason": f"{exchange} {history.note}: older {timeframe} candles do not exist there",
+                        "cap_candles": history.depth_candles}
     if history.sparse:
-        notices.append(f"{exchange}: {history.note}; such intervals are recorded as known empty, with the "
-                       f"request as evidence")
+        notices.append(f"{exchange} makes no {timeframe} candle for an interval without trades: such intervals "
+                       f"are recorded as known empty, with the request as evidence")
     todo = subtract(intersect([fetchable], fetchable) if fetchable else [], known or [])
     pages = [Page(Span(t, min(t + limit * step, span.end)))
              for span in todo for t in range(span.start, span.end, limit * step)]
-    return BackfillPlan(exchange, symbol, timeframe, requested, fetchable, todo, pages, step, notices)
+    return BackfillPlan(exchange, symbol, timeframe, requested, fetchable, todo, pages, step, notices,
+                        unfetchable, evidence)
 
 
 __all__ = ["DEFAULT_HISTORY", "HISTORY", "BackfillPlan", "ExchangeHistory", "Page", "history_of",

@@ -7,8 +7,12 @@ endTime = its end - 1 ms, so one request normally answers for the whole page. Wh
   exchange has no candle there (it returns the first `limit` candles at or after startTime, in order);
 - after the last candle returned: proven only by an answer with startTime just after it that returns
   nothing; such a confirming request is made (it is one more request for pages that end in a gap, e.g. an
-  outage or the end of a market, and it also catches an exchange that returns fewer rows than asked).
-Each empty range is recorded with that evidence: the request, and the candles on either side.
+  outage or the end of a market, and it also catches an exchange that returns fewer rows than asked) -
+  except on exchanges whose answer holds every candle of the requested time range (`whole_range`: Coinbase's
+  start..end of at most 300 buckets, Hyperliquid's startTime..endTime of at most 5,000): there the one
+  answer proves the whole page, and a sparse market (Coinbase makes no candle for a minute without trades)
+  costs no extra requests.
+Each empty range is recorded with that evidence: the page, the requests, and the candles on either side.
 
 Answers that are HTTP 200 but malformed (ccxt then returns rows of None, FACTS.md) are asked again up to
 twice; what stays malformed goes to validation, which rejects it with an alert, and the minute stays a hole
@@ -44,7 +48,7 @@ class FetchError(RuntimeError):
 
 class PageFetcher:
     def __init__(self, rest: BudgetedExchange, series: Series, step_ns: int, page_limit: int, weight: int,
-                 checker: Checker, retries: int = 5) -> None:
+                 checker: Checker, retries: int = 5, whole_range: bool = False) -> None:
         self.rest = rest
         self.series = series
         self.step = step_ns
@@ -52,6 +56,7 @@ class PageFetcher:
         self.weight = weight
         self.checker = checker
         self.retries = retries
+        self.whole_range = whole_range
         self.dropped_outside = 0
         self.malformed_retries = 0
         self.confirm_requests = 0
@@ -109,8 +114,8 @@ class PageFetcher:
                     got += 1
                 else:
                     self.dropped_outside += 1
-            if not got:
-                break  # the exchange has nothing in [cursor, span.end)
+            if not got or self.whole_range:
+                break  # the exchange has nothing (more) in [cursor, span.end)
             cursor = max(raw) + step
             if cursor < span.end:
                 self.confirm_requests += 1
@@ -132,7 +137,7 @@ class PageFetcher:
                 "rest_no_candles",
                 f"{s.exchange} returned no {s.timeframe} candle opening in {gap} to fetch_ohlcv "
                 f"(startTime/endTime bounded requests of this page)",
-                before, after, requests=requests[-3:])))
+                before, after, page=str(span), requests=requests[-3:])))
         return Batch(series=s, candles=checked.stored, covered=runs((c.open_time for c in checked.stored), step),
                      empty=empty, alerts=checked.alerts, rejected=checked.rejected)
 

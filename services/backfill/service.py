@@ -68,6 +68,7 @@ class RunStats:
     candles: int = 0
     rejected: int = 0
     empty_candles: int = 0
+    unfetchable_candles: int = 0  # requested but older than the exchange keeps (recorded as unfetchable)
     alerts: int = 0
     throttled_429: int = 0
     banned_418: int = 0
@@ -81,7 +82,10 @@ class RunStats:
     def summary(self) -> str:
         rate = self.requests / self.fetch_s if self.fetch_s else 0.0
         return (f"{'interrupted' if self.interrupted else 'done'}: {self.candles:,} candles stored, "
-                f"{self.empty_candles:,} known empty, {self.rejected:,} rejected ({self.alerts:,} alerts), "
+                f"{self.empty_candles:,} known empty, "
+                + (f"{self.unfetchable_candles:,} unfetchable (older than the exchange keeps), "
+                   if self.unfetchable_candles else "")
+                + f"{self.rejected:,} rejected ({self.alerts:,} alerts), "
                 f"{self.pages:,} pages, {self.requests:,} requests ({rate:.1f}/s while fetching, weight {self.weight:,}), "
                 f"{self.throttled_429} x 429, {self.banned_418} x 418, in {self.elapsed_s:.1f} s")
 
@@ -203,6 +207,9 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
                     say(f"notice: {notice}")
                 say(f"plan: {plan.describe()}")
                 plans.append(plan)
+                if plan.unfetchable is not None and not request.plan_only:
+                    stats.unfetchable_candles += plan.unfetchable.duration // plan.step_ns
+                    await _record_unfetchable(ledger, series, plan, known)
         stats.plans = plans
         if request.plan_only or not any(p.pages for p in plans):
             if not request.plan_only:
@@ -232,7 +239,7 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
                     continue
                 series = Series(plan.exchange, plan.symbol, plan.timeframe)
                 fetcher = PageFetcher(rest, series, plan.step_ns, history.page_limit, budget.limit.ohlcv_weight,
-                                      checker, settings.backfill.retries)
+                                      checker, settings.backfill.retries, whole_range=history.whole_range)
                 progress.label = f"{plan.exchange} {plan.symbol} {plan.timeframe}"
                 await _pipeline(plan, fetcher, sink, concurrency, max(1, settings.backfill.write_pages),
                                 stop.event, progress, stats)
@@ -254,6 +261,16 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
         await influx.close()
         await redis.aclose()
         await ledger.close()
+
+
+async def _record_unfetchable(ledger: Ledger, series: Series, plan: BackfillPlan, known: list[Span]) -> None:
+    """Record the part of the request older than the exchange keeps as 'unfetchable' (with the cap as the
+    evidence), less what the ledger already knows: `mdp coverage` then shows it as such, not as a hole.
+    Nothing is stored for it, so recording it first claims nothing about InfluxDB."""
+    assert plan.unfetchable is not None
+    pieces = subtract([plan.unfetchable], known)
+    if pieces:
+        await ledger.record(series, "rest", unfetchable=[(piece, plan.unfetchable_evidence) for piece in pieces])
 
 
 # ---------------------------------------------------------------------------------------------------------

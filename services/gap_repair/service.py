@@ -1,0 +1,131 @@
+"""The gap repair service: reads mdp:gaps (consumer group "gap_repair") and scans the stored candles, and
+answers every hole with the missing data, a proven-empty range, or an alert (docs/gap-repair.md).
+
+Delivery: a Gap entry is acknowledged only after its repair's effect is durable (InfluxDB answered 204, the
+ledger transaction committed) or the gap is recorded as unrepairable; its alerts (info audits, error
+`gap.unrepaired`) are published and the entry acknowledged in one MULTI/EXEC. A store that is down
+(InfluxDB, PostgreSQL) raises StoreUnavailable: the bus retries the same entries in place, nothing is
+acknowledged meanwhile. The exchange being down is not a store failure: after `gap_repair.retries` attempts
+the gap becomes an unrepaired alert (the scan tries candle holes again later). Repeating a Gap is harmless:
+what is stored is not fetched again and a trade is written once.
+
+The scan runs every `gap_repair.scan_interval_s` beside the consumer (services/gap_repair/scan.py).
+
+Counters (heartbeat, `mdp status`): gaps_in; per Gap outcome gaps_repaired, gaps_empty, gaps_explained,
+gaps_unrepaired; per scan outcome scan_repaired, scan_empty, scan_explained, scan_unrepaired; scans,
+scan_holes, scan_failures; candles_repaired, candles_empty, candles_rejected, trades_repaired,
+trades_rejected; alerts; plus the bus consumer's delivered/acked/dead_lettered/failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from common import streams
+from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, sleep_unless
+from common.config import Settings
+from common.influx import InfluxClient
+from common.service import Service
+from schemas import Event, Gap
+from services.backfill.ingest import Checker, Sink
+from services.backfill.ledger import Ledger
+from services.gap_repair.candles import CandleRepair
+from services.gap_repair.outcome import SOURCE
+from services.gap_repair.repair import Repairer
+from services.gap_repair.scan import Scanner
+from services.gap_repair.trades import TradeRepair
+from services.gap_repair.venues import Venues
+
+log = logging.getLogger(__name__)
+
+GROUP = "gap_repair"
+_PG_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+
+
+async def build_repairer(settings: Settings, redis: object, producer: Producer,
+                         ledger: Ledger, influx: InfluxClient) -> tuple[Repairer, Venues]:
+    """The repairer on open store clients (the service's, or a test's)."""
+    venues = Venues(settings, redis)  # type: ignore[arg-type]
+    sink = Sink(influx, ledger, producer, "rest")
+    candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries)
+    trades = TradeRepair(settings, venues, sink)
+    return Repairer(settings, candles, trades, Scanner(influx, ledger, sink)), venues
+
+
+class GapRepair(Service):
+    name = "gap_repair"
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        super().__init__(settings, instance)
+        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
+        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
+                                 selector=StreamSelector(names=[streams.GAPS]), producer=self.producer)
+        self.influx = InfluxClient(settings.influx)
+        self.ledger: Ledger | None = None
+        self.venues: Venues | None = None
+        self.repairer: Repairer | None = None
+        self.alerts = 0
+        self.ignored = 0
+
+    def counters(self) -> dict[str, int]:
+        s = self.consumer.stats
+        out = {"alerts": self.alerts, "ignored": self.ignored, "delivered": s.delivered, "acked": s.acked,
+               "dead_lettered": s.dead_lettered, "failures": s.failures}
+        if self.repairer is not None:
+            out.update(self.repairer.counts)
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.ledger = await Ledger.connect(self.settings.postgres.dsn)
+        self.repairer, self.venues = await build_repairer(self.settings, self.redis, self.producer, self.ledger,
+                                                          self.influx)
+        self.state = "running"
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.consumer.run(self.handle, stop))
+            tg.create_task(self._scan_loop(stop))
+
+    async def close(self) -> None:
+        if self.venues is not None:
+            await self.venues.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+        await self.influx.close()
+        await super().close()
+
+    async def handle(self, batch: list[Delivery]) -> Outputs:
+        """Repair every Gap of the batch; the alerts go out with the acknowledgement."""
+        assert self.repairer is not None
+        alerts: list[Event] = []
+        for delivery in batch:
+            for event in delivery.events:
+                if not isinstance(event, Gap):
+                    self.ignored += 1
+                    continue
+                try:
+                    out = await self.repairer.repair_gap(event)
+                except _PG_DOWN as exc:
+                    raise StoreUnavailable(f"PostgreSQL (coverage ledger) is unavailable: {exc}") from exc
+                alerts.extend(out.alerts)
+        self.alerts += len(alerts)
+        return {streams.ALERTS: alerts} if alerts else {}
+
+    async def _scan_loop(self, stop: asyncio.Event) -> None:
+        assert self.repairer is not None
+        interval = max(1.0, self.settings.gap_repair.scan_interval_s)
+        while not stop.is_set():
+            try:
+                alerts = await self.repairer.scan()
+                if alerts:
+                    await self.producer.publish({streams.ALERTS: list(alerts)})
+                    self.alerts += len(alerts)
+            except (StoreUnavailable, *_PG_DOWN) as exc:
+                self.repairer.counts["scan_failures"] += 1
+                log.error("scan failed, a store is unavailable (next scan in %.0f s): %s", interval, exc)
+            if await sleep_unless(stop, interval):
+                return
+
+
+__all__ = ["GROUP", "GapRepair", "build_repairer"]

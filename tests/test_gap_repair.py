@@ -1,0 +1,466 @@
+"""The gap repair service against the simulator through the real ccxt, into a real InfluxDB, PostgreSQL ledger
+and Redis: candle and trade gaps repaired (once), empty windows proven, what cannot be repaired alerted,
+holes found by the scan; and the simulator's trade history endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from common import streams
+from common.bus import Producer
+from common.config import Settings, load_settings
+from common.influx import InfluxClient, encode_trades
+from schemas import Alert, Codec, Gap, Trade
+from services.backfill.ledger import Ledger, Series
+from services.backfill.span import NS, Span, from_datetime
+from services.gap_repair.repair import Repairer
+from services.gap_repair.service import GapRepair, build_repairer
+from services.normalizer.service import canonical_decimal
+from services.simulator import Simulator, start_simulator
+from services.simulator.recording import Trade as RecordedTrade
+from services.validator.series import SeriesBook, StreamRules
+from tools.localstores import LocalServer
+
+ROOT = Path(__file__).resolve().parent.parent
+MIN = 60 * NS
+MS = 1_000_000
+OUTAGE = from_datetime(datetime(2023, 3, 24, 13, 0))  # a real Binance outage hour: no candles served
+DAY = from_datetime(datetime(2022, 6, 1))  # history the simulator serves (derived 1m from real 1h bars)
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arrange helpers
+
+
+def gap_settings(sim: Simulator, redis_server: LocalServer, influx_server: LocalServer, dsn: str,
+                 **gap_repair: Any) -> Settings:
+    env = {"MDP_REDIS_URL": redis_server.url, "MDP_INFLUX_URL": influx_server.url, "MDP_POSTGRES_DSN": dsn,
+           "MDP_INFLUX_DATABASE": f"gr_{uuid.uuid4().hex[:8]}", "MDP_SIMULATOR_URL": sim.rest_url}
+    settings = load_settings(ROOT / "config" / "simulator.toml", env=env)
+    cfg = msgspec.structs.replace(settings.gap_repair, **{"retries": 1, **gap_repair})
+    return msgspec.structs.replace(settings, gap_repair=cfg)
+
+
+@pytest.fixture
+async def ledger(postgres_dsn: str) -> AsyncIterator[Ledger]:
+    led = await Ledger.connect(postgres_dsn)
+    await led.pool.execute("DELETE FROM coverage")
+    yield led
+    await led.close()
+
+
+@asynccontextmanager
+async def repairer(settings: Settings, ledger: Ledger) -> AsyncIterator[Repairer]:
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    influx = InfluxClient(settings.influx)
+    rep, venues = await build_repairer(settings, redis, Producer(redis, Codec(), settings.bus, "test"), ledger,
+                                       influx)
+    try:
+        yield rep
+    finally:
+        await venues.close()
+        await influx.close()
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[GapRepair]:
+    service = GapRepair(settings, "test")
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await service.close()
+
+
+async def until(what: str, check: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    """Poll `check` until it returns something true, within a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.05)
+
+
+def candle_gap(start: int, end: int, reason: str = "3 closed 1m bar(s) missing") -> Gap:
+    return Gap(exchange="binance", symbol="BTC/USDT", channel="candle:1m", start=start, end=end, reason=reason,
+               ts_event=end, ts_recv=time.time_ns())
+
+
+async def stored_candles(settings: Settings, start: int, end: int) -> list[dict[str, Any]]:
+    async with InfluxClient(settings.influx) as influx:
+        await influx.ensure_tiers()
+        return await influx.query_timeframe(
+            "1m", "SELECT open, high, low, close, volume FROM ohlcv WHERE exchange = 'binance' AND "
+            "symbol = 'BTC/USDT' AND timeframe = '1m' AND time >= $lo AND time < $hi",
+            {"lo": start, "hi": end}, exact=True)
+
+
+async def stored_trades(settings: Settings) -> list[dict[str, Any]]:
+    async with InfluxClient(settings.influx) as influx:
+        await influx.ensure_tiers()
+        return await influx.query_timeframe(
+            "ticks", "SELECT price, amount, side, trade_id FROM trades WHERE exchange = 'binance' AND "
+            "symbol = 'BTC/USDT'", exact=True)
+
+
+def as_served(sim: Simulator, start: int, end: int) -> list[dict[str, Any]]:
+    rows = sim.candles_between("BTCUSDT", start // MS, end // MS - 1, 1000)
+    return [{"time": c.open_time * MS, **{k: Decimal(getattr(c, k)).normalize() for k in
+                                          ("open", "high", "low", "close", "volume")}} for c in rows]
+
+
+def normalized(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: (Decimal(v).normalize() if k != "time" else v) for k, v in r.items()} for r in rows]
+
+
+async def alerts_on_bus(redis: aioredis.Redis) -> list[Alert]:
+    codec = Codec()
+    out: list[Alert] = []
+    for _id, fields in await redis.xrange(streams.ALERTS):
+        out.extend(e for e in codec.decode_entry(fields) if isinstance(e, Alert))
+    return out
+
+
+async def replay_dropping(sim: Simulator, after: int, count: int) -> list[int]:
+    """Replay the recording flat out, dropping `count` trades once `after` trades went by; the dropped ids."""
+    sim.restart()
+    while sim.trades_replayed < after:
+        await asyncio.sleep(0)
+    sim.inject("drop_trades", count=count)
+    await sim.wait_finished(60)
+    dropped: list[int] = sim.status()["dropped_trade_ids"]
+    assert len(dropped) == count
+    return dropped
+
+
+def live_trade(t: RecordedTrade) -> Trade:
+    """The trade the live pipeline stores for a recorded one (what the normalizer publishes)."""
+    return Trade(exchange="binance", symbol="BTC/USDT", trade_id=str(t.id), price=canonical_decimal(Decimal(t.price)),
+                 amount=canonical_decimal(Decimal(t.qty)), side=t.side, ts_event=t.time * MS, ts_recv=t.time * MS)
+
+
+async def store_live(settings: Settings, trades: list[Trade]) -> None:
+    """Write trades as the influx writer does (same encoder, same tier)."""
+    async with InfluxClient(settings.influx) as influx:
+        await influx.ensure_tiers()
+        await influx.write_tier(influx.plan.ticks, encode_trades(trades))
+
+
+def validator_gaps(settings: Settings, trades: list[Trade]) -> list[Gap]:
+    """The Gap events the validator's stream rules publish for this sequence of live trades."""
+    rules, book = StreamRules(settings.quality), SeriesBook(10)
+    gaps: list[Gap] = []
+    for t in trades:
+        staging = book.stage()
+        gaps.extend(rules.judge(t, staging, t.ts_event).gaps)
+        staging.commit()
+    return gaps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Candles
+
+
+async def test_candle_gap_is_repaired_into_influxdb_and_the_ledger_once(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        start, end = DAY + 10 * 60 * MIN, DAY + 10 * 60 * MIN + 30 * MIN
+        async with repairer(settings, ledger) as rep:
+            # Act
+            first = await rep.repair_gap(candle_gap(start, end))
+            klines_after_first = sim.status()["rest"]["requests"]["klines"]
+            rows_after_first = await ledger.rows(Series("binance", "BTC/USDT", "1m"))
+            again = await rep.repair_gap(candle_gap(start, end))
+
+        # Assert: the 30 candles as the exchange serves them, in InfluxDB and covered in the ledger; an audit
+        # alert; the repeated Gap fetches nothing and changes nothing.
+        assert first.state == "repaired" and first.repaired == 30 and first.unrepaired == []
+        assert normalized(await stored_candles(settings, start, end)) == as_served(sim, start, end)
+        assert len(as_served(sim, start, end)) == 30
+        assert rows_after_first == [("covered", "rest", Span(start, end), [])]
+        assert [a.rule for a in first.alerts] == ["gap.repaired"] and first.alerts[0].severity == "info"
+        assert again.state == "explained" and again.repaired == 0
+        assert sim.status()["rest"]["requests"]["klines"] == klines_after_first
+        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == rows_after_first
+        assert len(await stored_candles(settings, start, end)) == 30
+        assert rep.counts["gaps_repaired"] == 1 and rep.counts["gaps_explained"] == 1
+        assert rep.counts["candles_repaired"] == 30
+
+
+async def test_a_window_the_exchange_answers_empty_becomes_known_empty_not_an_alert(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        async with repairer(settings, ledger) as rep:
+            # Act: a Gap over a real Binance outage hour
+            out = await rep.repair_gap(candle_gap(OUTAGE, OUTAGE + 60 * MIN, "60 closed 1m bar(s) missing"))
+
+        # Assert
+        assert out.state == "empty" and out.empty == 60 and out.repaired == 0
+        assert [(a.rule, a.severity) for a in out.alerts] == [("gap.explained", "info")]
+        cov = await ledger.coverage(Series("binance", "BTC/USDT", "1m"))
+        assert [e.span for e in cov.empty] == [Span(OUTAGE, OUTAGE + 60 * MIN)]
+        assert cov.empty[0].evidence[0]["kind"] == "rest_no_candles"
+        assert await stored_candles(settings, OUTAGE, OUTAGE + 60 * MIN) == []
+        assert rep.counts["gaps_empty"] == 1 and rep.counts["candles_empty"] == 60
+
+
+async def test_rest_down_after_bounded_retries_is_an_unrepaired_alert(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, retries=1)
+        start, end = DAY, DAY + 5 * MIN
+        async with repairer(settings, ledger) as rep:
+            await rep.candles.venues.get("binance")  # markets loaded: the klines requests are what fails
+            sim.inject("http_error", status=503, count=1000)
+
+            # Act
+            out = await rep.repair_gap(candle_gap(start, end))
+
+        # Assert: an error alert naming the series, the window, the cause and what to do; nothing recorded
+        assert out.state == "unrepaired"
+        (alert,) = [a for a in out.alerts if a.rule == "gap.unrepaired"]
+        assert alert.severity == "error" and alert.exchange == "binance" and alert.symbol == "BTC/USDT"
+        assert alert.values["part_start"] == str(start) and alert.values["part_end"] == str(end)
+        assert "REST failed" in alert.reason and "Internal error" in alert.reason and "mdp backfill" in alert.reason
+        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == []
+        assert rep.counts["gaps_unrepaired"] == 1
+
+
+async def test_scan_finds_and_repairs_a_hole_no_gap_announced(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, scan_lookback_s=7200.0,
+                                scan_settle_s=180.0)
+        now = DAY + 12 * 60 * MIN + 30 * NS
+        stored_from, hole = DAY + 10 * 60 * MIN + 30 * MIN, Span(DAY + 11 * 60 * MIN, DAY + 11 * 60 * MIN + 7 * MIN)
+        async with repairer(settings, ledger) as rep:
+            # Arrange: the series is recorded from 10:30 on, except 11:00-11:07, and not in the ledger
+            for part in (Span(stored_from, hole.start), Span(hole.end, now - now % MIN)):
+                await rep.candles.repair(Series("binance", "BTC/USDT", "1m"), part, [part], now, "arrange")
+            await ledger.pool.execute("DELETE FROM coverage")
+            klines_before = sim.status()["rest"]["requests"]["klines"]
+
+            # Act
+            alerts = await rep.scan(now)
+
+        # Assert: only the hole was fetched (not 10:00-10:30, before the series was recorded, nor the last
+        # settling minutes); every candle since 10:30 is stored as served.
+        assert rep.counts["scan_holes"] == 1 and rep.counts["scan_repaired"] == 1
+        assert sim.status()["rest"]["requests"]["klines"] == klines_before + 1
+        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == [("covered", "rest", hole, [])]
+        last_closed = now - now % MIN
+        assert normalized(await stored_candles(settings, stored_from, last_closed)) == as_served(
+            sim, stored_from, last_closed)
+        assert [a.rule for a in alerts] == ["gap.repaired"] and alerts[0].values["repaired"] == "7"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trades
+
+
+async def test_trade_gap_from_dropped_trades_is_repaired_through_the_bus_exactly_once(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger,
+        redis: aioredis.Redis) -> None:
+    async with start_simulator(speed=0, max_trades=3000, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, trades_page=100)
+        # Arrange: the socket lost 250 trades; the live pipeline stored the others, the validator saw the hole
+        dropped = await replay_dropping(sim, after=1000, count=250)
+        recorded = sim.expected_trades()
+        live = [live_trade(t) for t in recorded if t.id not in set(dropped)]
+        await store_live(settings, live)
+        gaps = validator_gaps(settings, live)
+        assert [(g.channel, g.reason) for g in gaps] == [
+            ("trades", f"trade ids {dropped[0]}..{dropped[-1]} missing (250)")]
+        producer = Producer(redis, Codec(), settings.bus, "test")
+        await producer.publish({streams.GAPS: gaps})
+
+        async with running_service(settings) as service:
+            # Act: the service consumes the Gap; then the same Gap again
+            await until("the dropped trades in InfluxDB", lambda: _count_is(settings, len(recorded)))
+            await until("the Gap acknowledged", lambda: _acked(service, 1))
+            await producer.publish({streams.GAPS: gaps})
+            await until("the repeated Gap acknowledged", lambda: _acked(service, 2))
+            counters = service.counters()
+
+        # Assert: every recorded trade exactly once, as recorded; the repeat wrote nothing; nothing pending
+        rows = await stored_trades(settings)
+        assert sorted(int(r["trade_id"]) for r in rows) == [t.id for t in recorded]
+        by_id = {int(r["trade_id"]): r for r in rows}
+        for t in recorded:
+            r = by_id[t.id]
+            assert (Decimal(r["price"]), Decimal(r["amount"]), r["side"]) == (Decimal(t.price), Decimal(t.qty),
+                                                                              t.side)
+        assert counters["gaps_repaired"] == 1 and counters["trades_repaired"] == 250
+        assert counters["gaps_explained"] == 1 and counters["gaps_unrepaired"] == 0
+        assert (await redis.xpending(streams.GAPS, "gap_repair"))["pending"] == 0
+        rules = [a.rule for a in await alerts_on_bus(redis)]
+        assert rules.count("gap.repaired") == 1 and "gap.unrepaired" not in rules
+        assert sim.status()["rest"]["requests"]["historicalTrades"] == 3 * 2  # 250 ids / 100 per page, twice
+
+
+async def test_trade_gap_given_as_a_time_window_is_located_with_aggtrades(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=3000, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, trades_page=50)
+        dropped = await replay_dropping(sim, after=500, count=400)
+        recorded = sim.expected_trades()
+        by_id = {t.id: t for t in recorded}
+        await store_live(settings, [live_trade(t) for t in recorded if t.id not in set(dropped)])
+        # A collector's reconnect marker: only the time window, from the first lost trade to the next one
+        start, end = by_id[dropped[0]].time * MS, by_id[dropped[-1] + 1].time * MS
+        gap = Gap(exchange="binance", symbol="BTC/USDT", channel="trades", start=start, end=end,
+                  reason="websocket reconnect", ts_event=end, ts_recv=end)
+        async with repairer(settings, ledger) as rep:
+            # Act
+            out = await rep.repair_gap(gap)
+
+        # Assert: the lost trades located by aggregate trades (narrowed: the window holds more than a page),
+        # fetched by id, each stored once; trades of the window that arrived live are not rewritten.
+        assert out.state == "repaired" and out.unrepaired == []
+        lost_in_window = [i for i in dropped if by_id[i].time * MS < end]
+        assert out.repaired == len(lost_in_window)
+        assert sim.status()["rest"]["requests"]["aggTrades"] >= 2
+        ids = sorted(int(r["trade_id"]) for r in await stored_trades(settings))
+        assert len(ids) == len(set(ids)) == len(recorded) - len(dropped) + len(lost_in_window)
+        assert set(lost_in_window) <= set(ids)
+
+
+async def test_trades_older_than_the_exchange_serves_are_an_unrepaired_alert(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=300, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        sim.restart()
+        await sim.wait_finished(60)
+        first = sim.expected_trades()[0]
+        gap = Gap(exchange="binance", symbol="BTC/USDT", channel="trades", start=first.time * MS - 10 * NS,
+                  end=first.time * MS, reason=f"trade ids {first.id - 20}..{first.id - 1} missing (20)",
+                  ts_event=first.time * MS, ts_recv=first.time * MS)
+        async with repairer(settings, ledger) as rep:
+            # Act
+            out = await rep.repair_gap(gap)
+
+        # Assert: nothing invented, an error alert saying the exchange no longer serves those ids
+        assert out.state == "unrepaired" and out.repaired == 0
+        (alert,) = [a for a in out.alerts if a.rule == "gap.unrepaired"]
+        assert alert.severity == "error" and f"{first.id - 20}..{first.id - 1}" in alert.reason
+        assert "no longer serves" in alert.reason
+        assert await stored_trades(settings) == []
+
+
+async def test_an_id_gap_inside_one_millisecond_is_repaired(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=300, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        sim.restart()
+        await sim.wait_finished(60)
+        recorded = sim.expected_trades()
+        # Arrange: a trade lost between two neighbours of the same millisecond (the validator's Gap then has
+        # start == end)
+        i = next(k for k in range(1, len(recorded) - 1) if recorded[k - 1].time == recorded[k + 1].time)
+        lost = recorded[i]
+        live = [live_trade(t) for t in recorded if t.id != lost.id]
+        await store_live(settings, live)
+        (gap,) = validator_gaps(settings, live)
+        assert gap.start == gap.end and gap.reason == f"trade ids {lost.id} missing (1)"
+        async with repairer(settings, ledger) as rep:
+            out = await rep.repair_gap(gap)
+        assert out.state == "repaired" and out.repaired == 1
+        assert sorted(int(r["trade_id"]) for r in await stored_trades(settings)) == [t.id for t in recorded]
+
+
+async def test_snapshot_channel_gap_is_explained_not_an_unrepaired_loss(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        gap = Gap(exchange="binance", symbol="BTC/USDT", channel="book", start=DAY, end=DAY + 5 * NS,
+                  reason="websocket reconnect", ts_event=DAY, ts_recv=DAY)
+        async with repairer(settings, ledger) as rep:
+            out = await rep.repair_gap(gap)
+        assert out.state == "explained"
+        assert [(a.rule, a.severity) for a in out.alerts] == [("gap.explained", "info")]
+        assert "snapshot channel" in out.alerts[0].reason
+
+
+async def test_gaps_with_nothing_missing_are_explained_without_asking_the_exchange(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+
+        def trades_gap(start: int, end: int, reason: str) -> Gap:
+            return Gap(exchange="binance", symbol="BTC/USDT", channel="trades", start=start, end=end,
+                       reason=reason, ts_event=end, ts_recv=end)
+
+        async with repairer(settings, ledger) as rep:
+            consecutive = await rep.repair_gap(trades_gap(DAY, DAY + 5 * NS, "websocket reconnect; "
+                                                          "last_trade_id=7, first_trade_id_after=8; no trade id missing"))
+            instant = await rep.repair_gap(trades_gap(DAY, DAY, "stall"))
+            reversed_ = await rep.repair_gap(trades_gap(DAY, DAY - 1, "stall"))
+
+        assert consecutive.state == "explained" and instant.state == "explained"
+        assert reversed_.state == "unrepaired" and "reversed" in reversed_.alerts[0].reason
+        assert sim.status()["rest"]["requests"] == {}  # nothing was asked
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The simulator's trade history
+
+
+async def test_simulator_serves_trade_history_only_up_to_the_replay_position() -> None:
+    async with start_simulator(speed=0, max_trades=2000, start="manual") as sim, aiohttp.ClientSession() as http:
+        url = f"{sim.rest_url}/api.binance.com/api/v3"
+        first = sim.expected_trades()[0]
+
+        async def get(path: str, **params: Any) -> tuple[int, Any]:
+            async with http.get(f"{url}/{path}", params={"symbol": "BTCUSDT", **params}) as resp:
+                return resp.status, await resp.json()
+
+        # Before the replay: nothing has happened yet
+        assert await get("historicalTrades", fromId=first.id) == (200, [])
+        sim.restart()
+        await sim.wait_finished(60)
+        status, rows = await get("historicalTrades", fromId=first.id, limit=3)
+        assert status == 200 and [r["id"] for r in rows] == [first.id, first.id + 1, first.id + 2]
+        assert rows[0] == {"id": first.id, "price": first.price, "qty": first.qty,
+                           "quoteQty": rows[0]["quoteQty"], "time": first.time,
+                           "isBuyerMaker": first.is_buyer_maker, "isBestMatch": first.best_match}
+        assert Decimal(rows[0]["quoteQty"]) == Decimal(first.price) * Decimal(first.qty)
+        last = sim.expected_trades()[-1]
+        assert (await get("historicalTrades", fromId=last.id + 1))[1] == []  # no future trades
+        status, aggs = await get("aggTrades", startTime=first.time, endTime=first.time + 5_000, limit=1000)
+        assert status == 200 and aggs[0]["f"] == first.id and aggs[0]["a"] != first.id
+        assert all(a["l"] + 1 == b["f"] for a, b in itertools.pairwise(aggs))
+        assert (await get("aggTrades", startTime=0, endTime=7_200_000))[1]["code"] == -1127
+        assert (await get("aggTrades", fromId=1, startTime=0))[1]["code"] == -1128
+        assert (await get("historicalTrades", limit=1001))[1]["code"] == -1130
+
+
+async def _count_is(settings: Settings, n: int) -> bool:
+    return len(await stored_trades(settings)) == n
+
+
+async def _acked(service: GapRepair, n: int) -> bool:
+    return service.consumer.stats.acked >= n
