@@ -19,7 +19,7 @@ case "${1:-}" in
     if [ -z "${MDP_SIMULATOR:-}" ]; then
       if grep -q '127.0.0.1:8765' "$config"; then export MDP_SIMULATOR=true; else export MDP_SIMULATOR=false; fi
     fi
-    export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now --wait-for btcusdt@trade --wait-for btcusdt@kline_1m}"
+    export MDP_SIM_ARGS="${MDP_SIM_ARGS:---port 8765 --speed 1 --loop --shift-to-now --wait-for btcusdt@trade --wait-for btcusdt@kline_1m --venue binanceusdm --venue coinbase --venue hyperliquid}"
     if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
       echo "supervisord already runs (pid $(ctl pid)); restarting its programs with $config"
       ctl shutdown >/dev/null; for _ in $(seq 1 100); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done
@@ -39,6 +39,15 @@ case "${1:-}" in
       fi
       sleep 0.5
     done
+    if [ "$MDP_SIMULATOR" = true ]; then  # RUNNING means "up for 2 s"; the simulator may still be loading
+      port=$(echo "$MDP_SIM_ARGS" | sed -n 's/.*--port \([0-9]*\).*/\1/p'); port=${port:-8765}
+      until .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/_sim/status', timeout=2)" 2>/dev/null; do
+        if [ $SECONDS -ge $deadline ]; then
+          echo "error: the simulator does not answer on port $port after ${MDP_START_TIMEOUT:-90} s; read $MDP_RUN_DIR/logs/simulator.log" >&2; exit 1
+        fi
+        sleep 0.5
+      done
+    fi
     echo "$out"
     echo "pipeline running (config $config, logs in $MDP_RUN_DIR/logs). Try: .venv/bin/mdp status"
     ;;
