@@ -66,6 +66,10 @@ bench: deps venv
 	$(BIN)/python -m tools.bench_backfill
 	$(BIN)/python -m tools.bench_postgres
 	$(BIN)/python -m tools.bench_storage
+	$(BIN)/python -m tools.bench_query
+	$(BIN)/python -m tools.bench_gap_repair
+	$(BIN)/python -m tools.bench_collector
+	$(BIN)/python -m tools.bench_faults
 
 lint: venv
 	$(BIN)/python -m ruff check . || true
