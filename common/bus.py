@@ -14,7 +14,9 @@ the handler returned, i.e. after its effect is durable. A handler may return out
 published and the inputs acknowledged in one MULTI/EXEC transaction, so a stage that forwards never
 doubles nor drops an entry. Entries a crashed consumer left pending are taken over with XAUTOCLAIM after
 `claim_idle_ms`. A handler raising `StoreUnavailable` is retried in place with capped backoff (nothing is
-acknowledged, nothing counts against the entry). Any other failure is retried entry by entry; an entry
+acknowledged, nothing counts against the entry), and its entries stay claimed by this consumer meanwhile (XCLAIM
+renewed every third of `claim_idle_ms`), so a sibling consumer never takes them over and processes them twice.
+Any other failure is retried entry by entry; an entry
 delivered `max_deliveries` times without success, or one that cannot be decoded, moves to
 `dlq:{stream}` with the reason and is acknowledged.
 """
@@ -30,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from common import streams
 from common.config import BusSettings
@@ -294,38 +296,61 @@ class Consumer:
         if not good:
             return
         backoff = 0.5
-        while True:
-            started = time.perf_counter()
-            try:
-                outputs = await self._handler(good)
-                await self._ack(good, outputs or {})
-                if self.on_acked is not None:
-                    self.on_acked(good)
-                self._record(good, time.perf_counter() - started)
-                self.stats.state = "running"
-                return
-            except StoreUnavailable as exc:
-                self.stats.store_retries += 1
-                self.stats.state = "degraded"
-                self.stats.last_error = str(exc)
-                log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
-                          len(good), backoff, exc)
-                if await sleep_unless(self._stop, backoff):
-                    return  # stopping: entries stay pending and are redelivered after restart
-                backoff = min(backoff * 2, 30.0)
-            except Exception as exc:  # noqa: BLE001 - isolate the entry that fails, keep the rest flowing
-                self.stats.failures += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                if len(good) == 1:
-                    d = good[0]
-                    self._errors[d.entry_id] = f"{type(exc).__name__}: {exc}"
-                    log.exception("entry %s of %s failed; left pending for redelivery (%d events)",
-                                  d.entry_id, d.stream, len(d.events))
+        hold: asyncio.Task[None] | None = None  # keeps the entries ours while a store is down
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    outputs = await self._handler(good)
+                    await self._ack(good, outputs or {})
+                    if self.on_acked is not None:
+                        self.on_acked(good)
+                    self._record(good, time.perf_counter() - started)
+                    self.stats.state = "running"
                     return
-                log.warning("batch of %d entries failed (%s); retrying entry by entry", len(good), exc)
-                for d in good:
-                    await self._handle([d])
-                return
+                except StoreUnavailable as exc:
+                    self.stats.store_retries += 1
+                    self.stats.state = "degraded"
+                    self.stats.last_error = str(exc)
+                    log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
+                              len(good), backoff, exc)
+                    if hold is None:
+                        hold = asyncio.create_task(self._hold(good), name=f"{self.name}-hold")
+                    if await sleep_unless(self._stop, backoff):
+                        return  # stopping: entries stay pending and are redelivered after restart
+                    backoff = min(backoff * 2, 30.0)
+                except Exception as exc:
+                    self.stats.failures += 1
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    if len(good) == 1:
+                        d = good[0]
+                        self._errors[d.entry_id] = f"{type(exc).__name__}: {exc}"
+                        log.exception("entry %s of %s failed; left pending for redelivery (%d events)",
+                                      d.entry_id, d.stream, len(d.events))
+                        return
+                    log.warning("batch of %d entries failed (%s); retrying entry by entry", len(good), exc)
+                    for d in good:
+                        await self._handle([d])
+                    return
+        finally:
+            if hold is not None:
+                hold.cancel()
+
+    async def _hold(self, deliveries: list[Delivery]) -> None:
+        """While a batch is retried in place, claim its entries for this consumer again every third of
+        `claim_idle_ms`: they are not abandoned but waiting for a store, and a sibling consumer's XAUTOCLAIM
+        would otherwise take them over and process them a second time."""
+        by_stream: dict[str, list[str]] = {}
+        for d in deliveries:
+            by_stream.setdefault(d.stream, []).append(d.entry_id)
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            for stream, ids in by_stream.items():
+                try:
+                    await self.redis.xclaim(stream, self.group, self.name, 0, ids, justid=True)
+                except (RedisError, OSError) as exc:
+                    log.warning("could not renew this consumer's claim on %d entries of %s (%s); after "
+                                "claim_idle_ms another consumer may take them over", len(ids), stream, exc)
 
     def _record(self, good: list[Delivery], seconds: float) -> None:
         self.stats.acked += len(good)

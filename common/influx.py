@@ -63,7 +63,7 @@ from influxdb_client.rest import ApiException
 
 from common.bus import StoreUnavailable
 from common.config import ConfigError, InfluxSettings
-from schemas import Candle, Trade
+from schemas import Candle, FundingRate, OpenInterest, Trade
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,33 @@ def encode_candles(candles: Iterable[CandleFields], out: list[str] | None = None
         key = keys.get((c.exchange, c.symbol, c.timeframe)) or _candle_key(c.exchange, c.symbol, c.timeframe)
         flags = _quality(c.quality) if c.quality else ""
         append(f"{key} open={o},high={h},low={lo},close={cl},volume={v}{flags} {c.open_time}")
+    return lines
+
+
+FUNDING = "funding"
+OPEN_INTEREST = "open_interest"
+
+
+def encode_snapshots(events: Iterable[FundingRate | OpenInterest], out: list[str] | None = None) -> list[str]:
+    """Lines of funding-rate and open-interest events (measurements `funding`: funding_rate, mark_price,
+    index_price, next_funding_time (ns, integer); `open_interest`: amount (contracts), value), tags exchange
+    and symbol, timestamp ts_event. Fields that are None are left out; an event with none is skipped.
+    Idempotent like every point: a redelivered event rewrites the same point."""
+    lines: list[str] = [] if out is None else out
+    for e in events:
+        if isinstance(e, FundingRate):
+            measurement = FUNDING
+            fields = [f"{k}={v}" for k, v in (("funding_rate", e.funding_rate), ("mark_price", e.mark_price),
+                                               ("index_price", e.index_price)) if v is not None]
+            if e.next_funding_time is not None:
+                fields.append(f"next_funding_time={e.next_funding_time}i")
+        else:
+            measurement = OPEN_INTEREST
+            fields = [f"{k}={v}" for k, v in (("amount", e.amount), ("value", e.value)) if v is not None]
+        if not fields:
+            continue
+        key = series_key(measurement, (("exchange", e.exchange), ("symbol", e.symbol)))
+        lines.append(f"{key} {','.join(fields)} {e.ts_event}")
     return lines
 
 
@@ -995,17 +1022,10 @@ class InfluxClient:
 
     # -- querying -------------------------------------------------------------------------------------
 
-    async def query(self, influxql: str, params: Mapping[str, Any] | None = None, database: str | None = None,
-                    exact: bool = False, rp: str = "") -> list[dict[str, Any]]:
-        """Run a read query (GET /query, `epoch=ns`) and return its rows as dicts: the columns (time in ns)
-        plus the series' tags for GROUP BY queries, over every series and statement.
-
-        Bind values with `params` (`WHERE symbol = $symbol`, params={"symbol": "BTC/USDT"}): on 1.x and 2.x
-        they travel as JSON data, never as query text; on 3.x they are inlined as quoted literals. `rp` picks
-        the retention policy (1.x, 2.x; on 3.x it addresses the database "{database}/{rp}"). With
-        `exact=True` numbers with a fraction come back as Decimal, from the server's text (whole numbers stay
-        int: InfluxDB's JSON writes the float 100.0 as `100`). InfluxQueryError when the server reports an
-        error."""
+    async def _get_query(self, influxql: str, params: Mapping[str, Any] | None, database: str | None,
+                         rp: str) -> tuple[str, int, bytes]:
+        """GET /query with the values bound (1.x, 2.x: JSON `params`; 3.x: inlined literals) and the retention
+        policy picked; returns the query as sent, the HTTP status and the body."""
         await self._ready()
         db = database or self.database
         query = {"db": db, "epoch": "ns"}
@@ -1021,7 +1041,44 @@ class InfluxClient:
                 query["params"] = msgspec.json.encode(params).decode()
         query["q"] = influxql
         status, body, _ = await self._request("GET", "/query", query)
+        return influxql, status, body
+
+    async def query(self, influxql: str, params: Mapping[str, Any] | None = None, database: str | None = None,
+                    exact: bool = False, rp: str = "") -> list[dict[str, Any]]:
+        """Run a read query (GET /query, `epoch=ns`) and return its rows as dicts: the columns (time in ns)
+        plus the series' tags for GROUP BY queries, over every series and statement.
+
+        Bind values with `params` (`WHERE symbol = $symbol`, params={"symbol": "BTC/USDT"}): on 1.x and 2.x
+        they travel as JSON data, never as query text; on 3.x they are inlined as quoted literals. `rp` picks
+        the retention policy (1.x, 2.x; on 3.x it addresses the database "{database}/{rp}"). With
+        `exact=True` numbers with a fraction come back as Decimal, from the server's text (whole numbers stay
+        int: InfluxDB's JSON writes the float 100.0 as `100`). InfluxQueryError when the server reports an
+        error."""
+        influxql, status, body = await self._get_query(influxql, params, database, rp)
         return self._rows(influxql, status, body, exact)
+
+    async def query_values(self, influxql: str, params: Mapping[str, Any] | None = None,
+                           database: str | None = None, exact: bool = False,
+                           rp: str = "") -> tuple[list[str], list[list[Any]]]:
+        """`query` for one series, without a dict per row: (columns, value rows) as the server sent them,
+        the parts of a long series (1.x splits one every 10,000 rows) joined in order. Tags are not returned,
+        so use it for queries without GROUP BY (common.history turns the rows into arrays: building a dict
+        per row is most of the client's cost and garbage on a large answer)."""
+        influxql, status, body = await self._get_query(influxql, params, database, rp)
+        try:
+            parsed = (self._results_exact if exact else self._results).decode(body) if status < 300 else None
+        except msgspec.DecodeError:
+            parsed = None
+        if parsed is None or parsed.error or any(result.get("error") for result in parsed.results):
+            self._rows(influxql, status, body, exact)  # raises the InfluxQueryError that says why
+            raise InfluxQueryError(f"{self._where()} answered the query {influxql!r} with HTTP {status}", status)
+        columns: list[str] = []
+        values: list[list[Any]] = []
+        for result in parsed.results:
+            for series in result.get("series") or ():
+                columns = columns or list(series.get("columns") or ())
+                values.extend(series.get("values") or ())
+        return columns, values
 
     async def query_timeframe(self, timeframe: str, influxql: str, params: Mapping[str, Any] | None = None,
                               exact: bool = False) -> list[dict[str, Any]]:
@@ -1127,7 +1184,8 @@ def _error_text(body: bytes) -> str:
 
 __all__ = [
     "OHLCV", "TICKS", "TRADES", "InfluxClient", "InfluxError", "InfluxQueryError", "InfluxWriteError",
-    "StoreUnavailable", "Tier", "TierPlan", "TierTarget", "candle_line", "encode_candles", "encode_trades",
+    "StoreUnavailable", "Tier", "TierPlan", "TierTarget", "candle_line", "encode_candles", "encode_snapshots",
+    "encode_trades",
     "escape_measurement", "escape_string_field", "escape_tag", "generation_of", "influxql_literal",
     "inline_params", "parse_retention", "quote_ident", "retention_text", "series_key", "timeframe_seconds",
     "trade_id_offset", "trade_line", "trade_timestamp",

@@ -116,9 +116,9 @@ class Service:
                         log.error("%s did not stop within 10 s; cancelling", self.name)
                         task.cancel()
             try:
-                await self.heartbeat_once()
-            except Exception:  # noqa: BLE001
-                pass
+                await self.heartbeat_once()  # the "stopping" heartbeat, so mdp status shows a clean stop
+            except Exception as exc:  # noqa: BLE001 - the store may be what stopped us; stopping goes on
+                log.warning("%s: the last heartbeat was not sent (%s)", self.name, exc)
             await self.close()
             log.info("%s stopped", self.name)
 

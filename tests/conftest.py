@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import Settings, load_settings  # noqa: E402
-from tools.localstores import LocalServer, start_influxd, start_redis  # noqa: E402
+from common.config import Settings, load_settings
+from tools.localstores import LocalServer, start_influxd, start_redis
 
 SHARED_DATA = (ROOT.parent / "shared" / "data" / "real").resolve()
 

@@ -79,6 +79,51 @@ async def test_store_unavailable_is_retried_in_place_without_loss(redis) -> None
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
+async def test_entries_retried_in_place_are_not_taken_over_by_a_sibling(redis) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: two consumers of one group; the first reads every entry, then its store is down for 5x
+    # claim_idle_ms, while the second keeps looking for idle entries to take over.
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(i) for i in range(10)]})
+    store_up = asyncio.Event()
+    first: list[object] = []
+    second: list[object] = []
+
+    async def flaky(batch: list[Delivery]) -> None:
+        if not store_up.is_set():
+            raise StoreUnavailable("store down")
+        for d in batch:
+            first.extend(d.events)
+
+    async def sibling(batch: list[Delivery]) -> None:
+        for d in batch:
+            second.extend(d.events)
+
+    c1 = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]))
+    c2 = Consumer(redis, Codec(), FAST, "g", "c2", StreamSelector(names=["s1"]))
+    stop = asyncio.Event()
+    t1 = asyncio.create_task(c1.run(flaky, stop))
+    async with asyncio.timeout(5):
+        while c1.stats.store_retries == 0:
+            await asyncio.sleep(0.01)
+    t2 = asyncio.create_task(c2.run(sibling, stop))
+
+    # Act
+    await asyncio.sleep(5 * FAST.claim_idle_ms / 1000)
+    store_up.set()
+    try:
+        async with asyncio.timeout(10):
+            while len(first) < 10:
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(t1, t2), 5)
+
+    # Assert: the waiting consumer kept its entries (renewing its claim); nothing was processed twice.
+    assert c1.stats.store_retries >= 2
+    assert (second, c2.stats.claimed) == ([], 0)
+    assert (await redis.xpending("s1", "g"))["pending"] == 0
+
+
 async def test_undecodable_entry_goes_to_dead_letter_with_reason(redis) -> None:  # type: ignore[no-untyped-def]
     await redis.xadd("s1", {"v": "1", "d": b"\xc1garbage"})
     producer = Producer(redis, Codec(), FAST, "test")

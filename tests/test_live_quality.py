@@ -5,7 +5,6 @@ the whole real Binance capture to show that none of them rejects clean data."""
 from __future__ import annotations
 
 import asyncio
-
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -21,7 +21,7 @@ from schemas import Alert, Candle, Codec, Event, Market, Ticker, Trade
 from services.cache_publisher import CachePublisher
 from services.cache_publisher.service import trade_json
 from services.normalizer import Normalizer
-from services.normalizer.service import canonical_decimal, candle_alignment
+from services.normalizer.service import candle_alignment, canonical_decimal
 from services.validator import Validator
 from tests import stubs
 
@@ -350,11 +350,11 @@ async def test_normalizer_puts_contract_amounts_in_base_units(redis, stage_setti
     # Arrange: a linear swap worth 0.01 BTC per contract (OKX BTC-USDT-SWAP), an inverse one worth 100 USD
     # per contract (Binance COIN-M BTCUSD_PERP), a spot market; amounts in contracts as ccxt reports them
     linear = replace(market("BTC/USDT:USDT", "BTC-USDT-SWAP", "swap"), contract_size=Decimal("0.01"))
-    inverse = replace(market("BTC/USD:BTC", "BTCUSD_PERP", "swap"), contract_size=Decimal("100"))
+    inverse = replace(market("BTC/USD:BTC", "BTCUSD_PERP", "swap"), contract_size=Decimal(100))
     on_linear = stubs.trade(0, symbol="BTC/USDT:USDT", price="61837.6", amount="3")
     on_inverse = stubs.trade(1, symbol="BTC/USD:BTC", price="50000", amount="5")
     spot = stubs.trade(2, price="61837.63", amount="0.02")
-    quote = replace(stubs.ticker(), symbol="BTC/USDT:USDT", bid_size=Decimal("7"), ask_size=Decimal("2"))
+    quote = replace(stubs.ticker(), symbol="BTC/USDT:USDT", bid_size=Decimal(7), ask_size=Decimal(2))
     bar = replace(stubs.candle(), symbol="BTC/USD:BTC", volume=Decimal("1.5"))  # ccxt: base volume already
     unknown = stubs.trade(3, symbol="ETH/USDT:USDT", amount="1")  # no Market seen for it
     inputs: list[Event] = [linear, inverse, on_linear, on_inverse, spot, quote, bar, unknown]

@@ -64,7 +64,7 @@ def rules_cost(events: list[Event], stream: bool) -> float:
     return (time.perf_counter() - t0) / len(events) * 1e6
 
 
-async def service_rate(settings: Settings, cls: type[Validator] | type[Aggregator],
+async def service_rate(settings: Settings, cls: type[Validator | Aggregator],
                        streams_in: dict[str, list[Event]]) -> float:
     return await stage_rate(settings, cls, streams_in)
 

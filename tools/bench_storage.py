@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -326,6 +326,33 @@ def budget_rows(stored: list[Stored], trades_per_s: float) -> list[str]:
 
 # -- 2. throughput ------------------------------------------------------------------------------------------
 
+def process_cpu_s(server: LocalServer) -> float:
+    """CPU seconds (user + system) a server process has used so far, from /proc/<pid>/stat."""
+    assert server.process is not None
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuWindow:
+    """CPU seconds of influxd, redis-server and this process over a timed window, and its wall seconds."""
+    influxd: float = 0.0
+    redis: float = 0.0
+    client: float = 0.0
+    wall: float = 0.0
+
+    @classmethod
+    async def measure(cls, servers: tuple[LocalServer, LocalServer], run: Awaitable[float]) -> tuple[float, CpuWindow]:
+        before = (process_cpu_s(servers[0]), process_cpu_s(servers[1]), time.process_time(), time.perf_counter())
+        elapsed = await run
+        after = (process_cpu_s(servers[0]), process_cpu_s(servers[1]), time.process_time(), time.perf_counter())
+        return elapsed, cls(*(a - b for a, b in zip(after, before, strict=True)))
+
+    @property
+    def cores(self) -> float:
+        return (self.influxd + self.redis + self.client) / self.wall
+
+
 async def raw_write(url: str, database: str, bodies: list[bytes], concurrency: int) -> float:
     """Seconds to POST every body to /write (rp ticks), `concurrency` requests at once."""
     slots = asyncio.Semaphore(concurrency)
@@ -340,8 +367,10 @@ async def raw_write(url: str, database: str, bodies: list[bytes], concurrency: i
         return time.perf_counter() - t0
 
 
-async def writer_run(redis_url: str, influx: InfluxSettings, trades: list[Trade]) -> tuple[float, dict[str, int]]:
-    """Seconds for the influx writer to drain a stream pre-filled with `trades` (ack of the last entry)."""
+async def writer_run(redis_url: str, influx: InfluxSettings, trades: list[Trade],
+                     servers: tuple[LocalServer, LocalServer]) -> tuple[float, dict[str, int], CpuWindow]:
+    """Seconds for the influx writer to drain a stream pre-filled with `trades` (ack of the last entry), and
+    the CPU that influxd, redis-server and the writer used over that window."""
     from services.influx_writer.service import InfluxWriter
 
     bus = BusSettings(stream_maxlen=1_000_000, backpressure_high_water=900_000)
@@ -356,24 +385,27 @@ async def writer_run(redis_url: str, influx: InfluxSettings, trades: list[Trade]
     writer = InfluxWriter(settings, "bench")
     await writer.prepare()
     stop = asyncio.Event()
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    task = asyncio.create_task(writer.consumer.run(writer.handle, stop))
-    try:
+    task = asyncio.create_task(asyncio.sleep(0))
+
+    async def drain() -> float:
+        nonlocal task
+        t0 = time.perf_counter()
+        task = asyncio.create_task(writer.consumer.run(writer.handle, stop))
         async with asyncio.timeout(600):
             while writer.consumer.stats.acked < entries:
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
+        return time.perf_counter() - t0
+    try:
+        elapsed, cpu = await CpuWindow.measure(servers, drain())
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
         counters = writer.counters()
         await writer.close()
-    counters["cpu_ns_per_point"] = int(cpu / len(trades) * 1e9)
-    return elapsed, counters
+    counters["cpu_ns_per_point"] = int(cpu.client / len(trades) * 1e9)
+    return elapsed, counters, cpu
 
 
 async def bench_throughput(tmp: Path, n: int, rounds: int) -> list[str]:
@@ -387,6 +419,8 @@ async def bench_throughput(tmp: Path, n: int, rounds: int) -> list[str]:
     bodies = ["\n".join(lines[i:i + 5000]).encode() for i in range(0, len(lines), 5000)]
     order = ("raw 1", "raw 2", "raw 4", "writer", "raw 4 after")
     results: dict[str, list[float]] = {k: [] for k in order}
+    cpus: dict[str, list[CpuWindow]] = {k: [] for k in order}
+    loads: list[float] = []
     writer_cpu: list[int] = []
     try:
         run = 0
@@ -395,22 +429,28 @@ async def bench_throughput(tmp: Path, n: int, rounds: int) -> list[str]:
                 run += 1
                 db = f"tp{run}"
                 settings = InfluxSettings(url=influxd.url, database=db, batch_points=5000)
+                load = os.getloadavg()[0]
+                loads.append(load)
                 if kind == "writer":
-                    elapsed, counters = await writer_run(redis_srv.url, settings, trades)
+                    elapsed, counters, cpu = await writer_run(redis_srv.url, settings, trades, (influxd, redis_srv))
                     if counters["points_written"] != n:
                         raise SystemExit(f"the writer wrote {counters['points_written']} of {n} points: {counters}")
                     writer_cpu.append(counters["cpu_ns_per_point"])
                 else:
                     async with InfluxClient(settings) as c:
                         await c.ensure_tiers()
-                    elapsed = await raw_write(influxd.url, db, bodies, int(kind.split()[1]))
+                    elapsed, cpu = await CpuWindow.measure((influxd, redis_srv),
+                                                           raw_write(influxd.url, db, bodies, int(kind.split()[1])))
                 async with InfluxClient(settings) as c:
                     stored = int((await c.query("SELECT count(price) FROM trades", rp="ticks"))[0]["count"])
                     await c.execute(f'DROP DATABASE "{db}"')
                 if stored != n:
                     raise SystemExit(f"{kind}: {stored} of {n} points stored")
                 results[kind].append(n / elapsed)
-                print(f"throughput: {kind}: {n / elapsed:,.0f} points/s", file=sys.stderr)
+                cpus[kind].append(cpu)
+                print(f"throughput: {kind}: {n / elapsed:,.0f} points/s (load average before: {load:.2f}; CPU per "
+                      f"point: influxd {cpu.influxd / n * 1e6:.2f} us, client {cpu.client / n * 1e6:.2f} us, "
+                      f"redis {cpu.redis / n * 1e6:.2f} us; {cpu.cores:.2f} cores busy)", file=sys.stderr)
     finally:
         influxd.stop()
         redis_srv.stop()
@@ -431,6 +471,29 @@ async def bench_throughput(tmp: Path, n: int, rounds: int) -> list[str]:
                 f"**{statistics.median(vs_best):.0%}**.")
     rows.append(f"\nThe writer process used {statistics.median(writer_cpu) / 1000:.2f} us of CPU per point (median of "
                 f"{', '.join(f'{c / 1000:.2f}' for c in writer_cpu)}): Redis read, decode, encode, HTTP, ack.")
+    rows.append(f"\nLoad average (1 min) before each run: {min(loads):.2f} to {max(loads):.2f}. Cores busy with this "
+                f"bench's processes (influxd, redis-server, the client or writer) per round, raw 4 / writer / raw 4 after: "
+                + ", ".join(f"{a.cores:.2f}/{w.cores:.2f}/{b.cores:.2f}" for a, w, b in
+                            zip(cpus["raw 4"], cpus["writer"], cpus["raw 4 after"], strict=True))
+                + " (below ~1.8: another process took CPU during that run).")
+
+    def total(c: CpuWindow) -> float:
+        return c.influxd + c.redis + c.client
+    by_cpu = [(total(a) + total(b)) / 2 / total(w) for a, w, b in
+              zip(cpus["raw 4"], cpus["writer"], cpus["raw 4 after"], strict=True)]
+    rows.append(f"\nCPU per point of raw 4 (influxd + client) / CPU per point of the writer run (influxd + writer + "
+                f"redis-server), per round: {', '.join(f'{r:.0%}' for r in by_cpu)}; median "
+                f"**{statistics.median(by_cpu):.0%}**: the ratio both would reach with the same cores busy (what "
+                f"other processes on the machine take changes the cores left, not this).")
+    rows.append("\nCPU over each timed window (medians of the rounds; `/proc/<pid>/stat` of influxd and redis-server, "
+                "`process_time` of this process, which is the raw client or the writer):\n\n"
+                "| run | points/s | influxd CPU per point | client / writer CPU per point | redis-server CPU per point "
+                "| cores busy |\n|---|---:|---:|---:|---:|---:|")
+    for kind in order:
+        med = statistics.median
+        rows.append(f"| {kind} | {med(results[kind]):,.0f} | {med(c.influxd for c in cpus[kind]) / n * 1e6:.2f} us | "
+                    f"{med(c.client for c in cpus[kind]) / n * 1e6:.2f} us | "
+                    f"{med(c.redis for c in cpus[kind]) / n * 1e6:.2f} us | {med(c.cores for c in cpus[kind]):.2f} |")
     return rows
 
 

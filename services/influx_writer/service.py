@@ -10,12 +10,14 @@ Routing: trades go to the tier holding "ticks"; a candle goes to the tier of its
 with 1m; 1h, 4h with 1h; 1d with 1d by default). The aggregator publishes 5m..1d candles on the same
 `md:candle:{exchange}:{symbol}` streams, so downsampled bars reach their tiers here, before 1m expires.
 
-Throughput (docs/bench-storage.md): the writer runs `influx.writer_consumers` (2) consumers of its group in
-the process, so one batch is read and decoded while another is being written; within a batch, each tier's
-points are encoded `influx.batch_points` at a time and every chunk is sent as soon as it is encoded, with at
-most `influx.write_concurrency` requests in flight for the process, so encoding overlaps InfluxDB's work. A
+Throughput (docs/bench-storage.md): the writer runs `influx.writer_consumers` (4) consumers of its group in
+the process, each reading batches of `influx.writer_read_count` (20) entries, so batches are read and decoded
+while others are being written, and the small batches keep the event loop from stalling InfluxDB's requests
+while one decodes (at most 4 x 20 entries in memory); within a batch, each tier's points are encoded
+`influx.batch_points` at a time and every chunk is sent as soon as it is encoded, with at most
+`influx.write_concurrency` requests in flight for the process, so encoding overlaps InfluxDB's work. A
 batch's handler returns only after InfluxDB answered 204 to every request of it, and only then does the bus
-acknowledge its entries (batches of the two consumers are acknowledged independently; InfluxDB points carry
+acknowledge its entries (batches of different consumers are acknowledged independently; InfluxDB points carry
 their own time, so their order does not matter). So:
 - InfluxDB down, timing out or answering 5xx: `StoreUnavailable`, the bus retries the same batch in place and
   acknowledges nothing; the backlog waits in Redis and backpressure reaches the producers.
@@ -25,7 +27,7 @@ their own time, so their order does not matter). So:
   the write retried once.
 - Any other refusal (a point InfluxDB cannot parse, a field type conflict): `InfluxWriteError`; the bus
   retries entry by entry and dead-letters the entry that keeps failing, with the server's message (a consumer
-  keeps that message in memory: when the other consumer of the process is the one that dead-letters the entry,
+  keeps that message in memory: when another consumer of the process is the one that dead-letters the entry,
   the letter points to the log, where the failure was logged with it).
 - Points older than their tier's retention (a late backfill) are not written: InfluxDB would drop them (1.x
   refuses them outright), so they are counted (`expired_skipped`) and the entry is acknowledged.
@@ -33,6 +35,9 @@ Writes are idempotent: a point is keyed by measurement, tags and timestamp, and 
 from the event (a candle's open_time; a trade's ts_event millisecond plus an offset from its id, see
 `common.influx.trade_timestamp`), so a redelivered event overwrites itself with the same values.
 Open (not yet closed) candles are skipped: only the final bar is stored.
+Funding rates and open interest (md:funding:*, md:open_interest:*) are stored as time series in the ticks
+tier (measurements `funding` and `open_interest`, common.influx.encode_snapshots); tickers and order books are
+not stored (the cache and the md:* streams carry them).
 Trades and candles are decoded with their decimals as text (wire.py): the writer only writes them out again.
 """
 
@@ -42,18 +47,35 @@ import asyncio
 import logging
 import time
 
-from common.bus import sleep_unless, Consumer, ConsumerStats, Delivery, Handler, StoreUnavailable, StreamSelector
+import msgspec
+
+from common.bus import (
+    Consumer,
+    ConsumerStats,
+    Delivery,
+    Handler,
+    StoreUnavailable,
+    StreamSelector,
+    sleep_unless,
+)
 from common.config import Settings
-from common.influx import InfluxClient, InfluxError, InfluxWriteError, Tier, encode_candles, encode_trades
+from common.influx import (
+    InfluxClient,
+    InfluxError,
+    InfluxWriteError,
+    Tier,
+    encode_candles,
+    encode_snapshots,
+)
 from common.service import Service
-from schemas import Candle, Trade
-from services.influx_writer.wire import CandleText, TradeText, WireCodec
+from schemas import Candle, FundingRate, OpenInterest, Trade
+from services.influx_writer.wire import CandleText, TradeText, WireCodec, encode_trade_lines
 
 log = logging.getLogger(__name__)
 
 GROUP = "influx_writer"
 _ONLY_TRADES = {TradeText}
-INPUT_PATTERNS = ("md:trade:*", "md:candle:*")  # streams.market_data(kind, exchange, symbol)
+INPUT_PATTERNS = ("md:trade:*", "md:candle:*", "md:funding:*", "md:open_interest:*")  # streams.market_data
 
 
 class Consumers:
@@ -91,9 +113,10 @@ class InfluxWriter(Service):
         self.influx = InfluxClient(settings.influx)
         self.plan = self.influx.plan
         # Stable names: consumer k of instance i is "influx_writer-i" (k = 0) or "influx_writer-i.k", so each
-        # finds its own pending entries after a restart.
+        # finds its own pending entries after a restart. Each reads batches of influx.writer_read_count entries.
+        bus = msgspec.structs.replace(settings.bus, read_count=max(1, settings.influx.writer_read_count))
         self.consumer = Consumers([
-            Consumer(self.redis, WireCodec(), settings.bus, group=GROUP,
+            Consumer(self.redis, WireCodec(), bus, group=GROUP,
                      name=self.consumer_name if k == 0 else f"{self.consumer_name}.{k}",
                      selector=StreamSelector(patterns=INPUT_PATTERNS))
             for k in range(max(1, settings.influx.writer_consumers))])
@@ -104,7 +127,7 @@ class InfluxWriter(Service):
         self.count: dict[str, int] = {
             "points_written": 0, "trades": 0, "candles": 0, "candles_open_skipped": 0, "invalid_skipped": 0,
             "expired_skipped": 0, "ignored": 0, "write_errors": 0, "batches": 0,
-            "database_creates": 0,
+            "database_creates": 0, "funding": 0, "open_interest": 0,
         }
         for tier in self.plan.tiers:
             self.count[f"points.{tier.name}"] = 0
@@ -173,6 +196,7 @@ class InfluxWriter(Service):
     async def handle(self, deliveries: list[Delivery]) -> None:
         """Write a batch durably (answered 204 on return); StoreUnavailable if InfluxDB cannot take it."""
         trades: list[Trade | TradeText] = []
+        snapshots: list[FundingRate | OpenInterest] = []
         closed: dict[Tier, list[Candle | CandleText]] = {}
         open_candles = ignored = expired = 0
         now = time.time_ns()
@@ -199,6 +223,8 @@ class InfluxWriter(Service):
                         expired += 1
                     else:
                         closed.setdefault(tier, []).append(event)  # type: ignore[arg-type]
+                elif kind is FundingRate or kind is OpenInterest:
+                    snapshots.append(event)  # type: ignore[arg-type]
                 else:
                     ignored += 1
         work: list[tuple[Tier, list[Trade | TradeText] | list[Candle | CandleText]]] = []
@@ -207,6 +233,14 @@ class InfluxWriter(Service):
         work.extend(closed.items())
         encoded, n_trades = await self._write_all(work, cutoffs[ticks])
         n_candles = sum(encoded.values()) - n_trades
+        if snapshots:  # funding and open interest: a few points a second per market, one request
+            lines = encode_snapshots(snapshots)
+            if lines:
+                await self._write(ticks, lines)
+                encoded[ticks] = encoded.get(ticks, 0) + len(lines)
+            self.count["funding"] += sum(isinstance(e, FundingRate) for e in snapshots)
+            self.count["open_interest"] += sum(isinstance(e, OpenInterest) for e in snapshots)
+            self.count["points_written"] += len(lines)
         # Trades not encoded: older than the ticks tier keeps, or without price or amount.
         old_trades = 0
         tick_cutoff = cutoffs[ticks]
@@ -255,7 +289,7 @@ class InfluxWriter(Service):
                 for i in range(0, len(events), size):
                     chunk = events[i:i + size]
                     if type(chunk[0]) is TradeText or type(chunk[0]) is Trade:
-                        lines = encode_trades(chunk, not_before=trades_not_before)  # the chunk is all trades
+                        lines = encode_trade_lines(chunk, not_before=trades_not_before)  # all trades
                         n_trades += len(lines)
                     else:
                         lines = encode_candles(chunk)  # type: ignore[arg-type]

@@ -32,7 +32,16 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from common import streams
-from common.bus import sleep_unless, Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, now_ns
+from common.bus import (
+    Consumer,
+    Delivery,
+    Outputs,
+    Producer,
+    StoreUnavailable,
+    StreamSelector,
+    now_ns,
+    sleep_unless,
+)
 from common.config import ConfigError, Settings
 from common.migrate import migrate, safe_dsn
 from common.service import Service

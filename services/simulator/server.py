@@ -37,9 +37,6 @@ from aiohttp import web
 
 from services.simulator import archives, binance, depth
 from services.simulator.history import History
-from services.simulator.spot_trades import SpotTrades
-from services.simulator.venue import Venue, build_venues
-from services.simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
 from services.simulator.recording import (
     DEFAULT_SYMBOLS,
     MINUTE_MS,
@@ -54,6 +51,9 @@ from services.simulator.recording import (
     load_exchange_info,
     real_data_dir,
 )
+from services.simulator.spot_trades import SpotTrades
+from services.simulator.venue import Venue, build_venues
+from services.simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
 
 log = logging.getLogger("services.simulator")
 
