@@ -20,7 +20,6 @@ the recorded receive times divided by `speed` (0: as fast as the clients read).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from services.simulator.coinbase_recording import (
     format_time_us,
 )
 from services.simulator.recording import real_data_dir
+from services.simulator.replay import ReplayTask
 from services.simulator.server import FaultError
 
 if TYPE_CHECKING:
@@ -269,8 +269,7 @@ class CoinbaseVenue:
         self.rate_v2 = _RateWindow(V2_REQUESTS_PER_HOUR, 3600.0)
         self._clients: set[_Client] = set()
         self._faults = _Faults()
-        self._task: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
+        self._replay_task = ReplayTask("coinbase-replay", on_failure=self._replay_failed)
         self._rest_requests: Counter[str] = Counter()
         self._rest_status: Counter[int] = Counter()
         self._reset_replay_state()
@@ -413,16 +412,13 @@ class CoinbaseVenue:
             self.speed = speed
         if loop is not None:
             self.loop = loop
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._replay_task.cancel_nowait()
         self._reset_replay_state()
-        self._finished.clear()
         self.state = "running"
-        self._task = asyncio.get_running_loop().create_task(self._replay(), name="coinbase-replay")
-        self._task.add_done_callback(self._replay_done)
+        self._replay_task.start(self._replay)
 
     async def wait_finished(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._finished.wait(), timeout)
+        await self._replay_task.wait_finished(timeout)
 
     async def disconnect_all(self, code: int = aiohttp.WSCloseCode.GOING_AWAY) -> int:
         clients = list(self._clients)
@@ -455,19 +451,10 @@ class CoinbaseVenue:
                            t.maker_side.upper(), t.time_us + self.time_offset_us + loop * self.loop_shift_us)
 
     async def _cancel_replay(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._replay_task.cancel()
 
-    def _replay_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("coinbase replay failed: %r", exc, exc_info=exc)
-            self.state = "finished"
-            self._finished.set()
+    def _replay_failed(self) -> None:
+        self.state = "finished"
 
     async def _replay(self) -> None:
         rec = self.recording
@@ -499,7 +486,7 @@ class CoinbaseVenue:
         self.position = len(rec.events)
         await self._flush_held()
         self.state = "finished"
-        self._finished.set()
+        self._replay_task.finished.set()
         log.info("coinbase replay finished after %d loop(s): %d trades, %d messages sent", self.loops_done,
                  self.trades_replayed, self.messages_sent)
 

@@ -15,7 +15,6 @@ What is real and what is derived: docs/simulator-hyperliquid.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -38,6 +37,7 @@ from services.simulator.hyperliquid_data import (
     static_ctx,
 )
 from services.simulator.recording import real_data_dir
+from services.simulator.replay import ReplayTask
 
 if TYPE_CHECKING:
     from services.simulator.server import SimulatorOptions
@@ -126,8 +126,7 @@ class HyperliquidVenue:
         self.weight_limit = WEIGHT_LIMIT
         self.weight_window_s = WEIGHT_WINDOW_S
         self.state: Literal["idle", "running", "finished", "stopped"] = "idle"
-        self._task: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
+        self._replay_task = ReplayTask("hyperliquid-replay", on_failure=self._replay_failed)
         self._connections: set[_Connection] = set()
         self._subscribers: dict[SubKey, set[_Connection]] = {}
         self._faults = _Faults()
@@ -153,10 +152,7 @@ class HyperliquidVenue:
             self.restart()
 
     async def stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._replay_task.cancel()
         self.state = "stopped"
         await self.disconnect_all(aiohttp.WSCloseCode.GOING_AWAY)
 
@@ -210,17 +206,14 @@ class HyperliquidVenue:
             self.speed = speed
         if loop is not None:
             self.loop = loop
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._replay_task.cancel_nowait()
         self._reset_replay_state()
-        self._finished.clear()
         self.state = "running"
-        self._task = asyncio.get_running_loop().create_task(self._replay(), name="hyperliquid-replay")
-        self._task.add_done_callback(self._replay_done)
+        self._replay_task.start(self._replay)
 
     async def wait_finished(self, timeout: float | None = None) -> None:
         """Until the replay has sent its last message (raises TimeoutError; never returns while looping)."""
-        await asyncio.wait_for(self._finished.wait(), timeout)
+        await self._replay_task.wait_finished(timeout)
 
     def expected_trades(self, loop: int = 0) -> list[dict[str, Any]]:
         """The trades the replay sends in loop `loop` (times and tids shifted as sent, without faults)."""
@@ -303,11 +296,8 @@ class HyperliquidVenue:
         self.market = MarketState(self.coin, next(ev.data for ev in self.recording.events if ev.channel == "l2Book"))
         self.recent_trades: deque[dict[str, Any]] = deque(maxlen=RECENT_TRADES)
 
-    def _replay_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hyperliquid replay failed: %r", task.exception(), exc_info=task.exception())
-            self.state = "finished"
-            self._finished.set()
+    def _replay_failed(self) -> None:
+        self.state = "finished"
 
     async def _replay(self) -> None:
         events = self.recording.events
@@ -338,7 +328,7 @@ class HyperliquidVenue:
         self.position = len(events)
         await self._flush_held()
         self.state = "finished"
-        self._finished.set()
+        self._replay_task.finished.set()
         log.info("hyperliquid replay finished: %d trades, %d messages sent", self.market.trades, self.messages_sent)
 
     @staticmethod

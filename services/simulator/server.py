@@ -51,6 +51,7 @@ from services.simulator.recording import (
     load_exchange_info,
     real_data_dir,
 )
+from services.simulator.replay import ReplayTask
 from services.simulator.spot_trades import SpotTrades
 from services.simulator.venue import Venue, build_venues
 from services.simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
@@ -163,8 +164,7 @@ class Simulator:
         self.host = "127.0.0.1"
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
+        self._replay_task = ReplayTask("simulator-replay", on_failure=self._replay_failed)
         self._connections: set[_Connection] = set()
         self._subscribers: dict[str, set[_Connection]] = {}
         self._faults = _Faults()
@@ -232,21 +232,19 @@ class Simulator:
             self.speed = speed
         if loop is not None:
             self.loop = loop
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._replay_task.cancel_nowait()
         self._reset_replay_state()
-        self._finished.clear()
         if arm:
+            self._replay_task.finished.clear()
             self.state = "idle"
             log.info("replay armed: it starts at the next subscription")
             return
         self.state = "running"
-        self._task = asyncio.get_running_loop().create_task(self._replay(), name="simulator-replay")
-        self._task.add_done_callback(self._replay_done)
+        self._replay_task.start(self._replay)
 
     async def wait_finished(self, timeout: float | None = None) -> None:
         """Until the replay has sent its last event (raises TimeoutError; never returns while looping)."""
-        await asyncio.wait_for(self._finished.wait(), timeout)
+        await self._replay_task.wait_finished(timeout)
 
     def inject(self, kind: str, **params: Any) -> dict[str, Any]:
         """Apply a fault now; returns the fault state. Kinds and parameters:
@@ -378,19 +376,10 @@ class Simulator:
         self._depth_pending: dict[str, list[depth.DepthDiff]] = {}  # diffs of the current second, for `@depth`
 
     async def _cancel_replay(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._replay_task.cancel()
 
-    def _replay_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("replay failed: %r", exc, exc_info=exc)
-            self.state = "finished"
-            self._finished.set()
+    def _replay_failed(self) -> None:
+        self.state = "finished"
 
     async def _replay(self) -> None:
         rec = self.recording
@@ -437,7 +426,7 @@ class Simulator:
             k += 1
         self.position = len(events)
         self.state = "finished"
-        self._finished.set()
+        self._replay_task.finished.set()
         self._log_progress()
         log.info("replay finished after %d loop(s); it restarts only through POST /_sim/replay", self.loops_done)
 
