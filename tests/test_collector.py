@@ -13,33 +13,10 @@ from common.config import Settings
 from schemas import Candle, Codec, Market, Trade
 from services.collector.service import Collector
 from services.simulator import start_simulator
+from tests.collecting import collector_settings, read, run_collector
 
 N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
-
-
-def collector_settings(settings: Settings, rest: str, ws: str, **exchange: object) -> Settings:
-    ex = msgspec.structs.replace(settings.exchange("binance"), rest_url=rest, ws_url=ws, **exchange)
-    return msgspec.structs.replace(settings, exchanges=[ex])
-
-
-async def raw_events(redis, codec: Codec) -> list[object]:  # type: ignore[no-untyped-def]
-    return [e for _, f in await redis.xrange(streams.raw("binance")) for e in codec.decode_entry(f)]
-
-
-async def run_collector(collector: Collector, until, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    stop = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop))
-    try:
-        async with asyncio.timeout(timeout):
-            while not await until():
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-        await collector.close()
 
 
 async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
@@ -49,7 +26,6 @@ async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(sett
         collector = Collector(cfg, "t", exchange="binance")
         expected_trades = sim.expected_trades()
         expected_candles = sim.expected_candles()[:-1]  # the last one is never followed by a later candle
-        codec = Codec()
 
         async def done() -> bool:
             return collector.count["trades"] >= N and collector.count["candles_closed"] >= len(expected_candles)
@@ -57,7 +33,7 @@ async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(sett
         # Act
         await run_collector(collector, done)
     # Assert
-    events = await raw_events(redis, codec)
+    events = await read(redis, streams.raw("binance"))
     trades = [e for e in events if isinstance(e, Trade)]
     assert [t.trade_id for t in trades] == [str(t.id) for t in expected_trades]
     assert [(t.price, t.amount) for t in trades[:3]] == [(Decimal(t.price), Decimal(t.qty))
@@ -76,7 +52,6 @@ async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goe
     async with start_simulator(speed=0, max_trades=N, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, ws_stall_s=1.0, rest_poll_s=0.5)
         collector = Collector(cfg, "t", exchange="binance")
-        codec = Codec()
         sim.inject("malformed_klines", count=1)
 
         async def done() -> bool:
@@ -85,7 +60,7 @@ async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goe
             return collector.count["rest_polls"] >= 2 and collector.count["trades"] >= N
 
         await run_collector(collector, done)
-    events = await raw_events(redis, codec)
+    events = await read(redis, streams.raw("binance"))
     broken = [e for e in events if isinstance(e, Candle) and e.open is None]
     assert broken, "the malformed body's rows should reach raw:binance for the validator to reject"
     assert all(c.source == "rest" for c in broken)
@@ -110,7 +85,7 @@ async def test_disconnect_is_survived_with_a_reconnect(settings: Settings, redis
         await asyncio.wait_for(task, 20)
         await collector.close()
     assert collector.count["reconnects"] >= 1
-    ids = [int(e.trade_id) for e in await raw_events(redis, Codec()) if isinstance(e, Trade)]
+    ids = [int(e.trade_id) for e in await read(redis, streams.raw("binance")) if isinstance(e, Trade)]
     assert ids == sorted(set(ids)), "no trade published twice, none out of order"
 
 

@@ -19,37 +19,11 @@ from services.collector.service import Collector
 from services.normalizer.service import Normalizer
 from services.simulator import start_simulator
 from services.validator.service import Validator
+from tests.collecting import collector_settings, read, run_collector
 
 N = 3000
 DEPTH = "btcusdt@depth@100ms"  # what ccxt.pro binance subscribes for watch_order_book
 SPOT_STREAMS = ("btcusdt@trade", "btcusdt@kline_1m", "btcusdt@bookTicker", DEPTH)
-
-
-def collector_settings(settings: Settings, rest: str, ws: str, exchange: str = "binance",
-                       **fields: object) -> Settings:
-    base = settings.exchange("binance")
-    ex = msgspec.structs.replace(base, id=exchange, rest_url=rest, ws_url=ws, **fields)
-    return msgspec.structs.replace(settings, exchanges=[ex])
-
-
-async def raw_events(redis, exchange: str = "binance") -> list[object]:  # type: ignore[no-untyped-def]
-    codec = Codec()
-    return [e for _, f in await redis.xrange(streams.raw(exchange)) for e in codec.decode_entry(f)]
-
-
-async def run_until(collector: Collector, until, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    stop = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop))
-    try:
-        async with asyncio.timeout(timeout):
-            while not await until():
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-        await collector.close()
 
 
 async def test_spot_ticker_and_book_are_published_uncrossed_with_their_sequence(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
@@ -63,9 +37,9 @@ async def test_spot_ticker_and_book_are_published_uncrossed_with_their_sequence(
             return collector.count["books"] >= 5 and collector.counters().get("channel.ticker.messages", 0) >= 20
 
         # Act
-        await run_until(collector, enough)
+        await run_collector(collector, enough)
     # Assert
-    events = await raw_events(redis)
+    events = await read(redis, streams.raw("binance"))
     tickers = [e for e in events if isinstance(e, Ticker)]
     books = [e for e in events if isinstance(e, OrderBook)]
     assert len(tickers) >= 20 and len(books) >= 5
@@ -95,8 +69,8 @@ async def test_book_throttle_publishes_at_most_the_configured_rate(settings: Set
         async def enough() -> bool:
             return collector.count["books"] >= 6
 
-        await run_until(collector, enough)
-    books = [e for e in await raw_events(redis) if isinstance(e, OrderBook)]
+        await run_collector(collector, enough)
+    books = [e for e in await read(redis, streams.raw("binance")) if isinstance(e, OrderBook)]
     recv = [b.ts_recv for b in books]
     # any 3 consecutive snapshots span at least one throttle interval (0.5 s each, a little slack for clocks)
     assert all(recv[i + 2] - recv[i] >= 0.9e9 for i in range(len(recv) - 2)), recv
@@ -116,7 +90,7 @@ async def test_book_reaches_the_cache_through_validator_and_normalizer(settings:
             return await cache.get_orderbook("binance", "BTC/USDT") is not None
 
         try:
-            await run_until(collector, cached)
+            await run_collector(collector, cached)
         finally:
             stop.set()
             await asyncio.gather(*tasks)
@@ -176,9 +150,9 @@ async def test_every_channel_of_each_venue(exchange: str, settings: Settings, re
             return all(counters.get(f"channel.{c}.messages", 0) >= 2 for c in channels)
 
         # Act
-        await run_until(collector, every_channel)
+        await run_collector(collector, every_channel)
     # Assert
-    events = await raw_events(redis, exchange)
+    events = await read(redis, streams.raw(exchange))
     by_type: dict[type, list[object]] = {}
     for e in events:
         by_type.setdefault(type(e), []).append(e)
@@ -288,7 +262,7 @@ async def test_status_shows_each_channels_rate_and_last_message_age(settings: Se
                 beats += 1
             return beats == 2
 
-        await run_until(collector, two_beats_apart)
+        await run_collector(collector, two_beats_apart)
     st = await status.collect(redis)
     rows = {c.channel: c for c in st.channels if c.instance == "binance-t"}
     assert set(rows) == {"trades", "ticker"}

@@ -11,27 +11,17 @@ import time
 from typing import Any
 
 import aiohttp
-import msgspec
 
 from common import streams
 from common.config import Settings
 from common.ratelimit import RateBudget, limit_for
-from schemas import Codec, Gap, Trade
+from schemas import Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
 from services.simulator import start_simulator
+from tests.collecting import collector_settings, read
 
 N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
-
-
-def collector_settings(settings: Settings, rest: str, ws: str, **fields: object) -> Settings:
-    ex = msgspec.structs.replace(settings.exchange("binance"), rest_url=rest, ws_url=ws, **fields)
-    return msgspec.structs.replace(settings, exchanges=[ex])
-
-
-async def read(redis, stream: str) -> list[object]:  # type: ignore[no-untyped-def]
-    codec = Codec()
-    return [e for _, f in await redis.xrange(stream) for e in codec.decode_entry(f)]
 
 
 async def wait_for(predicate, task: asyncio.Task[None], timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
