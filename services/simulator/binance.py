@@ -6,6 +6,8 @@ re-encoded here from a recorded one (no shift) is byte-for-byte the recorded `da
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -116,3 +118,29 @@ MALFORMED_SHAPES = {
                  "`since`, [] with it; no exception",
     "object": "a JSON object instead of an array: one row of None without `since`, [] with it",
 }
+
+
+def subscription_reply(text: str, streams: set[str], combined: bool, subscribe: Callable[[list[str]], None],
+                       unsubscribe: Callable[[list[str]], None]) -> dict[str, Any]:
+    """The answer to a client's WebSocket request in Binance's live-subscription protocol (spot and USD-M
+    alike): SUBSCRIBE / UNSUBSCRIBE (applied through the callbacks), LIST_SUBSCRIPTIONS over `streams`,
+    SET_PROPERTY / GET_PROPERTY (`combined`), and Binance's error codes for everything else."""
+    try:
+        request = json.loads(text)
+    except ValueError as exc:
+        return {"code": 3, "msg": f"Invalid JSON: {exc}", "id": None}
+    if not isinstance(request, dict):
+        return {"code": 2, "msg": "Invalid request: expected a JSON object", "id": None}
+    method, params, req_id = request.get("method"), request.get("params", []), request.get("id")
+    if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+        if not isinstance(params, list) or not all(isinstance(p, str) and "@" in p for p in params):
+            return {"code": 2, "msg": "Invalid request: params must be a list of stream names", "id": req_id}
+        (subscribe if method == "SUBSCRIBE" else unsubscribe)(params)
+        return {"result": None, "id": req_id}
+    if method == "LIST_SUBSCRIPTIONS":
+        return {"result": sorted(streams), "id": req_id}
+    if method == "SET_PROPERTY":
+        return {"result": None, "id": req_id}
+    if method == "GET_PROPERTY":
+        return {"result": combined, "id": req_id}
+    return {"code": 2, "msg": f"Invalid request: unknown method {method!r}", "id": req_id}

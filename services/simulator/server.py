@@ -609,28 +609,9 @@ class Simulator:
 
     def _on_client_message(self, conn: _Connection, text: str) -> dict[str, Any] | None:
         """Binance's live-subscription requests; replies in Binance's format."""
-        try:
-            request = json.loads(text)
-        except ValueError as exc:
-            return {"code": 3, "msg": f"Invalid JSON: {exc}", "id": None}
-        if not isinstance(request, dict):
-            return {"code": 2, "msg": "Invalid request: expected a JSON object", "id": None}
-        method, params, req_id = request.get("method"), request.get("params", []), request.get("id")
-        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            if not isinstance(params, list) or not all(isinstance(p, str) and "@" in p for p in params):
-                return {"code": 2, "msg": "Invalid request: params must be a list of stream names", "id": req_id}
-            if method == "SUBSCRIBE":
-                self._subscribe(conn, params)
-            else:
-                self._unsubscribe(conn, params)
-            return {"result": None, "id": req_id}
-        if method == "LIST_SUBSCRIPTIONS":
-            return {"result": sorted(conn.streams), "id": req_id}
-        if method == "SET_PROPERTY":
-            return {"result": None, "id": req_id}
-        if method == "GET_PROPERTY":
-            return {"result": conn.combined, "id": req_id}
-        return {"code": 2, "msg": f"Invalid request: unknown method {method!r}", "id": req_id}
+        return binance.subscription_reply(text, conn.streams, conn.combined,
+                                          lambda streams: self._subscribe(conn, streams),
+                                          lambda streams: self._unsubscribe(conn, streams))
 
     # ------------------------------------------------------------------------------------------------------
     # REST

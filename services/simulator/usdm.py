@@ -638,28 +638,13 @@ class BinanceUsdm:
         return ws
 
     def _on_message(self, c: _Conn, text: str) -> dict[str, Any]:
-        try:
-            req = json.loads(text)
-        except ValueError as exc:
-            return {"code": 3, "msg": f"Invalid JSON: {exc}", "id": None}
-        if not isinstance(req, dict):
-            return {"code": 2, "msg": "Invalid request: expected a JSON object", "id": None}
-        method, params, rid = req.get("method"), req.get("params", []), req.get("id")
-        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            if not isinstance(params, list) or not all(isinstance(p, str) and "@" in p for p in params):
-                return {"code": 2, "msg": "Invalid request: params must be a list of stream names", "id": rid}
-            if method == "SUBSCRIBE":
-                self._subscribe(c, params)
-            else:
-                for s in params:
-                    c.streams.discard(s)
-                    self._subs.get(s, set()).discard(c)
-            return {"result": None, "id": rid}
-        if method == "LIST_SUBSCRIPTIONS":
-            return {"result": sorted(c.streams), "id": rid}
-        if method in ("SET_PROPERTY", "GET_PROPERTY"):
-            return {"result": None if method == "SET_PROPERTY" else c.combined, "id": rid}
-        return {"code": 2, "msg": f"Invalid request: unknown method {method!r}", "id": rid}
+        return binance.subscription_reply(text, c.streams, c.combined, lambda streams: self._subscribe(c, streams),
+                                          lambda streams: self._unsubscribe(c, streams))
+
+    def _unsubscribe(self, c: _Conn, streams: list[str]) -> None:
+        for s in streams:
+            c.streams.discard(s)
+            self._subs.get(s, set()).discard(c)
 
     # -- REST ----------------------------------------------------------------------------------------------
 
