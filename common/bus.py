@@ -32,10 +32,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from common import streams
 from common.config import BusSettings
+from common.lease import Lease, LeaseLost
 from schemas import Alert, Codec, DecodeError, Event
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,36 @@ class Delivery:
 
 Outputs = dict[str, list[Event]]
 Handler = Callable[[list[Delivery]], Awaitable[Outputs | None]]
+# Adds commands to a publish's MULTI/EXEC (a collector's position, a stage's state checkpoint).
+PipelineHook = Callable[[aioredis.client.Pipeline], None]
+CommitHook = Callable[[aioredis.client.Pipeline, list[Delivery]], None]
+
+COMMIT_WATCH_RETRIES = 5
+
+
+async def commit(redis: aioredis.Redis, build: PipelineHook, lease: Lease | None = None) -> list[object]:
+    """Run the commands `build` adds in one MULTI/EXEC. With a lease: WATCH its key and compare the owner
+    before MULTI, so the EXEC aborts if the key changed; it is retried while the lease is still ours (our own
+    renewal touches the key) and raises LeaseLost when it is not."""
+    if lease is None:
+        pipe = redis.pipeline(transaction=True)
+        build(pipe)
+        return await pipe.execute()  # type: ignore[no-any-return]
+    async with redis.pipeline(transaction=True) as pipe:
+        for _ in range(COMMIT_WATCH_RETRIES):
+            try:
+                await pipe.watch(lease.key)
+                owner = await pipe.get(lease.key)
+                if owner != lease.owner.encode():
+                    holder = owner.decode() if owner else "nobody (expired)"
+                    raise lease.lost(f"at commit the key names {holder}")
+                pipe.multi()
+                build(pipe)
+                return await pipe.execute()  # type: ignore[no-any-return]
+            except WatchError:
+                await pipe.reset()
+                continue
+        raise lease.lost(f"the key changed during {COMMIT_WATCH_RETRIES} commits in a row")
 
 
 def now_ns() -> int:
@@ -93,28 +124,49 @@ class Producer:
         self.published_entries += entries
         self.published_events += sum(len(v) for v in outputs.values())
 
-    async def publish(self, outputs: Outputs) -> None:
+    async def publish(self, outputs: Outputs, *, extra: PipelineHook | None = None,
+                      lease: Lease | None = None) -> None:
+        """Publish outputs; with `extra`, its commands and the XADDs go in one MULTI/EXEC."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
-        if not outputs:
+        if not outputs and extra is None:
             return
-        await self.wait_for_consumers(outputs.keys())
-        pipe = self.redis.pipeline(transaction=False)
-        entries = self._xadd_all(pipe, outputs)
-        await pipe.execute()
-        self._count(outputs, entries)
+        if outputs:
+            await self.wait_for_consumers(outputs.keys())
+        if extra is None and lease is None:
+            pipe = self.redis.pipeline(transaction=False)
+            entries = self._xadd_all(pipe, outputs)
+            await pipe.execute()
+            self._count(outputs, entries)
+            return
+        counted: list[int] = []
 
-    async def publish_and_ack(self, outputs: Outputs, acks: dict[str, list[str]], group: str) -> None:
-        """Publish outputs and acknowledge the inputs they came from, atomically."""
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            counted[:] = [self._xadd_all(pipe, outputs)]
+            if extra is not None:
+                extra(pipe)
+
+        await commit(self.redis, build, lease)
+        self._count(outputs, counted[0])
+
+    async def publish_and_ack(self, outputs: Outputs, acks: dict[str, list[str]], group: str, *,
+                              extra: PipelineHook | None = None, lease: Lease | None = None) -> None:
+        """Publish outputs and acknowledge the inputs they came from, atomically; `extra` adds commands (a
+        stage's state checkpoint) to the same MULTI/EXEC."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if outputs:
             await self.wait_for_consumers(outputs.keys())
-        pipe = self.redis.pipeline(transaction=True)
-        entries = self._xadd_all(pipe, outputs)
-        for stream, ids in acks.items():
-            if ids:
-                pipe.xack(stream, group, *ids)
-        await pipe.execute()
-        self._count(outputs, entries)
+        counted: list[int] = []
+
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            counted[:] = [self._xadd_all(pipe, outputs)]
+            for stream, ids in acks.items():
+                if ids:
+                    pipe.xack(stream, group, *ids)
+            if extra is not None:
+                extra(pipe)
+
+        await commit(self.redis, build, lease)
+        self._count(outputs, counted[0])
 
     async def backlog(self, stream: str) -> int:
         """Entries some consumer group of `stream` has not finished: undelivered (lag) plus pending."""
@@ -192,7 +244,8 @@ class ConsumerStats:
 class Consumer:
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: BusSettings, group: str, name: str,
                  selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0,
-                 on_acked: Callable[[list[Delivery]], None] | None = None) -> None:
+                 on_acked: Callable[[list[Delivery]], None] | None = None,
+                 on_commit: CommitHook | None = None, lease: Lease | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
@@ -204,6 +257,11 @@ class Consumer:
         # Called after a batch's outputs are published and its entries acknowledged: where a stateful stage
         # commits the state it staged for the batch (so a failed publish leaves the state as it was).
         self.on_acked = on_acked
+        # Called while the batch's MULTI is built, after its XADDs and XACKs: a stateful stage adds its state
+        # checkpoint there, so state, outputs and acknowledgements commit together or not at all.
+        self.on_commit = on_commit
+        # With a lease, only its holder reads: acquired before anything is read, verified in every commit.
+        self.lease = lease
         self.streams: list[str] = []
         self._refreshed_at = 0.0
         self._claimed_at = 0.0
@@ -267,10 +325,42 @@ class Consumer:
     async def run(self, handler: Handler, stop: asyncio.Event) -> None:
         self._stop = stop
         self._handler = handler
+        if self.lease is not None:
+            self.stats.state = "standby"
+            if not await self.lease.acquire(stop):
+                self.stats.state = "stopping"
+                return
+            renewal = asyncio.create_task(self.lease.run_renewal(stop), name=f"{self.name}-lease")
+            work = asyncio.create_task(self._run_work(stop), name=f"{self.name}-work")
+            try:
+                done, _ = await asyncio.wait({renewal, work}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # LeaseLost from the renewal, or the work's own failure
+                if renewal in done and not work.done():
+                    await work  # renewal ended because stop was set
+            finally:
+                for task in (renewal, work):
+                    if not task.done():
+                        task.cancel()
+                        try:
+                            await task
+                        except (asyncio.CancelledError, LeaseLost):
+                            pass
+                if stop.is_set() and self.lease.held:
+                    try:
+                        await self.lease.release()
+                    except (RedisError, OSError) as exc:
+                        log.warning("lease %s not released at stop (%s); it expires after its ttl",
+                                    self.lease.key, exc)
+            self.stats.state = "stopping"
+            return
+        await self._run_work(stop)
+        self.stats.state = "stopping"
+
+    async def _run_work(self, stop: asyncio.Event) -> None:
         self.stats.state = "running"
         await self.refresh_streams(force=True)
         await self._loop(stop)
-        self.stats.state = "stopping"
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -308,6 +398,8 @@ class Consumer:
                     self._record(good, time.perf_counter() - started)
                     self.stats.state = "running"
                     return
+                except LeaseLost:
+                    raise  # another process holds the stage now: stop, nothing more is committed here
                 except StoreUnavailable as exc:
                     self.stats.store_retries += 1
                     self.stats.state = "degraded"
@@ -362,15 +454,30 @@ class Consumer:
         acks: dict[str, list[str]] = {}
         for d in good:
             acks.setdefault(d.stream, []).append(d.entry_id)
+        on_commit = self.on_commit
+        extra: PipelineHook | None = None
+        if on_commit is not None:
+            def extra(pipe: aioredis.client.Pipeline) -> None:
+                on_commit(pipe, good)
         if self.producer is not None:
-            await self.producer.publish_and_ack(outputs, acks, self.group)
+            await self.producer.publish_and_ack(outputs, acks, self.group, extra=extra, lease=self.lease)
             return
         if outputs:
             raise RuntimeError(f"consumer {self.name} got outputs but has no producer to publish them")
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in acks.items():
-            pipe.xack(stream, self.group, *ids)
-        await pipe.execute()
+        if extra is None and self.lease is None:
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, ids in acks.items():
+                pipe.xack(stream, self.group, *ids)
+            await pipe.execute()
+            return
+
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            for stream, ids in acks.items():
+                pipe.xack(stream, self.group, *ids)
+            if extra is not None:
+                extra(pipe)
+
+        await commit(self.redis, build, self.lease)
 
     async def reclaim(self) -> None:
         """Take over entries idle longer than claim_idle_ms (a crashed consumer's, or our own failures)."""

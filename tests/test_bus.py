@@ -255,3 +255,72 @@ def test_codec_rejects_payloads_that_are_not_event_batches(bad: bytes) -> None:
     from schemas import DecodeError
     with pytest.raises(DecodeError):
         Codec().decode(bad)
+
+
+async def test_publish_with_extra_commits_position_with_the_entries(redis) -> None:  # type: ignore[no-untyped-def]
+    producer = Producer(redis, Codec(), FAST, "test")
+    # Act
+    await producer.publish({"s1": [stubs.trade(1)]}, extra=lambda pipe: pipe.set("pos:s1", "42"))
+    # Assert
+    assert await redis.xlen("s1") == 1
+    assert await redis.get("pos:s1") == b"42"
+
+
+async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: a forwarding stage that checkpoints how many entries it has seen, atomically with its commit.
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"in": [stubs.trade(i) for i in range(3)]})
+    seen: list[str] = []
+
+    def checkpoint(pipe, batch: list[Delivery]) -> None:  # type: ignore[no-untyped-def]
+        seen.extend(d.entry_id for d in batch)
+        pipe.set("ckpt", batch[-1].entry_id)
+
+    async def forward(batch: list[Delivery]) -> dict[str, list[object]]:
+        return {"out": [e for d in batch for e in d.events]}
+
+    consumer = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["in"]), producer=producer,
+                        on_commit=checkpoint)
+    # Act
+    await run_until(consumer, forward, lambda: consumer.stats.acked == 1)
+    # Assert
+    assert await redis.get("ckpt") == seen[-1].encode()
+    assert await redis.xlen("out") == 1
+    assert (await redis.xpending("in", "g"))["pending"] == 0
+
+
+async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> None:  # type: ignore[no-untyped-def]
+    from common.lease import Lease, LeaseLost
+
+    # Arrange: c1 holds the lease; c2 (same group) waits as standby and reads nothing.
+    producer = Producer(redis, Codec(), FAST, "test")
+    await producer.publish({"s1": [stubs.trade(1)]})
+    got: dict[str, int] = {"c1": 0, "c2": 0}
+
+    def handler_for(name: str):  # type: ignore[no-untyped-def]
+        async def handler(batch: list[Delivery]) -> None:
+            got[name] += len(batch)
+        return handler
+
+    c1 = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]),
+                  lease=Lease(redis, "lease:g", "c1", ttl_ms=600))
+    c2 = Consumer(redis, Codec(), FAST, "g", "c2", StreamSelector(names=["s1"]),
+                  lease=Lease(redis, "lease:g", "c2", ttl_ms=600))
+    stop = asyncio.Event()
+    t1 = asyncio.create_task(c1.run(handler_for("c1"), stop))
+    async with asyncio.timeout(5):
+        while got["c1"] < 1:
+            await asyncio.sleep(0.01)
+    t2 = asyncio.create_task(c2.run(handler_for("c2"), stop))
+    async with asyncio.timeout(5):
+        while c2.stats.state != "standby":
+            await asyncio.sleep(0.01)
+    # Act: another owner takes the key from c1 (as after a partition) and new entries arrive.
+    await redis.set("lease:g", "intruder", px=60_000)
+    await producer.publish({"s1": [stubs.trade(2)]})
+    # Assert: c1 stops with LeaseLost before it acknowledges anything more; c2 is still standby.
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(t1, 5)
+    assert c2.stats.state == "standby" and got["c2"] == 0
+    stop.set()
+    await asyncio.wait_for(t2, 5)
