@@ -22,9 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import Settings, load_settings
+from services.simulator.recording import real_data_dir
 from tools.localstores import LocalServer, start_influxd, start_redis
 
-SHARED_DATA = (ROOT.parent / "shared" / "data" / "real").resolve()
+
+def _real_data_or_none() -> Path | None:
+    try:
+        return real_data_dir(ROOT)
+    except FileNotFoundError:
+        return None
+
+
+# The real recordings: $MDP_REAL_DATA, else ../shared/data/real (the full set), else the shipped data/real
+# (licensed files only; data/real/NOTICE). None when none exists: the real_data fixture then fails loudly.
+SHARED_DATA = _real_data_or_none()
 
 # The tests choose their own servers and config files: a user's MDP_* store settings must not leak in.
 for _var in [v for v in os.environ if v.startswith("MDP_") and v not in ("MDP_TEST_POSTGRES_DSN", "MDP_REAL_DATA")]:
@@ -33,9 +44,10 @@ for _var in [v for v in os.environ if v.startswith("MDP_") and v not in ("MDP_TE
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real recordings not found at {SHARED_DATA}; the project expects ../shared/data/real")
-    return SHARED_DATA
+    try:
+        return real_data_dir(ROOT)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-history", action="store_true",
                    help="serve REST klines only from the real daily zips and the replay (no derived history)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="the real-data folder (default: $MDP_REAL_DATA or ../shared/data/real)")
+                   help="the real-data folder (default: $MDP_REAL_DATA, else ../shared/data/real, else the shipped data/real)")
     p.add_argument("--venue", action="append", default=[], metavar="EXCHANGE",
                    help="also serve this exchange on the same port (repeatable): a ccxt id of "
                         "services/simulator/venue.py VENUES, e.g. binanceusdm, coinbase, hyperliquid")

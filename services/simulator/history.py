@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import csv
 import functools
+import logging
 import random
 import zlib
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from services.simulator.recording import MINUTE_MS, SCALE, Candle, load_daily_kl
 HOUR_MS = 60 * MINUTE_MS
 TICK = 1_000_000  # 0.01 in units of 1e-8
 _HOUR_CACHE = 512  # derived hours kept (60 candles each)
+log = logging.getLogger("services.simulator")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,12 @@ class History:
             self._real[sym] = real
             self._real_spans[sym] = sorted(spans)
         self._cache: OrderedDict[tuple[str, int], list[Candle]] = OrderedDict()
+        missing = [f"{d}/" for d in ("binance-spot-1h", "binance-spot-1m-ccxt") if not (data_dir / d).is_dir()]
+        if missing:  # e.g. the shipped data/real: those folders' sources state no licence, so they are not shipped
+            log.warning("history: %s has no %s (not shipped with the project: no licence); REST klines are served "
+                        "only where binance-spot-1m-daily/ has real days, nothing elsewhere; set MDP_REAL_DATA to "
+                        "the full real-data folder for derived history of any range (docs/operations.md)",
+                        data_dir, " ".join(missing))
 
     @property
     def symbols(self) -> tuple[str, ...]:

@@ -54,18 +54,38 @@ class RecordingFormatError(ValueError):
     """A recorded file is not in the format this loader reads; the message names the file and line."""
 
 
+SHIPPED_DATA = Path("data") / "real"  # under the project root: the licensed recordings (data/real/NOTICE)
+# Folders of the shared real-data set that are not shipped (their sources state no licence): read only from
+# $MDP_REAL_DATA or ../shared/data/real.
+UNSHIPPED_FOLDERS = ("binance-spot-1h", "binance-spot-1m-ccxt", "binance-usdm-1m", "binanceus-kraken-2023-03")
+
+
 def real_data_dir(project_root: Path | None = None) -> Path:
-    """The shared real-data folder: $MDP_REAL_DATA, else `<project root>/../shared/data/real`."""
+    """The real-data folder, first found of: $MDP_REAL_DATA, `<project root>/../shared/data/real` (the full
+    set), `<project root>/data/real` (the licensed recordings shipped with the project, enough for the demo).
+    A folder named by $MDP_REAL_DATA that does not exist is an error, never skipped over."""
     env = os.environ.get(DATA_ENV)
     if env:
         path = Path(env)
-    else:
-        root = project_root or Path(__file__).resolve().parents[2]
-        path = root.parent / "shared" / "data" / "real"
-    if not path.is_dir():
-        raise FileNotFoundError(f"real recordings not found at {path}; set {DATA_ENV} to the folder that holds "
-                                f"ws-captures/, binance-spot-1m-daily/ and cryptofeed-captures/")
-    return path.resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{DATA_ENV}={env} is not a folder; point it at a folder that holds "
+                                    f"ws-captures/, binance-spot-1m-daily/ and cryptofeed-captures/, or unset it "
+                                    f"to use ../shared/data/real or the shipped data/real")
+        return path.resolve()
+    root = project_root or Path(__file__).resolve().parents[2]
+    candidates = (root.parent / "shared" / "data" / "real", root / SHIPPED_DATA)
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    raise FileNotFoundError(f"real recordings not found at {candidates[0]} nor at {candidates[1]} (shipped with "
+                            f"the repository: is the clone complete?); set {DATA_ENV} to the folder that holds "
+                            f"ws-captures/, binance-spot-1m-daily/ and cryptofeed-captures/")
+
+
+def is_shipped(data_dir: Path, project_root: Path | None = None) -> bool:
+    """True when `data_dir` is the project's shipped data/real (without the unlicensed folders)."""
+    root = project_root or Path(__file__).resolve().parents[2]
+    return data_dir.resolve() == (root / SHIPPED_DATA).resolve()
 
 
 # ----------------------------------------------------------------------------------------------------------
