@@ -16,7 +16,8 @@ Rules (all severity "error", policy "reject": a rejected event is never stored d
   volume.negative      candle volume < 0 (a zero-volume bar is legitimate: a minute without trades)
   ohlc.consistency     high >= max(open, close, low) and low <= min(open, close)
   time.invalid         ts_event (or a candle's open_time) <= 0: the collector had no exchange timestamp
-  time.future          ts_event or open_time later than now + validation.max_future_skew_s (after unit
+  time.future          ts_event or open_time later than the event's own ts_recv (the collector's receipt
+                       time; now, for an event without one) + validation.max_future_skew_s (after unit
                        inference by `to_ns`, so a millisecond stamp is judged by the time it denotes)
   ticker.crossed       bid >= ask when both are present
 
@@ -207,9 +208,9 @@ def _fields_missing(event: Event, ctx: CheckContext) -> Iterable[Issue]:
             missing[name] = text(value)
     if missing:
         listed = ", ".join(f"{k}={v!r}" for k, v in missing.items())
-        yield (f"{describe(event)} has missing or non-numeric fields ({listed}). ccxt returns None for "
+        yield ((f"{describe(event)} has missing or non-numeric fields ({listed}). ccxt returns None for "
                f"fields it could not parse, so the exchange sent a malformed or empty row; rejected. If it "
-               f"repeats, check the exchange's status page and the collector's raw messages for this symbol.",
+               f"repeats, check the exchange's status page and the collector's raw messages for this symbol."),
                missing)
 
 
@@ -227,16 +228,16 @@ def _price_non_positive(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     bad = {name: text(v) for name in _prices(event) if _finite(v := getattr(event, name)) and v <= 0}
     if bad:
         listed = ", ".join(f"{k}={v}" for k, v in bad.items())
-        yield (f"{describe(event)} has non-positive price(s) {listed}; a price must be > 0 (a zero is "
-               f"usually a placeholder row from the exchange); rejected.", bad)
+        yield ((f"{describe(event)} has non-positive price(s) {listed}; a price must be > 0 (a zero is "
+               f"usually a placeholder row from the exchange); rejected."), bad)
 
 
 def _amount_non_positive(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, Trade)
     if _finite(event.amount) and event.amount <= 0:  # type: ignore[operator]
-        yield (f"{describe(event)} has amount={text(event.amount)}; a trade's amount must be > 0; rejected. "
+        yield ((f"{describe(event)} has amount={text(event.amount)}; a trade's amount must be > 0; rejected. "
                f"Check whether the exchange reports sells as negative amounts (the collector must map that "
-               f"to side).",
+               f"to side)."),
                {"amount": text(event.amount)})
 
 
@@ -261,9 +262,9 @@ def _ohlc_consistency(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     if lo > min(o, c):
         broken.append(f"low {text(lo)} > {'open' if o <= c else 'close'} {text(min(o, c))}")
     if broken:
-        yield (f"{describe(event)} is not a consistent bar ({'; '.join(broken)}); need low <= open, "
+        yield ((f"{describe(event)} is not a consistent bar ({'; '.join(broken)}); need low <= open, "
                f"close <= high; rejected. The exchange sent a corrupt row, or fields were mapped in the "
-               f"wrong order.",
+               f"wrong order."),
                {"open": text(o), "high": text(h), "low": text(lo), "close": text(c)})
 
 
@@ -278,30 +279,36 @@ def _time_invalid(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     bad = {name: str(v) for name, v in _stamps(event).items() if v <= 0}
     if bad:
         listed = ", ".join(f"{k}={v}" for k, v in bad.items())
-        yield (f"{describe(event)} has no usable exchange timestamp ({listed}); rejected. The collector must "
-               f"take the exchange's time (ccxt 'timestamp'), not default it to 0.", bad)
+        yield ((f"{describe(event)} has no usable exchange timestamp ({listed}); rejected. The collector must "
+               f"take the exchange's time (ccxt 'timestamp'), not default it to 0."), bad)
 
 
 def _time_future(event: Event, ctx: CheckContext) -> Iterable[Issue]:
-    limit = ctx.now_ns + ctx.max_future_skew_ns
+    # Judged against the event's own receipt time (the collector's clock, at the moment it read the message),
+    # not this host's clock now: a validator host whose clock is behind, or a backlog processed later, must
+    # not turn good events into rejections. Only an event without a receipt time is judged against now.
+    recv = getattr(event, "ts_recv", 0)
+    ref, against = (recv, "its receipt time ts_recv") if isinstance(recv, int) and recv > 0 else \
+        (ctx.now_ns, "this host's clock")
+    limit = ref + ctx.max_future_skew_ns
     ahead = {name: v for name, v in _stamps(event).items() if v > 0 and to_ns(v) > limit}
     if ahead:
         name, worst = max(ahead.items(), key=lambda kv: to_ns(kv[1]))
-        secs = (to_ns(worst) - ctx.now_ns) / NS_PER_S
+        secs = (to_ns(worst) - ref) / NS_PER_S
         values: dict[str, str | None] = {k: str(v) for k, v in ahead.items()}
-        values["now"] = str(ctx.now_ns)
+        values["reference"] = str(ref)
         skew = ctx.max_future_skew_ns / NS_PER_S
-        yield (f"{describe(event)} has {name}={worst} ({iso(to_ns(worst))}), {secs:.3f} s ahead of this "
-               f"host's clock (allowed skew {skew:g} s); rejected. Check this host's clock sync "
-               f"(timedatectl / chronyc tracking), the timestamp's unit, or raise "
-               f"validation.max_future_skew_s.", values)
+        yield ((f"{describe(event)} has {name}={worst} ({iso(to_ns(worst))}), {secs:.3f} s ahead of {against} "
+               f"{iso(ref)} (allowed skew {skew:g} s); rejected. The exchange's clock (or the collector "
+               f"host's) is off: check the collector host's clock sync (timedatectl / chronyc tracking), the "
+               f"timestamp's unit, or raise validation.max_future_skew_s."), values)
 
 
 def _ticker_crossed(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, Ticker)
     if _finite(event.bid) and _finite(event.ask) and event.bid >= event.ask:  # type: ignore[operator]
-        yield (f"{describe(event)} quotes bid={text(event.bid)} >= ask={text(event.ask)} (crossed or locked "
-               f"book); rejected. Usually bid and ask were swapped or taken from different updates.",
+        yield ((f"{describe(event)} quotes bid={text(event.bid)} >= ask={text(event.ask)} (crossed or locked "
+               f"book); rejected. Usually bid and ask were swapped or taken from different updates."),
                {"bid": text(event.bid), "ask": text(event.ask)})
 
 
@@ -323,7 +330,7 @@ RULES: tuple[Rule, ...] = (
     Rule("time.invalid", "error", "reject", _kinds("trade", "candle", "ticker"),
          "ts_event or open_time <= 0", _time_invalid),
     Rule("time.future", "error", "reject", _kinds("trade", "candle", "ticker"),
-         "ts_event or open_time beyond now + max_future_skew_s", _time_future),
+         "ts_event or open_time beyond ts_recv + max_future_skew_s", _time_future),
     Rule("ticker.crossed", "error", "reject", _kinds("ticker"),
          "bid >= ask", _ticker_crossed),
 )
@@ -379,7 +386,7 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
     _entry("volume.negative", "error", "reject", "a candle volume < 0"),
     _entry("ohlc.consistency", "error", "reject", "high/low do not bound open/close"),
     _entry("time.invalid", "error", "reject", "a timestamp <= 0"),
-    _entry("time.future", "error", "reject", "later than now + validation.max_future_skew_s"),
+    _entry("time.future", "error", "reject", "later than its ts_recv + validation.max_future_skew_s"),
     _entry("ticker.crossed", "error", "reject", "bid >= ask"),
     _entry("time.gap", "warning", "alert", "missing open times in a closed-candle series (a Gap event too)"),
     _entry("time.duplicate", "info", "repair", "an identical closed candle again: the copy is dropped"),
@@ -394,6 +401,7 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
     _entry("candle.open_gap", "warning", "flag", "open far from the previous close"),
     _entry("trade.outside_book", "warning", "flag", "trade price beyond the last bid/ask by a tolerance"),
     _entry("trade.id_gap", "warning", "flag", "trade ids not consecutive (a Gap event too)"),
+    _entry("trade.duplicate", "info", "repair", "a trade id already forwarded: the copy is dropped"),
     _entry("candle.reconcile", "warning", "alert",
            "a 1m candle built from trades disagrees with the exchange's (aggregator)"),
 )}

@@ -84,7 +84,7 @@ async def test_validator_forwards_valid_events_and_alerts_rejected_ones(redis, s
         "amount.non_positive": stubs.trade(12, amount="0"),
         "volume.negative": stubs.candle(1, v="-1"),
         "ohlc.consistency": stubs.candle(2, h="61790.00"),
-        "time.future": stubs.trade(13, ts=now + 120 * 1_000_000_000),
+        "time.future": replace(stubs.trade(13, ts=now + 120 * 1_000_000_000), ts_recv=now),
         "ticker.crossed": stubs.ticker(bid="61837.65", ask="61837.64"),
     }
     mixed = [good[0], *list(bad.values())[:4], good[1], good[2], *list(bad.values())[4:], *good[3:]]
