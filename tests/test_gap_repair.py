@@ -1,10 +1,12 @@
-"""The gap repair service against the simulator through the real ccxt, into a real InfluxDB, PostgreSQL ledger
-and Redis: candle and trade gaps repaired (once), empty windows proven, what cannot be repaired alerted,
-holes found by the scan; and the simulator's trade history endpoints."""
+"""The gap repair service against the simulator through the real ccxt, a real InfluxDB, PostgreSQL ledger and
+Redis: candle and trade gaps repaired into raw:{exchange} (once, also across a kill and redelivery), empty
+windows proven, what cannot be repaired alerted, holes found by the scan; and the simulator's trade history
+endpoints."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -23,13 +25,14 @@ import redis.asyncio as aioredis
 from common import streams
 from common.bus import Producer
 from common.config import Settings, load_settings
-from common.influx import InfluxClient, encode_trades
-from schemas import Alert, Codec, Gap, Trade
+from common.influx import InfluxClient, encode_candles, encode_trades
+from schemas import Alert, Candle, Codec, Event, Gap, Trade
 from services.backfill.ledger import Ledger, Series
 from services.backfill.span import NS, Span, from_datetime
+from services.gap_repair.outcome import REPAIRED
 from services.gap_repair.repair import Repairer
 from services.gap_repair.service import GapRepair, build_repairer
-from services.normalizer.service import canonical_decimal
+from services.normalizer.service import SymbolMap, canonical_decimal, normalize
 from services.simulator import Simulator, start_simulator
 from services.simulator.recording import Trade as RecordedTrade
 from services.validator.series import SeriesBook, StreamRules
@@ -135,6 +138,35 @@ def normalized(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: (Decimal(v).normalize() if k != "time" else v) for k, v in r.items()} for r in rows]
 
 
+def candle_rows(events: list[Any]) -> list[dict[str, Any]]:
+    """Repaired candle events in as_served's form, checking each is shaped as the collector's closed REST bar."""
+    out = []
+    for c in events:
+        assert isinstance(c, Candle) and c.closed and c.source == "rest" and c.quality == REPAIRED
+        assert c.timeframe == "1m" and c.ts_event == c.open_time + MIN - MS and c.ts_recv > c.ts_event
+        out.append({"time": c.open_time, **{k: Decimal(getattr(c, k)).normalize() for k in
+                                            ("open", "high", "low", "close", "volume")}})
+    return out
+
+
+async def store_as_pipeline(settings: Settings, candles: list[Any]) -> None:
+    """Store raw candles as the pipeline would (normalizer, then the influx writer's encoder and tier)."""
+    symbols = SymbolMap()
+    lines: list[str] = []
+    encode_candles([normalize(c, symbols)[0] for c in candles], lines)  # type: ignore[misc]
+    async with InfluxClient(settings.influx) as influx:
+        await influx.ensure_tiers()
+        await influx.write_tier(influx.plan.for_timeframe("1m"), lines)
+
+
+async def raw_events(redis: aioredis.Redis, exchange: str = "binance") -> list[Event]:
+    codec = Codec()
+    out: list[Event] = []
+    for _id, fields in await redis.xrange(streams.raw(exchange)):
+        out.extend(codec.decode_entry(fields))
+    return out
+
+
 async def alerts_on_bus(redis: aioredis.Redis) -> list[Alert]:
     codec = Codec()
     out: list[Alert] = []
@@ -183,7 +215,7 @@ def validator_gaps(settings: Settings, trades: list[Trade]) -> list[Gap]:
 # Candles
 
 
-async def test_candle_gap_is_repaired_into_influxdb_and_the_ledger_once(
+async def test_candle_gap_is_repaired_into_raw_as_the_collectors_closed_candles(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
         settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
@@ -192,20 +224,22 @@ async def test_candle_gap_is_repaired_into_influxdb_and_the_ledger_once(
             # Act
             first = await rep.repair_gap(candle_gap(start, end))
             klines_after_first = sim.status()["rest"]["requests"]["klines"]
-            rows_after_first = await ledger.rows(Series("binance", "BTC/USDT", "1m"))
+            stored_before_pipeline = await stored_candles(settings, start, end)
+            await store_as_pipeline(settings, first.events)  # the pipeline stored what was published
             again = await rep.repair_gap(candle_gap(start, end))
 
-        # Assert: the 30 candles as the exchange serves them, in InfluxDB and covered in the ledger; an audit
-        # alert; the repeated Gap fetches nothing and changes nothing.
+        # Assert: the 30 candles as the exchange serves them, as events for raw:binance shaped like the
+        # collector's closed REST candles; no direct InfluxDB write nor "covered" ledger record (effects before
+        # the acknowledgement); an audit alert; once stored, the repeated Gap fetches nothing.
         assert first.state == "repaired" and first.repaired == 30 and first.unrepaired == []
-        assert normalized(await stored_candles(settings, start, end)) == as_served(sim, start, end)
+        assert candle_rows(first.events) == as_served(sim, start, end)
         assert len(as_served(sim, start, end)) == 30
-        assert rows_after_first == [("covered", "rest", Span(start, end), [])]
+        assert stored_before_pipeline == []
+        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == []
         assert [a.rule for a in first.alerts] == ["gap.repaired"] and first.alerts[0].severity == "info"
-        assert again.state == "explained" and again.repaired == 0
+        assert "raw:binance" in first.alerts[0].reason
+        assert again.state == "explained" and again.repaired == 0 and again.events == []
         assert sim.status()["rest"]["requests"]["klines"] == klines_after_first
-        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == rows_after_first
-        assert len(await stored_candles(settings, start, end)) == 30
         assert rep.counts["gaps_repaired"] == 1 and rep.counts["gaps_explained"] == 1
         assert rep.counts["candles_repaired"] == 30
 
@@ -260,21 +294,21 @@ async def test_scan_finds_and_repairs_a_hole_no_gap_announced(
         async with repairer(settings, ledger) as rep:
             # Arrange: the series is recorded from 10:30 on, except 11:00-11:07, and not in the ledger
             for part in (Span(stored_from, hole.start), Span(hole.end, now - now % MIN)):
-                await rep.candles.repair(Series("binance", "BTC/USDT", "1m"), part, [part], now, "arrange")
+                out = await rep.candles.repair(Series("binance", "BTC/USDT", "1m"), part, [part], now, "arrange")
+                await store_as_pipeline(settings, out.events)
             await ledger.pool.execute("DELETE FROM coverage")
             klines_before = sim.status()["rest"]["requests"]["klines"]
 
             # Act
-            alerts = await rep.scan(now)
+            outputs = await rep.scan(now)
 
         # Assert: only the hole was fetched (not 10:00-10:30, before the series was recorded, nor the last
-        # settling minutes); every candle since 10:30 is stored as served.
+        # settling minutes); its candles, as served, go to raw:binance with the alert.
         assert rep.counts["scan_holes"] == 1 and rep.counts["scan_repaired"] == 1
         assert sim.status()["rest"]["requests"]["klines"] == klines_before + 1
-        assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == [("covered", "rest", hole, [])]
-        last_closed = now - now % MIN
-        assert normalized(await stored_candles(settings, stored_from, last_closed)) == as_served(
-            sim, stored_from, last_closed)
+        assert sorted(outputs) == [streams.ALERTS, "raw:binance"]
+        assert candle_rows(outputs["raw:binance"]) == as_served(sim, hole.start, hole.end)
+        alerts = outputs[streams.ALERTS]
         assert [a.rule for a in alerts] == ["gap.repaired"] and alerts[0].values["repaired"] == "7"
 
 
@@ -282,7 +316,18 @@ async def test_scan_finds_and_repairs_a_hole_no_gap_announced(
 # Trades
 
 
-async def test_trade_gap_from_dropped_trades_is_repaired_through_the_bus_exactly_once(
+def assert_repaired_trades(events: list[Event], expected: list[RecordedTrade]) -> None:
+    """`events` are the recorded trades, each once, as the collector publishes them, marked repaired."""
+    assert all(isinstance(e, Trade) for e in events)
+    trades = [e for e in events if isinstance(e, Trade)]
+    assert [int(t.trade_id) for t in trades] == [t.id for t in expected]
+    for t, r in zip(trades, expected, strict=True):
+        assert (t.exchange, t.symbol, t.price, t.amount, t.side, t.ts_event) == (
+            "binance", "BTC/USDT", Decimal(r.price), Decimal(r.qty), r.side, r.time * MS)
+        assert t.quality == REPAIRED and t.ts_recv > t.ts_event  # received now, over REST: late and saying so
+
+
+async def test_trade_gap_from_dropped_trades_is_repaired_into_raw_through_the_bus(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger,
         redis: aioredis.Redis) -> None:
     async with start_simulator(speed=0, max_trades=3000, start="manual") as sim:
@@ -299,27 +344,63 @@ async def test_trade_gap_from_dropped_trades_is_repaired_through_the_bus_exactly
         await producer.publish({streams.GAPS: gaps})
 
         async with running_service(settings) as service:
-            # Act: the service consumes the Gap; then the same Gap again
-            await until("the dropped trades in InfluxDB", lambda: _count_is(settings, len(recorded)))
+            # Act: the service consumes the Gap
             await until("the Gap acknowledged", lambda: _acked(service, 1))
-            await producer.publish({streams.GAPS: gaps})
-            await until("the repeated Gap acknowledged", lambda: _acked(service, 2))
             counters = service.counters()
 
-        # Assert: every recorded trade exactly once, as recorded; the repeat wrote nothing; nothing pending
-        rows = await stored_trades(settings)
-        assert sorted(int(r["trade_id"]) for r in rows) == [t.id for t in recorded]
-        by_id = {int(r["trade_id"]): r for r in rows}
-        for t in recorded:
-            r = by_id[t.id]
-            assert (Decimal(r["price"]), Decimal(r["amount"]), r["side"]) == (Decimal(t.price), Decimal(t.qty),
-                                                                              t.side)
+        # Assert: the dropped trades on raw:binance (where the validator reads live ones) exactly once, as
+        # recorded; InfluxDB is left to the pipeline; nothing pending; one audit alert
+        assert_repaired_trades(await raw_events(redis), [t for t in recorded if t.id in set(dropped)])
+        assert len(await stored_trades(settings)) == len(live)
         assert counters["gaps_repaired"] == 1 and counters["trades_repaired"] == 250
-        assert counters["gaps_explained"] == 1 and counters["gaps_unrepaired"] == 0
+        assert counters["gaps_unrepaired"] == 0
         assert (await redis.xpending(streams.GAPS, "gap_repair"))["pending"] == 0
         rules = [a.rule for a in await alerts_on_bus(redis)]
         assert rules.count("gap.repaired") == 1 and "gap.unrepaired" not in rules
-        assert sim.status()["rest"]["requests"]["historicalTrades"] == 3 * 2  # 250 ids / 100 per page, twice
+        assert sim.status()["rest"]["requests"]["historicalTrades"] == 3  # 250 ids / 100 per page
+
+
+async def test_a_trade_repair_killed_after_its_rest_fetch_publishes_its_trades_once_after_redelivery(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger,
+        redis: aioredis.Redis) -> None:
+    async with start_simulator(speed=0, max_trades=3000, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, trades_page=100)
+        dropped = await replay_dropping(sim, after=1000, count=250)
+        recorded = sim.expected_trades()
+        gaps = validator_gaps(settings, [live_trade(t) for t in recorded if t.id not in set(dropped)])
+        await Producer(redis, Codec(), settings.bus, "test").publish({streams.GAPS: gaps})
+
+        # Act 1: a gap_repair process dies right after the REST fetch, before its outputs are published and the
+        # Gap acknowledged (the task is cancelled there: like SIGKILL, nothing after that point runs)
+        doomed = GapRepair(settings, "test")
+        fetched = asyncio.Event()
+        repair_and_return = doomed.handle
+
+        async def repair_then_die(batch: Any) -> Any:
+            await repair_and_return(batch)
+            fetched.set()
+            await asyncio.Event().wait()
+
+        doomed.handle = repair_then_die  # type: ignore[method-assign]
+        task = asyncio.create_task(doomed.run(asyncio.Event()))
+        await asyncio.wait_for(fetched.wait(), 30)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await doomed.close()
+        published_by_the_dead = await raw_events(redis)
+        pending_after_death = (await redis.xpending(streams.GAPS, "gap_repair"))["pending"]
+
+        # Act 2: the restarted process (same consumer name) finds its pending Gap and repairs it again
+        async with running_service(settings) as service:
+            await until("the redelivered Gap acknowledged", lambda: _acked(service, 1))
+
+        # Assert: fetched twice, published once
+        assert published_by_the_dead == [] and pending_after_death == 1
+        assert sim.status()["rest"]["requests"]["historicalTrades"] == 3 * 2
+        assert_repaired_trades(await raw_events(redis), [t for t in recorded if t.id in set(dropped)])
+        assert (await redis.xpending(streams.GAPS, "gap_repair"))["pending"] == 0
+        assert [a.rule for a in await alerts_on_bus(redis)].count("gap.repaired") == 1
 
 
 async def test_trade_gap_given_as_a_time_window_is_located_with_aggtrades(
@@ -338,15 +419,17 @@ async def test_trade_gap_given_as_a_time_window_is_located_with_aggtrades(
             # Act
             out = await rep.repair_gap(gap)
 
-        # Assert: the lost trades located by aggregate trades (narrowed: the window holds more than a page),
-        # fetched by id, each stored once; trades of the window that arrived live are not rewritten.
+        # Assert: the trades of the window located by aggregate trades (narrowed: the window holds more than a
+        # page), fetched by id, each once, in id order: the lost ones and any live one of the window (which
+        # the validator drops as already forwarded), nothing outside the window
         assert out.state == "repaired" and out.unrepaired == []
-        lost_in_window = [i for i in dropped if by_id[i].time * MS < end]
-        assert out.repaired == len(lost_in_window)
         assert sim.status()["rest"]["requests"]["aggTrades"] >= 2
-        ids = sorted(int(r["trade_id"]) for r in await stored_trades(settings))
-        assert len(ids) == len(set(ids)) == len(recorded) - len(dropped) + len(lost_in_window)
+        ids = [int(e.trade_id) for e in out.events if isinstance(e, Trade)]
+        assert ids == list(range(ids[0], ids[-1] + 1)) and out.repaired == len(ids)
+        lost_in_window = [i for i in dropped if by_id[i].time * MS < end]
         assert set(lost_in_window) <= set(ids)
+        assert all(start <= by_id[i].time * MS < end for i in ids)
+        assert_repaired_trades(out.events, [by_id[i] for i in ids])
 
 
 async def test_trades_older_than_the_exchange_serves_are_an_unrepaired_alert(
@@ -368,7 +451,7 @@ async def test_trades_older_than_the_exchange_serves_are_an_unrepaired_alert(
         (alert,) = [a for a in out.alerts if a.rule == "gap.unrepaired"]
         assert alert.severity == "error" and f"{first.id - 20}..{first.id - 1}" in alert.reason
         assert "no longer serves" in alert.reason
-        assert await stored_trades(settings) == []
+        assert out.events == []
 
 
 async def test_an_id_gap_inside_one_millisecond_is_repaired(
@@ -389,7 +472,7 @@ async def test_an_id_gap_inside_one_millisecond_is_repaired(
         async with repairer(settings, ledger) as rep:
             out = await rep.repair_gap(gap)
         assert out.state == "repaired" and out.repaired == 1
-        assert sorted(int(r["trade_id"]) for r in await stored_trades(settings)) == [t.id for t in recorded]
+        assert_repaired_trades(out.events, [lost])
 
 
 async def test_snapshot_channel_gap_is_explained_not_an_unrepaired_loss(
@@ -456,10 +539,6 @@ async def test_simulator_serves_trade_history_only_up_to_the_replay_position() -
         assert (await get("aggTrades", startTime=0, endTime=7_200_000))[1]["code"] == -1127
         assert (await get("aggTrades", fromId=1, startTime=0))[1]["code"] == -1128
         assert (await get("historicalTrades", limit=1001))[1]["code"] == -1130
-
-
-async def _count_is(settings: Settings, n: int) -> bool:
-    return len(await stored_trades(settings)) == n
 
 
 async def _acked(service: GapRepair, n: int) -> bool:

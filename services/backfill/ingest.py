@@ -77,6 +77,7 @@ class Batch:
     empty: list[tuple[Span, dict[str, Any]]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     rejected: int = 0
+    received: list[Candle] = field(default_factory=list)  # the rows as the collector publishes them, if asked
 
 
 def runs(open_times: Iterable[int], step: int) -> list[Span]:

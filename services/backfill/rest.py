@@ -30,12 +30,12 @@ from typing import Any
 
 import ccxt
 
+from common.ccxt_events import candle_event
 from common.ratelimit import BudgetedExchange, ExchangeBanned
 from schemas import Candle
 from services.backfill.ingest import Batch, Checker, empty_evidence, gaps, rest_candle, runs
 from services.backfill.ledger import Series
 from services.backfill.span import MS, Span, iso
-from services.collector.service import candle_event
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class FetchError(RuntimeError):
 
 class PageFetcher:
     def __init__(self, rest: BudgetedExchange, series: Series, step_ns: int, page_limit: int, weight: int,
-                 checker: Checker, retries: int = 5, whole_range: bool = False) -> None:
+                 checker: Checker, retries: int = 5, whole_range: bool = False, keep_received: bool = False) -> None:
         self.rest = rest
         self.series = series
         self.step = step_ns
@@ -57,6 +57,7 @@ class PageFetcher:
         self.checker = checker
         self.retries = retries
         self.whole_range = whole_range
+        self.keep_received = keep_received  # also return the rows as the collector's events (gap_repair)
         self.dropped_outside = 0
         self.malformed_retries = 0
         self.confirm_requests = 0
@@ -139,7 +140,8 @@ class PageFetcher:
                 f"(startTime/endTime bounded requests of this page)",
                 before, after, page=str(span), requests=requests[-3:])))
         return Batch(series=s, candles=checked.stored, covered=runs((c.open_time for c in checked.stored), step),
-                     empty=empty, alerts=checked.alerts, rejected=checked.rejected)
+                     empty=empty, alerts=checked.alerts, rejected=checked.rejected,
+                     received=[live(i) for i in range(len(times))] if self.keep_received else [])
 
 
 __all__ = ["FetchError", "PageFetcher"]

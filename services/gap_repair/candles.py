@@ -1,11 +1,21 @@
-"""Repairing a window of candles: the backfill's own fetch, validation, InfluxDB write and ledger record.
+"""Repairing a window of candles: the backfill's own fetch, then published into raw:{exchange} like live ones.
 
-Why reuse services/backfill as it is: a repaired candle must be exactly what a backfilled or live one is
-(same rules, same normalization, same InfluxDB point, so a later live or backfilled copy overwrites it with
-itself), and the coverage ledger must learn what was covered and what the exchange proved empty. So a window
-is cut into the backfill's pages (`PageFetcher.page`: bounded startTime/endTime requests, malformed answers
-asked again, empty stretches with the request as evidence) and stored by `Sink.store` (InfluxDB 204 first,
-then the quality alerts, then the ledger in one transaction).
+A window is cut into the backfill's pages (`PageFetcher.page`: bounded startTime/endTime requests, malformed
+answers asked again, empty stretches with the request as evidence). What the exchange answered goes into
+raw:{exchange} as the collector's own closed candles (`common.ccxt_events.candle_event`, source "rest",
+`ts_recv` = when this service received the answer, `quality` = ("gap.repaired",)): the outcome's events, which
+the service publishes with the Gap's acknowledgement in one MULTI/EXEC. So a repaired 1m candle crosses
+validator -> normalizer -> md:candle:* like a live one, the influx writer stores it as the same point, and
+the aggregator rolls it up to 5m..1d.
+
+Why no direct InfluxDB write, and no "covered" record in the ledger: both would be effects before the
+acknowledgement. A repair killed after them but before the EXEC would be redelivered, find the candles
+stored (or covered), fetch nothing and publish nothing: they would be in InfluxDB but never on md:*. Data
+reaches InfluxDB through the pipeline within the influx writer's latency; the scan leaves the last
+`scan_settle_s` to it. What the exchange proved empty is recorded in the ledger at once (with the request as
+evidence): it needs no store, publishes nothing, and a redelivered Gap then does not ask for it again.
+The pages are still validated here (`Checker`, the live rules) to count what the validator will reject: a
+rejected candle leaves its slot unrepaired (an error alert), its own alert comes from the validator.
 
 What is not fetched, and why:
 - candles not closed yet (open time + timeframe > now): the live feed still delivers them; explained;
@@ -21,6 +31,7 @@ from __future__ import annotations
 import logging
 
 import ccxt
+import msgspec
 
 from common.ratelimit import ExchangeBanned
 from services.backfill.ingest import Checker, Sink, retention_cutoff
@@ -28,7 +39,7 @@ from services.backfill.ledger import Series
 from services.backfill.plan import history_of
 from services.backfill.rest import FetchError, PageFetcher
 from services.backfill.span import Span, ceil_to, floor_to, intersect, iso, merge, subtract, timeframe_ns
-from services.gap_repair.outcome import Outcome, Where
+from services.gap_repair.outcome import REPAIRED, Outcome, Where
 from services.gap_repair.venues import Venues, VenueUnavailable
 
 log = logging.getLogger(__name__)
@@ -42,8 +53,9 @@ class CandleRepair:
         self.retries = retries
 
     async def repair(self, series: Series, window: Span, missing: list[Span], now_ns: int, origin: str) -> Outcome:
-        """Fetch, validate, store and record the candles of `series` opening in the `missing` parts of `window`
-        (what InfluxDB and the ledger lack: what is stored is not fetched again)."""
+        """Fetch the candles of `series` opening in the `missing` parts of `window` (what InfluxDB and the ledger
+        lack: what is stored is not fetched again): the outcome's events, for raw:{exchange}; record what the
+        exchange proved empty."""
         step = timeframe_ns(series.timeframe)
         where = Where(series.exchange, series.symbol, f"candle:{series.timeframe}")
         start, end = floor_to(window.start, step), ceil_to(window.end, step)
@@ -90,12 +102,14 @@ class CandleRepair:
                            f"window is recent; older ones: `mdp backfill` over the window")
             return False
         fetcher = PageFetcher(rest, series, step, page_limit, rest.budget.limit.ohlcv_weight, self.checker,
-                              self.retries)
+                              self.retries, keep_received=True)
         done: list[Span] = []
         try:
             for t in range(todo.start, todo.end, page_limit * step):
                 batch = await fetcher.page(Span(t, min(t + page_limit * step, todo.end)))
-                await self.sink.store([batch])
+                if batch.empty:
+                    await self.sink.ledger.record(series, self.sink.source, empty=batch.empty)
+                out.events.extend(msgspec.structs.replace(c, quality=REPAIRED) for c in batch.received)
                 out.repaired += len(batch.candles)
                 out.rejected += batch.rejected
                 out.empty += sum(s.duration for s, _ in batch.empty) // step
@@ -111,8 +125,8 @@ class CandleRepair:
                                f"--timeframe {series.timeframe} --since {iso(hole.start)}`")
             return False
         for hole in subtract([todo], merge(done)):
-            out.lose(hole, "the exchange answered with candles that failed validation (see their "
-                           "alerts on mdp:alerts); they were not stored")
+            out.lose(hole, "the exchange answered with candles that fail validation (the validator rejects "
+                           "them with an alert on mdp:alerts); they are not stored")
         return True
 
 

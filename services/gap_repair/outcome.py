@@ -1,8 +1,9 @@
 """What became of one gap, and the alerts that say so.
 
 Every gap ends in one of four states (counted in the heartbeat, docs/gap-repair.md):
-- repaired: the missing data was fetched, validated like live data and stored (an info `gap.repaired` audit
-  alert names how much);
+- repaired: the missing data was fetched and is published into raw:{exchange} (`events`, with the Gap's
+  acknowledgement), from where it is validated, normalized and stored like live data (an info
+  `gap.repaired` audit alert names how much);
 - empty: the exchange proves there was nothing (candles: a known-empty range in the coverage ledger with the
   request as evidence; trades: no trade in the window), an info `gap.explained` alert says so;
 - explained: nothing to fetch by design (a book or ticker channel: the next snapshot supersedes what was
@@ -18,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas import Alert
+from schemas import Alert, Candle, Trade
 from services.backfill.span import Span
 
 State = Literal["repaired", "empty", "explained", "unrepaired"]
 SOURCE = "gap_repair"
+REPAIRED = ("gap.repaired",)  # the `quality` of every repaired Trade and Candle: stored and read as such
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +46,13 @@ class Outcome:
 
     where: Where
     window: Span
-    repaired: int = 0  # candles or trades stored
+    repaired: int = 0  # candles or trades fetched and published into raw:{exchange}
     empty: int = 0  # candle slots recorded as known empty (trades: 1 when the window had none)
     rejected: int = 0  # fetched but rejected by validation (their own alerts went out)
     unrepaired: list[tuple[Span, str]] = field(default_factory=list)  # (part, why and what to do)
     explained: str = ""  # why there was nothing to fetch
     alerts: list[Alert] = field(default_factory=list)
+    events: list[Trade | Candle] = field(default_factory=list)  # the repaired data, for raw:{exchange}
 
     def lose(self, part: Span, why: str) -> None:
         """Record a part of the window that could not be repaired, with why and what to do."""
@@ -78,7 +81,8 @@ class Outcome:
         if self.repaired:
             self.alerts.append(_alert("gap.repaired", "info", w, now_ns,
                                       f"{w.exchange} {w.symbol} {w.channel}: {self.repaired} missing "
-                                      f"{w.kind}(s) of {self.window} fetched over REST, validated and stored"
+                                      f"{w.kind}(s) of {self.window} fetched over REST and published to raw:{w.exchange} "
+                                      f"(validated, normalized and stored like live data)"
                                       + (f"; {self.empty} slot(s) known empty" if self.empty else ""),
                                       {**base, "repaired": str(self.repaired), "empty": str(self.empty)}))
         elif not self.unrepaired:
@@ -95,4 +99,4 @@ def _alert(rule: str, severity: str, w: Where, now_ns: int, reason: str, values:
                  symbol=w.symbol, kind=w.kind, reason=reason, values=values, ts_event=now_ns, ts_recv=now_ns)
 
 
-__all__ = ["SOURCE", "Outcome", "State", "Where"]
+__all__ = ["REPAIRED", "SOURCE", "Outcome", "State", "Where"]

@@ -19,8 +19,10 @@ import logging
 import time
 from collections import Counter, OrderedDict
 
+from common import streams
+from common.bus import Outputs
 from common.config import Settings
-from schemas import Alert, Gap
+from schemas import Alert, Event, Gap
 from services.backfill.ledger import Series
 from services.backfill.span import Span, SpanError
 from services.gap_repair.candles import CandleRepair
@@ -34,6 +36,17 @@ SNAPSHOT_CHANNELS = frozenset({"book", "orderbook", "ticker", "bookTicker", "fun
 MS = 1_000_000
 NO_ID_MISSING = "no trade id missing"  # the collector's reason when the ids around an outage are consecutive
 ALERTED_MEMORY = 10_000  # scanned holes whose unrepaired alert went out, remembered to not repeat it
+
+
+def add_outputs(outputs: Outputs, out: Outcome, alerts: list[Alert] | None = None) -> None:
+    """Add what one repair publishes: its repaired data to raw:{exchange} (flowing like live data), its alerts
+    (`alerts`, default all of the outcome's) to mdp:alerts."""
+    if out.events:
+        events: list[Event] = list(out.events)
+        outputs.setdefault(streams.raw(out.where.exchange), []).extend(events)
+    chosen = out.alerts if alerts is None else alerts
+    if chosen:
+        outputs.setdefault(streams.ALERTS, []).extend(chosen)
 
 
 class Repairer:
@@ -117,13 +130,14 @@ class Repairer:
         return [Series(ex.id, symbol, ex.timeframe) for ex in self.settings.exchanges if "candles" in ex.channels
                 for symbol in ex.symbols]
 
-    async def scan(self, now_ns: int | None = None) -> list[Alert]:
-        """Find and repair holes in the recent candles of every configured series; the alerts to publish
-        (an unrepaired hole is alerted once per process, not at every scan)."""
+    async def scan(self, now_ns: int | None = None) -> Outputs:
+        """Find and repair holes in the recent candles of every configured series; what to publish: the
+        repaired candles (raw:{exchange}) and the alerts (an unrepaired hole is alerted once per process,
+        not at every scan)."""
         now_ns = now_ns or time.time_ns()
         cfg = self.settings.gap_repair
         self.counts["scans"] += 1
-        alerts: list[Alert] = []
+        outputs: Outputs = {}
         for series in self.scanned_series():
             window = scan_window(series.timeframe, now_ns, cfg.scan_lookback_s, cfg.scan_settle_s)
             if window is None:
@@ -137,8 +151,8 @@ class Repairer:
             out = await self.candles.repair(series, Span(holes[0].start, holes[-1].end), holes, now_ns,
                                             "scan of InfluxDB and the coverage ledger")
             self._count(out, "scan_")
-            alerts.extend(a for a in out.alerts if self._first_time(series, a))
-        return alerts
+            add_outputs(outputs, out, [a for a in out.alerts if self._first_time(series, a)])
+        return outputs
 
     def _first_time(self, series: Series, alert: Alert) -> bool:
         if alert.rule != "gap.unrepaired":
@@ -152,4 +166,4 @@ class Repairer:
         return True
 
 
-__all__ = ["SNAPSHOT_CHANNELS", "Repairer"]
+__all__ = ["SNAPSHOT_CHANNELS", "Repairer", "add_outputs"]

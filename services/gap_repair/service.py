@@ -1,13 +1,17 @@
 """The gap repair service: reads mdp:gaps (consumer group "gap_repair") and scans the stored candles, and
 answers every hole with the missing data, a proven-empty range, or an alert (docs/gap-repair.md).
 
-Delivery: a Gap entry is acknowledged only after its repair's effect is durable (InfluxDB answered 204, the
-ledger transaction committed) or the gap is recorded as unrepairable; its alerts (info audits, error
-`gap.unrepaired`) are published and the entry acknowledged in one MULTI/EXEC. A store that is down
+Delivery: the repaired trades and candles are the handler's outputs for raw:{exchange} (they flow through
+validator -> normalizer -> md:* -> influx writer and aggregator like live data); they, the repair's alerts
+(info audits, error `gap.unrepaired`) and the Gap entry's acknowledgement go out in one MULTI/EXEC. So a
+repair killed after its REST fetch published nothing and acknowledged nothing: the Gap is redelivered,
+fetched again and its data reaches raw:{exchange} once. Before the acknowledgement only the ledger's
+known-empty ranges are written (evidence of the exchange, nothing to publish for them). A store that is down
 (InfluxDB, PostgreSQL) raises StoreUnavailable: the bus retries the same entries in place, nothing is
 acknowledged meanwhile. The exchange being down is not a store failure: after `gap_repair.retries` attempts
 the gap becomes an unrepaired alert (the scan tries candle holes again later). Repeating a Gap is harmless:
-what is stored is not fetched again and a trade is written once.
+candles InfluxDB holds (or the ledger knows empty) are not fetched again; a repeated trade Gap publishes its
+trades again and the validator drops the ids it has already forwarded.
 
 The scan runs every `gap_repair.scan_interval_s` beside the consumer (services/gap_repair/scan.py).
 
@@ -29,12 +33,12 @@ from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, 
 from common.config import Settings
 from common.influx import InfluxClient
 from common.service import Service
-from schemas import Event, Gap
+from schemas import Gap
 from services.backfill.ingest import Checker, Sink
 from services.backfill.ledger import Ledger
 from services.gap_repair.candles import CandleRepair
 from services.gap_repair.outcome import SOURCE
-from services.gap_repair.repair import Repairer
+from services.gap_repair.repair import Repairer, add_outputs
 from services.gap_repair.scan import Scanner
 from services.gap_repair.trades import TradeRepair
 from services.gap_repair.venues import Venues
@@ -51,7 +55,7 @@ async def build_repairer(settings: Settings, redis: object, producer: Producer,
     venues = Venues(settings, redis)  # type: ignore[arg-type]
     sink = Sink(influx, ledger, producer, "rest")
     candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries)
-    trades = TradeRepair(settings, venues, sink)
+    trades = TradeRepair(settings, venues)
     return Repairer(settings, candles, trades, Scanner(influx, ledger, sink)), venues
 
 
@@ -96,9 +100,9 @@ class GapRepair(Service):
         await super().close()
 
     async def handle(self, batch: list[Delivery]) -> Outputs:
-        """Repair every Gap of the batch; the alerts go out with the acknowledgement."""
+        """Repair every Gap of the batch; the repaired data and the alerts go out with the acknowledgement."""
         assert self.repairer is not None
-        alerts: list[Event] = []
+        outputs: Outputs = {}
         for delivery in batch:
             for event in delivery.events:
                 if not isinstance(event, Gap):
@@ -108,19 +112,19 @@ class GapRepair(Service):
                     out = await self.repairer.repair_gap(event)
                 except _PG_DOWN as exc:
                     raise StoreUnavailable(f"PostgreSQL (coverage ledger) is unavailable: {exc}") from exc
-                alerts.extend(out.alerts)
-        self.alerts += len(alerts)
-        return {streams.ALERTS: alerts} if alerts else {}
+                add_outputs(outputs, out)
+        self.alerts += len(outputs.get(streams.ALERTS, ()))
+        return outputs
 
     async def _scan_loop(self, stop: asyncio.Event) -> None:
         assert self.repairer is not None
         interval = max(1.0, self.settings.gap_repair.scan_interval_s)
         while not stop.is_set():
             try:
-                alerts = await self.repairer.scan()
-                if alerts:
-                    await self.producer.publish({streams.ALERTS: list(alerts)})
-                    self.alerts += len(alerts)
+                outputs = await self.repairer.scan()
+                if outputs:
+                    await self.producer.publish(outputs)
+                    self.alerts += len(outputs.get(streams.ALERTS, ()))
             except (StoreUnavailable, *_PG_DOWN) as exc:
                 self.repairer.counts["scan_failures"] += 1
                 log.error("scan failed, a store is unavailable (next scan in %.0f s): %s", interval, exc)

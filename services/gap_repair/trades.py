@@ -1,4 +1,4 @@
-"""Repairing a window of trades by trade id: Binance's historicalTrades, validated like live trades, written once.
+"""Repairing a window of trades by trade id: Binance's historicalTrades, published into raw:{exchange} once.
 
 How the missing trades are found:
 - a Gap from the validator's `trade.id_gap` names the missing ids in its reason ("trade ids A..B missing");
@@ -17,21 +17,19 @@ built on ccxt's own URL (`urls['api']['public']`) and sent with ccxt's own trans
 its error mapping, the rate-budget instrumentation), and the rows parsed by ccxt's `parse_trades`: the same
 dicts ccxt.pro's `watch_trades` yields live.
 
-Why the repaired trades are validated in-process and written to InfluxDB directly instead of published to
-raw:{exchange}: the validator's stream rules judge a trade against the live series, and a repaired trade is
-late by design: `time.stale` would flag every one of them (received minutes after its exchange time),
-`trade.outside_book` would compare it with a quote of another moment, and the aggregator and the price
-cache would take minutes-old trades as news. The validator's id rule would not reject them (an id at or
-below the last one "changes nothing"), but nothing it could say about them is true. So the repair applies
-what holds for a late trade: the stateless rules of `common.quality` (the live rule set: missing fields,
-non-positive price or amount, invalid or future time), the normalizer's `normalize`, and the id rule itself
-(every missing id must come back, else an alert names those still missing). Trades are built by the
-collector's `trade_event` from ccxt's rows, so they are the live ones field for field.
-
-Exactly once: a trade's InfluxDB point is keyed by its millisecond plus an id-derived offset
-(`common.influx.trade_timestamp`), so a rewrite overwrites itself. On top of that the repair reads the trade
-ids InfluxDB already holds in the window and writes only the others, so a trade that arrived live keeps its
-live flags and a repeated Gap writes nothing.
+Where the repaired trades go: into raw:{exchange}, as the collector's own Trade events (built from ccxt's
+rows by `common.ccxt_events.trade_event`, field for field what the collector publishes), so that they cross
+validator -> normalizer -> md:trade:* -> influx writer, aggregator and cache like live trades: what
+strategies read and what the 1m..1d bars are built from holds them, not only InfluxDB. They are the
+handler's outputs: the bus publishes them and acknowledges the Gap entry in one MULTI/EXEC, so a repair
+killed after its REST fetch publishes nothing, its Gap is redelivered and fetched again, and the trades
+reach raw:{exchange} once. What a repaired trade carries: `ts_recv` = when this service received the REST
+answer (the truth: it is late, and the validator's `time.stale` flag says so), `quality` = ("gap.repaired",)
+(kept by the validator, normalizer and influx writer, so the stored point and md:trade:* say how it came).
+Every trade fetched for the window is published, also ones that arrived live: the validator drops a trade
+id it has already forwarded (exact id memory with holes), so an overlap is harmless. No direct InfluxDB
+write: the influx writer stores the repaired trade as the same point a live one is (keyed by its time and
+id), and trades have no ledger that would need to know when they are durable.
 """
 
 from __future__ import annotations
@@ -42,16 +40,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common import quality
+import msgspec
+
+from common import streams
+from common.ccxt_events import trade_event
 from common.config import Settings
-from common.influx import InfluxClient, encode_trades
-from schemas import Alert, Gap, Trade
-from services.backfill.ingest import Sink
+from schemas import Gap
 from services.backfill.span import Span
-from services.collector.service import market_event, trade_event
-from services.gap_repair.outcome import SOURCE, Outcome, Where
+from services.gap_repair.outcome import REPAIRED, Outcome, Where
 from services.gap_repair.venues import Venues, VenueUnavailable
-from services.normalizer.service import Rejected, SymbolMap, normalize
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +88,15 @@ def missing_ids(gap: Gap) -> tuple[int, int] | None:
 
 
 class TradeRepair:
-    def __init__(self, settings: Settings, venues: Venues, sink: Sink) -> None:
+    def __init__(self, settings: Settings, venues: Venues) -> None:
         self.settings = settings
         self.venues = venues
-        self.sink = sink
-        self.influx: InfluxClient = sink.influx
-        self.rules = tuple(r for r in quality.RULES if "trade" in r.kinds)
         self.page = max(1, min(1000, settings.gap_repair.trades_page))
         self.sequential = frozenset(settings.quality.sequential_trade_ids)
 
     async def repair(self, exchange: str, symbol: str, window: Span, ids: tuple[int, int] | None, now_ns: int,
                      origin: str) -> Outcome:
-        """Fetch the trades of `window` (or of the id range `ids`), validate them and store the missing ones."""
+        """Fetch the trades of `window` (or of the id range `ids`): the outcome's events, for raw:{exchange}."""
         out = Outcome(Where(exchange, symbol, "trades"), window)
         try:
             await self._repair(out, exchange, symbol, window, ids, now_ns)
@@ -141,7 +135,7 @@ class TradeRepair:
             got = sorted(int(r["id"]) for r in rows)
             if got[-1] - got[0] + 1 != len(got):
                 self._check_complete(out, (got[0], got[-1]), rows)
-        await self._store(out, exchange, symbol, market, rows, now_ns)
+        self._publish(out, exchange, symbol, rows, now_ns)
 
     # -- fetching -------------------------------------------------------------------------------------
 
@@ -211,62 +205,21 @@ class TradeRepair:
         if missing and not any("no longer serves" in why for _, why in out.unrepaired):
             out.lose(out.window, f"{len(missing)} of the trade ids {ids[0]}..{ids[1]} did not come "
                                  f"back from the exchange (first: {missing[0]}); the ones that did "
-                                 f"are stored. Ask the exchange again later, or accept the loss")
+                                 f"are published. Ask the exchange again later, or accept the loss")
 
-    # -- storing --------------------------------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------------------------------
 
-    async def _store(self, out: Outcome, exchange: str, symbol: str, market: dict[str, Any],
-                     rows: Sequence[dict[str, Any]], now_ns: int) -> None:
+    def _publish(self, out: Outcome, exchange: str, symbol: str, rows: Sequence[dict[str, Any]],
+                 now_ns: int) -> None:
+        """The fetched trades as the collector's events, for raw:{exchange} (published with the Gap's ack)."""
         if not rows:
             return
-        symbols = SymbolMap()
-        symbols.learn(market_event(exchange, market, now_ns))
-        ctx = quality.CheckContext.from_settings(self.settings.validation, now_ns=now_ns)
-        alerts: list[Alert] = []
-        good: list[Trade] = []
-        for row in rows:
-            trade = trade_event(exchange, symbol, row, now_ns)
-            findings = quality.check(trade, ctx, self.rules)
-            alerts.extend(quality.to_alert(f, trade, SOURCE, now_ns) for f in findings)
-            if quality.rejects(findings):
-                out.rejected += 1
-                continue
-            try:
-                normalized, _ = normalize(trade, symbols)
-            except Rejected as exc:
-                alerts.append(quality.to_alert(exc.finding, trade, SOURCE, now_ns))
-                out.rejected += 1
-                continue
-            assert isinstance(normalized, Trade)
-            good.append(normalized)
-        fresh = await self._not_stored(exchange, symbol, good)
-        if fresh:
-            await self.sink.prepare()
-            await self.influx.write_tier(self.influx.plan.ticks, encode_trades(fresh))
-        out.repaired += len(fresh)
-        if not fresh:
-            out.explained = f"all {len(good)} trade(s) of the window are already stored (repaired before, or live)"
-        out.alerts.extend(alerts)
-        if out.rejected:
-            out.lose(out.window, f"{out.rejected} fetched trade(s) failed validation (see their "
-                                 f"alerts); they were not stored")
-        log.info("%s %s trades %s: %d fetched, %d already stored, %d written, %d rejected", exchange, symbol,
-                 out.window, len(rows), len(good) - len(fresh), len(fresh), out.rejected)
-
-    async def _not_stored(self, exchange: str, symbol: str, trades: list[Trade]) -> list[Trade]:
-        """The trades whose id InfluxDB does not hold yet (in their time range)."""
-        if not trades:
-            return []
-        await self.sink.prepare()  # the database or tiers may not exist yet
-        lo = min(t.ts_event for t in trades)
-        hi = max(t.ts_event for t in trades)
-        lo -= lo % MS
-        hi = hi - hi % MS + MS
-        rows = await self.influx.query_timeframe(
-            "ticks", "SELECT trade_id FROM trades WHERE exchange = $ex AND symbol = $sym AND time >= $lo AND "
-            "time < $hi", {"ex": exchange, "sym": symbol, "lo": lo, "hi": hi})
-        stored = {str(r.get("trade_id")) for r in rows}
-        return [t for t in trades if t.trade_id not in stored]
+        trades = [msgspec.structs.replace(trade_event(exchange, symbol, row, now_ns), quality=REPAIRED)
+                  for row in sorted(rows, key=lambda r: int(r["id"]))]
+        out.events.extend(trades)
+        out.repaired += len(trades)
+        log.info("%s %s trades %s: %d fetched, published to %s", exchange, symbol, out.window, len(trades),
+                 streams.raw(exchange))
 
 
 __all__ = ["BY_ID", "TradeRepair", "missing_ids"]
