@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VAR := var
 
-.PHONY: deps venv stores demo run stop status ctl init test bench lint clean
+.PHONY: deps venv stores demo run stop status ctl init doctor test bench lint clean
 
 # Debian packages the pipeline needs that a fresh machine may lack.
 deps:
@@ -27,8 +27,8 @@ $(BIN)/mdp: pyproject.toml
 
 venv: $(BIN)/mdp
 
-# Start the stores if they are not running: Redis and PostgreSQL are the machine's services; InfluxDB runs
-# privately with its data under var/influxdb.
+# Start the stores if they are not running: the bus Redis (AOF) and InfluxDB run privately with their data
+# under var/redis and var/influxdb; PostgreSQL is the machine's service.
 stores: deps
 	@bash tools/start-stores.sh
 
@@ -42,6 +42,10 @@ stop:
 	@bash tools/supervise.sh stop
 	@if [ -f $(VAR)/influxdb/influxd.pid ] && kill $$(cat $(VAR)/influxdb/influxd.pid) 2>/dev/null; then \
 	  echo "stopped the private InfluxDB"; rm -f $(VAR)/influxdb/influxd.pid; fi
+	@for pidfile in $(VAR)/redis/redis-*.pid; do \
+	  [ -f "$$pidfile" ] && kill $$(cat "$$pidfile") 2>/dev/null && \
+	  echo "stopped the bus Redis ($$pidfile; its AOF in $(VAR)/redis keeps the streams for the next start)"; \
+	done; true
 
 status: venv
 	@$(BIN)/mdp status
@@ -49,6 +53,10 @@ status: venv
 # Build every storage tier (InfluxDB retention policies / buckets / databases) and apply PostgreSQL migrations.
 init: venv stores
 	$(BIN)/mdp init
+
+# Check a deployment (stores, bus persistence, tiers, migrations, exchanges, programs) and say what to fix.
+doctor: venv
+	$(BIN)/mdp doctor
 
 # supervisorctl with the project's config: make ctl ARGS="restart validator:*"
 ctl:

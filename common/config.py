@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 
 
 class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    url: str = "redis://127.0.0.1:6379/0"
+    # The bus: the project's own Redis with AOF (tools/start-stores.sh, docker-compose.yml), not the machine's
+    # 6379, which runs without persistence (docs/operations.md: what a crash may cost).
+    url: str = "redis://127.0.0.1:6380/0"
 
 
 class PostgresSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -11,7 +11,7 @@ STREAM = "md:trade:binance:BTC/USDT"
 
 async def main() -> None:
     codec = Codec()
-    r = aioredis.Redis.from_url(os.environ.get("MDP_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    r = aioredis.Redis.from_url(os.environ.get("MDP_REDIS_URL", "redis://127.0.0.1:6380/0"))
     try:  # a group of our own; id="$" starts at new entries ("0" replays the whole stream)
         await r.xgroup_create(STREAM, "my-strategy", id="$", mkstream=True)
     except aioredis.ResponseError:

@@ -43,7 +43,9 @@ class Pipeline:
         self.run_dir = run_dir
 
     def ctl(self, *args: str) -> str:
-        out = subprocess.run([str(ROOT / ".venv/bin/supervisorctl"), "-c", str(ROOT / "supervisord.conf"), *args],
+        # A private run dir: tools/supervise.sh rendered supervisord.conf there (its socket, logs, simulator args)
+        conf = str(self.run_dir / "supervisord.conf")
+        out = subprocess.run([str(ROOT / ".venv/bin/supervisorctl"), "-c", conf, *args],
                              env=self.env, capture_output=True, text=True, timeout=30)
         return out.stdout
 
