@@ -239,6 +239,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     validation: ValidationSettings = ValidationSettings()
     quality: QualitySettings = QualitySettings()
     postgres_writer: PostgresWriterSettings = PostgresWriterSettings()
+    # Collector: events taken from the exchange and not yet published (Redis down or slow), at most; beyond
+    # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
+    publish_buffer_events: int = 200_000
     backfill: BackfillSettings = BackfillSettings()
     gap_repair: GapRepairSettings = GapRepairSettings()
     exchanges: list[ExchangeSettings] = msgspec.field(default_factory=list)
@@ -322,6 +325,7 @@ def _check(settings: Settings, path: Path) -> None:
                           "must name a channel (trades, candles, ticker, book, funding, open_interest) with "
                           "seconds > 0")
         for key in ("book_depth", "book_max_per_s", "book_snapshot_limit", "reconnect_backoff_s",
-                    "reconnect_backoff_max_s", "subscribe_per_s", "rest_channel_poll_s", "rest_timeout_s"):
+                    "reconnect_backoff_max_s", "subscribe_per_s", "rest_channel_poll_s", "rest_timeout_s",
+                    "publish_buffer_events"):
             if getattr(ex, key) <= 0:
                 raise bad(f"exchanges[{ex.id}].{key}", getattr(ex, key), "must be > 0")

@@ -7,18 +7,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import subprocess
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
+import pytest
+import redis.asyncio as aioredis
 
 from common import streams
 from common.config import Settings
 from common.ratelimit import RateBudget, limit_for
-from schemas import Gap, Trade
+from schemas import Codec, Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
 from services.simulator import start_simulator
 from tests.collecting import collector_settings, read
+from tools.localstores import free_port, port_open
 
 N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
@@ -228,3 +235,144 @@ async def test_reconnects_while_the_server_refuses_then_flows_again(settings: Se
         await wait_for(recovered, task)
         await stop_collector(collector, stop, task)
     assert collector.count["reconnects"] >= 2, "refused dials are retried"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 10, defect 3: a collector stop, a kill or a Redis outage loses no trade silently
+
+
+def trade_ids(events: list[object]) -> list[int]:
+    return [int(e.trade_id) for e in events if isinstance(e, Trade)]
+
+
+class RestartableRedis:
+    """A private redis-server with its append-only file (fsync always), that a test stops and starts again."""
+
+    def __init__(self, directory: Path, appendonly: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+                    "--dir", str(directory)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL)
+
+    async def start(self) -> None:
+        self.spawn()
+        async with asyncio.timeout(10):
+            while not port_open(self.port):
+                await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def on_redis(settings: Settings, url: str) -> Settings:
+    return msgspec.structs.replace(settings, redis=msgspec.structs.replace(settings.redis, url=url))
+
+
+async def test_sigterm_publishes_what_was_taken_from_ccxt_before_exiting(settings: Settings, own_redis) -> None:  # type: ignore[no-untyped-def]
+    """Redis is down when the stop comes and back a moment later: the trades already taken from ccxt are
+    published within the drain bound (not cancelled with the feeds), and run() returns normally (exit 0)."""
+    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(on_redis(settings, own_redis.url), sim.rest_url, sim.ws_url, channels=["trades"])
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def started() -> bool:
+            return collector.count["trades"] >= 100
+
+        await wait_for(started, task)
+        own_redis.stop()
+
+        async def felt() -> bool:
+            return collector.count["publish_retries"] >= 1
+
+        await wait_for(felt, task)  # trades taken from ccxt wait for Redis
+        stop.set()
+        await asyncio.sleep(0.5)
+        await own_redis.start()
+        await asyncio.wait_for(task, 20)  # raises if run() failed
+        await collector.close()
+    client = aioredis.Redis.from_url(own_redis.url)
+    ids = trade_ids([e for _, f in await client.xrange(streams.raw("binance")) for e in Codec().decode_entry(f)])
+    await client.aclose()
+    assert len(ids) == collector.count["trades"], "every trade taken from ccxt was published before the exit"
+    assert ids == list(range(ids[0], ids[0] + len(ids))), "once each, in order, none skipped"
+
+
+async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Settings, redis, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Redis holds every write for longer than the drain bound: the collector stops anyway, within the bound,
+    and logs what it could not publish as a Gap naming the trade ids."""
+    from services.collector import service
+
+    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"])
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def started() -> bool:
+            return collector.count["trades"] >= 100
+
+        await wait_for(started, task)
+        await redis.execute_command("CLIENT", "PAUSE", str(int(service.DRAIN_S * 1000 + 15_000)), "WRITE")
+        try:
+            taken = collector.count["trades"]
+
+            async def more_taken() -> bool:
+                return collector.count["trades"] >= taken + 20
+
+            await wait_for(more_taken, task)
+            stop.set()
+            started_at = time.monotonic()
+            await asyncio.wait_for(task, service.DRAIN_S + 5)
+            stopped_in = time.monotonic() - started_at
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        await collector.close()
+    assert stopped_in >= service.DRAIN_S - 0.5, "it waited for Redis up to the bound"
+    logged = [r.getMessage() for r in caplog.records if "not published at stop" in r.getMessage()]
+    assert len(logged) == 1 and "binance BTC/USDT trades" in logged[0] and "trade ids " in logged[0], logged
+
+
+def test_a_trade_counts_as_published_only_after_its_xadd() -> None:
+    """Taken trades are not handed out twice, nor remembered as published, until their publish succeeded."""
+    from services.collector.service import SymbolState
+
+    state = SymbolState()
+    trades = [{"id": i, "timestamp": 1000 + i} for i in range(1, 4)]
+    assert state.new_trades(trades) == trades
+    assert state.new_trades(trades) == [], "taken: in the outbox, retried from there"
+    assert not state.recent_trade_ids, "not published yet"
+    state.settle([("1", 1001), ("2", 1002), ("3", 1003)])
+    assert list(state.recent_trade_ids) == ["1", "2", "3"] and not state.taken
+    assert state.new_trades(trades) == []
+
+
+def test_trade_id_memory_is_bounded_and_forgets_the_oldest_first() -> None:
+    from services.collector.service import SymbolState
+
+    state = SymbolState()
+    n = SymbolState.TRADE_ID_MEMORY + 5
+    trades = [{"id": i, "timestamp": i} for i in range(n)]
+    state.settle([(str(t["id"]), int(t["timestamp"])) for t in state.new_trades(trades)])
+    assert len(state.recent_trade_ids) == SymbolState.TRADE_ID_MEMORY
+    assert state.forgotten_trade_ms == 4 and "4" not in state and "5" in state
+    assert state.new_trades([{"id": 2, "timestamp": 2}]) == [], "older than the memory: counts as published"

@@ -24,7 +24,7 @@ interest) share one feed: two tasks waiting on one ccxt future would cancel each
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +122,7 @@ class TradesFeed(Feed):
         next message, so reading the cache's tail picks it up at once."""
         cache = self.exchange.trades.get(self.symbol) if self.exchange.trades else None
         state = self.collector.state_by_symbol[self.symbol]
-        fresh = state.new_trades(cache_tail(cache, state.recent_trade_ids))
+        fresh = state.new_trades(cache_tail(cache, state))
         if not fresh:
             return
         ts_recv = time.time_ns()
@@ -148,8 +148,9 @@ class TradesFeed(Feed):
         return int(last.get("timestamp") or 0) * MS, str(last.get("id"))
 
 
-def cache_tail(cache: list[dict[str, Any]] | None, seen: Mapping[str, object]) -> list[dict[str, Any]]:
-    """The trades at the end of a ccxt trade cache that come after the last one already seen."""
+def cache_tail(cache: list[dict[str, Any]] | None, seen: Container[str]) -> list[dict[str, Any]]:
+    """The trades at the end of a ccxt trade cache that come after the last one already seen (published
+    or taken)."""
     if not cache:
         return []
     tail = []

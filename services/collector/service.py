@@ -33,7 +33,7 @@ import logging
 import random
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import ccxt
@@ -46,7 +46,7 @@ from common.config import ExchangeSettings, Settings
 from common.exchanges import make_pro_exchange
 from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.service import Service
-from schemas import Event, Gap
+from schemas import Alert, Event, Gap, Trade
 from services.collector.events import (
     TIMEFRAME_MS,
     candle_event,
@@ -59,17 +59,21 @@ from services.collector.feeds import (
     Feed,
     Outage,
     PolledFeed,
+    TradesFeed,
     cache_tail,
     crossed_alert,
     plan_feeds,
 )
+from services.collector.outbox import Batch, Dropped, Outbox, Position, position_field, position_key
 
 __all__ = ["Collector", "SymbolState", "backoff_delay", "cache_tail", "candle_event", "dec", "market_event",
            "trade_event"]
 
 log = logging.getLogger(__name__)
 
-PUBLISH_RETRY_S = 60.0  # how long the collector retries publishing while Redis is down before exiting
+DRAIN_S = 8.0  # at SIGTERM: how long the outbox may take to publish (service.main cancels us after 10 s)
+PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S = 0.2, 5.0  # retrying a publish while Redis is down
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 SWEEP_S = 0.5  # the longest single wait on a socket: then caches are swept and the watchdog looks
 MS = 1_000_000
 # OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
@@ -118,32 +122,56 @@ async def sleep_exact(stop: asyncio.Event, seconds: float) -> None:
 
 
 class SymbolState:
-    """Per-symbol memory of what was published, so reconnects and REST polls never publish twice."""
+    """Per-symbol memory of what was published, so reconnects and REST polls never publish twice.
+
+    A trade taken from ccxt is `taken` until its XADD succeeded (then it joins the published memory) or it was
+    dropped at the outbox's bound (then a Gap names it): `new_trades` never hands it out twice meanwhile, and a
+    failed publish retries the same trades from the outbox."""
 
     TRADE_ID_MEMORY = 10_000
 
     def __init__(self) -> None:
         self.forgotten_trade_ms = -1  # newest exchange time of a trade whose id fell out of the memory
-        self.recent_trade_ids: dict[str, int] = {}  # id -> exchange time (ms), oldest first
+        self.recent_trade_ids: dict[str, int] = {}  # published: id -> exchange time (ms)
+        self._order: deque[str] = deque()  # the same ids, oldest first (O(1) eviction)
+        self.taken: set[str] = set()  # taken from ccxt, not yet published (in the outbox or in flight)
         self.last_candle: list[Any] | None = None
         self.last_closed_open_ms = -1
 
+    def __contains__(self, trade_id: object) -> bool:
+        return trade_id in self.recent_trade_ids or trade_id in self.taken
+
     def new_trades(self, trades: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The trades not published yet, by id. A trade older than the ids still remembered (the last
-        TRADE_ID_MEMORY) counts as published: a resubscribe snapshot may re-send it. Exchange time is not
-        otherwise a filter: a reordered message, or an exchange clock stepping back, must not drop trades."""
+        """The trades neither published nor taken yet, by id; they are taken now. A trade older than the ids
+        still remembered (the last TRADE_ID_MEMORY) counts as published: a resubscribe snapshot may re-send
+        it. Exchange time is not otherwise a filter: a reordered message, or an exchange clock stepping back,
+        must not drop trades."""
         fresh = []
         for t in trades:
             tid = str(t.get("id"))
             ts = t.get("timestamp") or 0
-            if tid in self.recent_trade_ids or ts < self.forgotten_trade_ms:
+            if tid in self or ts < self.forgotten_trade_ms:
                 continue
             fresh.append(t)
-            self.recent_trade_ids[tid] = ts
-        while len(self.recent_trade_ids) > self.TRADE_ID_MEMORY:  # bounded
-            oldest = next(iter(self.recent_trade_ids))
-            self.forgotten_trade_ms = max(self.forgotten_trade_ms, self.recent_trade_ids.pop(oldest))
+            self.taken.add(tid)
         return fresh
+
+    def settle(self, trades: list[tuple[str, int]]) -> None:
+        """(id, exchange time ms) of trades whose XADD succeeded, or that were dropped and named by a Gap."""
+        for tid, ts in trades:
+            self.taken.discard(tid)
+            if tid not in self.recent_trade_ids:
+                self.recent_trade_ids[tid] = ts
+                self._order.append(tid)
+        while len(self._order) > self.TRADE_ID_MEMORY:  # bounded
+            oldest = self._order.popleft()
+            self.forgotten_trade_ms = max(self.forgotten_trade_ms, self.recent_trade_ids.pop(oldest))
+
+    def resume_after(self, position: Position) -> None:
+        """A previous process published up to `position`: trades older than it are not published again."""
+        self.forgotten_trade_ms = max(self.forgotten_trade_ms, position.ts_event // MS)
+        if position.trade_id:
+            self.settle([(position.trade_id, position.ts_event // MS)])
 
 
 class Collector(Service):
@@ -162,7 +190,11 @@ class Collector(Service):
         self.count: Counter[str] = Counter({k: 0 for k in (
             "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
             "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
-            "sequence_gaps")})
+            "sequence_gaps", "buffer_dropped", "positions_lost")})
+        self.outbox = Outbox(self.exchange_settings.publish_buffer_events)
+        self.outbox_ready = asyncio.Event()
+        self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
+        self.redis_down_since = 0.0  # monotonic; 0 while publishing works
         self.pacer = Pacer(self.exchange_settings.subscribe_per_s)
         self.feeds: list[Feed] = []
         self.polled: list[PolledFeed] = []
@@ -189,7 +221,7 @@ class Collector(Service):
         turns them into each channel's rate and last-message age."""
         out = dict(self.count) | {"published_events": self.producer.published_events,
                                   "published_entries": self.producer.published_entries,
-                                  "subscriptions": self.pacer.granted}
+                                  "subscriptions": self.pacer.granted, "buffered_events": self.outbox.events}
         if self.rest is not None:
             out["rest_requests"] = self.rest.stats.requests
             out["rest_429"] = self.rest.stats.throttled_429
@@ -207,33 +239,17 @@ class Collector(Service):
 
     # -- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, events: list[Event], gaps: list[Event] | None = None) -> None:
-        """Publish to raw:{exchange} (and Gap markers to mdp:gaps, in the same round trip); while Redis is
-        unreachable retry with backoff for up to PUBLISH_RETRY_S (meanwhile ccxt keeps receiving into its
-        caches, bounded by tradesLimit/OHLCVLimit), then fail the process so supervisord restarts it and the
-        outage shows in its log and status."""
+    async def publish(self, events: list[Event], gaps: list[Event] | None = None, symbol: str = "",
+                      channel: str = "", position: Position | None = None) -> None:
+        """Queue events for raw:{exchange} (and Gaps for mdp:gaps) in the outbox; the publisher task sends
+        them. Never waits for Redis: while it is down, feeds keep reading their sockets into the bounded
+        outbox (`publish_buffer_events`; at the bound the oldest batches become a Gap, see outbox.py)."""
         if not events and not gaps:
             return
-        outputs: dict[str, list[Event]] = {self.stream: events}
-        if gaps:
-            outputs[streams.GAPS] = gaps
-        deadline = time.monotonic() + PUBLISH_RETRY_S
-        delay = 0.2
-        while True:
-            try:
-                await self.producer.publish(outputs)
-                if self.state == "degraded":
-                    self.state, self.detail = "running", ""
-                return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                self.state, self.detail = "degraded", f"Redis unreachable: {exc}"
-                self.count["publish_retries"] += 1
-                log.error("cannot publish %d events to %s (%s); retrying in %.1f s", len(events), self.stream,
-                          exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        ids = [e.trade_id for e in events if isinstance(e, Trade)] if channel == "trades" else []
+        self.outbox.put(Batch(symbol, channel, list(events), list(gaps or []), ids, position))
+        self._settle_dropped()
+        self.outbox_ready.set()
 
     async def emit(self, feed: Feed, channel: str, events: list[Event], first_ns: int, last_ns: int,
                    last_id: str = "", first_id: str = "", ends_outage: bool = True) -> None:
@@ -251,7 +267,165 @@ class Collector(Service):
         stats.last_event_ns = max(stats.last_event_ns, last_ns)
         if last_id:
             stats.last_id = last_id
-        await self.publish(events, gaps)
+        position = Position(stats.last_event_ns, stats.last_id if channel == "trades" else "", time.time_ns())
+        await self.publish(events, gaps, feed.symbol, channel, position)
+
+    def _settle_dropped(self) -> None:
+        """Trades dropped at the outbox's bound are named by a Gap: never taken from ccxt again."""
+        if not self.outbox.dropped_trades:
+            return
+        by_symbol: dict[str, list[tuple[str, int]]] = {}
+        for symbol, tid, ms in self.outbox.dropped_trades:
+            by_symbol.setdefault(symbol, []).append((tid, ms))
+        self.outbox.dropped_trades = []
+        for symbol, trades in by_symbol.items():
+            self.state_by_symbol[symbol].settle(trades)
+
+    # -- the publisher ----------------------------------------------------------------------------------
+
+    async def _publisher(self, draining: asyncio.Event) -> None:
+        """Publish the outbox, oldest first, each round in one MULTI/EXEC with the feeds' new positions (so a
+        position never claims more than the stream holds). A Redis that is down is retried with capped
+        backoff, the same batches first; the state is `degraded` with the reason meanwhile. Returns once
+        `draining` is set and the outbox is empty."""
+        delay = PUBLISH_BACKOFF_S
+        recheck = False
+        limit = max(self.settings.bus.batch_max_events * 20, 1)
+        while True:
+            if not self.outbox.queued and not self.outbox.notices and not self.outbox.dropped:
+                if draining.is_set():
+                    return
+                self.outbox_ready.clear()
+                try:
+                    async with asyncio.timeout(SWEEP_S):
+                        await self.outbox_ready.wait()
+                except TimeoutError:
+                    pass
+                continue
+            batches = self.outbox.take(limit)
+            notices, dropped = self.outbox.take_notices()
+            try:
+                if recheck:  # Redis is back: did it keep what we published before it went away?
+                    notices = [*await self._lost_while_down(), *notices]
+                    recheck = False
+                await self._publish_round(batches, notices, dropped)
+            except REDIS_DOWN as exc:
+                self.outbox.give_back(batches, notices, dropped)
+                self._settle_dropped()
+                recheck = True
+                self._redis_down(exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
+                continue
+            except BaseException:
+                self.outbox.give_back(batches, notices, dropped)  # cancelled at the end of a drain: logged
+                raise
+            delay = PUBLISH_BACKOFF_S
+            if self.redis_down_since and not self.outbox.queued:
+                log.info("Redis is back after %.1f s; the buffered events are published",
+                         time.monotonic() - self.redis_down_since)
+                self.redis_down_since = 0.0
+                self.state, self.detail = "running", ""
+
+    async def _publish_round(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]) -> None:
+        events = [e for b in batches for e in b.events]
+        gaps = [*notices, *(g for b in batches for g in b.gaps)]
+        alerts: list[Event] = []
+        for run in dropped:
+            gap, alert = self._dropped_gap(run)
+            if run.channel:  # not the market catalog or an alert: a feed's window
+                gaps.append(gap)
+            alerts.append(alert)
+        positions: dict[tuple[str, str], Position] = {}
+        for b in batches:
+            if b.position is not None:
+                positions[(b.channel, b.symbol)] = b.position
+        key = position_key(self.exchange_id)
+        fields = {position_field(c, s): p.encode() for (c, s), p in positions.items()}
+
+        def record_positions(pipe: Any) -> None:
+            if fields:
+                pipe.hset(key, mapping=fields)
+
+        outputs: dict[str, list[Event]] = {self.stream: events, streams.GAPS: gaps, streams.ALERTS: alerts}
+        await self.producer.publish(outputs, extra=record_positions)
+        for b in batches:
+            if b.trade_ids:
+                self.state_by_symbol[b.symbol].settle(
+                    [(e.trade_id, e.ts_event // MS) for e in b.events if isinstance(e, Trade)])
+        for k, p in positions.items():
+            self.published_pos[k] = p
+
+    def _redis_down(self, exc: BaseException, delay: float) -> None:
+        now = time.monotonic()
+        if not self.redis_down_since:
+            self.redis_down_since = now
+        self.count["publish_retries"] += 1
+        self.state = "degraded"
+        self.detail = (f"Redis unreachable for {now - self.redis_down_since:.0f} s ({type(exc).__name__}: {exc}); "
+                       f"{self.outbox.events} events buffered (bound publish_buffer_events="
+                       f"{self.outbox.limit}), {self.outbox.dropped_events} dropped so far as Gaps")
+        log.error("cannot publish to %s: %s; retrying in %.1f s", self.stream, self.detail, delay)
+
+    def _dropped_gap(self, run: Dropped) -> tuple[Gap, Alert]:
+        """The Gap and the alert for a run of batches dropped at the outbox's bound while Redis was down."""
+        now = time.time_ns()
+        reason = (f"dropped at the collector's bound: {run.events} {run.channel} events taken from the exchange "
+                  f"while Redis was unreachable did not fit in publish_buffer_events={self.outbox.limit}")
+        first_missing = last_missing = ""
+        if run.first_id:
+            reason += f"; trade ids {run.first_id}..{run.last_id} dropped"
+            sequential = self.exchange_id in self.settings.quality.sequential_trade_ids
+            if sequential and run.first_id.isdigit() and run.last_id.isdigit():
+                reason += f"; trade ids {run.first_id}..{run.last_id} missing"
+                first_missing, last_missing = run.first_id, run.last_id
+        log.error("gap in %s %s %s from %d to %d: %s", self.exchange_id, run.symbol, run.channel, run.first_ns,
+                  run.last_ns, reason)
+        gap = Gap(exchange=self.exchange_id, symbol=run.symbol, channel=run.channel, start=run.first_ns,
+                  end=run.last_ns + 1, reason=reason, ts_event=now, ts_recv=now, first_missing_id=first_missing,
+                  last_missing_id=last_missing)
+        alert = Alert(rule="collector.buffer_overflow", severity="error", source=f"collector:{self.exchange_id}",
+                      exchange=self.exchange_id, symbol=run.symbol, kind=run.channel,
+                      reason=reason + "; raise publish_buffer_events or restore Redis sooner (a Gap is on mdp:gaps)",
+                      values={"dropped_events": str(run.events), "first_trade_id": run.first_id,
+                              "last_trade_id": run.last_id, "limit": str(self.outbox.limit)},
+                      ts_event=now, ts_recv=now)
+        return gap, alert
+
+    async def _lost_while_down(self) -> list[Event]:
+        """Gaps for what Redis lost of what we had published (it restarted from an older AOF or snapshot, or
+        empty): the position it holds per feed, written with the XADDs, is behind ours."""
+        stored = await self._read_positions()
+        gaps: list[Event] = []
+        now = time.time_ns()
+        for (channel, symbol), ours in self.published_pos.items():
+            theirs = stored.get((channel, symbol))
+            if theirs is not None and theirs.ts_event >= ours.ts_event and theirs.trade_id == ours.trade_id:
+                continue
+            self.count["positions_lost"] += 1
+            self.count["gaps"] += 1
+            start = theirs.ts_event if theirs else self.started_at  # gone: all this process published
+            reason = (f"Redis lost published data: its position for {channel} {symbol} is {theirs or 'gone'}, "
+                      f"we had published up to {ours}")
+            first_missing = last_missing = ""
+            if theirs and theirs.trade_id.isdigit() and ours.trade_id.isdigit() and \
+                    self.exchange_id in self.settings.quality.sequential_trade_ids:
+                first_missing, last_missing = str(int(theirs.trade_id) + 1), ours.trade_id
+                reason += f"; trade ids {first_missing}..{last_missing} missing"
+            log.error("gap in %s %s %s from %d to %d: %s", self.exchange_id, symbol, channel, start,
+                      ours.ts_event, reason)
+            gaps.append(Gap(exchange=self.exchange_id, symbol=symbol, channel=channel, start=start,
+                            end=max(ours.ts_event + 1, start), reason=reason, ts_event=now, ts_recv=now,
+                            first_missing_id=first_missing, last_missing_id=last_missing))
+        return gaps
+
+    async def _read_positions(self) -> dict[tuple[str, str], Position]:
+        raw = await self.redis.hgetall(position_key(self.exchange_id))
+        out: dict[tuple[str, str], Position] = {}
+        for f, v in raw.items():
+            channel, _, symbol = (f.decode() if isinstance(f, bytes) else f).partition(":")
+            out[(channel, symbol)] = Position.decode(v)
+        return out
 
     def _gap(self, symbol: str, channel: str, outage: Outage, end_ns: int, first_id: str = "") -> Gap:
         reason = outage.reason
@@ -403,6 +577,9 @@ class Collector(Service):
 
     async def run(self, stop: asyncio.Event) -> None:
         self.exchange = make_pro_exchange(self.exchange_settings)
+        draining = asyncio.Event()
+        publisher = asyncio.create_task(self._publisher(draining), name="publisher")
+        tasks: list[asyncio.Task[None]] = []
         try:
             ex = self.exchange_settings
             log.info("collector %s: symbols %s, channels %s, REST %s, WS %s", self.exchange_id, self.symbols,
@@ -413,19 +590,86 @@ class Collector(Service):
             if stop.is_set():
                 return
             self.feeds, self.polled = plan_feeds(self, self.exchange, ex, self.symbols)
+            await self._resume_from_positions(stop)
             self.state = "running"
             tasks = [asyncio.create_task(self._run_feed(f, stop), name=f"feed {f.name}") for f in self.feeds]
             tasks += [asyncio.create_task(self._run_polled(p, stop), name=f"poll {p.name}") for p in self.polled]
             stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for t in [stopped, *tasks]:
+            await asyncio.wait([stopped, publisher, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if publisher.done():
+                publisher.result()  # a Redis error other than unreachable: exit non-zero, supervisord restarts
+        finally:
+            # Stop reading the sockets; publish what was taken from ccxt (bounded), then close the connections.
+            for t in tasks:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                    raise r  # a feed crashed: exit non-zero so supervisord restarts us
-        finally:
+            await self._drain(publisher, draining)
             await self.exchange.close()
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r  # a feed crashed: exit non-zero so supervisord restarts us
+
+    async def _drain(self, publisher: asyncio.Task[None], draining: asyncio.Event) -> None:
+        """At stop: publish the trades ccxt holds and what the outbox holds, for at most DRAIN_S; what is left
+        then is logged as the Gap it leaves (the next start opens it from the stored positions anyway)."""
+        for feed in self.feeds:
+            if isinstance(feed, TradesFeed):
+                await feed.sweep()  # trades received between the last wake-up and the stop
+        draining.set()
+        self.outbox_ready.set()
+        if publisher.done():
+            return
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(publisher), DRAIN_S)
+            log.info("stopped collecting; the outbox was published in %.2f s", time.monotonic() - started)
+            return
+        except TimeoutError:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+        self._settle_dropped()
+        runs: dict[tuple[str, str], list[Event]] = {}
+        for batch in self.outbox.queued:
+            runs.setdefault((batch.symbol, batch.channel), []).extend(batch.events)
+        log.error("could not publish within %.0f s of the stop (%s): %d events of %d batches not published",
+                  DRAIN_S, self.detail or "Redis slow or unreachable", self.outbox.events, len(self.outbox))
+        for (symbol, channel), events in runs.items():
+            times = [int(getattr(e, "ts_event", 0)) for e in events]
+            ids = [e.trade_id for e in events if isinstance(e, Trade)]
+            named = f"; trade ids {ids[0]}..{ids[-1]}" if ids else ""
+            log.error("gap in %s %s %s from %d to %d (not published at stop): %d events%s; the next start "
+                      "opens it from the stored position", self.exchange_id, symbol, channel or "-", min(times),
+                      max(times), len(events), named)
+
+    async def _resume_from_positions(self, stop: asyncio.Event) -> None:
+        """Each feed a previous process published opens an outage at its stored position: the first message
+        now publishes the Gap of the restart, like a reconnect's (with the missing trade ids where they
+        count up by one)."""
+        delay = PUBLISH_BACKOFF_S
+        while True:
+            try:
+                stored = await self._read_positions()
+                break
+            except REDIS_DOWN as exc:
+                self._redis_down(exc, delay)
+                if await sleep_unless(stop, delay):
+                    return
+                delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
+        for feed in self.feeds:
+            for channel, stats in feed.stats.items():
+                pos = stored.get((channel, feed.symbol))
+                if pos is None:
+                    continue
+                self.published_pos[(channel, feed.symbol)] = pos
+                stats.last_event_ns, stats.last_id = pos.ts_event, pos.trade_id
+                stats.outage = Outage(start_ns=pos.ts_event, last_id=pos.trade_id,
+                                      reason=f"collector restarted (last published: {pos})")
+                if channel == "trades":
+                    self.state_by_symbol[feed.symbol].resume_after(pos)
+        if stored:
+            log.info("resuming %d feeds of %s from their stored positions", len(self.published_pos),
+                     self.exchange_id)
 
     async def _load_markets(self, stop: asyncio.Event) -> None:
         assert self.rest is not None
@@ -530,7 +774,7 @@ class Collector(Service):
                 stats = feed.stats[feed.channel]
                 stats.messages += 1
                 stats.last_recv_ms = time.time_ns() // MS
-                await self.publish(events)
+                await self.publish(events, symbol=feed.symbol, channel=feed.channel)
             await sleep_unless(stop, ex.rest_channel_poll_s)
 
     async def on_crossed_book(self, feed: Feed, book: Any) -> None:
@@ -596,7 +840,7 @@ class Collector(Service):
         if not events:
             return
         if source == "rest":  # fills in while the socket is quiet; only a socket message ends an outage
-            await self.publish(events)
+            await self.publish(events, symbol=symbol, channel="candles")
             return
         opens = [c.open_time for c in events if getattr(c, "open_time", 0)]
         await self.emit(feed, "candles", events, min(opens, default=ts_recv), max(opens, default=ts_recv),
