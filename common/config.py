@@ -228,6 +228,9 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Channels an exchange only offers over REST (Binance USD-M open interest): poll interval in seconds.
     rest_channel_poll_s: float = 10.0
     rest_timeout_s: float = 30.0  # bound of one REST call (a ban is waited out before it, see ratelimit.py)
+    # Collector: events taken from the exchange and not yet published (Redis down or slow), at most; beyond
+    # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
+    publish_buffer_events: int = 200_000
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -239,9 +242,6 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     validation: ValidationSettings = ValidationSettings()
     quality: QualitySettings = QualitySettings()
     postgres_writer: PostgresWriterSettings = PostgresWriterSettings()
-    # Collector: events taken from the exchange and not yet published (Redis down or slow), at most; beyond
-    # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
-    publish_buffer_events: int = 200_000
     backfill: BackfillSettings = BackfillSettings()
     gap_repair: GapRepairSettings = GapRepairSettings()
     exchanges: list[ExchangeSettings] = msgspec.field(default_factory=list)
