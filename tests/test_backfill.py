@@ -19,8 +19,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from common.ccxt_events import candle_event
 from common.config import Settings, load_settings
-from common.influx import InfluxClient
+from common.influx import InfluxClient, InfluxQueryError
 from services.backfill.ingest import Checker, clears_candle_rules, rest_candle
 from services.backfill.ledger import EVIDENCE_CAP, Ledger, Series, join_evidence
 from services.backfill.plan import plan_backfill
@@ -36,7 +37,6 @@ from services.backfill.span import (
     requested_span,
     subtract,
 )
-from services.collector.service import candle_event
 from services.normalizer.service import SymbolMap, normalize
 from services.simulator import Simulator, start_simulator
 from tools.localstores import LocalServer
@@ -401,3 +401,87 @@ async def test_history_older_than_the_storage_tier_keeps_is_not_fetched(
     # Assert: it says why and plans nothing, rather than fetching what InfluxDB would drop.
     assert stats.plans == []
     assert any("InfluxDB would drop older ones" in line and "influx.retention" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ledger checked against the store (issue 10, defect 6)
+
+
+async def coverage_verify(env: dict[str, str]) -> tuple[int, str]:
+    """`mdp coverage --verify` for binance BTC/USDT 1m, as a user runs it: (exit status, output)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "common.cli", "coverage", "--verify", "--exchange", "binance", "--symbol", "BTC/USDT",
+        "--timeframe", "1m", env={**os.environ, **env}, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def influx_execute(settings: Settings, statement: str) -> None:
+    async with InfluxClient(settings.influx) as influx:
+        _source, database = await ohlcv(influx)
+        await influx.execute(statement, database=database or settings.influx.database)
+
+
+async def test_a_wiped_influxdb_is_fetched_again_and_the_ledger_says_so(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        database = f"bf_{uuid.uuid4().hex[:8]}"
+        settings, env = sim_settings(sim, redis_server, influx_server, postgres_dsn, database)
+        request = BackfillRequest("binance", ["BTC/USDT"], ["1m"], "2023-03-23", "2023-03-26", progress=False)
+        start, end = ts("2023-03-23"), ts("2023-03-26")
+        series = Series("binance", "BTC/USDT", "1m")
+        first = await run_backfill(settings, request, say=lambda _: None)
+        rows_after_first = await ledger.rows(series)
+        verified_before_wipe = await coverage_verify(env)
+        # Arrange: the store is wiped (a new InfluxDB, or DROP DATABASE); the ledger in PostgreSQL still
+        # claims the three days
+        await influx_execute(settings, f'DROP DATABASE "{database}"')
+        with pytest.raises(InfluxQueryError, match="database not found"):
+            await stored(settings, start, end)
+
+        # Act
+        verified_after_wipe = await coverage_verify(env)
+        lines: list[str] = []
+        again = await run_backfill(settings, request, say=lines.append)
+        verified_after_backfill = await coverage_verify(env)
+
+        # Assert: --verify agrees before the wipe, names the missing candles after it (exit 1); the backfill
+        # does not trust the ledger: it fetches everything again, says so, counts it; the ledger ends as it was
+        # and the store holds every candle as served.
+        assert first.candles == 3 * 1440 - 60
+        assert verified_before_wipe[0] == 0 and "agree" in verified_before_wipe[1], verified_before_wipe[1]
+        status, text = verified_after_wipe
+        assert status == 1, text
+        assert "DISAGREE" in text and "missing 4,260 of them" in text
+        assert "[2023-03-23T00:00:00Z, 2023-03-24T13:00:00Z)" in text
+        assert "[2023-03-24T14:00:00Z, 2023-03-26T00:00:00Z)" in text
+        assert again.ledger_corrected == 3 * 1440 - 60 and again.candles == 3 * 1440 - 60
+        assert not any("nothing to fetch" in line for line in lines)
+        assert any("covered that InfluxDB" in line and "fetched again" in line for line in lines)
+        assert normalized(await stored(settings, start, end)) == as_served(sim, start, end)
+        assert await ledger.rows(series) == rows_after_first
+        assert verified_after_backfill[0] == 0 and "agree" in verified_after_backfill[1]
+
+
+async def test_candles_deleted_from_a_covered_day_are_found_exactly_and_fetched_again(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings, env = sim_settings(sim, redis_server, influx_server, postgres_dsn, f"bf_{uuid.uuid4().hex[:8]}")
+        request = BackfillRequest("binance", ["BTC/USDT"], ["1m"], "2023-03-23", "2023-03-26", progress=False)
+        start, end = ts("2023-03-23"), ts("2023-03-26")
+        hole = Span(ts("2023-03-25T10:00"), ts("2023-03-25T12:00"))
+        await run_backfill(settings, request, say=lambda _: None)
+        klines_before = sim.status()["rest"]["requests"]["klines"]
+        # Arrange: two hours of one covered day are lost from the store (the day still holds 1,320 candles)
+        await influx_execute(settings, f"DELETE FROM ohlcv WHERE time >= {hole.start} AND time < {hole.end}")
+
+        # Act
+        status, text = await coverage_verify(env)
+        again = await run_backfill(settings, request, say=lambda _: None)
+
+        # Assert: exactly the two hours are named and fetched again (one request), nothing else
+        assert status == 1 and "missing 120 of them, in [2023-03-25T10:00:00Z, 2023-03-25T12:00:00Z)." in text, text
+        assert again.ledger_corrected == 120 and again.candles == 120
+        assert sim.status()["rest"]["requests"]["klines"] == klines_before + 1
+        assert normalized(await stored(settings, start, end)) == as_served(sim, start, end)

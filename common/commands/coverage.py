@@ -1,16 +1,25 @@
 """`mdp coverage`: what the coverage ledger knows, per exchange, symbol and timeframe.
 
     mdp coverage [--exchange binance] [--symbol BTC/USDT] [--timeframe 1m] [--since 2y] [--until DATE] [--json]
+    mdp coverage --verify [...]   # also ask InfluxDB whether it holds what the ledger marks covered
 
 For each series: the window (from --since/--until, else first to last recorded time), the share of it that is
 covered (by source), known empty (with the evidence) and holes, then the ranges in time order (merged; at most
 --ranges of them, the rest counted).
+
+The ledger (PostgreSQL) records what was stored; it does not see InfluxDB being wiped or replaced. With
+--verify each series is checked against the store (a count per day, candle by candle where a day disagrees:
+services/backfill/verify.py) and the report says, per series, whether they agree or which covered ranges
+InfluxDB is missing (N candles in [from, to)). Exit status: 0 when every series agrees (or without --verify),
+1 when ledger and store disagree on any series (`mdp backfill` over the range fetches them again and corrects
+the ledger).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -28,12 +37,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--until", help="window end (default: last recorded, or now with --since)")
     p.add_argument("--ranges", type=int, default=20, help="ranges listed per series at most (default 20)")
     p.add_argument("--json", action="store_true", help="one JSON object per series")
+    p.add_argument("--verify", action="store_true",
+                   help="check the ledger's covered ranges against InfluxDB; exit 1 where they disagree")
     p.set_defaults(func=run)
 
 
 async def run(args: argparse.Namespace) -> int:
+    from common.influx import InfluxClient
     from services.backfill.ledger import Ledger
     from services.backfill.report import coverage_report, render
+    from services.backfill.verify import verify_coverage
 
     settings = load_settings(getattr(args, "config", None))
     ledger = await Ledger.connect(settings.postgres.dsn, migrate_first=False)  # read-only
@@ -44,9 +57,27 @@ async def run(args: argparse.Namespace) -> int:
                   (args.exchange or args.symbol or args.timeframe) else "; run `mdp backfill` or `mdp import`"))
             return 0
         now_ns = time.time_ns()
-        for s in series:
-            report = coverage_report(await ledger.coverage(s), args.since, args.until, now_ns)
-            print(json.dumps(report.to_dict()) if args.json else render(report, args.ranges))
+        disagree = 0
+        async with InfluxClient(settings.influx) as influx:
+            for s in series:
+                cov = await ledger.coverage(s)
+                report = coverage_report(cov, args.since, args.until, now_ns)
+                out = report.to_dict()
+                verdict = None
+                if args.verify:
+                    verdict = await verify_coverage(influx, cov, now_ns, report.window)
+                    disagree += not verdict.agrees
+                    out["verify"] = verdict.to_dict()
+                if args.json:
+                    print(json.dumps(out))
+                else:
+                    print(render(report, args.ranges))
+                    if verdict is not None:
+                        print(f"  verify: {verdict.describe(args.ranges)}")
+        if disagree:
+            print(f"{disagree} series: the ledger marks candles covered that InfluxDB "
+                  f"({settings.influx.url}, database {settings.influx.database}) does not hold", file=sys.stderr)
+            return 1
     finally:
         await ledger.close()
     return 0

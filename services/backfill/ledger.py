@@ -17,7 +17,9 @@ of one series queue; different series do not block each other):
   `EVIDENCE_CAP` entries plus a {"more": n} count);
 - a covered range is cut out of 'unfetchable' rows too (whatever is stored is not missing).
 Record a range only after its candles are durable in InfluxDB: the ledger must never claim more than is
-stored. Re-recording what is recorded changes nothing but `updated_at`: writers are idempotent.
+stored. It can still come to claim more (a new or wiped InfluxDB, a different one), so a backfill checks
+covered spans against the store before it skips them (services/backfill/verify.py) and `forget_covered`
+cuts what the store does not hold out of the covered rows. Re-recording what is recorded changes nothing but `updated_at`: writers are idempotent.
 """
 
 from __future__ import annotations
@@ -165,6 +167,22 @@ class Ledger:
                 await self._add_empty(conn, series, source, span, evidence)
             for span, evidence in unfetchable:
                 await self._add_empty(conn, series, source, span, evidence, state="unfetchable")
+
+    async def forget_covered(self, series: Series, spans: Iterable[Span]) -> None:
+        """Cut `spans` out of the series' covered rows (every source), in one transaction: InfluxDB does not
+        hold them (services/backfill/verify.py), so the ledger must stop claiming them."""
+        spans = merge(spans)
+        if not spans:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 4))",
+                               f"{series.exchange}\x1f{series.symbol}\x1f{series.timeframe}")
+            for row in await self._near(conn, series, "covered", None, Span(spans[0].start, spans[-1].end)):
+                span = _span(row["span"])
+                rest = subtract([span], spans)
+                if rest != [span]:
+                    await self._replace(conn, series, "covered", row["source"], [row["id"]],
+                                        [(s, []) for s in rest])
 
     async def _near(self, conn: asyncpg.Connection, series: Series, state: str, source: str | None,
                     hull: Span) -> list[asyncpg.Record]:

@@ -4,7 +4,8 @@
     stats = await run_import(settings, ImportRequest(symbol="BTC/USDT", timeframe="1m", start=..., end=...))
 
 Safe to kill at any moment (SIGKILL included): the ledger records a page only after InfluxDB stored it, and
-a run fetches only what the ledger does not know, so the next run resumes where the last one stopped and a
+a run fetches only what the ledger does not know (its covered spans checked against InfluxDB first: what the
+store does not hold is fetched again and the ledger corrected, services/backfill/verify.py), so the next run resumes where the last one stopped and a
 finished one fetches nothing (idempotent: the same points, the same ledger). SIGINT/SIGTERM stop taking new
 pages, finish and record the pages in flight, and return (`stats.interrupted`).
 
@@ -42,6 +43,7 @@ from services.backfill.plan import BackfillPlan, history_of, plan_backfill
 from services.backfill.progress import Progress
 from services.backfill.rest import PageFetcher
 from services.backfill.span import NS, Span, iso, requested_span, subtract, timeframe_ns, total
+from services.backfill.verify import verify_coverage
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class RunStats:
     rejected: int = 0
     empty_candles: int = 0
     unfetchable_candles: int = 0  # requested but older than the exchange keeps (recorded as unfetchable)
+    ledger_corrected: int = 0  # candles the ledger marked covered that InfluxDB did not hold: fetched again
     alerts: int = 0
     throttled_429: int = 0
     banned_418: int = 0
@@ -85,6 +88,8 @@ class RunStats:
                 f"{self.empty_candles:,} known empty, "
                 + (f"{self.unfetchable_candles:,} unfetchable (older than the exchange keeps), "
                    if self.unfetchable_candles else "")
+                + (f"{self.ledger_corrected:,} marked covered in the ledger but missing from InfluxDB "
+                   f"(fetched again), " if self.ledger_corrected else "")
                 + f"{self.rejected:,} rejected ({self.alerts:,} alerts), "
                 f"{self.pages:,} pages, {self.requests:,} requests ({rate:.1f}/s while fetching, weight {self.weight:,}), "
                 f"{self.throttled_429} x 429, {self.banned_418} x 418, in {self.elapsed_s:.1f} s")
@@ -201,7 +206,7 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
                     if keep >= wanted.end:
                         continue
                     wanted = Span(keep, wanted.end)
-                known = (await ledger.coverage(series)).known()
+                known = await _trusted_known(ledger, influx, series, wanted, now_ns, request.plan_only, stats, say)
                 plan = plan_backfill(request.exchange, symbol, timeframe, wanted, now_ns, known)
                 for notice in plan.notices:
                     say(f"notice: {notice}")
@@ -261,6 +266,26 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
         await influx.close()
         await redis.aclose()
         await ledger.close()
+
+
+async def _trusted_known(ledger: Ledger, influx: InfluxClient, series: Series, wanted: Span, now_ns: int,
+                         plan_only: bool, stats: RunStats, say: Say) -> list[Span]:
+    """What the ledger knows of `series`, less the covered spans InfluxDB does not hold (checked against the
+    store, services/backfill/verify.py): those are fetched again, and the ledger is corrected (not with
+    --plan, which changes nothing)."""
+    coverage = await ledger.coverage(series)
+    verdict = await verify_coverage(influx, coverage, now_ns, wanted)
+    if verdict.agrees:
+        return coverage.known()
+    stats.ledger_corrected += verdict.missing_candles
+    log.warning("ledger disagrees with InfluxDB: %s", verdict.describe())
+    say(f"warning: the ledger marks {verdict.missing_candles:,} {series.timeframe} candles of {series} covered "
+        f"that InfluxDB ({influx.database}) does not hold (a new, wiped or different InfluxDB?), first "
+        f"{iso(verdict.missing[0].start)}; they are fetched again"
+        + ("" if plan_only else " and the ledger corrected"))
+    if not plan_only:
+        await ledger.forget_covered(series, verdict.missing)
+    return subtract(coverage.known(), verdict.missing)
 
 
 async def _record_unfetchable(ledger: Ledger, series: Series, plan: BackfillPlan, known: list[Span]) -> None:
@@ -357,7 +382,8 @@ async def run_import(settings: Settings, request: ImportRequest, say: Say = prin
         today = datetime.now(UTC).date()
         files = arc.files_for(sym_id, request.timeframe, request.start, request.end, today)
         series = Series("binance", symbol, request.timeframe)
-        known = [] if request.force else (await ledger.coverage(series)).known()
+        known = [] if request.force or not files else await _trusted_known(
+            ledger, influx, series, Span(files[0].span.start, files[-1].span.end), time.time_ns(), False, stats, say)
         todo = [f for f in files if subtract([f.span], known)]
         say(f"import: {len(files)} archive files of {sym_id} {request.timeframe} from {base} "
             f"({len(files) - len(todo)} already in the ledger)")

@@ -7,8 +7,8 @@ at what is stored, so whatever the cause, a missing candle of the recent window 
 `gap_repair.scan_interval_s`.
 
 A hole is a slot of the window [now - scan_lookback_s, the last candle closed at least scan_settle_s ago)
-that has no candle in InfluxDB and that the coverage ledger does not know (neither covered nor known
-empty: an exchange outage recorded as empty is not a hole). Candles closed more recently than
+that has no candle in InfluxDB and that the coverage ledger does not know as empty or unfetchable (an
+exchange outage recorded as empty is not a hole; a slot the ledger marks covered but InfluxDB lacks is one). Candles closed more recently than
 `scan_settle_s` are left to the live pipeline, which may still be storing them. A series is scanned from
 its first recorded candle on: before that there is history to backfill, not a gap.
 """
@@ -51,14 +51,17 @@ class Scanner:
         some time on has history to backfill (`mdp backfill`), not gaps."""
         step = timeframe_ns(series.timeframe)
         times = await self.stored_open_times(series, window)
-        known = (await self.ledger.coverage(series)).known()
+        coverage = await self.ledger.coverage(series)
+        known = coverage.known()
         if recorded_only and not (known and known[0].start < window.start) \
                 and not await self._stored_before(series, window.start):
             first = min([*times[:1], *(s.start for s in known if s.end > window.start)], default=None)
             if first is None or first >= window.end:
                 return []
             window = Span(max(window.start, first), window.end)
-        return subtract([window], [*runs(times, step), *known])
+        # What the exchange proved empty or no longer serves is not a hole; "covered" is not trusted: the store
+        # itself says what it holds (a wiped InfluxDB leaves the ledger claiming candles it does not have).
+        return subtract([window], [*runs(times, step), *coverage.empty_all(), *coverage.unfetchable_all()])
 
     async def _stored_before(self, series: Series, t: int) -> bool:
         rows = await self.influx.query_timeframe(
