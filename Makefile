@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VAR := var
 
-.PHONY: deps venv stores demo run stop status ctl init doctor test bench lint clean
+.PHONY: deps venv stores demo run stop status ctl init doctor test chaos soak bench lint clean
 
 # Debian packages the pipeline needs that a fresh machine may lack.
 deps:
@@ -65,6 +65,17 @@ ctl:
 test: deps venv
 	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The chaos suite (docs/chaos.md): the pipeline on private stores under seeded faults, checked against ground
+# truth from the raw captures. `CHAOS_SEEDS=1,2,3 make chaos` (default one random seed, printed; reports in
+# var/chaos/). `make soak`: 30 minutes (SOAK_S), faults every few seconds, report in docs/soak-report.md.
+chaos: deps venv
+	@bash tools/start-stores.sh --no-influx
+	$(BIN)/python -m tools.chaos.run
+
+soak: deps venv
+	@bash tools/start-stores.sh --no-influx
+	$(BIN)/python -m tools.chaos.run --soak $(or $(SOAK_S),1800) --soak-report docs/soak-report.md
 
 bench: deps venv
 	@bash tools/start-stores.sh --no-influx
