@@ -13,6 +13,7 @@ deps:
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v pg_ctlcluster >/dev/null || missing="$$missing postgresql"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -32,11 +33,12 @@ venv: $(BIN)/mdp
 stores: deps
 	@bash tools/start-stores.sh
 
+# CONFIG picks another config file (e.g. make demo CONFIG=/tmp/other-ports.toml).
 demo: venv stores
-	@bash tools/supervise.sh start config/simulator.toml
+	@bash tools/supervise.sh start $(or $(CONFIG),config/simulator.toml)
 
 run: venv stores
-	@bash tools/supervise.sh start config/live.toml
+	@bash tools/supervise.sh start $(or $(CONFIG),config/live.toml)
 
 stop:
 	@bash tools/supervise.sh stop
