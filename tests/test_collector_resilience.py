@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +30,7 @@ from services.simulator import start_simulator
 from tests.collecting import collector_settings, read
 from tools.localstores import free_port, port_open
 
+ROOT = Path(__file__).resolve().parent.parent
 N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
 
@@ -376,3 +380,159 @@ def test_trade_id_memory_is_bounded_and_forgets_the_oldest_first() -> None:
     assert len(state.recent_trade_ids) == SymbolState.TRADE_ID_MEMORY
     assert state.forgotten_trade_ms == 4 and "4" not in state and "5" in state
     assert state.new_trades([{"id": 2, "timestamp": 2}]) == [], "older than the memory: counts as published"
+
+
+def collector_process(config: Path, redis_url: str) -> subprocess.Popen[bytes]:
+    """`python -m services.collector --exchange binance` as supervisord runs it, on the test's Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")} | {"MDP_REDIS_URL": redis_url}
+    return subprocess.Popen([sys.executable, "-m", "services.collector", "--exchange", "binance", "--config",
+                             str(config), "--instance", "t"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def trades_only_config(path: Path, sim: Any) -> Path:
+    path.write_text(f'[[exchanges]]\nid = "binance"\nsymbols = ["BTC/USDT"]\nchannels = ["trades"]\n'
+                    f'rest_url = "{sim.rest_url}"\nws_url = "{sim.ws_url}"\n')
+    return path
+
+
+async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(settings: Settings, redis,  # type: ignore[no-untyped-def]
+                                                                                 tmp_path: Path) -> None:
+    """The collector process is killed (SIGKILL: nothing drained) while the replay runs on, and started again:
+    its first trade opens a Gap from the position stored with the last XADD, naming exactly the ids that
+    never reached raw:binance. A SIGTERM then stops it with exit code 0."""
+    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        config = trades_only_config(tmp_path / "collector.toml", sim)
+        first = collector_process(config, settings.redis.url)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            async def published(n: int) -> bool:
+                return len(trade_ids(await read(redis, streams.raw("binance")))) >= n
+
+            async with asyncio.timeout(60):
+                while not await published(100):
+                    assert first.poll() is None, first.stderr.read().decode()[-3000:] if first.stderr else ""
+                    await asyncio.sleep(0.05)
+            first.kill()
+            first.wait(10)
+            before = len(trade_ids(await read(redis, streams.raw("binance"))))
+            await asyncio.sleep(1.0)  # the replay runs on: these trades reach no one
+            second = collector_process(config, settings.redis.url)
+
+            async def gap_and_more() -> bool:
+                return bool(await read(redis, streams.GAPS)) and await published(before + 100)
+
+            async with asyncio.timeout(60):
+                while not await gap_and_more():
+                    assert second.poll() is None, second.stderr.read().decode()[-3000:] if second.stderr else ""
+                    await asyncio.sleep(0.05)
+            second.send_signal(signal.SIGTERM)
+            code = second.wait(20)
+        finally:
+            for p in (first, second):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait(10)
+    assert code == 0, second.stderr.read().decode()[-3000:] if second.stderr else ""
+    ids = trade_ids(await read(redis, streams.raw("binance")))
+    assert ids == sorted(set(ids)), "no trade published twice, none out of order"
+    lost = [i for i in range(ids[0], ids[-1] + 1) if i not in set(ids)]
+    assert lost, "the replay ran on while no collector ran: ids are missing from raw:binance"
+    gaps = [g for g in await read(redis, streams.GAPS) if isinstance(g, Gap)]
+    assert len(gaps) == 1 and gaps[0].channel == "trades", gaps
+    assert (gaps[0].first_missing_id, gaps[0].last_missing_id) == (str(lost[0]), str(lost[-1]))
+    assert len(lost) == lost[-1] - lost[0] + 1, "one hole, the restart's"
+    assert gaps[0].reason.startswith("collector restarted"), gaps[0].reason
+    before_t, after_t = assert_gap_matches_trades(gaps[0], [e for e in await read(redis, streams.raw("binance"))
+                                                            if isinstance(e, Trade)])
+    assert (int(before_t.trade_id), int(after_t.trade_id)) == (lost[0] - 1, lost[-1] + 1)
+
+
+async def test_redis_down_fills_a_bounded_buffer_whose_overflow_is_a_gap_and_an_alert(settings: Settings,  # type: ignore[no-untyped-def]
+                                                                                       own_redis) -> None:
+    """Redis goes away mid-replay: the collector keeps reading its socket into the outbox (bound 200 events
+    here), says `degraded` and why, drops the oldest at the bound, and when Redis is back publishes the rest
+    with one Gap and one alert naming exactly the dropped ids. It does not exit."""
+    async with start_simulator(speed=20, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(on_redis(settings, own_redis.url), sim.rest_url, sim.ws_url, channels=["trades"],
+                                 publish_buffer_events=200)
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def started() -> bool:
+            return collector.count["trades"] >= 300
+
+        await wait_for(started, task)
+        own_redis.stop()
+
+        async def overflowing() -> bool:
+            return collector.counters()["buffer_dropped"] > 0 and collector.state == "degraded"
+
+        await wait_for(overflowing, task)
+        assert "Redis unreachable" in collector.detail and "publish_buffer_events=200" in collector.detail
+        assert collector.outbox.events <= 200, "bounded"
+        await own_redis.start()
+
+        async def all_taken_and_published() -> bool:
+            return collector.count["trades"] == N and not collector.outbox.queued and collector.state == "running"
+
+        await wait_for(all_taken_and_published, task, timeout=60)
+        await stop_collector(collector, stop, task)
+    client = aioredis.Redis.from_url(own_redis.url)
+    codec = Codec()
+    events = {s: [e for _, f in await client.xrange(s) for e in codec.decode_entry(f)]
+              for s in (streams.raw("binance"), streams.GAPS, streams.ALERTS)}
+    await client.aclose()
+    ids = trade_ids(events[streams.raw("binance")])
+    assert ids == sorted(set(ids)), "no trade published twice, none out of order"
+    first = 3735683259
+    dropped = [i for i in range(first, first + N) if i not in set(ids)]
+    assert dropped and len(dropped) == collector.counters()["buffer_dropped"]
+    gaps = [g for g in events[streams.GAPS] if isinstance(g, Gap)]
+    named = sorted(i for g in gaps for i in range(int(g.first_missing_id), int(g.last_missing_id) + 1))
+    assert named == dropped, (gaps, dropped[:3], dropped[-3:])
+    assert all(g.reason.startswith("dropped at the collector's bound") for g in gaps), gaps
+    alerts = [a for a in events[streams.ALERTS] if getattr(a, "rule", "") == "collector.buffer_overflow"]
+    assert len(alerts) == len(gaps) and sum(int(a.values["dropped_events"]) for a in alerts) == len(dropped)
+    assert collector.count["publish_retries"] >= 1
+
+
+async def test_a_redis_restarted_empty_is_noticed_and_what_it_lost_is_a_gap(settings: Settings,  # type: ignore[no-untyped-def]
+                                                                            tmp_path: Path) -> None:
+    """Redis without persistence restarts while the collector runs: the positions written with the XADDs are
+    gone, so the collector knows Redis lost what it had published, and says so with a Gap per feed."""
+    server = RestartableRedis(tmp_path, appendonly=False)
+    await server.start()
+    try:
+        async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+            cfg = collector_settings(on_redis(settings, server.url), sim.rest_url, sim.ws_url, channels=["trades"])
+            collector = Collector(cfg, "t", exchange="binance")
+            stop = asyncio.Event()
+            task = asyncio.create_task(collector.run(stop))
+
+            async def started() -> bool:
+                return collector.count["trades"] >= 100
+
+            await wait_for(started, task)
+            server.stop()
+
+            async def felt() -> bool:
+                return collector.count["publish_retries"] >= 1
+
+            await wait_for(felt, task)
+            await server.start()
+
+            async def noticed() -> bool:
+                return collector.count["positions_lost"] >= 1 and collector.state == "running"
+
+            await wait_for(noticed, task)
+            await stop_collector(collector, stop, task)
+        client = aioredis.Redis.from_url(server.url)
+        gaps = [e for _, f in await client.xrange(streams.GAPS) for e in Codec().decode_entry(f)]
+        await client.aclose()
+    finally:
+        server.stop()
+    assert len(gaps) == 1 and isinstance(gaps[0], Gap), gaps
+    assert gaps[0].reason.startswith("Redis lost published data: its position for trades BTC/USDT is gone")
+    assert gaps[0].start == collector.started_at, "everything this process published before the restart"

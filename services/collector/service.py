@@ -190,7 +190,7 @@ class Collector(Service):
         self.count: Counter[str] = Counter({k: 0 for k in (
             "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
             "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
-            "sequence_gaps", "buffer_dropped", "positions_lost")})
+            "sequence_gaps", "positions_lost")})
         self.outbox = Outbox(self.exchange_settings.publish_buffer_events)
         self.outbox_ready = asyncio.Event()
         self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
@@ -221,7 +221,8 @@ class Collector(Service):
         turns them into each channel's rate and last-message age."""
         out = dict(self.count) | {"published_events": self.producer.published_events,
                                   "published_entries": self.producer.published_entries,
-                                  "subscriptions": self.pacer.granted, "buffered_events": self.outbox.events}
+                                  "subscriptions": self.pacer.granted, "buffered_events": self.outbox.events,
+                                  "buffer_dropped": self.outbox.dropped_events}
         if self.rest is not None:
             out["rest_requests"] = self.rest.stats.requests
             out["rest_429"] = self.rest.stats.throttled_429
