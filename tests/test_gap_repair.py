@@ -312,6 +312,30 @@ async def test_scan_finds_and_repairs_a_hole_no_gap_announced(
         assert [a.rule for a in alerts] == ["gap.repaired"] and alerts[0].values["repaired"] == "7"
 
 
+async def test_scan_does_not_trust_a_ledger_that_claims_candles_influxdb_lacks(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn, scan_lookback_s=7200.0,
+                                scan_settle_s=180.0)
+        now = DAY + 12 * 60 * MIN + 30 * NS
+        series = Series("binance", "BTC/USDT", "1m")
+        recorded, hole = Span(DAY + 10 * 60 * MIN, now - now % MIN), Span(DAY + 11 * 60 * MIN, DAY + 11 * 60 * MIN + 7 * MIN)
+        async with repairer(settings, ledger) as rep:
+            # Arrange: the ledger says the whole window is covered (a backfill recorded it), but InfluxDB lost
+            # seven minutes of it (wiped and partly reloaded, or another InfluxDB)
+            for part in (Span(recorded.start, hole.start), Span(hole.end, recorded.end)):
+                out = await rep.candles.repair(series, part, [part], now, "arrange")
+                await store_as_pipeline(settings, out.events)
+            await ledger.record(series, "rest", covered=[recorded])
+
+            # Act
+            outputs = await rep.scan(now)
+
+        # Assert: the store decides: the seven minutes are a hole, fetched and published
+        assert rep.counts["scan_holes"] == 1 and rep.counts["scan_repaired"] == 1
+        assert candle_rows(outputs.get("raw:binance", [])) == as_served(sim, hole.start, hole.end)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Trades
 
