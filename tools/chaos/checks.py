@@ -207,7 +207,7 @@ GAP_ANSWERS = ("gap.repaired", "gap.explained", "gap.unrepaired")
 
 async def check_gaps(redis: aioredis.Redis) -> Check:
     """Every Gap on mdp:gaps answered by gap_repair: an alert (gap.repaired, gap.explained or gap.unrepaired)
-    with the Gap's exchange, symbol, channel and start. Unrepaired windows are listed (not a failure by
+    with the Gap's exchange, symbol, kind of channel and start. Unrepaired windows are listed (not a failure by
     themselves: the trade and bar checks say whether data is missing)."""
     gaps = [e for _, f in await xrange_all(redis, "mdp:gaps") for e in decode_events(f) if e.get("type") == "gap"]
     answers: dict[tuple[str, str, str, str], list[str]] = {}
@@ -216,14 +216,15 @@ async def check_gaps(redis: aioredis.Redis) -> Check:
         for e in decode_events(f):
             if e.get("type") == "alert" and e.get("rule") in GAP_ANSWERS:
                 v = e.get("values") or {}
-                key = (e.get("exchange", ""), e.get("symbol", ""), str(v.get("channel", "")), str(v.get("start", "")))
+                key = (e.get("exchange", ""), e.get("symbol", ""), _kind(str(v.get("channel", ""))),
+                       str(v.get("start", "")))
                 answers.setdefault(key, []).append(e["rule"])
                 if e["rule"] == "gap.unrepaired":
                     unrepaired.append(f"{e.get('exchange')} {e.get('symbol')}: {e.get('reason')}")
     unanswered = []
     outcome: Counter[str] = Counter()
     for g in gaps:
-        key = (g["exchange"], g["symbol"], g["channel"], str(g["start"]))
+        key = (g["exchange"], g["symbol"], _kind(g["channel"]), str(g["start"]))
         rules = answers.get(key)
         if not rules:
             unanswered.append(f"{g['exchange']} {g['symbol']} {g['channel']} [{_iso(g['start'] // 1_000_000)}, "
@@ -237,6 +238,11 @@ async def check_gaps(redis: aioredis.Redis) -> Check:
     info = [f"gap.unrepaired: {u}" for u in unrepaired[:SHOW]]
     return Check("every Gap repaired, explained or alerted gap.unrepaired", not unanswered,
                  {"gaps": len(gaps), "unanswered": len(unanswered), **outcome}, ev + info, "gap_repair")
+
+
+def _kind(channel: str) -> str:
+    """A Gap says `candles` or `trades`, gap_repair's alert `candle:1m` or `trades`: compare the kind."""
+    return channel.partition(":")[0].rstrip("s")
 
 
 async def alert_counts(redis: aioredis.Redis) -> dict[str, int]:
