@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -368,22 +369,37 @@ async def test_symbols_are_path_safe_and_decoded_by_readers(client: InfluxClient
     assert segment("symbol", "../x y%") == "symbol=..%2Fx%20y%25"  # one folder level, whatever the value
 
 
+def hyperliquid_hourly(real_data: Path) -> list[Candle]:
+    """Hyperliquid kPEPE 1h candles (24) from the recorded candleSnapshot response (hyperliquid-python-sdk's
+    cassette: a single-line quoted YAML scalar holding the JSON body)."""
+    text = (real_data / "hyperliquid-rest" / "candles_snapshot.yaml").read_text()
+    block = next(b for b in text.split("- request:")[1:] if '"type": "candleSnapshot"' in b)
+    body = re.search(r"^\s+string: '(.*)'$", block, re.MULTILINE)
+    assert body is not None
+    return [Candle(exchange="hyperliquid", symbol="kPEPE/USDC:USDC", timeframe=c["i"], open_time=c["t"] * MS,
+                   open=Decimal(c["o"]), high=Decimal(c["h"]), low=Decimal(c["l"]), close=Decimal(c["c"]),
+                   volume=Decimal(c["v"]), closed=True, ts_event=c["T"] * MS, ts_recv=c["T"] * MS)
+            for c in json.loads(body.group(1).replace("''", "'"))]
+
+
 async def test_other_timeframes_export_from_their_tier(client: InfluxClient, real_data: Path, tmp_path: Path) -> None:
-    path = real_data / "binance-spot-1m-ccxt" / "BTCUSDT-1h-2023-06-2024-03.csv"
-    rows = [r for r in csv.reader(path.read_text().splitlines()) if r and r[0].isdigit()][:72]
-    hourly = [Candle(exchange="binance", symbol="BTC/USDT", timeframe="1h", open_time=int(r[0]) * MS,
-                     open=Decimal(r[1]), high=Decimal(r[2]), low=Decimal(r[3]), close=Decimal(r[4]),
-                     volume=Decimal(r[5]), closed=True, ts_event=int(r[0]) * MS, ts_recv=int(r[0]) * MS)
-              for r in rows]
+    hourly = hyperliquid_hourly(real_data)
+    assert len(hourly) == 24 and {c.timeframe for c in hourly} == {"1h"}
     await store_candles(client, hourly)
     first, last = hourly[0].open_time, hourly[-1].open_time + 3_600_000_000_000
 
-    stats = await export(request("candles", tmp_path, first, last, timeframe="1h"), client, say=quiet)
+    stats = await export(request("candles", tmp_path, first, last, exchange="hyperliquid", symbol="kPEPE/USDC:USDC",
+                                 timeframe="1h"), client, say=quiet)
 
-    assert stats.rows == 72
+    assert stats.rows == 24
+    assert (tmp_path / "candles" / "exchange=hyperliquid" / "symbol=kPEPE%2FUSDC%3AUSDC" / "timeframe=1h").is_dir()
     frame = pd.read_parquet(tmp_path / "candles").sort_values("open_time")
-    assert set(frame["timeframe"].astype(str)) == {"1h"}
-    assert list(frame["close"]) == [c.close for c in hourly]
+    assert set(frame["timeframe"].astype(str)) == {"1h"} and set(frame["symbol"].astype(str)) == {"kPEPE/USDC:USDC"}
+    assert [(t.value, o, h, lo, c, v) for t, o, h, lo, c, v in zip(
+        frame["open_time"], frame["open"], frame["high"], frame["low"], frame["close"], frame["volume"],
+        strict=True)] == [(c.open_time, c.open, c.high, c.low, c.close, c.volume) for c in hourly]
+    assert await influx_candles(client, "kPEPE/USDC:USDC", "1h") == [
+        (c.open_time, c.open, c.high, c.low, c.close, c.volume, None) for c in hourly]
 
 
 async def test_a_value_beyond_18_decimals_is_refused_not_rounded(client: InfluxClient, tmp_path: Path) -> None:
