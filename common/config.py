@@ -190,6 +190,12 @@ class GapRepairSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     trades_page: int = 1000  # trades per historicalTrades / aggTrades request (Binance's maximum)
 
 
+class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # The Prometheus exporter (services/metrics_exporter, docs/metrics.md): one port for the whole pipeline.
+    host: str = "127.0.0.1"  # loopback by default; "0.0.0.0" exposes the metrics to the network
+    port: int = 9464
+
+
 class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     symbols: list[str]
@@ -244,6 +250,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     postgres_writer: PostgresWriterSettings = PostgresWriterSettings()
     backfill: BackfillSettings = BackfillSettings()
     gap_repair: GapRepairSettings = GapRepairSettings()
+    metrics: MetricsSettings = MetricsSettings()
     exchanges: list[ExchangeSettings] = msgspec.field(default_factory=list)
 
     def exchange(self, exchange_id: str) -> ExchangeSettings:

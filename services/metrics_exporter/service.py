@@ -1,0 +1,319 @@
+"""The metrics exporter: the whole pipeline's state in Prometheus text format on one port (metrics.host,
+metrics.port; default 127.0.0.1:9464), GET /metrics.
+
+One process for the pipeline rather than a port per process: every service already reports its counters in
+its heartbeat, and `common.status.collect()` gathers them with the streams' lag and pending (what `mdp status`
+shows), so one exporter sees every process, including those scaled with numprocs, with one scrape target and
+no port to assign per process; it also sees what no process can report about itself (a process that died,
+its heartbeat stale; a stream's backlog). Each scrape refreshes from Redis (at most every MIN_REFRESH_S).
+
+Beside the heartbeats it keeps three things of its own:
+- alerts by rule and severity, counted from mdp:alerts (read with its own cursor, no consumer group, from the
+  newest entry at start: counters restart at 0 with the exporter, as Prometheus counters may);
+- latency from the collector's receipt (`ts_recv`) to the cache: it subscribes to the cache publisher's
+  `ticks:*` pub/sub, which goes out in the same MULTI/EXEC as the cache writes, and observes now - ts_recv
+  of every trade in a histogram. Bounded by Redis: a subscriber that falls behind the pub/sub output buffer
+  limit is disconnected by Redis (the pipeline is not slowed); the exporter reconnects and says so;
+- supervisord's process states (through SUPERVISOR_SERVER_URL, set by supervisord for its programs) and the
+  bus Redis's persistence and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from redis.exceptions import RedisError, ResponseError
+
+from common import status as status_mod
+from common import streams
+from common.cache import ticks_channel
+from common.config import Settings
+from common.quality import CATALOG
+from common.service import Service
+from schemas import Alert, DecodeError
+from services.metrics_exporter.families import pipeline_families, program_families, redis_families
+
+log = logging.getLogger(__name__)
+
+BIND_RETRY_S = 10.0
+MIN_REFRESH_S = 0.5  # scrapes closer together than this share one refresh from Redis
+SUPERVISOR_TIMEOUT_S = 5.0
+ALERTS_READ_COUNT = 500
+# Alert rules raised outside the quality catalog (gap repair, bus, aggregator, postgres writer, normalizer):
+# counted from 0 at start, so the first alert of a rule is an increase Prometheus can see.
+OTHER_RULES = ("gap.repaired", "gap.explained", "gap.unrepaired", "bus.backpressure_timeout",
+               "bus.trimmed_while_pending", "candle.reconcile", "book.crossed", "postgres_writer.rejected",
+               "postgres_writer.strategy_auto_registered")
+SEVERITIES = ("info", "warning", "error", "critical")
+# ts_recv -> cache, seconds: from a millisecond to a backlog of minutes
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   300.0)
+
+
+class _Tick(msgspec.Struct):
+    exchange: str
+    ts_recv: int
+
+
+class _Snapshot:
+    """What one refresh gathered; the registry's collector turns it into metric families."""
+
+    def __init__(self) -> None:
+        self.status: status_mod.Status | None = None
+        self.redis_up = False
+        self.redis_info: dict[str, Any] = {}
+        self.rdb_save: str | None = None
+        self.programs: list[dict[str, Any]] | None = None
+        self.refresh_seconds = 0.0
+
+
+class MetricsExporter(Service):
+    name = "metrics_exporter"
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        super().__init__(settings, instance)
+        self.snapshot = _Snapshot()
+        self.refreshed_at = 0.0
+        self.refresh_lock = asyncio.Lock()
+        self.count: Counter[str] = Counter({k: 0 for k in (
+            "scrapes", "refreshes", "refresh_errors", "alerts_read", "latency_samples", "tick_subscriber_restarts",
+            "supervisor_errors")})
+        disable_created_metrics()  # no `_created` series beside every counter: Prometheus does not use them
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_PipelineCollector(self))
+        self.alerts_by_rule = PromCounter("mdp_alerts", "Alerts on mdp:alerts since the exporter started, by rule",
+                                          ["rule"], registry=self.registry)
+        self.alerts_by_severity = PromCounter("mdp_alerts_by_severity", "Alerts on mdp:alerts since the exporter "
+                                              "started, by severity", ["severity"], registry=self.registry)
+        for rule in (*CATALOG, *OTHER_RULES):
+            self.alerts_by_rule.labels(rule)
+        for severity in SEVERITIES:
+            self.alerts_by_severity.labels(severity)
+        self.latency = PromHistogram("mdp_cache_latency_seconds", "Seconds from the collector's receipt of a trade "
+                                     "(ts_recv) to its publication with the cache writes (ticks:{symbol})",
+                                     ["exchange"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        for ex in settings.exchanges:
+            self.latency.labels(ex.id)
+        self._supervisor: Any = None
+        self._supervisor_busy = False
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.count)
+
+    # -- the HTTP side ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._index)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_alerts(stop))
+                tg.create_task(self._watch_ticks(stop))
+                await self._serve(runner, stop)
+        finally:
+            await runner.cleanup()
+
+    async def _serve(self, runner: web.AppRunner, stop: asyncio.Event) -> None:
+        """Listen on metrics.host:port. A port taken (another pipeline on this machine) leaves the process up,
+        degraded, saying so in `mdp status` and its log, and retrying: it must not fail the pipeline's start."""
+        host, port = self.settings.metrics.host, self.settings.metrics.port
+        while not stop.is_set():
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                self.state = "degraded"
+                self.detail = (f"metrics.port = {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                               f"set a free port in the config's [metrics] port, or stop what listens there; "
+                               f"retrying every {BIND_RETRY_S:.0f} s")
+                log.error("%s", self.detail)
+                await _sleep_unless(stop, BIND_RETRY_S)
+                continue
+            self.state, self.detail = "running", ""
+            log.info("metrics on http://%s:%d/metrics (Prometheus text format; docs/metrics.md)", host, port)
+            await stop.wait()
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text="mdp metrics exporter: GET /metrics (docs/metrics.md)\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.count["scrapes"] += 1
+        await self.refresh()
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # -- gathering --------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Gather heartbeats, streams, Redis and supervisord state, unless a refresh is fresh enough."""
+        async with self.refresh_lock:
+            if time.monotonic() - self.refreshed_at < MIN_REFRESH_S:
+                return
+            started = time.perf_counter()
+            snap = _Snapshot()
+            try:
+                snap.status = await status_mod.collect(self.redis)
+                await self._gaps_stream(snap.status)
+                snap.redis_info = await self.redis.info("persistence") | await self.redis.info("memory")
+                snap.rdb_save = await self._rdb_save()
+                snap.redis_up = True
+            except (RedisError, OSError) as exc:
+                self.count["refresh_errors"] += 1
+                log.warning("metrics refresh: the bus Redis at %s did not answer (%s: %s); exporting "
+                            "mdp_redis_up 0 until it does", self.settings.redis.url, type(exc).__name__, exc)
+            snap.programs = await self._programs()
+            snap.refresh_seconds = time.perf_counter() - started
+            self.snapshot = snap
+            self.refreshed_at = time.monotonic()
+            self.count["refreshes"] += 1
+
+    async def _gaps_stream(self, status: status_mod.Status) -> None:
+        """mdp:gaps (gap_repair's input) is not in the stream registry collect() reads: add its group lag."""
+        if any(s.name == streams.GAPS for s in status.streams):
+            return
+        try:
+            length = await self.redis.xlen(streams.GAPS)
+            groups = await self.redis.xinfo_groups(streams.GAPS)
+        except ResponseError:
+            return  # no such stream yet
+        status.streams.append(status_mod.StreamStatus(name=streams.GAPS, length=length, groups=[
+            status_mod.GroupStatus(name=_text(g["name"]), consumers=int(g["consumers"]), pending=int(g["pending"]),
+                                   lag=None if g.get("lag") is None else int(g["lag"])) for g in groups]))
+
+    async def _rdb_save(self) -> str | None:
+        try:
+            reply = await self.redis.config_get("save")
+        except ResponseError:  # CONFIG renamed or refused (managed Redis): only AOF is known
+            return None
+        return _text(reply.get("save") or reply.get(b"save") or "")
+
+    async def _programs(self) -> list[dict[str, Any]] | None:
+        """supervisord's processes, or None when not run by supervisord (no SUPERVISOR_SERVER_URL)."""
+        if "SUPERVISOR_SERVER_URL" not in os.environ or self._supervisor_busy:
+            return self.snapshot.programs if self._supervisor_busy else None
+        self._supervisor_busy = True
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._supervisor_processes), SUPERVISOR_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - supervisord's XML-RPC raises many kinds; the metric goes stale
+            self.count["supervisor_errors"] += 1
+            log.warning("metrics refresh: supervisord at %s did not list its processes (%s: %s); mdp_program_* "
+                        "are left out until it does", os.environ.get("SUPERVISOR_SERVER_URL"),
+                        type(exc).__name__, exc)
+            self._supervisor = None
+            return None
+        finally:
+            self._supervisor_busy = False
+
+    def _supervisor_processes(self) -> list[dict[str, Any]]:
+        if self._supervisor is None:
+            from supervisor import childutils
+            self._supervisor = childutils.getRPCInterface(dict(os.environ))
+        return list(self._supervisor.supervisor.getAllProcessInfo())
+
+    # -- alerts and latency -----------------------------------------------------------------------
+
+    async def _read_alerts(self, stop: asyncio.Event) -> None:
+        """Count every alert on mdp:alerts from the newest entry at start on, by rule and severity."""
+        cursor: str | None = None
+        while not stop.is_set():
+            try:
+                if cursor is None:
+                    newest = await self.redis.xrevrange(streams.ALERTS, count=1)
+                    cursor = _text(newest[0][0]) if newest else "0-0"
+                reply = await self.redis.xread({streams.ALERTS: cursor}, count=ALERTS_READ_COUNT, block=1000)
+            except (RedisError, OSError) as exc:
+                log.warning("metrics: reading %s failed (%s: %s); retrying in 1 s", streams.ALERTS,
+                            type(exc).__name__, exc)
+                await _sleep_unless(stop, 1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    cursor = _text(entry_id)
+                    try:
+                        events = self.codec.decode_entry(fields)
+                    except DecodeError as exc:
+                        log.warning("metrics: %s entry %s cannot be decoded (%s); not counted", streams.ALERTS,
+                                    cursor, exc)
+                        continue
+                    for event in events:
+                        if isinstance(event, Alert):
+                            self.alerts_by_rule.labels(event.rule).inc()
+                            self.alerts_by_severity.labels(event.severity).inc()
+                            self.count["alerts_read"] += 1
+
+    async def _watch_ticks(self, stop: asyncio.Event) -> None:
+        """Observe now - ts_recv of every trade the cache publisher publishes on ticks:{symbol}."""
+        decoder = msgspec.json.Decoder(_Tick)
+        while not stop.is_set():
+            client = aioredis.Redis.from_url(self.settings.redis.url, socket_connect_timeout=10)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(ticks_channel("*"))
+                while not stop.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None or message.get("type") != "pmessage":
+                        continue
+                    now = time.time_ns()
+                    try:
+                        tick = decoder.decode(message["data"])
+                    except msgspec.DecodeError as exc:
+                        log.warning("metrics: a ticks message is not tick JSON (%s); not observed", exc)
+                        continue
+                    self.latency.labels(tick.exchange).observe(max(0.0, (now - tick.ts_recv) / 1e9))
+                    self.count["latency_samples"] += 1
+            except (RedisError, OSError) as exc:
+                self.count["tick_subscriber_restarts"] += 1
+                log.warning("metrics: the ticks:* subscription dropped (%s: %s; Redis disconnects a subscriber "
+                            "that falls behind its pub/sub buffer); resubscribing in 1 s", type(exc).__name__, exc)
+                await _sleep_unless(stop, 1.0)
+            finally:
+                await pubsub.aclose()
+                await client.aclose()
+
+
+class _PipelineCollector:
+    """prometheus_client collector over the exporter's latest snapshot."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.exporter.snapshot
+        if snap.status is not None:
+            yield from pipeline_families(snap.status, self.exporter.settings)
+        yield from redis_families(snap.redis_up, snap.redis_info, snap.rdb_save)
+        if snap.programs is not None:
+            yield from program_families(snap.programs)
+        yield GaugeMetricFamily("mdp_exporter_refresh_seconds", "Seconds the exporter's last refresh from Redis "
+                                "and supervisord took", value=snap.refresh_seconds)
+        yield CounterMetricFamily("mdp_exporter_refresh_errors", "Refreshes in which the bus Redis did not answer",
+                                  value=self.exporter.count["refresh_errors"])
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+def _text(value: bytes | str | Mapping[str, Any]) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["MetricsExporter"]
