@@ -22,7 +22,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
+from common import quality, streams
 from common.bus import Producer
 from common.config import Settings, load_settings
 from common.influx import InfluxClient, encode_candles, encode_trades
@@ -149,6 +149,17 @@ def candle_rows(events: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def through_validator_and_normalizer(settings: Settings, events: list[Any]) -> list[Any]:
+    """What the validator's per-event rules and the normalizer make of repaired events (none may be rejected)."""
+    ctx = quality.CheckContext.from_settings(settings.validation)
+    symbols = SymbolMap()
+    out = []
+    for e in events:
+        assert not quality.rejects(quality.check(e, ctx)), e
+        out.append(normalize(e, symbols)[0])
+    return out
+
+
 async def store_as_pipeline(settings: Settings, candles: list[Any]) -> None:
     """Store raw candles as the pipeline would (normalizer, then the influx writer's encoder and tier)."""
     symbols = SymbolMap()
@@ -234,6 +245,8 @@ async def test_candle_gap_is_repaired_into_raw_as_the_collectors_closed_candles(
         assert first.state == "repaired" and first.repaired == 30 and first.unrepaired == []
         assert candle_rows(first.events) == as_served(sim, start, end)
         assert len(as_served(sim, start, end)) == 30
+        passed = through_validator_and_normalizer(settings, first.events)
+        assert len(passed) == 30 and all(c.quality == REPAIRED for c in passed)
         assert stored_before_pipeline == []
         assert await ledger.rows(Series("binance", "BTC/USDT", "1m")) == []
         assert [a.rule for a in first.alerts] == ["gap.repaired"] and first.alerts[0].severity == "info"
@@ -374,7 +387,10 @@ async def test_trade_gap_from_dropped_trades_is_repaired_into_raw_through_the_bu
 
         # Assert: the dropped trades on raw:binance (where the validator reads live ones) exactly once, as
         # recorded; InfluxDB is left to the pipeline; nothing pending; one audit alert
-        assert_repaired_trades(await raw_events(redis), [t for t in recorded if t.id in set(dropped)])
+        on_raw = await raw_events(redis)
+        assert_repaired_trades(on_raw, [t for t in recorded if t.id in set(dropped)])
+        passed = through_validator_and_normalizer(settings, on_raw)
+        assert len(passed) == 250 and all(t.quality == REPAIRED for t in passed)
         assert len(await stored_trades(settings)) == len(live)
         assert counters["gaps_repaired"] == 1 and counters["trades_repaired"] == 250
         assert counters["gaps_unrepaired"] == 0

@@ -74,6 +74,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(render(report, args.ranges))
                     if verdict is not None:
                         print(f"  verify: {verdict.describe(args.ranges)}")
+        if not args.verify and not args.json:
+            print("(the ledger's view; `mdp coverage --verify` checks it against what InfluxDB holds)")
         if disagree:
             print(f"{disagree} series: the ledger marks candles covered that InfluxDB "
                   f"({settings.influx.url}, database {settings.influx.database}) does not hold", file=sys.stderr)
