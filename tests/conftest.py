@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import pandas as pd
 import pytest
 import redis.asyncio as aioredis
 
@@ -31,6 +32,25 @@ def _real_data_or_none() -> Path | None:
         return real_data_dir(ROOT)
     except FileNotFoundError:
         return None
+
+
+# The licensed recordings shipped with the project (data/real/NOTICE): present in every clone.
+SHIPPED_DATA = ROOT / "data" / "real"
+KLINE_ZIP_COLUMNS = ["timestamp", "open", "high", "low", "close", "volume", "close_time", "quote_volume", "count",
+                     "taker_buy_volume", "taker_buy_quote_volume", "ignore"]
+
+
+def shipped_btc_minutes(rows: int | None = None, dtype: type | None = None) -> pd.DataFrame:
+    """Real Binance spot BTC/USDT 1m candles, 2020-01-01 00:00 .. 01-03 23:59 UTC (4,320 consecutive minutes),
+    from the shipped data.binance.vision daily zips: columns timestamp (open time, ms), open, high, low, close,
+    volume; with dtype=str the cells are the file's text ("7195.24000000")."""
+    zips = sorted((SHIPPED_DATA / "binance-spot-1m-daily").glob("BTCUSDT-1m-*.zip"))
+    if len(zips) != 3:
+        pytest.fail(f"expected 3 BTCUSDT daily zips in {SHIPPED_DATA / 'binance-spot-1m-daily'}, found {zips}; "
+                    f"data/real is shipped with the repository: restore it from git")
+    frame = pd.concat([pd.read_csv(z, header=None, names=KLINE_ZIP_COLUMNS, dtype=dtype) for z in zips],
+                      ignore_index=True)[["timestamp", "open", "high", "low", "close", "volume"]]
+    return frame if rows is None else frame.iloc[:rows].reset_index(drop=True)
 
 
 # The real recordings: $MDP_REAL_DATA, else ../shared/data/real (the full set), else the shipped data/real

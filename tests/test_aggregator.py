@@ -19,7 +19,7 @@ from schemas import Alert, Candle, Codec, Event, Trade
 from services.aggregator import Aggregator
 from services.aggregator.bars import TimeframeError, bar_duration
 from services.simulator import Recording
-from tests.conftest import SHARED_DATA
+from tests.conftest import shipped_btc_minutes
 from tests.test_stages import FAST, read, run_until
 
 codec = Codec()
@@ -101,16 +101,14 @@ async def test_a_doctored_exchange_candle_raises_candle_reconcile(redis, setting
 # --- 1m -> higher timeframes -----------------------------------------------------------------------------
 
 def real_minutes(rows: int) -> tuple[list[Candle], pd.DataFrame]:
-    """The first `rows` rows of the real Binance BTC/USDT 1m file as Candles, and as a pandas frame."""
-    path = SHARED_DATA / "binance-spot-1m-ccxt" / "BTCUSDT-1m-2024-03.csv"
-    # The file repeats the candle at each 1000-row page boundary (ccxt pagination, real): upstream the
-    # validator drops such copies (time.duplicate), so the aggregator's input has none.
-    text = pd.read_csv(path, dtype=str, nrows=rows).drop_duplicates()
+    """The first `rows` real Binance BTC/USDT 1m candles of the shipped daily zips (2020-01-01 00:00 on) as
+    Candles, and as a pandas frame."""
+    text = shipped_btc_minutes(rows, dtype=str)
     candles = [Candle(exchange="binance", symbol="BTC/USDT", timeframe="1m", open_time=int(r.timestamp) * MS,
                       open=Decimal(r.open), high=Decimal(r.high), low=Decimal(r.low), close=Decimal(r.close),
                       volume=Decimal(r.volume), closed=True, ts_event=(int(r.timestamp) + 59_999) * MS,
                       ts_recv=(int(r.timestamp) + 60_000) * MS) for r in text.itertuples()]
-    frame = pd.read_csv(path, nrows=rows).drop_duplicates()
+    frame = shipped_btc_minutes(rows)
     assert len(frame) == len(text) == len({c.open_time for c in candles})
     frame.index = pd.to_datetime(frame.timestamp, unit="ms", utc=True)
     return candles, frame
