@@ -2,7 +2,7 @@
 
     stats = await export(ExportRequest("candles", "binance", "BTC/USDT", "1m", start_ns, end_ns, Path("out")), client)
 
-Layout (hive style, so pyarrow, pandas, DuckDB and polars read a folder as one dataset):
+Layout (hive style, so pyarrow, pandas and DuckDB read a folder as one dataset, partition columns included):
     OUT/candles/exchange=binance/symbol=BTC%2FUSDT/timeframe=1m/date=2024-08-08/part.parquet
     OUT/trades/exchange=binance/symbol=BTC%2FUSDT/date=2024-08-08/part.parquet
 Partition values are percent-encoded (RFC 3986, nothing kept but letters, digits and `_.-~`), which pyarrow's
@@ -11,7 +11,7 @@ hive partitioning and DuckDB decode back: `BTC/USDT:USDT` is the folder `symbol=
 Types: timestamps are timestamp[ns, UTC]; prices and amounts decimal128(38, 18), exact to what InfluxDB holds
 (read as decimal text, never through a binary float); a value that needs more than 18 decimal places is an
 ExportError, never rounded. CSV holds the same columns with timestamps as integer nanoseconds and decimals as
-plain text.
+plain text (every digit, so CSV also takes what decimal128 refuses).
 
 Atomic and resumable: a day is written to a hidden temporary file beside its final name (`.part.parquet.<pid>.tmp`,
 ignored by dataset readers), fsynced, renamed over the final name and the folder fsynced, so a final name only
