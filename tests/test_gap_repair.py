@@ -459,17 +459,14 @@ async def test_trade_gap_given_as_a_time_window_is_located_with_aggtrades(
             # Act
             out = await rep.repair_gap(gap)
 
-        # Assert: the trades of the window located by aggregate trades (narrowed: the window holds more than a
-        # page), fetched by id, each once, in id order: the lost ones and any live one of the window (which
-        # the validator drops as already forwarded), nothing outside the window
+        # Assert: the lost trades located by aggregate trades (narrowed: the window holds more than a page),
+        # fetched by id, published each once; trades of the window that arrived live (stored, so they reached
+        # md:trade:* too) are not sent through the pipeline again
         assert out.state == "repaired" and out.unrepaired == []
-        assert sim.status()["rest"]["requests"]["aggTrades"] >= 2
-        ids = [int(e.trade_id) for e in out.events if isinstance(e, Trade)]
-        assert ids == list(range(ids[0], ids[-1] + 1)) and out.repaired == len(ids)
         lost_in_window = [i for i in dropped if by_id[i].time * MS < end]
-        assert set(lost_in_window) <= set(ids)
-        assert all(start <= by_id[i].time * MS < end for i in ids)
-        assert_repaired_trades(out.events, [by_id[i] for i in ids])
+        assert out.repaired == len(lost_in_window)
+        assert sim.status()["rest"]["requests"]["aggTrades"] >= 2
+        assert_repaired_trades(out.events, [by_id[i] for i in lost_in_window])
 
 
 async def test_trades_older_than_the_exchange_serves_are_an_unrepaired_alert(

@@ -10,8 +10,8 @@ known-empty ranges are written (evidence of the exchange, nothing to publish for
 (InfluxDB, PostgreSQL) raises StoreUnavailable: the bus retries the same entries in place, nothing is
 acknowledged meanwhile. The exchange being down is not a store failure: after `gap_repair.retries` attempts
 the gap becomes an unrepaired alert (the scan tries candle holes again later). Repeating a Gap is harmless:
-candles InfluxDB holds (or the ledger knows empty) are not fetched again; a repeated trade Gap publishes its
-trades again and the validator drops the ids it has already forwarded.
+candles InfluxDB holds (or the ledger knows empty) are not fetched again, and trades it holds are not
+published again.
 
 The scan runs every `gap_repair.scan_interval_s` beside the consumer (services/gap_repair/scan.py).
 
@@ -55,7 +55,7 @@ async def build_repairer(settings: Settings, redis: object, producer: Producer,
     venues = Venues(settings, redis)  # type: ignore[arg-type]
     sink = Sink(influx, ledger, producer, "rest")
     candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries)
-    trades = TradeRepair(settings, venues)
+    trades = TradeRepair(settings, venues, sink)
     return Repairer(settings, candles, trades, Scanner(influx, ledger, sink)), venues
 
 

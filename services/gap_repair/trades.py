@@ -26,10 +26,13 @@ killed after its REST fetch publishes nothing, its Gap is redelivered and fetche
 reach raw:{exchange} once. What a repaired trade carries: `ts_recv` = when this service received the REST
 answer (the truth: it is late, and the validator's `time.stale` flag says so), `quality` = ("gap.repaired",)
 (kept by the validator, normalizer and influx writer, so the stored point and md:trade:* say how it came).
-Every trade fetched for the window is published, also ones that arrived live: the validator drops a trade
-id it has already forwarded (exact id memory with holes), so an overlap is harmless. No direct InfluxDB
-write: the influx writer stores the repaired trade as the same point a live one is (keyed by its time and
-id), and trades have no ledger that would need to know when they are durable.
+Of the trades fetched for the window, those InfluxDB does not hold yet are published: a trade reaches
+InfluxDB only through md:trade:* (the influx writer reads it), so a stored trade has reached strategies
+too, and a collector's reconnect window, which mostly holds trades that arrived live, is not sent through
+the pipeline again. A live trade still in flight (not stored yet) may be published again: the validator
+drops a trade id it has already forwarded (exact id memory with holes), so the overlap is harmless. No
+direct InfluxDB write: the influx writer stores the repaired trade as the same point a live one is (keyed
+by its time and id), and trades have no ledger that would need to know when they are durable.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ import msgspec
 from common import streams
 from common.ccxt_events import trade_event
 from common.config import Settings
-from schemas import Gap
+from common.influx import InfluxClient
+from schemas import Gap, Trade
+from services.backfill.ingest import Sink
 from services.backfill.span import Span
 from services.gap_repair.outcome import REPAIRED, Outcome, Where
 from services.gap_repair.venues import Venues, VenueUnavailable
@@ -88,9 +93,11 @@ def missing_ids(gap: Gap) -> tuple[int, int] | None:
 
 
 class TradeRepair:
-    def __init__(self, settings: Settings, venues: Venues) -> None:
+    def __init__(self, settings: Settings, venues: Venues, sink: Sink) -> None:
         self.settings = settings
         self.venues = venues
+        self.sink = sink
+        self.influx: InfluxClient = sink.influx
         self.page = max(1, min(1000, settings.gap_repair.trades_page))
         self.sequential = frozenset(settings.quality.sequential_trade_ids)
 
@@ -135,7 +142,7 @@ class TradeRepair:
             got = sorted(int(r["id"]) for r in rows)
             if got[-1] - got[0] + 1 != len(got):
                 self._check_complete(out, (got[0], got[-1]), rows)
-        self._publish(out, exchange, symbol, rows, now_ns)
+        await self._publish(out, exchange, symbol, rows, now_ns)
 
     # -- fetching -------------------------------------------------------------------------------------
 
@@ -209,17 +216,35 @@ class TradeRepair:
 
     # -- publishing ------------------------------------------------------------------------------------
 
-    def _publish(self, out: Outcome, exchange: str, symbol: str, rows: Sequence[dict[str, Any]],
-                 now_ns: int) -> None:
-        """The fetched trades as the collector's events, for raw:{exchange} (published with the Gap's ack)."""
+    async def _publish(self, out: Outcome, exchange: str, symbol: str, rows: Sequence[dict[str, Any]],
+                       now_ns: int) -> None:
+        """The fetched trades InfluxDB does not hold, as the collector's events, for raw:{exchange} (published
+        with the Gap's acknowledgement)."""
         if not rows:
             return
         trades = [msgspec.structs.replace(trade_event(exchange, symbol, row, now_ns), quality=REPAIRED)
                   for row in sorted(rows, key=lambda r: int(r["id"]))]
-        out.events.extend(trades)
-        out.repaired += len(trades)
-        log.info("%s %s trades %s: %d fetched, published to %s", exchange, symbol, out.window, len(trades),
-                 streams.raw(exchange))
+        fresh = await self._not_stored(exchange, symbol, trades)
+        out.events.extend(fresh)
+        out.repaired += len(fresh)
+        if not fresh:
+            out.explained = (f"all {len(trades)} trade(s) of the window are already stored (so they reached "
+                             f"md:trade:* too): delivered live, or repaired before")
+        log.info("%s %s trades %s: %d fetched, %d already stored, %d published to %s", exchange, symbol,
+                 out.window, len(trades), len(trades) - len(fresh), len(fresh), streams.raw(exchange))
+
+    async def _not_stored(self, exchange: str, symbol: str, trades: list[Trade]) -> list[Trade]:
+        """The trades whose id InfluxDB does not hold yet (in their time range)."""
+        await self.sink.prepare()  # the database or tiers may not exist yet
+        lo = min(t.ts_event for t in trades)
+        hi = max(t.ts_event for t in trades)
+        lo -= lo % MS
+        hi = hi - hi % MS + MS
+        rows = await self.influx.query_timeframe(
+            "ticks", "SELECT trade_id FROM trades WHERE exchange = $ex AND symbol = $sym AND time >= $lo AND "
+            "time < $hi", {"ex": exchange, "sym": symbol, "lo": lo, "hi": hi})
+        stored = {str(r.get("trade_id")) for r in rows}
+        return [t for t in trades if t.trade_id not in stored]
 
 
 __all__ = ["BY_ID", "TradeRepair", "missing_ids"]
