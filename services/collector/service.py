@@ -24,6 +24,12 @@ Resilience (docs/collector.md):
   reconnect) without tripping the exchange's WebSocket message/connection limits.
 - REST (markets, candle polls, order-book snapshots ccxt fetches, polled channels) spends the exchange's
   shared budget in Redis (common/ratelimit.py); a 418 stops every REST call to the exchange for the ban.
+
+Publishing (docs/collector.md, "Stops, restarts and Redis outages"): feeds put each wake-up's events in a
+bounded outbox (outbox.py) and never wait for Redis; one publisher task sends it with each feed's position
+(`mdp:collector:pos:{exchange}`) in one MULTI/EXEC. A trade counts as published only after that succeeded.
+At start each feed opens an outage from its stored position (the restart's Gap); SIGTERM drains the outbox
+for at most DRAIN_S; while Redis is down the state is degraded and the outbox's overflow becomes a Gap.
 """
 
 from __future__ import annotations
