@@ -43,6 +43,7 @@ from common.export import (
 from common.history import to_ns
 from common.influx import InfluxClient, encode_candles, encode_trades, quote_ident
 from schemas import Candle, Trade
+from services.backfill.progress import Progress
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,6 +291,18 @@ async def test_a_partial_day_is_widened_never_narrowed(client: InfluxClient, rea
     assert morning.days[0].rows == 1440  # widened to cover both: [00:00, 24:00)
     assert inside.count("skipped") == 1
     assert files(out) == files(direct)
+
+
+async def test_progress_line_counts_days(client: InfluxClient, real_data: Path, tmp_path: Path) -> None:
+    await store_candles(client, daily_candles(real_data))
+    stream = io.StringIO()
+    progress = Progress(0, "export", stream=stream, enabled=True, interval_s=0.0, unit="days")
+
+    await export(request("candles", tmp_path, "2020-01-01", "2020-01-04"), client, progress=progress, say=quiet)
+
+    lines = stream.getvalue().split("\r")
+    assert "export candles BTC/USDT 2020-01-01 1,440 rows 0/3 days" in lines[1]
+    assert lines[-1].startswith("export candles BTC/USDT 2020-01-03 1,440 rows 3/3 days 100.0%")
 
 
 async def test_days_with_nothing_stored_leave_no_file(client: InfluxClient, real_data: Path, tmp_path: Path) -> None:
