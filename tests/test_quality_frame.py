@@ -23,6 +23,7 @@ from common.quality_frame import (
     validate_frame,
     window_stats,
 )
+from tests.conftest import shipped_as
 
 MINUTE = 60_000
 NOW_MS = 1_767_225_600_000  # 2026-01-01, a fixed "now"
@@ -272,6 +273,7 @@ def test_local_statistics_where_a_global_sigma_fails(btc: pd.DataFrame) -> None:
     assert stamps(ours_spiked, "price.outlier") == [_t(btc, I)]
 
 
+@pytest.mark.unshipped_data
 def test_cross_venue_deviation_and_the_reference_s_own_spikes(real_data: Path) -> None:
     # Arrange: the same hours on Binance.US, BTC/USDT against BTC/USD (basis ~0.1%, drifting)
     folder = real_data / "binanceus-kraken-2023-03"
@@ -331,6 +333,7 @@ def run_validate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, s
     return code, out.out, out.err
 
 
+@pytest.mark.unshipped_data
 def test_cli_json_schema_on_a_real_file(real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Arrange: an independent oracle for the file's repeats (pandas, not our code)
     path = real_data / BTC_1M
@@ -356,9 +359,9 @@ def test_cli_json_schema_on_a_real_file(real_data: Path, capsys: pytest.CaptureF
     assert code == (1 if conflicts else 0)
 
 
-def test_cli_gap_timestamp_is_the_first_missing_open_time(real_data: Path, tmp_path: Path,
+def test_cli_gap_timestamp_is_the_first_missing_open_time(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    lines = (real_data / "binance-spot-1m-ccxt/BTCUSDT-1d-2023-06-2024-03.csv").read_text().splitlines()
+    lines = shipped_as("ccxt-ohlcv", tmp_path).read_text().splitlines()
     missing = int(lines[11].split(",")[0])
     path = tmp_path / "holed.csv"
     path.write_text("\n".join(lines[:11] + lines[14:]) + "\n")
@@ -368,6 +371,7 @@ def test_cli_gap_timestamp_is_the_first_missing_open_time(real_data: Path, tmp_p
     assert code == 0  # a gap is a warning
 
 
+@pytest.mark.unshipped_data
 def test_cli_text_report_names_rules_counts_and_iso_times(real_data: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_validate(capsys, str(real_data / BTC_1M), "--format", "ccxt-ohlcv")
@@ -382,6 +386,7 @@ def test_cli_clean_zip_exits_0(real_data: Path, capsys: pytest.CaptureFixture[st
     assert code == 0 and "matches its .CHECKSUM" in out
 
 
+@pytest.mark.unshipped_data
 def test_cli_refuses_unknown_formats_and_foreign_files_with_exit_2(real_data: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_validate(capsys, str(real_data / BTC_1M), "--format", "csv")
@@ -391,6 +396,7 @@ def test_cli_refuses_unknown_formats_and_foreign_files_with_exit_2(real_data: Pa
     assert code == 2 and out == "" and "no known candle format matches it" in err
 
 
+@pytest.mark.unshipped_data
 def test_cli_cross_venue_reference(real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = real_data / "binanceus-kraken-2023-03"
     code, out, _ = run_validate(capsys, str(folder / "binanceus_BTCUSDT_1m_20230301_20230321.csv"),
@@ -401,6 +407,7 @@ def test_cli_cross_venue_reference(real_data: Path, capsys: pytest.CaptureFixtur
     assert code == 0 and all(i["severity"] != "error" for i in data["issues"])
 
 
+@pytest.mark.unshipped_data
 def test_cli_refuses_a_reference_of_another_timeframe(real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = real_data / "binance-spot-1m-ccxt"
     code, out, err = run_validate(capsys, str(folder / "BTCUSDT-1m-2024-03.csv"), "--format", "ccxt-ohlcv",
