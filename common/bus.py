@@ -1,24 +1,32 @@
-"""The message bus over Redis Streams.
+"""The message bus over Redis Streams. Guarantees and the faults they survive: docs/bus.md.
 
 Producing: `Producer.publish({stream: [events]})` packs up to `batch_max_events` events into one entry
 (FACTS.md: ~25x the throughput of one entry per event), pipelines every XADD of the call into one round
-trip, and trims each stream approximately at `stream_maxlen` entries. Backpressure keeps that trim
-harmless: before publishing, the producer looks (at most every 0.5 s) at each consumer group of the
-stream, and while some group has more than `backpressure_high_water` entries undelivered or pending it
-waits. After `backpressure_max_wait_s` it publishes anyway and raises an alert, since a collector that
-stops reading its socket loses data at the exchange instead. So data is only trimmed unread when a group
-falls more than `stream_maxlen` entries behind after that alert.
+trip, and trims each stream approximately at `stream_maxlen` entries. Every publish also registers the
+stream (SADD `mdp:streams`); when that SADD finds the stream new (first write, or a Redis that lost its data)
+the producer creates the pipeline's own consumer groups of the stream (`streams.own_groups`, from id 0), so
+what is written while a stage is down is kept for it and counts for backpressure. Backpressure keeps the
+trim harmless: before publishing, the producer looks (at most every 0.5 s) at the stream's own groups, and
+while one has more than `backpressure_high_water` entries undelivered or pending it waits. After
+`backpressure_max_wait_s` it publishes anyway and raises an alert, since a collector that stops reading its
+socket loses data at the exchange instead. Other groups (a strategy's) are never obeyed; one whose
+consumers have all been idle `abandoned_group_s` while it lags is reported (`bus.group_abandoned`) and, if
+`drop_abandoned_groups`, destroyed.
 
 Consuming: `Consumer.run(handler)` reads through a consumer group and acknowledges an entry only after
 the handler returned, i.e. after its effect is durable. A handler may return output events: those are
-published and the inputs acknowledged in one MULTI/EXEC transaction, so a stage that forwards never
-doubles nor drops an entry. Entries a crashed consumer left pending are taken over with XAUTOCLAIM after
-`claim_idle_ms`. A handler raising `StoreUnavailable` is retried in place with capped backoff (nothing is
-acknowledged, nothing counts against the entry), and its entries stay claimed by this consumer meanwhile (XCLAIM
-renewed every third of `claim_idle_ms`), so a sibling consumer never takes them over and processes them twice.
-Any other failure is retried entry by entry; an entry
-delivered `max_deliveries` times without success, or one that cannot be decoded, moves to
-`dlq:{stream}` with the reason and is acknowledged.
+published and the inputs acknowledged in one MULTI/EXEC transaction (with the stage's `on_commit`
+checkpoint, and verified against its `lease`), so a stage that forwards never doubles nor drops an entry;
+if the connection drops after EXEC was sent, the consumer asks Redis (XPENDING) whether the batch committed
+instead of publishing it twice. While a batch is handled its entries stay claimed by this consumer (XCLAIM
+renewed every third of `claim_idle_ms`), so a sibling never takes a slow batch over. Entries a crashed
+consumer left pending are taken over with XAUTOCLAIM after `claim_idle_ms`; a restarted consumer first
+replays its own pending entries one at a time. A handler raising `StoreUnavailable` is retried in place with
+capped backoff (nothing is acknowledged, nothing counts against the entry; `store.unavailable` and
+`store.recovered` alerts). Any other failure is retried entry by entry; an entry delivered `max_deliveries`
+times without success (also one that kills the process), or one that cannot be decoded, moves to
+`dlq:{stream}` with the reason and is acknowledged. A consumer that loses Redis waits for it (state
+"degraded") and carries on, recreating a consumer group Redis lost (`bus.group_recreated`).
 """
 
 from __future__ import annotations
@@ -30,9 +38,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import streams
 from common.config import BusSettings
@@ -41,9 +54,26 @@ from schemas import Alert, Codec, DecodeError, Event
 
 log = logging.getLogger(__name__)
 
+# Redis is unreachable (refused, reset, timed out, loading its data after a restart): redis-py wraps socket
+# errors into these. A handler's own OSError is the handler's failure, not the bus's.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+REDIS_RETRY_MAX_S = 5.0  # cap of the backoff while waiting for Redis
+ABANDONED_CHECK_S = 10.0  # how often a producer looks at the foreign groups of a stream it writes
+
 
 class StoreUnavailable(Exception):
-    """A store (InfluxDB, PostgreSQL, Redis) cannot be reached: retry the same batch later, lose nothing."""
+    """A store (InfluxDB, PostgreSQL, Redis) cannot be reached: retry the same batch later, lose nothing.
+    `store` names it for the `store.unavailable` alert (default: the message up to its first colon)."""
+
+    def __init__(self, message: str, *, store: str = "") -> None:
+        super().__init__(message)
+        self.store = store or _store_named_in(message)
+
+
+def _store_named_in(message: str) -> str:
+    """"InfluxDB at http://h:8086, database 'x' is unavailable (...)" -> the part before " is unavailable"."""
+    cuts = [i for i in (message.find(sep) for sep in (" is unavailable", " refused", ": ")) if i > 0]
+    return message[:min(cuts)][:100] if cuts else (message[:100] or "store")
 
 
 @dataclass(slots=True)
@@ -62,10 +92,38 @@ CommitHook = Callable[[aioredis.client.Pipeline, list[Delivery]], None]
 COMMIT_WATCH_RETRIES = 5
 
 
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def redis_url(redis: aioredis.Redis) -> str:
+    """Where a client points, without credentials (for messages)."""
+    kw = redis.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def without_retries(redis: aioredis.Redis) -> aioredis.Redis:
+    """A client on the same server whose commands are never re-sent after a connection error. redis-py
+    re-sends a whole MULTI/EXEC when the connection drops while it waits for the reply; if the first EXEC
+    had run, the entries would be published twice. The caller checks instead (Consumer._commit)."""
+    pool = redis.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    return aioredis.Redis.from_pool(pool.__class__(connection_class=pool.connection_class,
+                                                   max_connections=pool.max_connections, **kwargs))
+
+
 async def commit(redis: aioredis.Redis, build: PipelineHook, lease: Lease | None = None) -> list[object]:
     """Run the commands `build` adds in one MULTI/EXEC. With a lease: WATCH its key and compare the owner
     before MULTI, so the EXEC aborts if the key changed; it is retried while the lease is still ours (our own
-    renewal touches the key) and raises LeaseLost when it is not."""
+    renewal touches the key) and raises LeaseLost when it is not. A connection error is raised as
+    redis ConnectionError (never retried here: whether the EXEC ran is for the caller to find out)."""
     if lease is None:
         pipe = redis.pipeline(transaction=True)
         build(pipe)
@@ -81,18 +139,103 @@ async def commit(redis: aioredis.Redis, build: PipelineHook, lease: Lease | None
                 pipe.multi()
                 build(pipe)
                 return await pipe.execute()  # type: ignore[no-any-return]
-            except WatchError:
+            except WatchError as exc:
                 await pipe.reset()
+                if isinstance(exc.__context__, REDIS_DOWN):  # redis-py reports a dropped connection so
+                    raise RedisConnectionError(f"connection lost during a commit: {exc.__context__}") from exc
                 continue
         raise lease.lost(f"the key changed during {COMMIT_WATCH_RETRIES} commits in a row")
 
 
-def now_ns() -> int:
-    return time.time_ns()
+async def ensure_own_groups(redis: aioredis.Redis, stream: str) -> list[str]:
+    """Create the pipeline's own consumer groups of `stream` (from id 0, MKSTREAM); BUSYGROUP is success.
+    Returns the groups created now."""
+    groups = streams.own_groups(stream)
+    if not groups:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for group in groups:
+        pipe.xgroup_create(stream, group, id="0", mkstream=True)
+    created = []
+    for group, result in zip(groups, await pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(result, ResponseError):
+            if "BUSYGROUP" not in str(result):
+                raise result
+        elif isinstance(result, Exception):
+            raise result
+        else:
+            created.append(group)
+    if created:
+        log.info("created consumer group(s) %s on %s (id 0): kept for them from the first entry",
+                 ", ".join(created), stream)
+    return created
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def make_alert(rule: str, severity: str, source: str, reason: str, values: dict[str, str]) -> Alert:
+    now = now_ns()
+    return Alert(rule=rule, severity=severity, source=source, exchange="", symbol="", kind="stream",  # type: ignore[arg-type]
+                 reason=reason, values=values, ts_event=now, ts_recv=now)
+
+
+async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettings, alert: Alert) -> None:
+    """Write one alert to mdp:alerts at once (never waits for backpressure: an alert is what says why)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.sadd(streams.REGISTRY, streams.ALERTS)
+    pipe.xadd(streams.ALERTS, codec.entry([alert]), maxlen=settings.stream_maxlen,  # type: ignore[arg-type]
+              approximate=True)
+    added, _ = await pipe.execute()
+    if added:
+        await ensure_own_groups(redis, streams.ALERTS)
+
+
+@dataclass
+class GroupState:
+    """A consumer group of a stream as XINFO GROUPS/CONSUMERS show it."""
+    stream: str
+    name: str
+    consumers: int
+    pending: int
+    lag: int | None
+    idle_ms: int | None  # the least idle of its consumers; None without consumers
+
+    @property
+    def backlog(self) -> int:
+        return (self.lag or 0) + self.pending
+
+
+async def stream_groups(redis: aioredis.Redis, stream: str) -> list[GroupState]:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return []  # no such stream yet
+    return [GroupState(stream, _s(g["name"]), int(g["consumers"]), int(g.get("pending") or 0),
+                       None if g.get("lag") is None else int(g["lag"]), None) for g in groups]
+
+
+async def abandoned_groups(redis: aioredis.Redis, stream: str, idle_s: float,
+                           groups: list[GroupState] | None = None,
+                           first_seen: dict[tuple[str, str], float] | None = None) -> list[GroupState]:
+    """Groups of `stream` that are not the pipeline's own, lag (or hold pending entries), and whose consumers
+    have all been idle longer than `idle_s`. A group without consumers counts as idle since `first_seen`
+    (when this process first saw it lagging; now if not given)."""
+    own = set(streams.own_groups(stream))
+    found = []
+    for g in groups if groups is not None else await stream_groups(redis, stream):
+        if g.name in own or g.backlog == 0:
+            continue
+        if g.consumers:
+            try:
+                infos = await redis.xinfo_consumers(stream, g.name)
+            except ResponseError:
+                continue  # destroyed meanwhile
+            g.idle_ms = min((int(c["idle"]) for c in infos), default=None)
+            idle = (g.idle_ms or 0) / 1000
+        else:
+            seen = (first_seen or {}).setdefault((stream, g.name), time.monotonic())
+            idle = time.monotonic() - seen
+        if idle > idle_s:
+            found.append(g)
+    return found
 
 
 class Producer:
@@ -101,26 +244,48 @@ class Producer:
         self.codec = codec
         self.settings = settings
         self.source = source
-        self._registered: set[str] = set()
+        self._commit_redis: aioredis.Redis | None = None
         self._checked_at: dict[str, float] = {}
+        self._foreign_checked_at: dict[str, float] = {}
+        self._foreign_first_seen: dict[tuple[str, str], float] = {}
         self.published_events = 0
         self.published_entries = 0
         self.backpressure_waits = 0
 
-    def _xadd_all(self, pipe: aioredis.client.Pipeline, outputs: Outputs) -> int:
+    @property
+    def commit_redis(self) -> aioredis.Redis:
+        if self._commit_redis is None:
+            self._commit_redis = without_retries(self.redis)
+        return self._commit_redis
+
+    async def aclose(self) -> None:
+        if self._commit_redis is not None:
+            await self._commit_redis.aclose()
+            self._commit_redis = None
+
+    def _xadd_all(self, pipe: aioredis.client.Pipeline, outputs: Outputs) -> tuple[int, list[tuple[int, str]]]:
+        """Queue every entry's XADD and each stream's SADD into the registry (every time: a Redis that lost
+        its data gets the registry back at the next publish). Returns the entry count and where each SADD's
+        reply will be in the results."""
         entries = 0
+        sadds: list[tuple[int, str]] = []
         size = self.settings.batch_max_events
         for stream, events in outputs.items():
-            if stream not in self._registered:
-                pipe.sadd(streams.REGISTRY, stream)
+            sadds.append((len(pipe.command_stack), stream))
+            pipe.sadd(streams.REGISTRY, stream)
             for i in range(0, len(events), size):
                 pipe.xadd(stream, self.codec.entry(events[i:i + size]),  # type: ignore[arg-type]
                           maxlen=self.settings.stream_maxlen, approximate=True)
                 entries += 1
-        return entries
+        return entries, sadds
+
+    async def _registered(self, results: list[object], sadds: list[tuple[int, str]]) -> None:
+        """After a publish: the streams the registry did not know yet get the pipeline's own groups."""
+        for index, stream in sadds:
+            if results[index] == 1:
+                await ensure_own_groups(self.redis, stream)
 
     def _count(self, outputs: Outputs, entries: int) -> None:
-        self._registered.update(outputs)
         self.published_entries += entries
         self.published_events += sum(len(v) for v in outputs.values())
 
@@ -134,52 +299,53 @@ class Producer:
             await self.wait_for_consumers(outputs.keys())
         if extra is None and lease is None:
             pipe = self.redis.pipeline(transaction=False)
-            entries = self._xadd_all(pipe, outputs)
-            await pipe.execute()
+            entries, sadds = self._xadd_all(pipe, outputs)
+            results = await pipe.execute()
+            await self._registered(results, sadds)
             self._count(outputs, entries)
             return
-        counted: list[int] = []
+        queued: list[tuple[int, list[tuple[int, str]]]] = []
 
         def build(pipe: aioredis.client.Pipeline) -> None:
-            counted[:] = [self._xadd_all(pipe, outputs)]
+            queued[:] = [self._xadd_all(pipe, outputs)]
             if extra is not None:
                 extra(pipe)
 
-        await commit(self.redis, build, lease)
-        self._count(outputs, counted[0])
+        results = await commit(self.redis, build, lease)
+        await self._registered(results, queued[0][1])
+        self._count(outputs, queued[0][0])
 
     async def publish_and_ack(self, outputs: Outputs, acks: dict[str, list[str]], group: str, *,
                               extra: PipelineHook | None = None, lease: Lease | None = None) -> None:
         """Publish outputs and acknowledge the inputs they came from, atomically; `extra` adds commands (a
-        stage's state checkpoint) to the same MULTI/EXEC."""
+        stage's state checkpoint) to the same MULTI/EXEC. A connection error is raised as is, never re-sent:
+        the EXEC may have run (Consumer._commit finds out with XPENDING)."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if outputs:
             await self.wait_for_consumers(outputs.keys())
-        counted: list[int] = []
+        queued: list[tuple[int, list[tuple[int, str]]]] = []
 
         def build(pipe: aioredis.client.Pipeline) -> None:
-            counted[:] = [self._xadd_all(pipe, outputs)]
+            queued[:] = [self._xadd_all(pipe, outputs)]
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
             if extra is not None:
                 extra(pipe)
 
-        await commit(self.redis, build, lease)
-        self._count(outputs, counted[0])
+        results = await commit(self.commit_redis, build, lease)
+        await self._registered(results, queued[0][1])
+        self._count(outputs, queued[0][0])
 
-    async def backlog(self, stream: str) -> int:
-        """Entries some consumer group of `stream` has not finished: undelivered (lag) plus pending."""
-        try:
-            groups = await self.redis.xinfo_groups(stream)
-        except ResponseError:
-            return 0  # no such stream yet
-        worst = 0
-        for g in groups:
-            lag = g.get("lag")
-            pending = int(g.get("pending") or 0)
-            worst = max(worst, int(lag or 0) + pending)
-        return worst
+    async def backlog(self, stream: str, groups: list[GroupState] | None = None) -> int:
+        """Entries one of the pipeline's own groups of `stream` has not finished: undelivered (lag) plus
+        pending. Other groups (a strategy's) never count: a stopped strategy must not hold the pipeline back."""
+        own = streams.own_groups(stream)
+        if not own:
+            return 0
+        if groups is None:
+            groups = await stream_groups(self.redis, stream)
+        return max((g.backlog for g in groups if g.name in own), default=0)
 
     async def wait_for_consumers(self, names: Iterable[str]) -> None:
         now = time.monotonic()
@@ -187,11 +353,15 @@ class Producer:
         for stream in due:
             self._checked_at[stream] = now
             deadline = now + self.settings.backpressure_max_wait_s
-            backlog = await self.backlog(stream)
+            groups = await stream_groups(self.redis, stream)
+            if now - self._foreign_checked_at.get(stream, 0.0) >= ABANDONED_CHECK_S:
+                self._foreign_checked_at[stream] = now
+                await self.report_abandoned(stream, groups)
+            backlog = await self.backlog(stream, groups)
             if backlog <= self.settings.backpressure_high_water:
                 continue
             self.backpressure_waits += 1
-            log.warning("backpressure: stream %s has %d entries unfinished by a consumer group (high water %d); "
+            log.warning("backpressure: stream %s has %d entries unfinished by one of its groups (high water %d); "
                         "waiting up to %.0f s", stream, backlog, self.settings.backpressure_high_water,
                         self.settings.backpressure_max_wait_s)
             while backlog > self.settings.backpressure_high_water and time.monotonic() < deadline:
@@ -202,12 +372,39 @@ class Producer:
                           f"{self.settings.backpressure_max_wait_s:.0f} s; publishing anyway: entries beyond "
                           f"{self.settings.stream_maxlen} are trimmed unread. Start or scale the consumer.")
                 log.error("%s", reason)
-                alert = Alert(rule="bus.backpressure_timeout", severity="critical", source=self.source,
-                              exchange="", symbol="", kind="stream", reason=reason,
-                              values={"stream": stream, "backlog": str(backlog)},
-                              ts_event=now_ns(), ts_recv=now_ns())
-                await self.redis.xadd(streams.ALERTS, self.codec.entry([alert]),  # type: ignore[arg-type]
-                                      maxlen=self.settings.stream_maxlen, approximate=True)
+                await publish_alert(self.redis, self.codec, self.settings, make_alert(
+                    "bus.backpressure_timeout", "critical", self.source, reason,
+                    {"stream": stream, "backlog": str(backlog)}))
+
+    async def report_abandoned(self, stream: str, groups: list[GroupState]) -> None:
+        """Alert (once per group per hour, across processes) on a foreign group abandoned while it lags; drop
+        it if `drop_abandoned_groups`."""
+        idle_s = self.settings.abandoned_group_s
+        for g in await abandoned_groups(self.redis, stream, idle_s, groups, self._foreign_first_seen):
+            idle = "no consumer" if g.idle_ms is None else f"its consumers idle {g.idle_ms / 1000:.0f} s"
+            if self.settings.drop_abandoned_groups:
+                await self.redis.xgroup_destroy(stream, g.name)
+                self._foreign_first_seen.pop((stream, g.name), None)
+                reason = (f"consumer group {g.name} of {stream} was abandoned ({idle}, {g.backlog} entries behind) "
+                          f"and has been destroyed (bus.drop_abandoned_groups = true); its reader must create "
+                          f"it again, from '$' or from an id")
+                log.warning("%s", reason)
+                await publish_alert(self.redis, self.codec, self.settings, make_alert(
+                    "bus.group_dropped", "warning", self.source, reason,
+                    {"stream": stream, "group": g.name, "backlog": str(g.backlog)}))
+                continue
+            if not await self.redis.set(streams.abandoned_alerted_key(stream, g.name), self.source, nx=True,
+                                        ex=3600):
+                continue  # reported within the hour
+            reason = (f"consumer group {g.name} of {stream} looks abandoned: {idle}, {g.backlog} entries behind. "
+                      f"It does not slow the pipeline, but its entries are trimmed unread beyond "
+                      f"bus.stream_maxlen; resume its reader, or XGROUP DESTROY {stream} {g.name}, or set "
+                      f"bus.drop_abandoned_groups = true")
+            log.warning("%s", reason)
+            await publish_alert(self.redis, self.codec, self.settings, make_alert(
+                "bus.group_abandoned", "warning", self.source, reason,
+                {"stream": stream, "group": g.name, "backlog": str(g.backlog),
+                 "idle_ms": "" if g.idle_ms is None else str(g.idle_ms)}))
 
 
 class StreamSelector:
@@ -236,8 +433,11 @@ class ConsumerStats:
     claimed: int = 0
     failures: int = 0
     store_retries: int = 0
+    redis_outages: int = 0
+    groups_recreated: int = 0
     last_error: str = ""
     state: str = "starting"
+    detail: str = ""  # what a degraded consumer waits for: the store or Redis, and the error
     batch_seconds: list[float] = field(default_factory=list)
 
 
@@ -266,16 +466,25 @@ class Consumer:
         self._refreshed_at = 0.0
         self._claimed_at = 0.0
         self._errors: dict[str, str] = {}
+        self._redis_down_since: float | None = None  # wall clock (s) of the first failed call of an outage
+        self._redis_down_error = ""
+        self._store_down: tuple[str, float] | None = None  # (store, since) while StoreUnavailable is retried
+        self._stop = asyncio.Event()
         self.stats = ConsumerStats()
 
-    async def ensure_group(self, stream: str) -> None:
+    # -- groups and streams ------------------------------------------------------------------------------
+
+    async def ensure_group(self, stream: str) -> bool:
+        """Create our group on `stream` from id 0 (a group made after the producer started misses nothing);
+        True if it was created now, False if it existed."""
         try:
-            # From the start of the stream: a group made after the producer started misses nothing.
             await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, stream)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            return False
+        log.info("created consumer group %s on %s", self.group, stream)
+        return True
 
     async def refresh_streams(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._refreshed_at < self.refresh_s:
@@ -286,21 +495,188 @@ class Consumer:
         for stream in new:
             await self.ensure_group(stream)
         if new:
-            self.streams = names
+            self.streams = sorted(set(self.streams) | set(names))
             # Entries delivered to this consumer name before a restart are still pending with it.
             await self._process_own_pending(new)
 
-    async def _process_own_pending(self, names: list[str]) -> None:
-        for stream in names:
-            cursor = "0"
-            while not self._stop.is_set():
-                resp = await self.redis.xreadgroup(self.group, self.name, {stream: cursor},
-                                                   count=self.settings.read_count)
-                deliveries = self._deliveries(resp)
-                if not deliveries:
-                    break
-                cursor = deliveries[-1].entry_id
+    async def _recreate_groups(self, cause: str) -> None:
+        """Redis lost our group (a restart without persistence, or XGROUP DESTROY): create it again from id 0
+        and say so; the entries it had delivered and not acknowledged are gone with it."""
+        for stream in self.streams:
+            if await self.ensure_group(stream):
+                self.stats.groups_recreated += 1
+                reason = (f"consumer group {self.group} of {stream} was gone ({cause}) and has been recreated "
+                          f"from id 0: entries still in the stream are delivered again; what it had pending is "
+                          f"lost if Redis lost the stream. Run Redis with appendonly yes (docs/bus.md)")
+                log.error("%s", reason)
+                await publish_alert(self.redis, self.codec, self.settings, make_alert(
+                    "bus.group_recreated", "error", self.group, reason,
+                    {"stream": stream, "group": self.group, "consumer": self.name}))
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self, handler: Handler, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._handler = handler
+        if self.lease is None:
+            await self._run_work(stop)
+            self.stats.state = "stopping"
+            return
+        self.stats.state = "standby"
+        if not await self.lease.acquire(stop):
+            self.stats.state = "stopping"
+            return
+        renewal = asyncio.create_task(self.lease.run_renewal(stop), name=f"{self.name}-lease")
+        work = asyncio.create_task(self._run_work(stop), name=f"{self.name}-work")
+        try:
+            done, _ = await asyncio.wait({renewal, work}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # LeaseLost from the renewal, or the work's own failure
+            if renewal in done and not work.done():
+                await work  # renewal ended because stop was set
+        finally:
+            for task in (renewal, work):
+                if not task.done():
+                    task.cancel()
+                    try:
+                        await task
+                    except (asyncio.CancelledError, LeaseLost):
+                        pass
+            if stop.is_set() and self.lease.held:
+                try:
+                    await self.lease.release()
+                except (RedisError, OSError) as exc:
+                    log.warning("lease %s not released at stop (%s); it expires after its ttl",
+                                self.lease.key, exc)
+        self.stats.state = "stopping"
+
+    async def _run_work(self, stop: asyncio.Event) -> None:
+        """Read and handle until `stop`. Redis unreachable: wait for it with capped backoff (state
+        "degraded"), then carry on; a group Redis lost is recreated."""
+        self.stats.state = "running"
+        backoff = 0.5
+        resumed = False
+        while not stop.is_set():
+            try:
+                await self._redis_recovered()
+                if not resumed:
+                    await self.refresh_streams(force=True)
+                    resumed = True
+                else:
+                    await self._resume()
+                await self._loop(stop)
+                return
+            except (*REDIS_DOWN, OSError) as exc:
+                self._redis_down(exc)
+                log.warning("consumer %s: Redis at %s unreachable (%s); retrying in %.1f s", self.name,
+                            redis_url(self.redis), exc, backoff)
+                if await sleep_unless(stop, backoff):
+                    return
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._recreate_groups(str(exc))
+                backoff = 0.5
+
+    async def _resume(self) -> None:
+        """After an outage or a lost group: our groups exist again, then what is pending with us is replayed."""
+        await self._recreate_groups("found missing after Redis came back")
+        self._refreshed_at = 0.0
+        await self._process_own_pending(list(self.streams))
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.time()
+            self.stats.redis_outages += 1
+        self._redis_down_error = f"{type(exc).__name__}: {exc}"
+        self.stats.state = "degraded"
+        self.stats.detail = (f"Redis at {redis_url(self.redis)} unreachable since "
+                             f"{_hms(self._redis_down_since)}: {self._redis_down_error}")
+
+    async def _redis_recovered(self) -> None:
+        """Once Redis takes writes again: the outage as two alerts (none could be written during it)."""
+        if self._redis_down_since is None:
+            return
+        since = self._redis_down_since or time.time()
+        seconds = time.time() - since
+        url = redis_url(self.redis)
+        values = {"redis": url, "since": _hms(since), "outage_s": f"{seconds:.1f}", "error": self._redis_down_error,
+                  "consumer": self.name}
+        await publish_alert(self.redis, self.codec, self.settings, make_alert(
+            "bus.redis_unavailable", "error", self.group,
+            f"Redis at {url} was unreachable for consumer {self.name} from {_hms(since)} ({self._redis_down_error});"
+            f" it waited, nothing was acknowledged meanwhile", values))
+        await publish_alert(self.redis, self.codec, self.settings, make_alert(
+            "bus.redis_recovered", "info", self.group,
+            f"Redis at {url} is back for consumer {self.name} after {seconds:.1f} s; carrying on", values))
+        log.info("consumer %s: Redis at %s is back after %.1f s", self.name, url, seconds)
+        self._redis_down_since = None
+        self.stats.state, self.stats.detail = "running", ""
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.refresh_streams()
+            if time.monotonic() - self._claimed_at >= self.settings.claim_idle_ms / 2000:
+                self._claimed_at = time.monotonic()
+                await self.reclaim()
+            if not self.streams:
+                await sleep_unless(stop, 0.5)
+                continue
+            resp = await self.redis.xreadgroup(self.group, self.name, {s: ">" for s in self.streams},
+                                               count=self.settings.read_count, block=self.settings.block_ms)
+            deliveries = self._deliveries(resp)
+            if deliveries:
                 await self._handle(deliveries)
+
+    # -- own pending entries after a restart ----------------------------------------------------------------
+
+    async def _process_own_pending(self, names: list[str]) -> None:
+        """Replay what is pending with this consumer name, one entry at a time: an entry that killed the
+        process while a batch was handled then counts its deliveries alone, and its batch neighbours are not
+        blamed with it. One delivered `max_deliveries` times already is dead-lettered; one trimmed meanwhile
+        is reported (`bus.trimmed_while_pending`) and acknowledged."""
+        for stream in names:
+            cursor = "-"
+            while not self._stop.is_set():
+                page = await self.redis.xpending_range(stream, self.group, min=cursor, max="+",
+                                                       count=self.settings.read_count, consumername=self.name)
+                if not page:
+                    break
+                for p in page:
+                    if self._stop.is_set():
+                        return
+                    entry_id, delivered = _s(p["message_id"]), int(p["times_delivered"])
+                    cursor = "(" + entry_id
+                    await self._replay_one(stream, entry_id, delivered)
+
+    async def _replay_one(self, stream: str, entry_id: str, delivered: int) -> None:
+        if delivered >= self.settings.max_deliveries:
+            found = await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1)
+            if not found:
+                await self._trimmed(stream, entry_id)
+                return
+            reason = self._errors.pop(entry_id, "") or ("its handling never finished: the process died or "
+                                                        "failed each time (see the consumer's log)")
+            await self.dead_letter(stream, entry_id, f"delivered {delivered} times without success: {reason}",
+                                   found[0][1])
+            return
+        # XREADGROUP from just below the entry re-delivers exactly it (counting the delivery).
+        resp = await self.redis.xreadgroup(self.group, self.name, {stream: _before(entry_id)}, count=1)
+        for _, entries in (resp.items() if isinstance(resp, dict) else resp or []):
+            for eid, fields in entries:
+                if _s(eid) != entry_id:
+                    continue
+                if not fields:
+                    await self._trimmed(stream, entry_id)
+                else:
+                    await self._handle([self._decode(stream, entry_id, fields)])
+
+    async def _trimmed(self, stream: str, entry_id: str) -> None:
+        await self._report_trimmed(stream, entry_id)
+        await self.redis.xack(stream, self.group, entry_id)
+
+    # -- decoding ------------------------------------------------------------------------------------------
 
     def _deliveries(self, resp: list | dict | None) -> list[Delivery]:  # type: ignore[type-arg]
         out: list[Delivery] = []
@@ -322,60 +698,7 @@ class Consumer:
             self._errors[entry_id] = str(exc)
             return Delivery(stream, entry_id, events=None)  # type: ignore[arg-type]
 
-    async def run(self, handler: Handler, stop: asyncio.Event) -> None:
-        self._stop = stop
-        self._handler = handler
-        if self.lease is not None:
-            self.stats.state = "standby"
-            if not await self.lease.acquire(stop):
-                self.stats.state = "stopping"
-                return
-            renewal = asyncio.create_task(self.lease.run_renewal(stop), name=f"{self.name}-lease")
-            work = asyncio.create_task(self._run_work(stop), name=f"{self.name}-work")
-            try:
-                done, _ = await asyncio.wait({renewal, work}, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # LeaseLost from the renewal, or the work's own failure
-                if renewal in done and not work.done():
-                    await work  # renewal ended because stop was set
-            finally:
-                for task in (renewal, work):
-                    if not task.done():
-                        task.cancel()
-                        try:
-                            await task
-                        except (asyncio.CancelledError, LeaseLost):
-                            pass
-                if stop.is_set() and self.lease.held:
-                    try:
-                        await self.lease.release()
-                    except (RedisError, OSError) as exc:
-                        log.warning("lease %s not released at stop (%s); it expires after its ttl",
-                                    self.lease.key, exc)
-            self.stats.state = "stopping"
-            return
-        await self._run_work(stop)
-        self.stats.state = "stopping"
-
-    async def _run_work(self, stop: asyncio.Event) -> None:
-        self.stats.state = "running"
-        await self.refresh_streams(force=True)
-        await self._loop(stop)
-
-    async def _loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self.refresh_streams()
-            if time.monotonic() - self._claimed_at >= self.settings.claim_idle_ms / 2000:
-                self._claimed_at = time.monotonic()
-                await self.reclaim()
-            if not self.streams:
-                await sleep_unless(stop, 0.5)
-                continue
-            resp = await self.redis.xreadgroup(self.group, self.name, {s: ">" for s in self.streams},
-                                               count=self.settings.read_count, block=self.settings.block_ms)
-            deliveries = self._deliveries(resp)
-            if deliveries:
-                await self._handle(deliveries)
+    # -- handling a batch ----------------------------------------------------------------------------------
 
     async def _handle(self, deliveries: list[Delivery]) -> None:
         self.stats.delivered += len(deliveries)
@@ -386,31 +709,42 @@ class Consumer:
         if not good:
             return
         backoff = 0.5
-        hold: asyncio.Task[None] | None = None  # keeps the entries ours while a store is down
+        # Keeps the entries ours during all handling (a slow batch, a store retried in place): without it a
+        # sibling's XAUTOCLAIM would take them over after claim_idle_ms and process them a second time.
+        hold: asyncio.Task[None] | None = None
+
+        def start_hold() -> None:
+            nonlocal hold
+            hold = asyncio.create_task(self._hold(good), name=f"{self.name}-hold")
+
+        timer = asyncio.get_running_loop().call_later(self.settings.claim_idle_ms / 3000, start_hold)
         try:
             while True:
                 started = time.perf_counter()
                 try:
                     outputs = await self._handler(good)
-                    await self._ack(good, outputs or {})
+                    if not await self._commit(good, outputs or {}):
+                        return
                     if self.on_acked is not None:
                         self.on_acked(good)
                     self._record(good, time.perf_counter() - started)
-                    self.stats.state = "running"
+                    if self._store_down is not None:
+                        await self._store_recovered()
+                    if self.stats.state == "degraded" and self._redis_down_since is None:
+                        self.stats.state, self.stats.detail = "running", ""
                     return
                 except LeaseLost:
                     raise  # another process holds the stage now: stop, nothing more is committed here
                 except StoreUnavailable as exc:
                     self.stats.store_retries += 1
-                    self.stats.state = "degraded"
-                    self.stats.last_error = str(exc)
+                    await self._store_unavailable(exc)
                     log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
                               len(good), backoff, exc)
-                    if hold is None:
-                        hold = asyncio.create_task(self._hold(good), name=f"{self.name}-hold")
                     if await sleep_unless(self._stop, backoff):
                         return  # stopping: entries stay pending and are redelivered after restart
                     backoff = min(backoff * 2, 30.0)
+                except REDIS_DOWN:
+                    raise  # the bus's own Redis: the run loop waits for it; the entries stay pending with us
                 except Exception as exc:
                     self.stats.failures += 1
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -425,24 +759,65 @@ class Consumer:
                         await self._handle([d])
                     return
         finally:
+            timer.cancel()
             if hold is not None:
                 hold.cancel()
 
     async def _hold(self, deliveries: list[Delivery]) -> None:
-        """While a batch is retried in place, claim its entries for this consumer again every third of
-        `claim_idle_ms`: they are not abandoned but waiting for a store, and a sibling consumer's XAUTOCLAIM
-        would otherwise take them over and process them a second time."""
+        """Claim the batch's entries for this consumer again every third of `claim_idle_ms` while it is
+        handled: they are not abandoned but busy."""
         by_stream: dict[str, list[str]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
         while True:
-            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
             for stream, ids in by_stream.items():
                 try:
                     await self.redis.xclaim(stream, self.group, self.name, 0, ids, justid=True)
                 except (RedisError, OSError) as exc:
                     log.warning("could not renew this consumer's claim on %d entries of %s (%s); after "
                                 "claim_idle_ms another consumer may take them over", len(ids), stream, exc)
+            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+
+    async def _store_unavailable(self, exc: StoreUnavailable) -> None:
+        """State "degraded" naming the store and the error; one `store.unavailable` alert per outage (across
+        the group's consumers: the first to set the outage key says it)."""
+        store = getattr(exc, "store", "") or _store_named_in(str(exc))
+        first = self._store_down is None
+        if self._store_down is None:
+            self._store_down = (store, time.time())
+        store, since = self._store_down
+        self.stats.state = "degraded"
+        self.stats.last_error = str(exc)
+        self.stats.detail = f"{store} unavailable since {_hms(since)}: {exc}"
+        if not first:
+            return
+        try:
+            if not await self.redis.set(streams.outage_key(self.group, store), str(int(since * 1e9)), nx=True):
+                return  # a sibling consumer already said it
+            reason = (f"{store} is unavailable for {self.group} since {_hms(since)}: {exc}. Nothing is lost: the "
+                      f"batch is retried with backoff up to 30 s, entries stay pending and backpressure reaches "
+                      f"the producers. Fix: start or repair {store} (address and credentials in the config)")
+            await publish_alert(self.redis, self.codec, self.settings, make_alert(
+                "store.unavailable", "critical", self.group, reason,
+                {"store": store, "since": _hms(since), "error": str(exc), "consumer": self.name}))
+        except REDIS_DOWN as redis_exc:  # the store that is down may be this Redis (cache_publisher)
+            log.warning("store.unavailable alert not written (Redis: %s); the log says it", redis_exc)
+
+    async def _store_recovered(self) -> None:
+        assert self._store_down is not None
+        store, since = self._store_down
+        self._store_down = None
+        seconds = time.time() - since
+        log.info("%s is back for %s after %.1f s", store, self.name, seconds)
+        raw = await self.redis.getdel(streams.outage_key(self.group, store))
+        if raw is None:
+            return  # a sibling consumer already said it
+        since = int(raw) / 1e9 if raw.isdigit() else since
+        seconds = time.time() - since
+        await publish_alert(self.redis, self.codec, self.settings, make_alert(
+            "store.recovered", "info", self.group,
+            f"{store} is back for {self.group} after {seconds:.1f} s (down since {_hms(since)}); the retried "
+            f"batches are written", {"store": store, "since": _hms(since), "outage_s": f"{seconds:.1f}"}))
 
     def _record(self, good: list[Delivery], seconds: float) -> None:
         self.stats.acked += len(good)
@@ -450,10 +825,68 @@ class Consumer:
         for d in good:
             self._errors.pop(d.entry_id, None)
 
-    async def _ack(self, good: list[Delivery], outputs: Outputs) -> None:
+    # -- committing ----------------------------------------------------------------------------------------
+
+    async def _commit(self, good: list[Delivery], outputs: Outputs) -> bool:
+        """Publish the outputs and acknowledge the batch (one MULTI/EXEC). If the connection drops meanwhile,
+        wait for Redis and ask it (XPENDING) whether the EXEC ran: if the entries are no longer pending it
+        did, and nothing is published again. True if committed, False if a sibling has taken the batch."""
         acks: dict[str, list[str]] = {}
         for d in good:
             acks.setdefault(d.stream, []).append(d.entry_id)
+        try:
+            await self._ack(acks, good, outputs)
+            return True
+        except REDIS_DOWN as exc:
+            # Not yet an outage: a pooled connection that died with a Redis restart fails once like this.
+            log.warning("consumer %s: connection lost while committing %d entries (%s); checking whether the "
+                        "commit ran before trying again", self.name, len(good), exc)
+        backoff = 0.2
+        while True:
+            try:
+                where = await self._pending_where(acks)
+                await self._redis_recovered()
+                if where == "committed":
+                    log.info("consumer %s: the commit of %d entries had run (its reply was lost); not "
+                             "publishing again", self.name, len(good))
+                    return True
+                if where == "taken":
+                    log.warning("consumer %s: %d entries were taken over by a sibling during the outage; "
+                                "leaving them to it", self.name, len(good))
+                    return False
+                await self._ack(acks, good, outputs)
+                return True
+            except REDIS_DOWN as exc:
+                self._redis_down(exc)
+            if await sleep_unless(self._stop, backoff):
+                raise RedisConnectionError(f"stopping while Redis at {redis_url(self.redis)} is unreachable; "
+                                           f"the batch stays pending and is replayed at restart")
+            backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
+
+    async def _pending_where(self, acks: dict[str, list[str]]) -> str:
+        """"committed" if none of the batch's entries is pending any more (the MULTI/EXEC is atomic), "ours" if
+        they are pending with this consumer, "taken" if with another."""
+        ours = other = 0
+        for stream, ids in acks.items():
+            wanted = set(ids)
+            try:
+                rows = await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],
+                                                       count=len(ids) + 10_000)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    continue  # the group is gone with Redis's data: nothing of ours is pending
+                raise
+            for r in rows:
+                if _s(r["message_id"]) in wanted:
+                    if _s(r["consumer"]) == self.name:
+                        ours += 1
+                    else:
+                        other += 1
+        if ours:
+            return "ours"
+        return "taken" if other else "committed"
+
+    async def _ack(self, acks: dict[str, list[str]], good: list[Delivery], outputs: Outputs) -> None:
         on_commit = self.on_commit
         extra: PipelineHook | None = None
         if on_commit is not None:
@@ -478,6 +911,8 @@ class Consumer:
                 extra(pipe)
 
         await commit(self.redis, build, self.lease)
+
+    # -- takeover and dead letters -------------------------------------------------------------------------
 
     async def reclaim(self) -> None:
         """Take over entries idle longer than claim_idle_ms (a crashed consumer's, or our own failures)."""
@@ -522,11 +957,8 @@ class Consumer:
         reason = (f"entry {entry_id} of {stream} was trimmed while pending with group {self.group}: "
                   f"its events are lost; raise bus.stream_maxlen or scale the consumer")
         log.error("%s", reason)
-        alert = Alert(rule="bus.trimmed_while_pending", severity="critical", source=self.group, exchange="",
-                      symbol="", kind="stream", reason=reason, values={"stream": stream, "entry_id": entry_id},
-                      ts_event=now_ns(), ts_recv=now_ns())
-        await self.redis.xadd(streams.ALERTS, self.codec.entry([alert]),  # type: ignore[arg-type]
-                              maxlen=self.settings.stream_maxlen, approximate=True)
+        await publish_alert(self.redis, self.codec, self.settings, make_alert(
+            "bus.trimmed_while_pending", "critical", self.group, reason, {"stream": stream, "entry_id": entry_id}))
 
     async def dead_letter(self, stream: str, entry_id: str, reason: str,
                           fields: dict[bytes, bytes] | None = None) -> None:
@@ -546,6 +978,18 @@ class Consumer:
         await pipe.execute()
         self.stats.dead_lettered += 1
         log.error("dead-lettered entry %s of %s (group %s): %s", entry_id, stream, self.group, reason)
+
+
+def _before(entry_id: str) -> str:
+    """The stream id just below `entry_id` (XREADGROUP returns ids greater than the one given)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0-0"
+
+
+def _hms(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:

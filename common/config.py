@@ -88,6 +88,11 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_deliveries: int = 5
     dead_letter_maxlen: int = 100_000
     heartbeat_interval_s: float = 2.0
+    # A consumer group that is not one of the pipeline's own (a strategy's) never holds producers back; one whose
+    # consumers have all been idle this long while it lags is reported abandoned (mdp status, an alert per hour).
+    abandoned_group_s: float = 300.0
+    # Destroy an abandoned group (XGROUP DESTROY, with an alert) instead of only reporting it.
+    drop_abandoned_groups: bool = False
 
 
 class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

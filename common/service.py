@@ -18,13 +18,17 @@ from typing import ClassVar
 
 import redis.asyncio as aioredis
 import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import streams
+from common.bus import redis_url, sleep_unless
 from common.config import ConfigError, Settings, load_settings
 from schemas import Codec, Heartbeat
 
 log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 10.0
+REDIS_WAIT_MAX_S = 5.0  # cap of the backoff while a starting service waits for Redis
 
 
 def setup_logging(service: str) -> None:
@@ -62,17 +66,46 @@ class Service:
         raise NotImplementedError
 
     async def close(self) -> None:
+        producer = getattr(self, "producer", None)
+        if producer is not None and hasattr(producer, "aclose"):
+            await producer.aclose()
         await self.redis.aclose()
+
+    async def wait_for_redis(self, stop: asyncio.Event) -> bool:
+        """Wait until Redis answers (True) or `stop` (False): a stage started while Redis is down (a machine
+        boot, a Redis restart) waits with capped backoff instead of exiting, which supervisord would give up
+        on after `startretries` (FATAL)."""
+        backoff, waited_since = 0.5, time.monotonic()
+        while True:
+            try:
+                await self.redis.ping()
+                if time.monotonic() - waited_since > 1:
+                    log.info("%s: Redis at %s answers after %.1f s", self.name, redis_url(self.redis),
+                             time.monotonic() - waited_since)
+                return True
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.state = "degraded"
+                self.detail = f"waiting for Redis at {redis_url(self.redis)}: {exc}"
+                log.warning("%s: Redis at %s is unreachable (%s); waiting %.1f s (start Redis, or fix "
+                            "MDP_REDIS_URL / [redis] url)", self.name, redis_url(self.redis), exc, backoff)
+            if await sleep_unless(stop, backoff):
+                return False
+            backoff = min(backoff * 2, REDIS_WAIT_MAX_S)
 
     async def heartbeat_once(self) -> None:
         now = time.time_ns()
         counters = self.counters()
+        state, detail = self.state, self.detail
         consumer = getattr(self, "consumer", None)
         if consumer is not None:  # every consuming stage reports the same headline counters
             counters["events_consumed"] = consumer.stats.events
             counters["entries_dead_lettered"] = consumer.stats.dead_lettered
+            # The bus's own view wins while it waits for a store or Redis, or stands by for a lease.
+            if consumer.stats.state in ("degraded", "standby") and state in ("running", "starting"):
+                state = consumer.stats.state
+                detail = detail or getattr(consumer.stats, "detail", "") or consumer.stats.last_error
         beat = Heartbeat(service=self.name, instance=self.instance, pid=os.getpid(), started_at=self.started_at,
-                         counters=counters, state=self.state, detail=self.detail,  # type: ignore[arg-type]
+                         counters=counters, state=state, detail=detail,  # type: ignore[arg-type]
                          ts_event=now, ts_recv=now)
         payload = self.codec.encode([beat])
         ttl = max(5, int(self.settings.bus.heartbeat_interval_s * 5))
@@ -97,8 +130,11 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("starting %s instance %s (redis %s)", self.name, self.instance, self.settings.redis.url)
-        await self.redis.ping()
+        log.info("starting %s instance %s (redis %s)", self.name, self.instance, redis_url(self.redis))
+        if not await self.wait_for_redis(stop):
+            await self.close()
+            return
+        self.state, self.detail = "starting", ""
         beats = asyncio.create_task(self._heartbeats(stop))
         work = asyncio.create_task(self.run(stop))
         try:

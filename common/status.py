@@ -1,7 +1,8 @@
 """`mdp status`: each service's liveness and rate, each stream's length, and each group's pending and lag.
 
 Liveness comes from `mdp:alive:{service}:{instance}` keys (TTL = 5 heartbeats); rates from the difference
-between an instance's last two heartbeats in `mdp:heartbeats`.
+between an instance's last two heartbeats in `mdp:heartbeats`. Warnings: a bus Redis without persistence;
+consumer groups that are not the pipeline's own and look abandoned (docs/bus.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import streams
+from common.bus import GroupState, abandoned_groups, redis_url
 from schemas import Codec, DecodeError, Heartbeat
 
 
@@ -65,6 +67,8 @@ class Status:
     services: list[ServiceStatus]
     streams: list[StreamStatus]
     channels: list[ChannelStatus] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    abandoned: list[GroupState] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +78,27 @@ class Status:
         return max((g.lag or 0) + g.pending for s in self.streams for g in s.groups) if self.streams else 0
 
 
-async def collect(redis: aioredis.Redis) -> Status:
+async def persistence_warning(redis: aioredis.Redis) -> str:
+    """One line if the bus's Redis keeps nothing across a restart (no AOF, no RDB save points)."""
+    try:
+        config = await redis.config_get("appendonly")
+        aof = _s(config.get("appendonly") or config.get(b"appendonly") or "no") == "yes"
+        save = await redis.config_get("save")
+        rdb = bool(_s(save.get("save") or save.get(b"save") or "").strip())
+    except ResponseError:  # CONFIG disabled (a managed Redis): INFO says whether AOF is on
+        info = await redis.info("persistence")
+        aof, rdb = bool(int(info.get("aof_enabled", 0))), False
+    if aof or rdb:
+        return ""
+    return (f"Redis at {redis_url(redis)} has no persistence: a Redis restart loses every stream; "
+            f"set appendonly yes (docs/bus.md)")
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def collect(redis: aioredis.Redis, abandoned_group_s: float = 300.0) -> Status:
     codec = Codec()
     now = time.time_ns()
     history: dict[tuple[str, str], list[Heartbeat]] = {}
@@ -107,6 +131,7 @@ async def collect(redis: aioredis.Redis) -> Status:
     names |= {streams.ALERTS}
     names |= {k.decode() async for k in redis.scan_iter(match="dlq:*", count=1000)}
     stream_list = []
+    abandoned: list[GroupState] = []
     for name in sorted(names):
         try:
             length = await redis.xlen(name)
@@ -118,7 +143,11 @@ async def collect(redis: aioredis.Redis) -> Status:
                         consumers=int(g["consumers"]), pending=int(g["pending"]),
                         lag=None if g.get("lag") is None else int(g["lag"]))
             for g in groups]))
-    return Status(services=services, streams=stream_list, channels=channel_status(services, now))
+        states = [GroupState(name, g.name, g.consumers, g.pending, g.lag, None) for g in stream_list[-1].groups]
+        abandoned += await abandoned_groups(redis, name, abandoned_group_s, states)
+    warning = await persistence_warning(redis)
+    return Status(services=services, streams=stream_list, channels=channel_status(services, now),
+                  warnings=[warning] if warning else [], abandoned=abandoned)
 
 
 def channel_status(services: list[ServiceStatus], now_ns: int) -> list[ChannelStatus]:
@@ -145,7 +174,8 @@ MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consum
 
 
 def render(status: Status) -> str:
-    lines = ["SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)  DETAIL"]
+    lines = [f"WARNING: {w}" for w in status.warnings]
+    lines.append("SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)  DETAIL")
     for s in status.services:
         key = MAIN_RATE.get(s.service, "events_consumed")
         rate = s.rates.get(key)
@@ -180,4 +210,11 @@ def render(status: Status) -> str:
             head = f"{st.name:<40} {st.length:>7}" if i == 0 else " " * 48
             lag = "?" if g.lag is None else str(g.lag)
             lines.append(f"{head}   {g.name:<17} {g.consumers:>9} {g.pending:>8} {lag:>8}")
+    if status.abandoned:
+        lines.append("")
+        lines.append("GROUPS abandoned (not the pipeline's own; idle while behind; they never slow producers)")
+        for a in status.abandoned:
+            idle = "no consumer" if a.idle_ms is None else f"idle {a.idle_ms / 1000:.0f} s"
+            lines.append(f"{a.stream:<40} {a.name:<17} {a.backlog:>9} behind, {idle}: resume its reader or "
+                         f"XGROUP DESTROY {a.stream} {a.name}")
     return "\n".join(lines)

@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import fnmatch
+from functools import lru_cache
+
 ALERTS = "mdp:alerts"
 HEARTBEATS = "mdp:heartbeats"
 REGISTRY = "mdp:streams"
@@ -59,3 +62,44 @@ def dead_letter(stream: str) -> str:
 
 def alive_key(service: str, instance: str) -> str:
     return f"{ALIVE_PREFIX}{service}:{instance}"
+
+
+def outage_key(group: str, store: str) -> str:
+    """Set while `group`'s store is down (value: since when, ns): one store.unavailable alert per outage."""
+    return f"mdp:outage:{group}:{store}"
+
+
+def abandoned_alerted_key(stream: str, group: str) -> str:
+    """Set for an hour after `group` of `stream` was reported abandoned: one alert per group per hour."""
+    return f"mdp:abandoned:{stream}:{group}"
+
+
+# The topology: which of the pipeline's own consumer groups must read each stream (each service's GROUP and
+# INPUT_PATTERN(S) in services/*/service.py). A producer creates these groups when it first writes a stream, so
+# what is written while a stage is down or restarting is kept for it and counts for backpressure; any other
+# group (a strategy's) never holds a producer back.
+OWN_READERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("raw:*", ("validator",)),
+    ("valid:*", ("normalizer",)),
+    ("md:trade:*", ("influx_writer", "cache_publisher", "aggregator")),
+    ("md:candle:*", ("influx_writer", "cache_publisher", "aggregator")),
+    ("md:ticker:*", ("cache_publisher",)),
+    ("md:book:*", ("cache_publisher",)),
+    ("md:funding:*", ("influx_writer",)),
+    ("md:open_interest:*", ("influx_writer",)),
+    ("md:market:*", ("postgres_writer",)),
+    ("md:candle_built:*", ()),  # for strategies; no stage of ours reads it
+    (ALERTS, ("postgres_writer",)),
+    (GAPS, ("gap_repair",)),
+    (STRATEGY_STREAMS, ("postgres_writer",)),
+)
+
+
+@lru_cache(maxsize=8192)  # bounded: a process writes a bounded set of streams (evicted entries are recomputed)
+def own_groups(stream: str) -> tuple[str, ...]:
+    """The pipeline's own consumer groups that read `stream` (empty for heartbeats, dead letters, tests)."""
+    found: list[str] = []
+    for pattern, groups in OWN_READERS:
+        if fnmatch.fnmatchcase(stream, pattern):
+            found.extend(g for g in groups if g not in found)
+    return tuple(found)
