@@ -271,6 +271,7 @@ def test_evidence_is_capped() -> None:
 # Backfill against the simulator
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_backfill_stores_validated_candles_records_the_outage_and_reruns_idempotently(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     # Arrange: three days around a real Binance outage (2023-03-24 13:00-14:00 has no 1h bar).
@@ -301,6 +302,7 @@ async def test_backfill_stores_validated_candles_records_the_outage_and_reruns_i
         assert await ledger.pool.fetch("SELECT * FROM coverage ORDER BY id") == rows_after_first
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_backfill_survives_429_and_malformed_answers(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
@@ -322,6 +324,7 @@ async def test_backfill_survives_429_and_malformed_answers(
         assert len(await stored(settings, ts("2022-06-01"), ts("2022-06-02"))) == 1440
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_backfill_resumes_after_sigkill(redis_server: LocalServer, influx_server: LocalServer,
                                               postgres_dsn: str, ledger: Ledger, tmp_path: Path) -> None:
     # Arrange: 20 days (29 pages) at a budget slowed to 5 requests/s, so the process is killed mid-way.
@@ -423,6 +426,7 @@ async def influx_execute(settings: Settings, statement: str) -> None:
         await influx.execute(statement, database=database or settings.influx.database)
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_a_wiped_influxdb_is_fetched_again_and_the_ledger_says_so(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
@@ -464,6 +468,7 @@ async def test_a_wiped_influxdb_is_fetched_again_and_the_ledger_says_so(
         assert verified_after_backfill[0] == 0 and "agree" in verified_after_backfill[1]
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_candles_deleted_from_a_covered_day_are_found_exactly_and_fetched_again(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:

@@ -164,6 +164,7 @@ async def test_checksum_mismatch_is_refused_and_nothing_is_written(real_data: Pa
         await run_import(settings, ImportRequest(files=[path], progress=False), say=lambda _: None)
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_download_from_the_simulator_monthly_daily_and_corrupt(redis_server: LocalServer,
                                                                     influx_server: LocalServer,
                                                                     postgres_dsn: str, ledger: Ledger) -> None:
@@ -199,6 +200,7 @@ async def test_download_from_the_simulator_monthly_daily_and_corrupt(redis_serve
         assert rerun.files == 1 and rerun.candles == 1440  # only the missing day: the rest is in the ledger
 
 
+@pytest.mark.unshipped_data  # the simulator's history derived from the unlicensed 1h series
 async def test_simulator_serves_microsecond_archives_from_2025() -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual", shift_to_now=True) as sim:
         blob = sim.archive_zip("BTCUSDT-1m-2025-01-02.zip")
