@@ -104,6 +104,31 @@ async def test_a_taken_port_leaves_the_exporter_up_degraded_then_it_listens(
         await exporter.close()
 
 
+async def test_a_bus_redis_that_does_not_answer_is_mdp_redis_up_0_and_the_exporter_answers(
+        settings: Settings) -> None:
+    # Arrange: the bus Redis address points at a port nobody listens on.
+    closed, port = free_port(), free_port()
+    down = msgspec.structs.replace(settings, redis=msgspec.structs.replace(
+        settings.redis, url=f"redis://127.0.0.1:{closed}/0"), metrics=MetricsSettings(port=port))
+    exporter = exporter_mod.MetricsExporter(down)
+    stop = asyncio.Event()
+    task = asyncio.create_task(exporter.run(stop))
+    try:
+        await _until(lambda: exporter.state == "running", 10, "the exporter to listen")
+        # Act
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            body = await resp.text()
+        # Assert: what MdpRedisUnreachable reads, and no pipeline series that would look healthy.
+        assert resp.status == 200
+        assert "mdp_redis_up 0.0" in body and "mdp_exporter_refresh_errors_total 1.0" in body
+        assert "mdp_service_up" not in body and "mdp_redis_persistence_enabled" not in body
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await exporter.close()
+
+
 async def _until(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

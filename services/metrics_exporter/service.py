@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -49,6 +50,7 @@ from services.metrics_exporter.families import pipeline_families, program_famili
 log = logging.getLogger(__name__)
 
 BIND_RETRY_S = 10.0
+WARN_EVERY_S = 60.0
 MIN_REFRESH_S = 0.5  # scrapes closer together than this share one refresh from Redis
 SUPERVISOR_TIMEOUT_S = 5.0
 ALERTS_READ_COUNT = 500
@@ -108,7 +110,8 @@ class MetricsExporter(Service):
         for ex in settings.exchanges:
             self.latency.labels(ex.id)
         self._supervisor: Any = None
-        self._supervisor_busy = False
+        self._supervisor_call: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._warned_at: dict[str, float] = {}
 
     def counters(self) -> dict[str, int]:
         return dict(self.count)
@@ -174,8 +177,8 @@ class MetricsExporter(Service):
                 snap.redis_up = True
             except (RedisError, OSError) as exc:
                 self.count["refresh_errors"] += 1
-                log.warning("metrics refresh: the bus Redis at %s did not answer (%s: %s); exporting "
-                            "mdp_redis_up 0 until it does", self.settings.redis.url, type(exc).__name__, exc)
+                self._warn("redis", "metrics refresh: the bus Redis at %s did not answer (%s: %s); exporting "
+                           "mdp_redis_up 0 until it does", self.settings.redis.url, type(exc).__name__, exc)
             snap.programs = await self._programs()
             snap.refresh_seconds = time.perf_counter() - started
             self.snapshot = snap
@@ -203,21 +206,30 @@ class MetricsExporter(Service):
         return _text(reply.get("save") or reply.get(b"save") or "")
 
     async def _programs(self) -> list[dict[str, Any]] | None:
-        """supervisord's processes, or None when not run by supervisord (no SUPERVISOR_SERVER_URL)."""
-        if "SUPERVISOR_SERVER_URL" not in os.environ or self._supervisor_busy:
-            return self.snapshot.programs if self._supervisor_busy else None
-        self._supervisor_busy = True
+        """supervisord's processes, or None when not run by supervisord (no SUPERVISOR_SERVER_URL) or when it
+        does not answer (then mdp_program_* are left out and go stale in Prometheus)."""
+        if "SUPERVISOR_SERVER_URL" not in os.environ:
+            return None
+        if self._supervisor_call is not None and not self._supervisor_call.done():
+            self.count["supervisor_errors"] += 1  # the previous call still hangs in its thread: no second one
+            return None
+        self._supervisor_call = asyncio.ensure_future(asyncio.to_thread(self._supervisor_processes))
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._supervisor_processes), SUPERVISOR_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(self._supervisor_call), SUPERVISOR_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - supervisord's XML-RPC raises many kinds; the metric goes stale
             self.count["supervisor_errors"] += 1
-            log.warning("metrics refresh: supervisord at %s did not list its processes (%s: %s); mdp_program_* "
-                        "are left out until it does", os.environ.get("SUPERVISOR_SERVER_URL"),
-                        type(exc).__name__, exc)
+            self._warn("supervisor", "metrics refresh: supervisord at %s did not list its processes (%s: %s); "
+                       "mdp_program_* are left out until it does", os.environ.get("SUPERVISOR_SERVER_URL"),
+                       type(exc).__name__, exc)
             self._supervisor = None
             return None
-        finally:
-            self._supervisor_busy = False
+
+    def _warn(self, what: str, message: str, *args: object) -> None:
+        """Log a repeated failure at most once a minute (a scrape every second would flood the log)."""
+        now = time.monotonic()
+        if now - self._warned_at.get(what, -math.inf) >= WARN_EVERY_S:
+            self._warned_at[what] = now
+            log.warning(message, *args)
 
     def _supervisor_processes(self) -> list[dict[str, Any]]:
         if self._supervisor is None:
@@ -237,8 +249,8 @@ class MetricsExporter(Service):
                     cursor = _text(newest[0][0]) if newest else "0-0"
                 reply = await self.redis.xread({streams.ALERTS: cursor}, count=ALERTS_READ_COUNT, block=1000)
             except (RedisError, OSError) as exc:
-                log.warning("metrics: reading %s failed (%s: %s); retrying in 1 s", streams.ALERTS,
-                            type(exc).__name__, exc)
+                self._warn("alerts", "metrics: reading %s failed (%s: %s); retrying every second", streams.ALERTS,
+                           type(exc).__name__, exc)
                 await _sleep_unless(stop, 1.0)
                 continue
             for _, entries in reply or []:
@@ -278,8 +290,9 @@ class MetricsExporter(Service):
                     self.count["latency_samples"] += 1
             except (RedisError, OSError) as exc:
                 self.count["tick_subscriber_restarts"] += 1
-                log.warning("metrics: the ticks:* subscription dropped (%s: %s; Redis disconnects a subscriber "
-                            "that falls behind its pub/sub buffer); resubscribing in 1 s", type(exc).__name__, exc)
+                self._warn("ticks", "metrics: the ticks:* subscription dropped (%s: %s; Redis disconnects a "
+                           "subscriber that falls behind its pub/sub buffer); resubscribing every second",
+                           type(exc).__name__, exc)
                 await _sleep_unless(stop, 1.0)
             finally:
                 await pubsub.aclose()
