@@ -122,7 +122,10 @@ async def events(redis: aioredis.Redis, stream: str) -> list[Any]:
 
 
 async def raw_trades(rig: Rig, exchange: str = "binance") -> list[Trade]:
-    return [e for e in await events(rig.redis, streams.raw(exchange)) if isinstance(e, Trade)]
+    """The trades the collector published on raw:{exchange} (not those gap_repair publishes there, marked
+    quality "gap.repaired")."""
+    return [e for e in await events(rig.redis, streams.raw(exchange))
+            if isinstance(e, Trade) and "gap.repaired" not in e.quality]
 
 
 async def gaps(rig: Rig, channel: str = "trades") -> list[Gap]:

@@ -66,7 +66,8 @@ class GapRepair(Service):
         super().__init__(settings, instance)
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
-                                 selector=StreamSelector(names=[streams.GAPS]), producer=self.producer)
+                                 selector=StreamSelector(names=[streams.GAPS]), producer=self.producer,
+                                 on_acked=self._acked)
         self.influx = InfluxClient(settings.influx)
         self.ledger: Ledger | None = None
         self.venues: Venues | None = None
@@ -102,6 +103,7 @@ class GapRepair(Service):
     async def handle(self, batch: list[Delivery]) -> Outputs:
         """Repair every Gap of the batch; the repaired data and the alerts go out with the acknowledgement."""
         assert self.repairer is not None
+        self.repairer.trades.discarded()  # a batch handled before and not acknowledged is handled again
         outputs: Outputs = {}
         for delivery in batch:
             for event in delivery.events:
@@ -115,6 +117,10 @@ class GapRepair(Service):
                 add_outputs(outputs, out)
         self.alerts += len(outputs.get(streams.ALERTS, ()))
         return outputs
+
+    def _acked(self, _batch: list[Delivery]) -> None:
+        if self.repairer is not None:
+            self.repairer.trades.committed()
 
     async def _scan_loop(self, stop: asyncio.Event) -> None:
         assert self.repairer is not None
