@@ -32,9 +32,12 @@ import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
 
+from common import status as status_mod
 from common.config import MetricsSettings, Settings
 from services.metrics_exporter import service as exporter_mod
+from services.metrics_exporter.families import pipeline_families
 from tools.localstores import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +75,39 @@ def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
     alerts = set(re.findall(r"^\s+- alert: (\w+)", (PROM_DIR / "rules.yml").read_text(), re.MULTILINE))
     tested_names = set(re.findall(r"alertname: (\w+)", (PROM_DIR / "rules_test.yml").read_text()))
     assert alerts and alerts == tested_names, alerts ^ tested_names
+
+
+def test_sharded_collectors_are_one_series_each_and_a_silent_channel_ages_from_the_process_start(
+        settings: Settings) -> None:
+    # Arrange: binance collected by two shards (numprocs=2); shard 1's trades channel has had no message yet.
+    now_ms = int(time.time() * 1000)
+    counters = {0: {"gaps": 1, "published_events": 10, "channel.trades.messages": 7, "channel.trades.gaps": 1,
+                    "channel.trades.last_ms": now_ms - 2000, "channel.trades.oldest_ms": now_ms - 2000},
+                1: {"gaps": 0, "published_events": 0, "channel.trades.messages": 0, "channel.trades.gaps": 0,
+                    "channel.trades.last_ms": 0, "channel.trades.oldest_ms": 0}}
+    services = [status_mod.ServiceStatus(service="collector", instance=f"binance-{n}", alive=True, state="running",
+                                         heartbeat_age_s=0.5, uptime_s=30.0, rates={}, counters=c, detail="")
+                for n, c in counters.items()]
+    status = status_mod.Status(services=services, streams=[], channels=status_mod.channel_status(services,
+                                                                                               time.time_ns()))
+    registry = CollectorRegistry()
+
+    class Snapshot:
+        def collect(self) -> Iterator[Any]:
+            return pipeline_families(status, settings)
+    registry.register(Snapshot())  # type: ignore[arg-type]
+    # Act
+    text = generate_latest(registry).decode()
+    # Assert
+    assert 'mdp_channel_messages_total{channel="trades",exchange="binance",instance_id="binance-0"} 7.0' in text
+    assert 'mdp_channel_messages_total{channel="trades",exchange="binance",instance_id="binance-1"} 0.0' in text
+    assert re.search(r'mdp_channel_last_message_age_seconds\{channel="trades",exchange="binance",'
+                     r'instance_id="binance-0"\} 2\.\d', text), text
+    assert 'mdp_channel_last_message_age_seconds{channel="trades",exchange="binance",instance_id="binance-1"} 30.5' \
+        in text  # never: as old as the process, so a feed that never started is silent too
+    assert 'mdp_channel_stall_limit_seconds{channel="trades",exchange="binance"} 60.0' in text
+    assert 'mdp_gaps_opened_total{instance_id="binance-0",service="collector"} 1.0' in text
+    assert 'mdp_service_state{instance_id="binance-1",service="collector",state="running"} 1.0' in text
 
 
 async def test_a_taken_port_leaves_the_exporter_up_degraded_then_it_listens(
