@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from common.bus import GroupState
 from common.config import Settings
 from common.status import MAIN_RATE, ChannelStatus, ServiceStatus, Status, StreamStatus
 
@@ -139,9 +140,11 @@ def channel_families(channels: Iterable[ChannelStatus], services: Iterable[Servi
     yield from (messages, gaps, last, stalest, limit)
 
 
-def stream_families(streams: Iterable[StreamStatus]) -> Iterator[Metric]:
+def stream_families(streams: Iterable[StreamStatus], abandoned: Iterable[GroupState] = ()) -> Iterator[Metric]:
     """Per stream: length; per consumer group: lag (entries not yet delivered), pending (delivered, not
-    acknowledged), consumers; per dead-letter stream: its entries, labelled with the stream they came from."""
+    acknowledged), consumers, abandoned (a group not the pipeline's own, lagging, its consumers idle longer than
+    bus.abandoned_group_s); per dead-letter stream: its entries, labelled with the stream they came from."""
+    streams = list(streams)
     length = GaugeMetricFamily("mdp_stream_length", "Entries in the stream (one entry packs up to "
                                "bus.batch_max_events events)", labels=["stream"])
     lag = GaugeMetricFamily("mdp_consumer_group_lag", "Entries of the stream not yet delivered to the group "
@@ -161,7 +164,15 @@ def stream_families(streams: Iterable[StreamStatus]) -> Iterator[Metric]:
             consumers.add_metric([st.name, g.name], g.consumers)
             if g.lag is not None:
                 lag.add_metric([st.name, g.name], g.lag)
-    yield from (length, lag, pending, consumers, dead)
+    gone = {(g.stream, g.name) for g in abandoned}
+    left = GaugeMetricFamily("mdp_consumer_group_abandoned", "1 for a group that is not the pipeline's own, lags, "
+                             "and whose consumers have been idle longer than bus.abandoned_group_s (it never holds "
+                             "producers back; docs/bus.md), else 0", labels=["stream", "group"])
+    for st in streams:
+        if not st.name.startswith(DEAD_LETTER_PREFIX):
+            for g in st.groups:
+                left.add_metric([st.name, g.name], 1.0 if (st.name, g.name) in gone else 0.0)
+    yield from (length, lag, pending, consumers, left, dead)
 
 
 def redis_families(up: bool, info: Mapping[str, object], rdb_save: str | None) -> Iterator[Metric]:
@@ -205,7 +216,7 @@ def program_families(programs: Iterable[Mapping[str, object]]) -> Iterator[Metri
 def pipeline_families(status: Status, settings: Settings) -> Iterator[Metric]:
     yield from service_families(status.services)
     yield from channel_families(status.channels, status.services, settings)
-    yield from stream_families(status.streams)
+    yield from stream_families(status.streams, status.abandoned)
 
 
 __all__ = ["GAP_OUTCOMES", "PROGRAM_STATES", "STATES", "STORE_WRITES", "channel_families", "exchange_of",

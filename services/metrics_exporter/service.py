@@ -57,8 +57,9 @@ ALERTS_READ_COUNT = 500
 # Alert rules raised outside the quality catalog (gap repair, bus, aggregator, postgres writer, normalizer):
 # counted from 0 at start, so the first alert of a rule is an increase Prometheus can see.
 OTHER_RULES = ("gap.repaired", "gap.explained", "gap.unrepaired", "bus.backpressure_timeout",
-               "bus.trimmed_while_pending", "candle.reconcile", "book.crossed", "postgres_writer.rejected",
-               "postgres_writer.strategy_auto_registered")
+               "bus.trimmed_while_pending", "bus.group_abandoned", "bus.group_dropped", "bus.group_recreated",
+               "bus.redis_unavailable", "bus.redis_recovered", "candle.reconcile", "book.crossed",
+               "collector.buffer_overflow", "postgres_writer.rejected", "postgres_writer.strategy_auto_registered")
 SEVERITIES = ("info", "warning", "error", "critical")
 # ts_recv -> cache, seconds: from a millisecond to a backlog of minutes
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -170,7 +171,7 @@ class MetricsExporter(Service):
             started = time.perf_counter()
             snap = _Snapshot()
             try:
-                snap.status = await status_mod.collect(self.redis)
+                snap.status = await status_mod.collect(self.redis, self.settings.bus.abandoned_group_s)
                 await self._gaps_stream(snap.status)
                 snap.redis_info = await self.redis.info("persistence") | await self.redis.info("memory")
                 snap.rdb_save = await self._rdb_save()
