@@ -145,7 +145,7 @@ class MetricsExporter(Service):
                 self.detail = (f"metrics.port = {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
                                f"set a free port in the config's [metrics] port, or stop what listens there; "
                                f"retrying every {BIND_RETRY_S:.0f} s")
-                log.error("%s", self.detail)
+                self._warn("bind", "%s", self.detail, level=logging.ERROR)
                 await _sleep_unless(stop, BIND_RETRY_S)
                 continue
             self.state, self.detail = "running", ""
@@ -225,12 +225,12 @@ class MetricsExporter(Service):
             self._supervisor = None
             return None
 
-    def _warn(self, what: str, message: str, *args: object) -> None:
+    def _warn(self, what: str, message: str, *args: object, level: int = logging.WARNING) -> None:
         """Log a repeated failure at most once a minute (a scrape every second would flood the log)."""
         now = time.monotonic()
         if now - self._warned_at.get(what, -math.inf) >= WARN_EVERY_S:
             self._warned_at[what] = now
-            log.warning(message, *args)
+            log.log(level, message, *args)
 
     def _supervisor_processes(self) -> list[dict[str, Any]]:
         if self._supervisor is None:
