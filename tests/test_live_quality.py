@@ -5,6 +5,7 @@ the whole real Binance capture to show that none of them rejects clean data."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -12,8 +13,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from common import status as status_mod
 from common import streams
@@ -259,7 +259,8 @@ async def test_trade_outside_book_flags_a_print_beyond_the_quote(redis, settings
 
 
 async def test_trade_outside_book_ignores_an_old_quote(redis, settings) -> None:  # type: ignore[no-untyped-def]
-    quote = replace(stubs.ticker(), ts_recv=stubs.T0_NS - 60_000_000_000)  # received a minute before the trade
+    minute_ago = stubs.T0_NS - 60_000_000_000
+    quote = replace(stubs.ticker(), ts_event=minute_ago, ts_recv=minute_ago)  # a minute before the trade
     out = await validate(redis, settings, [quote, stubs.trade(1, price="62500.00")])
     assert out.alerts == [] and out.flagged("trade.outside_book") == []
 
@@ -296,7 +297,7 @@ def test_a_batch_that_was_not_committed_is_judged_again_against_the_same_state()
     assert [f.rule for f in rules.judge(stubs.candle(1), again, NOW_TS).findings] == ["time.duplicate"]
 
 
-async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(redis, redis_server, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(redis, settings) -> None:  # type: ignore[no-untyped-def]
     producer = Producer(redis, codec, FAST, "test")
     await producer.publish({streams.raw("binance"): [stubs.candle(0), stubs.candle(1)]})
     svc = Validator(settings)
@@ -304,21 +305,26 @@ async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(re
     resp = await redis.xreadgroup("validator", svc.consumer_name, {streams.raw("binance"): ">"})
     deliveries = [Delivery(streams.raw("binance"), entry_id.decode(), codec.decode_entry(fields))
                   for _, entries in resp for entry_id, fields in entries]
-    dead = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))  # nothing listens: publish fails
     consumer = svc.consumer  # the bus path: handler, then publish + ack in one MULTI, then the on_acked commit
     consumer._stop, consumer._handler = asyncio.Event(), svc.handle
-    live, svc.producer.redis = svc.producer.redis, dead
+    assert await svc.lease.try_acquire()  # what consumer.run does first
+    publish_and_ack = svc.producer.publish_and_ack
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise ResponseError("EXECABORT Transaction discarded (simulated)")  # the MULTI/EXEC did not run
+    svc.producer.publish_and_ack = refused  # type: ignore[method-assign]
     await consumer._handle(deliveries)
     assert consumer.stats.failures >= 1 and consumer.stats.acked == 0
     assert len(svc.book) == 0  # nothing committed
+    assert await redis.hlen("mdp:state:validator") == 0  # nor checkpointed
     assert int((await redis.xpending(streams.raw("binance"), "validator"))["pending"]) == len(deliveries)  # left
-    svc.producer.redis = live
+    svc.producer.publish_and_ack = publish_and_ack  # type: ignore[method-assign]
     await consumer._handle(deliveries)  # the bus's retry of the same entries
     assert await read(redis, streams.valid("binance")) == [stubs.candle(0), stubs.candle(1)]
     assert svc.counters()["repaired"] == 0  # the retried bar is not taken for a duplicate
     assert len(svc.book) > 0  # committed once published and acknowledged
+    assert await redis.hlen("mdp:state:validator") == len(svc.book)  # and checkpointed with them
     assert int((await redis.xpending(streams.raw("binance"), "validator"))["pending"]) == 0
-    await dead.aclose()
     await svc.close()
 
 
@@ -387,3 +393,154 @@ def test_every_stream_rule_is_in_the_catalog() -> None:
             "price.cross_venue", "price.stuck", "volume.zero", "candle.open_gap", "trade.outside_book",
             "trade.id_gap"} <= live
     assert isinstance(Ticker, type)
+
+
+# --- state across restarts, a second instance, trades never doubled (issue 10, defects 4 and 5) ------------
+
+def capture_events() -> tuple[list[Trade], list[Candle]]:
+    recording = Recording.load()
+    trades = [Trade(exchange="binance", symbol="BTC/USDT", trade_id=str(t.id), price=Decimal(t.price),
+                    amount=Decimal(t.qty), side=t.side, ts_event=t.time * 1_000_000, ts_recv=t.recv_ns)
+              for t in recording.trades]
+    candles = [Candle(exchange="binance", symbol="BTC/USDT", timeframe="1m", open_time=c.open_time * 1_000_000,
+                      open=Decimal(c.open), high=Decimal(c.high), low=Decimal(c.low), close=Decimal(c.close),
+                      volume=Decimal(c.volume), closed=True, ts_event=c.close_time * 1_000_000,
+                      ts_recv=(c.close_time + 1) * 1_000_000) for c in recording.candles]
+    return trades, candles
+
+
+def faulty_feed(n: int = 3000) -> list[Event]:
+    """`n` real trades with what a live feed does: a resent burst, a hole (trade.id_gap), the hole's trades
+    arriving later (a repair), a redelivered old trade; and the real closed candles with a copy and a gap."""
+    trades, candles = capture_events()
+    t = trades[:n]
+    feed: list[Event] = [*t[:500], *t[480:520], *t[520:900], *t[910:2000], *t[900:910], t[100], *t[2000:]]
+    cs: list[Event] = [candles[0], candles[1], candles[1], *candles[3:6]]
+    return [*feed[:1000], *cs[:3], *feed[1000:], *cs[3:]]
+
+
+def comparable(events: list[Event]) -> list[Event]:
+    """Outputs without the processing-time stamps (an alert's or a gap's ts_recv is the validator's clock)."""
+    return [replace(e, ts_recv=0) if isinstance(e, (Alert, Gap)) else e for e in events]
+
+
+async def outputs(redis: aioredis.Redis) -> dict[str, list[Event]]:
+    return {s: comparable(await read(redis, s)) for s in (streams.valid("binance"), streams.ALERTS, streams.GAPS)}
+
+
+async def publish_one_per_entry(redis: aioredis.Redis, settings: Settings, events: Sequence[Event]) -> None:
+    small = replace(settings.bus, batch_max_events=1, stream_maxlen=100_000, backpressure_high_water=90_000)
+    await Producer(redis, codec, small, "test").publish({streams.raw("binance"): list(events)})
+
+
+async def test_a_restart_mid_stream_gives_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: every flag alerted (no throttle by wall-clock time), entries of one event, read 50 at a time
+    settings = replace(settings, quality=QualitySettings(alert_interval_s=0))
+    feed = faulty_feed()
+    await publish_one_per_entry(redis, settings, feed)
+    whole = Validator(settings)
+    await run_until([whole], lambda: whole.consumer.stats.acked == len(feed), timeout=60)
+    expected = await outputs(redis)
+    assert [a.rule for a in expected[streams.ALERTS]].count("trade.duplicate") == 21  # 20 resent + 1 old
+    hole = capture_events()[0][900:910]
+    assert [(g.channel, g.first_missing_id, g.last_missing_id) for g in expected[streams.GAPS]] == [  # type: ignore[union-attr]
+        ("trades", hole[0].trade_id, hole[-1].trade_id), ("candle:1m", "", "")]
+    await redis.flushdb()
+    # Act: a new process (empty memory) after each cut: inside the resent burst, after the hole opened and
+    # before its trades come, between the duplicated candle's copies
+    cuts = [0, 510, 930, 1002, len(feed)]
+    for start, end in itertools.pairwise(cuts):
+        await publish_one_per_entry(redis, settings, feed[start:end])
+        last = Validator(settings)
+        await run_until([last], lambda v=last, n=end - start: v.consumer.stats.acked == n, timeout=60)  # type: ignore[misc]
+    # Assert: the same valid events, alerts and gaps as without restarts; the last process loaded the state
+    assert await outputs(redis) == expected
+    assert last.checkpoint.loaded >= 2 and last.counters()["series_loaded"] >= 2
+
+
+async def test_a_gap_and_a_duplicate_spanning_a_restart_are_seen(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    before = [stubs.trade(i) for i in range(10)] + [stubs.candle(0), stubs.candle(1)]
+    await validate(redis, settings, before)
+    # a new process: trades 10..14 and the 02:00 candle never come, trade 7 and candle 1 come again
+    out = await validate(redis, settings, [stubs.trade(7), stubs.trade(15), stubs.candle(1), stubs.candle(3)])
+    assert [e.trade_id if isinstance(e, Trade) else e.open_time for e in out.valid[len(before):]] == \
+        [stubs.trade(15).trade_id, stubs.candle(3).open_time]
+    assert [(g.channel, g.first_missing_id) for g in out.gaps] == [("trades", stubs.trade(10).trade_id),
+                                                                  ("candle:1m", "")]
+    assert sorted(out.rules()) == ["time.duplicate", "time.gap", "trade.duplicate", "trade.id_gap"]
+
+
+async def test_trade_duplicate_keeps_exact_memory_of_ids_and_holes(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # sequential ids: 3..4 become a hole; 3 fills it later (a repair), 1 and the second 5 were forwarded before
+    seq = [stubs.trade(i) for i in (0, 1, 2, 5, 3, 1, 5, 4, 3)]
+    out = await validate(redis, settings, seq)
+    assert [e.trade_id for e in out.valid] == [stubs.trade(i).trade_id for i in (0, 1, 2, 5, 3, 4)]  # type: ignore[union-attr]
+    assert out.rules().count("trade.duplicate") == 1  # then throttled like a flag: every copy is counted
+    assert out.counters["repaired.trade.duplicate"] == 3 and out.counters["repaired"] == 3
+    dup = next(a for a in out.alerts if a.rule == "trade.duplicate")
+    assert dup.severity == "info" and dup.values["trade_id"] == stubs.trade(1).trade_id
+    # ids in no order (Hyperliquid's tid): a recent-id set
+    await redis.flushdb()
+    hl = [replace(stubs.trade(i, exchange="hyperliquid", symbol="BTC/USDC:USDC"), trade_id=tid)
+          for i, tid in enumerate(["913", "12", "500", "12", "77", "913"])]
+    out = await validate(redis, settings, hl, exchange="hyperliquid")
+    assert [e.trade_id for e in out.valid] == ["913", "12", "500", "77"]  # type: ignore[union-attr]
+    assert out.counters["repaired.trade.duplicate"] == 2 and out.gaps == []
+
+
+async def test_a_second_validator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: one process's outputs
+    settings = replace(settings, quality=QualitySettings(alert_interval_s=0))
+    feed = faulty_feed(2500)
+    await publish_one_per_entry(redis, settings, feed)
+    one = Validator(settings)
+    await run_until([one], lambda: one.consumer.stats.acked == len(feed), timeout=60)
+    expected = await outputs(redis)
+    await redis.flushdb()
+    await publish_one_per_entry(redis, settings, feed)
+    # Act: two at once; the holder is killed (no release: its lease must expire) with a batch in hand
+    a, b = Validator(settings, instance="a"), Validator(settings, instance="b")
+    stuck = asyncio.Event()
+    for svc in (a, b):
+        svc.handle = hang_after(svc, len(feed) // 2, stuck)  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    tasks = {svc: asyncio.create_task(svc.run(stop)) for svc in (a, b)}
+    try:
+        async with asyncio.timeout(60):
+            await stuck.wait()
+            holder, standby = (a, b) if a.consumer.stats.acked else (b, a)
+            assert standby.consumer.stats.acked == 0 and standby.consumer.stats.state == "standby"
+            assert standby.counters() and standby.state == "standby"
+            assert await pending(redis, "validator") > 0
+            tasks[holder].cancel()  # killed: no clean stop, its entries left pending, lease not released
+            while await pending(redis, "validator") or await lag(redis, "validator"):
+                assert not tasks[standby].done()
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for svc in (a, b):
+            await svc.close()
+    # Assert: exactly one process's outputs, nothing doubled
+    assert await outputs(redis) == expected
+    assert standby.consumer.stats.acked > 0 and standby.checkpoint.loaded >= 1
+
+
+def hang_after(svc: Validator, entries: int, stuck: asyncio.Event):  # type: ignore[no-untyped-def]
+    """svc.handle, except that the batch after `entries` entries hangs (a process that froze, then is killed)."""
+    handle = svc.handle
+
+    async def gated(batch: list[Delivery]) -> object:
+        if svc.consumer.stats.acked >= entries:
+            stuck.set()
+            await asyncio.Event().wait()
+        return await handle(batch)
+    return gated
+
+
+async def pending(redis: aioredis.Redis, group: str) -> int:
+    return int((await redis.xpending(streams.raw("binance"), group))["pending"])
+
+
+async def lag(redis: aioredis.Redis, group: str) -> int:
+    return int(next(g for g in await redis.xinfo_groups(streams.raw("binance")) if g["name"] == group.encode())["lag"])

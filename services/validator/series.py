@@ -26,8 +26,14 @@ Rules (names, severities and policies from common.quality.CATALOG; thresholds fr
                        the later one is flagged: which one is wrong needs a third)
   trades
     trade.id_gap       numeric ids not consecutive (exchanges in sequential_trade_ids): flagged, warning
-                       alert and a Gap event naming the missing id range; an id at or below the last one
-                       (a redelivery) changes nothing
+                       alert and a Gap event naming the missing id range, which is remembered as a hole
+    trade.duplicate    a trade already forwarded: dropped, info alert (throttled like a flag's). Exact memory:
+                       on exchanges in sequential_trade_ids an id at or below the last one passes only if it
+                       fills a hole (a late or repaired trade: gap_repair publishes into raw:{exchange}), and
+                       is dropped otherwise; at most HOLES_KEPT (1,000) holes per series, the oldest forgotten
+                       first (a trade of a forgotten hole arriving later is then dropped as a duplicate; its
+                       Gap was announced when the hole opened). Other exchanges: an id among the series'
+                       last RECENT_IDS_KEPT (5,000) ids is a duplicate (an older resent id passes again).
     trade.outside_book price beyond the last ticker's bid/ask by outside_book_tolerance, if that ticker was
                        received at most book_max_age_s before the trade; flagged
   trades and tickers
@@ -37,12 +43,14 @@ Unclosed candle updates and markets get no stream rule (the stateless rules of c
 
 Alerts of flags are throttled per series and rule: the first at once, then at most one per
 `alert_interval_s`, carrying how many were suppressed since the previous one; every event still carries its
-flag and every flag is counted. Rejections, repairs and gaps are never throttled.
+flag and every flag is counted. Rejections, gaps and candle repairs are never throttled.
 
 Memory: at most `max_series` series (least recently used forgotten first: its next event is judged as the
 first of a new series), each with `dedup_memory` closed candles (as text) and `outlier_window` returns.
-State lives in this process: after a restart the first candle and trade of each series have nothing to be
-compared with (no duplicate, gap, outlier, id-gap verdict for them).
+The state is checkpointed (common/checkpoint.py, hash mdp:state:validator) with every batch, in the same
+MULTI/EXEC as its outputs and acknowledgements, and loaded series by series by a new process: a restart (or
+a standby taking the lease over) judges the next event against the last committed state, so a gap spanning
+the restart is announced and a trade forwarded before it is not forwarded again.
 
 Transactions: the validator stages every change of a batch (`SeriesBook.stage()`: copy on first touch) and
 commits it only once the batch's outputs are published and its inputs acknowledged, so a batch retried after
@@ -52,14 +60,13 @@ a failed publish is judged against the same state as the first time (a retried c
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from statistics import median
-from typing import Any, Protocol, TypeVar
 
 from common import quality
+from common.checkpoint import SeriesBook, Staging  # noqa: F401 - SeriesBook: where callers find it
 from common.config import QualitySettings
 from common.quality import Finding, iso, text, to_ns
 from schemas import Candle, Event, Gap, Ticker, Trade
@@ -68,6 +75,10 @@ NS = 1_000_000_000
 MINUTE_NS = 60 * NS
 _UNIT_NS = {"s": NS, "m": MINUTE_NS, "h": 3_600 * NS, "d": 86_400 * NS, "w": 7 * 86_400 * NS}
 _GAPS_KEPT = 64  # open gaps remembered per candle series (a late candle inside one "fills a known gap")
+# Trade ids remembered per series: holes (missing id ranges below the last id, each an inclusive range) for
+# exchanges with sequential ids, the most recent ids for the others. At the bound the oldest is forgotten.
+HOLES_KEPT = 1_000
+RECENT_IDS_KEPT = 5_000
 
 
 def timeframe_ns(timeframe: str) -> int | None:
@@ -82,13 +93,6 @@ def mad(values: list[float]) -> tuple[float, float]:
     """(median, median absolute deviation) of a non-empty list."""
     med = median(values)
     return med, median([abs(v - med) for v in values])
-
-
-class _Copyable(Protocol):
-    def copy(self) -> Any: ...
-
-
-S = TypeVar("S", bound=_Copyable)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,7 +130,9 @@ class CandleSeries:
 
 @dataclass(slots=True)
 class TradeSeries:
-    """Trades of one (exchange, symbol), with the last ticker seen for it."""
+    """Trades of one (exchange, symbol), with the last ticker seen for it, and the memory of the trade ids
+    already forwarded: for sequential ids the last id and the holes below it (inclusive ranges, oldest
+    first, at most HOLES_KEPT), for other ids the most recent RECENT_IDS_KEPT ids (oldest first)."""
 
     last_id: int | None = None
     last_ts: int = 0
@@ -134,10 +140,25 @@ class TradeSeries:
     ask: float | None = None
     book_recv: int = 0
     throttles: dict[str, Throttle] = field(default_factory=dict)
+    holes: list[tuple[int, int]] = field(default_factory=list)
+    recent: dict[str, None] = field(default_factory=dict)
 
     def copy(self) -> TradeSeries:
         return TradeSeries(self.last_id, self.last_ts, self.bid, self.ask, self.book_recv,
-                           {k: Throttle(v.last_ns, v.suppressed) for k, v in self.throttles.items()})
+                           {k: Throttle(v.last_ns, v.suppressed) for k, v in self.throttles.items()},
+                           list(self.holes), dict(self.recent))
+
+    def fill_hole(self, n: int) -> bool:
+        """Take id `n` out of the holes; False if it is in none (already forwarded, or a forgotten hole)."""
+        holes = self.holes
+        for i in range(len(holes) - 1, -1, -1):  # repairs usually fill the newest holes
+            a, b = holes[i]
+            if a <= n <= b:
+                holes[i:i + 1] = [(x, y) for x, y in ((a, n - 1), (n + 1, b)) if x <= y]
+                return True
+            if b < n:
+                return False
+        return False
 
 
 @dataclass(slots=True)
@@ -148,49 +169,6 @@ class VenueCloses:
 
     def copy(self) -> VenueCloses:
         return VenueCloses(dict(self.closes))
-
-
-SeriesKey = tuple[str, str, str, str]
-
-
-class SeriesBook:
-    """Every series' state, least recently used first, at most `max_series` of them."""
-
-    def __init__(self, max_series: int) -> None:
-        self.max_series = max(1, max_series)
-        self.series: OrderedDict[SeriesKey, Any] = OrderedDict()
-        self.evicted = 0
-
-    def stage(self) -> Staging:
-        return Staging(self)
-
-    def __len__(self) -> int:
-        return len(self.series)
-
-
-class Staging:
-    """The changes of one batch: a private copy of each series it touches, written back by `commit()`."""
-
-    def __init__(self, book: SeriesBook) -> None:
-        self.book = book
-        self.touched: dict[SeriesKey, Any] = {}
-
-    def get(self, key: SeriesKey, new: Callable[[], S]) -> S:
-        state = self.touched.get(key)
-        if state is None:
-            committed = self.book.series.get(key)
-            state = self.touched[key] = committed.copy() if committed is not None else new()
-        return state  # type: ignore[no-any-return]
-
-    def commit(self) -> None:
-        series = self.book.series
-        for key, state in self.touched.items():
-            series[key] = state
-            series.move_to_end(key)
-        while len(series) > self.book.max_series:
-            series.popitem(last=False)
-            self.book.evicted += 1
-        self.touched = {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +283,12 @@ class StreamRules:
         if event.exchange in self.sequential and tid.isdigit() and tid.isascii():
             n = int(tid)
             last = state.last_id
-            if last is not None and n > last + 1:
+            if last is not None and n <= last:
+                if n == last or not state.fill_hole(n):
+                    return self._duplicate(verdict, event, state, now_ns,
+                                           f"at or below the last id {last} and in none of the {len(state.holes)} "
+                                           f"missing id range(s) remembered")
+            elif last is not None and n > last + 1:
                 missing = n - last - 1
                 span = f"{last + 1}..{n - 1}" if missing > 1 else str(last + 1)
                 reason = (f"{quality.describe(event)}: trade ids {span} are missing ({missing} trade(s) between "
@@ -320,8 +303,18 @@ class StreamRules:
                                         reason=f"trade ids {span} missing ({missing})",
                                         ts_event=ts, ts_recv=now_ns, first_missing_id=str(last + 1),
                                         last_missing_id=str(n - 1)))
+                state.holes.append((last + 1, n - 1))
+                del state.holes[:-HOLES_KEPT]
             if last is None or n > last:
                 state.last_id, state.last_ts = n, ts
+        else:
+            recent = state.recent
+            if tid in recent:
+                return self._duplicate(verdict, event, state, now_ns,
+                                       f"among the last {len(recent)} ids of the series")
+            recent[tid] = None
+            if len(recent) > RECENT_IDS_KEPT:
+                del recent[next(iter(recent))]
         if state.bid is not None and state.ask is not None and event.price is not None \
                 and abs(event.ts_recv - state.book_recv) <= self.book_age_ns:
             price = float(event.price)
@@ -337,6 +330,14 @@ class StreamRules:
                             "tolerance": repr(tol)})
         self._stale(verdict, event, state.throttles, now_ns)
         return self._finish(verdict, event)
+
+    def _duplicate(self, verdict: Verdict, event: Trade, state: TradeSeries, now_ns: int, why: str) -> Verdict:
+        """Drop a trade already forwarded (a redelivery, a resent message, a repair of a filled hole)."""
+        verdict.event = None
+        self._flag(verdict, event, state.throttles, now_ns, "trade.duplicate",
+                   f"{quality.describe(event)} was already forwarded (its id is {why}); the copy is dropped so "
+                   f"that no trade is doubled on md:trade.", {"trade_id": event.trade_id})
+        return verdict
 
     # -- closed candles -------------------------------------------------------------------------------
 

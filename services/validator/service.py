@@ -6,20 +6,27 @@ never forwarded; flags, repairs and gaps also become Alerts (flags throttled per
 series.py), gaps also Gap events on mdp:gaps.
 
 Atomicity: the handler returns its outputs; the bus publishes them and acknowledges the inputs in one
-MULTI/EXEC, and only then (the consumer's `on_acked` hook) is the series state staged for the batch
-committed. A batch whose publish fails is therefore judged again against the same state.
+MULTI/EXEC, which also writes the checkpoint of every series the batch touched (the consumer's `on_commit`
+hook: hash mdp:state:validator, common/checkpoint.py); only then (`on_acked`) is the series state staged for
+the batch committed in memory. A batch whose publish fails is therefore judged again against the same state;
+when the outcome of a commit is unknown (no `on_acked` followed it), the memory is dropped and reloaded from
+the checkpoint, which is what Redis holds. A new process loads each series' checkpoint the first time it
+meets the series: no gap, duplicate or outlier verdict is lost to a restart.
 
 Routing: valid:{event.exchange}; an event without an exchange is rejected (fields.missing) and its alert
 carries the exchange of the raw stream it came from. Markets pass when exchange and symbol are non-empty.
 Alerts found on raw:* are forwarded to mdp:alerts unchanged; heartbeats (not market data) are dropped and
 counted as `ignored`.
 
-Scaling: the stream rules need every event of a series in one process. Run one validator per raw stream
-(numprocs=1); a second instance in the same group would see every other entry and report gaps everywhere.
+Scaling: the stream rules need every event of a series in one process, so one validator works at a time:
+it holds the lease mdp:lease:validator (common/checkpoint.stage_lease), verified in every commit. A second
+instance waits as standby and takes over, from the checkpoint, when the holder dies (the lease expires) or
+stops (it releases the lease); it never publishes while the first holds it.
 
 Counters (heartbeat): events_in, passed, rejected, flagged (events forwarded with a flag), repaired (events
 dropped as duplicates), alerts (alerts published), gaps (Gap events published), forwarded_alerts, ignored,
-series (series in memory), series_evicted, and per rule `rejected.{rule}`, `flagged.{rule}`,
+series (series in memory), series_evicted, series_loaded (from the checkpoint), checkpoint_undecodable,
+and per rule `rejected.{rule}`, `flagged.{rule}`,
 `repaired.{rule}`, `alerted.{rule}` (what `mdp status` shows per rule), plus the bus consumer's
 delivered/acked/dead_lettered/failures. Counters count processing, so a batch retried after a failed publish
 is counted again.
@@ -30,21 +37,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
+
+import redis.asyncio as aioredis
 
 from common import quality, streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.checkpoint import Checkpoint, SeriesBook, SeriesKey, Staging, stage_lease
 from common.config import Settings
 from common.service import Service
 from schemas import Alert, Candle, Event, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
 from services.validator.market_rules import VALIDATOR_RULES
-from services.validator.series import SeriesBook, Staging, StreamRules
+from services.validator.series import CandleSeries, StreamRules, TradeSeries, VenueCloses
 
 log = logging.getLogger(__name__)
 
 GROUP = "validator"
 INPUT_PATTERN = "raw:*"
 VERB = {"reject": "rejected", "flag": "flagged", "repair": "repaired", "alert": "alerted"}
+
+
+def series_keys(batch: list[Delivery]) -> set[SeriesKey]:
+    """The series the stream rules may touch for a batch (services/validator/series.py)."""
+    keys: set[SeriesKey] = set()
+    for d in batch:
+        for e in d.events:
+            if isinstance(e, (Trade, Ticker)):
+                keys.add((e.exchange, e.symbol, "trade", ""))
+            elif isinstance(e, Candle) and e.closed:
+                keys.add((e.exchange, e.symbol, "candle", e.timeframe))
+                keys.add(("*", e.symbol, "venue", e.timeframe))
+    return keys
 
 
 class Validator(Service):
@@ -55,13 +78,17 @@ class Validator(Service):
         super().__init__(settings, instance)
         self.rules = rules
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
+        self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
                                  name=self.consumer_name,
                                  selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer,
-                                 on_acked=self._commit)
+                                 on_acked=self._commit, on_commit=self._checkpoint, lease=self.lease)
         self.rejections = quality.RejectionLog(log)
         self.stream_rules = StreamRules(settings.quality)
         self.book = SeriesBook(settings.quality.max_series)
+        self.checkpoint = Checkpoint(self.redis, self.name,
+                                     {"trade": TradeSeries, "candle": CandleSeries, "venue": VenueCloses},
+                                     restore=self._restore)
         self._staged: Staging | None = None
         self.events_in = 0
         self.passed = 0
@@ -80,9 +107,12 @@ class Validator(Service):
             "events_in": self.events_in, "passed": self.passed, "rejected": self.rejected,
             "flagged": self.flagged, "repaired": self.repaired, "alerts": self.alerts, "gaps": self.gaps,
             "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored, "series": len(self.book),
-            "series_evicted": self.book.evicted, "delivered": s.delivered, "acked": s.acked,
+            "series_evicted": self.book.evicted, "series_loaded": self.checkpoint.loaded,
+            "checkpoint_undecodable": self.checkpoint.undecodable, "delivered": s.delivered, "acked": s.acked,
             "dead_lettered": s.dead_lettered, "failures": s.failures,
         }
+        if s.state == "standby" or self.state == "standby":  # waiting for the lease, or just took it
+            self.state = "standby" if s.state == "standby" else "running"
         out.update(self.by_rule)
         return out
 
@@ -121,12 +151,26 @@ class Validator(Service):
             self.flagged += 1
         out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
 
+    def _restore(self, key: SeriesKey, state: object) -> object:
+        if isinstance(state, CandleSeries):  # the encoding keeps the values, not the deques' bound
+            window = self.settings.quality.outlier_window
+            state.returns, state.jumps = deque(state.returns, window), deque(state.jumps, window)
+        return state
+
+    def _checkpoint(self, pipe: aioredis.client.Pipeline, batch: list[Delivery]) -> None:
+        if self._staged is not None:
+            self.checkpoint.write(pipe, self._staged)
+
     def _commit(self, batch: list[Delivery]) -> None:
         if self._staged is not None:
             self._staged.commit()
             self._staged = None
 
     async def handle(self, batch: list[Delivery]) -> Outputs:
+        if self._staged is not None:  # the last batch's commit failed, or its outcome is unknown
+            self._staged = None
+            self.book.forget()  # judge against what Redis holds: reloaded below from the checkpoint
+        await self.checkpoint.load(self.book, series_keys(batch))
         ctx = quality.CheckContext.from_settings(self.settings.validation, now_ns=time.time_ns())
         staging = self.book.stage()
         out: dict[str, list[Event]] = {}
