@@ -197,6 +197,7 @@ class GroupState:
     pending: int
     lag: int | None
     idle_ms: int | None  # the least idle of its consumers; None without consumers
+    last_delivered_ms: int = 0  # time part of the last entry id delivered to the group (0: none yet)
 
     @property
     def backlog(self) -> int:
@@ -209,15 +210,18 @@ async def stream_groups(redis: aioredis.Redis, stream: str) -> list[GroupState]:
     except ResponseError:
         return []  # no such stream yet
     return [GroupState(stream, _s(g["name"]), int(g["consumers"]), int(g.get("pending") or 0),
-                       None if g.get("lag") is None else int(g["lag"]), None) for g in groups]
+                       None if g.get("lag") is None else int(g["lag"]), None,
+                       int(_s(g.get("last-delivered-id") or "0-0").partition("-")[0]))
+            for g in groups]
 
 
 async def abandoned_groups(redis: aioredis.Redis, stream: str, idle_s: float,
                            groups: list[GroupState] | None = None,
                            first_seen: dict[tuple[str, str], float] | None = None) -> list[GroupState]:
     """Groups of `stream` that are not the pipeline's own, lag (or hold pending entries), and whose consumers
-    have all been idle longer than `idle_s`. A group without consumers counts as idle since `first_seen`
-    (when this process first saw it lagging; now if not given)."""
+    have all been idle longer than `idle_s`. A group without consumers counts as idle since the entry it was
+    last delivered was written, or, having read nothing, since `first_seen` (when this process first saw it
+    lagging)."""
     own = set(streams.own_groups(stream))
     found = []
     for g in groups if groups is not None else await stream_groups(redis, stream):
@@ -230,8 +234,10 @@ async def abandoned_groups(redis: aioredis.Redis, stream: str, idle_s: float,
                 continue  # destroyed meanwhile
             g.idle_ms = min((int(c["idle"]) for c in infos), default=None)
             idle = (g.idle_ms or 0) / 1000
+        elif g.last_delivered_ms:
+            idle = time.time() - g.last_delivered_ms / 1000
         else:
-            seen = (first_seen or {}).setdefault((stream, g.name), time.monotonic())
+            seen = (first_seen if first_seen is not None else {}).setdefault((stream, g.name), time.monotonic())
             idle = time.monotonic() - seen
         if idle > idle_s:
             found.append(g)
@@ -866,25 +872,21 @@ class Consumer:
     async def _pending_where(self, acks: dict[str, list[str]]) -> str:
         """"committed" if none of the batch's entries is pending any more (the MULTI/EXEC is atomic), "ours" if
         they are pending with this consumer, "taken" if with another."""
-        ours = other = 0
-        for stream, ids in acks.items():
-            wanted = set(ids)
-            try:
+        try:
+            for stream, ids in acks.items():
                 rows = await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],
-                                                       count=len(ids) + 10_000)
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    continue  # the group is gone with Redis's data: nothing of ours is pending
-                raise
-            for r in rows:
-                if _s(r["message_id"]) in wanted:
-                    if _s(r["consumer"]) == self.name:
-                        ours += 1
-                    else:
-                        other += 1
-        if ours:
-            return "ours"
-        return "taken" if other else "committed"
+                                                       count=len(ids) + 1000, consumername=self.name)
+                if set(ids) & {_s(r["message_id"]) for r in rows}:
+                    return "ours"
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, ids in acks.items():
+                for entry_id in ids:
+                    pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+            return "taken" if any(await pipe.execute()) else "committed"
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return "committed"  # the group is gone with Redis's data: nothing is pending any more
+            raise
 
     async def _ack(self, acks: dict[str, list[str]], good: list[Delivery], outputs: Outputs) -> None:
         on_commit = self.on_commit
