@@ -11,7 +11,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Every program of supervisord.conf (the simulator aside: it plays the exchange), by supervisorctl name.
+# The programs of supervisord.conf when this was written (the simulator aside: it plays the exchange), by
+# supervisorctl name. The harness kills what `supervisorctl status` lists at the start of a run (sorted), so a
+# program added to supervisord.conf is killed too; these are the default for the schedule functions.
 PROGRAMS = (
     "collector-binance:collector-binance-0",
     "collector-binanceusdm:collector-binanceusdm-0",
@@ -53,11 +55,11 @@ class Fault:
         return f"{self.kind}({self.target})" + (f" for {self.duration_s:.1f}s" if self.duration_s else "")
 
 
-def short_schedule(seed: int, window_s: float) -> list[Fault]:
+def short_schedule(seed: int, window_s: float, programs: tuple[str, ...] = PROGRAMS) -> list[Fault]:
     """Each fault once: kill -9 of every program and every store fault, at uniform random moments in the
     middle of the replay ([8%, 85%] of `window_s`), so each lands while data flows."""
     rng = random.Random(seed)
-    faults = [Fault("kill9", p, 0.0) for p in PROGRAMS]
+    faults = [Fault("kill9", p, 0.0) for p in programs]
     for kind, (target, (lo, hi)) in STORE_FAULTS.items():
         faults.append(Fault(kind, target, 0.0, round(rng.uniform(lo, hi), 2)))
     for f in faults:
@@ -65,7 +67,8 @@ def short_schedule(seed: int, window_s: float) -> list[Fault]:
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def soak_schedule(seed: int, duration_s: float, every_s: tuple[float, float] = (3.0, 8.0)) -> list[Fault]:
+def soak_schedule(seed: int, duration_s: float, every_s: tuple[float, float] = (3.0, 8.0),
+                  programs: tuple[str, ...] = PROGRAMS) -> list[Fault]:
     """Faults every few seconds (uniform in `every_s`) for `duration_s`: kinds drawn with kill -9s of a
     random program three times as likely as each store fault, so every program dies many times."""
     rng = random.Random(seed)
@@ -75,7 +78,7 @@ def soak_schedule(seed: int, duration_s: float, every_s: tuple[float, float] = (
     while t < duration_s:
         kind = rng.choice(kinds)
         if kind == "kill9":
-            out.append(Fault("kill9", rng.choice(PROGRAMS), round(t, 2)))
+            out.append(Fault("kill9", rng.choice(programs), round(t, 2)))
         else:
             target, (lo, hi) = STORE_FAULTS[kind]
             out.append(Fault(kind, target, round(t, 2), round(rng.uniform(lo, hi), 2)))

@@ -440,7 +440,10 @@ class Harness:
             run.started = time.monotonic()
             run.note("replay started")
             window = o.soak_s or RECORDING_S / o.speed
-            run.faults = soak_schedule(o.seed, window) if o.soak_s else short_schedule(o.seed, window)
+            programs = tuple(sorted(line.split()[0] for line in (await self.pipe.actl("status")).splitlines()
+                                    if line.strip() and not line.startswith("simulator")))
+            run.faults = (soak_schedule(o.seed, window, programs=programs) if o.soak_s
+                          else short_schedule(o.seed, window, programs))
             run.faults = [f for f in run.faults if f.kind not in o.skip]
             if o.skip:
                 run.note(f"SKIPPED fault kinds (not a full chaos run): {', '.join(o.skip)}")
