@@ -257,6 +257,31 @@ async def test_candle_gap_is_repaired_into_raw_as_the_collectors_closed_candles(
         assert rep.counts["candles_repaired"] == 30
 
 
+async def test_a_candle_loss_announced_twice_is_fetched_and_published_once(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger,
+        redis: aioredis.Redis) -> None:
+    async with start_simulator(speed=0, max_trades=100, start="manual") as sim:
+        settings = gap_settings(sim, redis_server, influx_server, postgres_dsn)
+        start, end = DAY + 10 * 60 * MIN, DAY + 10 * 60 * MIN + 30 * MIN
+        producer = Producer(redis, Codec(), settings.bus, "test")
+        collectors = Gap(exchange="binance", symbol="BTC/USDT", channel="candles", start=start, end=end,
+                         reason="websocket reconnect", ts_event=end, ts_recv=end)
+        async with running_service(settings) as service:
+            # Act: the collector's Gap for its outage, then the validator's for the same candles, before the
+            # pipeline stored the repaired ones
+            await producer.publish({streams.GAPS: [collectors]})
+            await until("the collector's Gap acknowledged", lambda: _acked(service, 1))
+            await producer.publish({streams.GAPS: [candle_gap(start, end)]})
+            await until("the validator's Gap acknowledged", lambda: _acked(service, 2))
+            counters = service.counters()
+
+        # Assert: one request, the 30 candles on raw:binance once; the second Gap is explained
+        assert candle_rows(await raw_events(redis)) == as_served(sim, start, end)
+        assert sim.status()["rest"]["requests"]["klines"] == 1
+        assert counters["gaps_repaired"] == 1 and counters["gaps_explained"] == 1
+        assert counters["candles_repaired"] == 30
+
+
 async def test_a_window_the_exchange_answers_empty_becomes_known_empty_not_an_alert(
         redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger) -> None:
     async with start_simulator(speed=0, max_trades=100, start="manual") as sim:

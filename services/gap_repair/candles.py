@@ -34,23 +34,25 @@ import ccxt
 import msgspec
 
 from common.ratelimit import ExchangeBanned
-from services.backfill.ingest import Checker, Sink, retention_cutoff
+from services.backfill.ingest import Checker, Sink, retention_cutoff, runs
 from services.backfill.ledger import Series
 from services.backfill.plan import history_of
 from services.backfill.rest import FetchError, PageFetcher
 from services.backfill.span import Span, ceil_to, floor_to, intersect, iso, merge, subtract, timeframe_ns
 from services.gap_repair.outcome import REPAIRED, Outcome, Where
+from services.gap_repair.published import Published, candle_key
 from services.gap_repair.venues import Venues, VenueUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class CandleRepair:
-    def __init__(self, venues: Venues, checker: Checker, sink: Sink, retries: int) -> None:
+    def __init__(self, venues: Venues, checker: Checker, sink: Sink, retries: int, published: Published) -> None:
         self.venues = venues
         self.checker = checker
         self.sink = sink
         self.retries = retries
+        self.published = published
 
     async def repair(self, series: Series, window: Span, missing: list[Span], now_ns: int, origin: str) -> Outcome:
         """Fetch the candles of `series` opening in the `missing` parts of `window` (what InfluxDB and the ledger
@@ -82,9 +84,12 @@ class CandleRepair:
                                f"be fetched anywhere over REST; they stay a hole in the ledger "
                                f"(import an archive of them if one exists)")
             todo = subtract(todo, [Span(todo[0].start, oldest)])
+        sent = [t for span in todo for t in range(span.start, span.end, step)
+                if candle_key(series.exchange, series.symbol, series.timeframe, t) in self.published]
+        todo = subtract(todo, runs(sent, step))
         if not todo and not out.unrepaired:
-            out.explained = (f"every candle of {out.window} is stored or known empty (already repaired, or "
-                             f"delivered live)")
+            out.explained = (f"every candle of {out.window} is stored, known empty, or published by an earlier "
+                             f"repair and on its way to the store (already repaired, or delivered live)")
         for i, hole in enumerate(todo):
             if not await self._fetch_and_store(series, hole, step, history.page_limit, out):
                 for later in todo[i + 1:]:

@@ -55,6 +55,7 @@ class Repairer:
         self.candles = candles
         self.trades = trades
         self.scanner = scanner
+        self.published = candles.published  # one memory for both (services/gap_repair/published.py)
         # Every counter from the start, so `mdp status` shows zeros rather than nothing.
         self.counts: Counter[str] = Counter({f"{p}{s}": 0 for p in ("gaps_", "scan_")
                                              for s in ("repaired", "empty", "explained", "unrepaired")})
@@ -78,6 +79,7 @@ class Repairer:
         now_ns = now_ns or time.time_ns()
         self.counts["gaps_in"] += 1
         out = await self._route(gap, now_ns)
+        self.published.stage(out.events)  # remembered once the bus acknowledged the Gap (`committed`)
         self._count(out, "gaps_")
         log.info("gap %s %s %s %s: %s (%d repaired, %d empty)", gap.exchange, gap.symbol, gap.channel,
                  out.window, out.state, out.repaired, out.empty)
@@ -119,6 +121,14 @@ class Repairer:
                              f"candles, trades) nor a snapshot channel ({', '.join(sorted(SNAPSHOT_CHANNELS))}); "
                              f"fix the producer of this Gap")
         return out.finish(now_ns, gap.reason)
+
+    def committed(self) -> None:
+        """The Gap entries handled last were acknowledged: their repaired data is on raw:{exchange}."""
+        self.published.commit()
+
+    def discarded(self) -> None:
+        """The Gap entries handled last were not acknowledged and are handled again."""
+        self.published.discard()
 
     def _timeframe(self, exchange: str) -> str:
         for ex in self.settings.exchanges:

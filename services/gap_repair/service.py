@@ -33,11 +33,12 @@ from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, 
 from common.config import Settings
 from common.influx import InfluxClient
 from common.service import Service
-from schemas import Gap
+from schemas import Candle, Gap, Trade
 from services.backfill.ingest import Checker, Sink
 from services.backfill.ledger import Ledger
 from services.gap_repair.candles import CandleRepair
 from services.gap_repair.outcome import SOURCE
+from services.gap_repair.published import Published
 from services.gap_repair.repair import Repairer, add_outputs
 from services.gap_repair.scan import Scanner
 from services.gap_repair.trades import TradeRepair
@@ -54,8 +55,9 @@ async def build_repairer(settings: Settings, redis: object, producer: Producer,
     """The repairer on open store clients (the service's, or a test's)."""
     venues = Venues(settings, redis)  # type: ignore[arg-type]
     sink = Sink(influx, ledger, producer, "rest")
-    candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries)
-    trades = TradeRepair(settings, venues, sink)
+    published = Published()
+    candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries, published)
+    trades = TradeRepair(settings, venues, sink, published)
     return Repairer(settings, candles, trades, Scanner(influx, ledger, sink)), venues
 
 
@@ -103,7 +105,7 @@ class GapRepair(Service):
     async def handle(self, batch: list[Delivery]) -> Outputs:
         """Repair every Gap of the batch; the repaired data and the alerts go out with the acknowledgement."""
         assert self.repairer is not None
-        self.repairer.trades.discarded()  # a batch handled before and not acknowledged is handled again
+        self.repairer.discarded()  # a batch handled before and not acknowledged is handled again
         outputs: Outputs = {}
         for delivery in batch:
             for event in delivery.events:
@@ -120,7 +122,7 @@ class GapRepair(Service):
 
     def _acked(self, _batch: list[Delivery]) -> None:
         if self.repairer is not None:
-            self.repairer.trades.committed()
+            self.repairer.committed()
 
     async def _scan_loop(self, stop: asyncio.Event) -> None:
         assert self.repairer is not None
@@ -130,6 +132,9 @@ class GapRepair(Service):
                 outputs = await self.repairer.scan()
                 if outputs:
                     await self.producer.publish(outputs)
+                    self.repairer.published.remember(
+                        e for stream, events in outputs.items() if stream != streams.ALERTS
+                        for e in events if isinstance(e, (Trade, Candle)))
                     self.alerts += len(outputs.get(streams.ALERTS, ()))
             except (StoreUnavailable, *_PG_DOWN) as exc:
                 self.repairer.counts["scan_failures"] += 1

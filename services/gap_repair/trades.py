@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,7 @@ from schemas import Gap, Trade
 from services.backfill.ingest import Sink
 from services.backfill.span import Span
 from services.gap_repair.outcome import REPAIRED, Outcome, Where
+from services.gap_repair.published import Published, trade_key
 from services.gap_repair.venues import Venues, VenueUnavailable
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ BY_ID: dict[str, TradeHistoryApi] = {
     "binanceusdm": TradeHistoryApi("fapiPublic", "fapiPublicGetAggTrades", 20, 20),
 }
 _IDS = re.compile(r"trade ids (\d+)(?:\.\.(\d+))? missing")
-PUBLISHED_MEMORY = 200_000  # trade ids published by acknowledged repairs, remembered (a few MB)
 NARROW_MAX = 40  # narrowing steps of an aggTrades window at most (halving a day of ms takes 27)
 
 
@@ -95,13 +94,12 @@ def missing_ids(gap: Gap) -> tuple[int, int] | None:
 
 
 class TradeRepair:
-    def __init__(self, settings: Settings, venues: Venues, sink: Sink) -> None:
+    def __init__(self, settings: Settings, venues: Venues, sink: Sink, published: Published) -> None:
         self.settings = settings
         self.venues = venues
         self.sink = sink
         self.influx: InfluxClient = sink.influx
-        self._published: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # (exchange, symbol, trade id)
-        self._staged: set[tuple[str, str, str]] = set()  # published by the batch being handled, not acked yet
+        self.published = published
         self.page = max(1, min(1000, settings.gap_repair.trades_page))
         self.sequential = frozenset(settings.quality.sequential_trade_ids)
 
@@ -229,9 +227,7 @@ class TradeRepair:
         trades = [msgspec.structs.replace(trade_event(exchange, symbol, row, now_ns), quality=REPAIRED)
                   for row in sorted(rows, key=lambda r: int(r["id"]))]
         unstored = await self._not_stored(exchange, symbol, trades)
-        fresh = [t for t in unstored if (exchange, symbol, t.trade_id) not in self._published
-                 and (exchange, symbol, t.trade_id) not in self._staged]
-        self._staged.update((exchange, symbol, t.trade_id) for t in fresh)
+        fresh = [t for t in unstored if trade_key(exchange, symbol, t.trade_id) not in self.published]
         out.events.extend(fresh)
         out.repaired += len(fresh)
         if not fresh:
@@ -241,21 +237,6 @@ class TradeRepair:
         log.info("%s %s trades %s: %d fetched, %d already stored, %d already published, %d published to %s",
                  exchange, symbol, out.window, len(trades), len(trades) - len(unstored),
                  len(unstored) - len(fresh), len(fresh), streams.raw(exchange))
-
-    def committed(self) -> None:
-        """The trades of the last handled batch are on raw:{exchange} (the bus acknowledged it): remember them,
-        so that a second Gap over the same ids (the collector's and the validator's both announce a loss) does
-        not publish them again before the influx writer stored them. At most PUBLISHED_MEMORY ids (oldest
-        forgotten first: a later overlapping Gap then publishes them again and the validator drops them)."""
-        for key in self._staged:
-            self._published[key] = None
-        self._staged.clear()
-        while len(self._published) > PUBLISHED_MEMORY:
-            self._published.popitem(last=False)
-
-    def discarded(self) -> None:
-        """The last batch was not acknowledged (it will be handled again): forget what it staged."""
-        self._staged.clear()
 
     async def _not_stored(self, exchange: str, symbol: str, trades: list[Trade]) -> list[Trade]:
         """The trades whose id InfluxDB does not hold yet (in their time range)."""
