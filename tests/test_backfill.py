@@ -4,6 +4,7 @@ plan, history caps, ledger merging, resume after SIGKILL, idempotent reruns, the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -410,11 +411,11 @@ async def test_history_older_than_the_storage_tier_keeps_is_not_fetched(
 # The ledger checked against the store (issue 10, defect 6)
 
 
-async def coverage_verify(env: dict[str, str]) -> tuple[int, str]:
+async def coverage_verify(env: dict[str, str], *extra: str) -> tuple[int, str]:
     """`mdp coverage --verify` for binance BTC/USDT 1m, as a user runs it: (exit status, output)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "common.cli", "coverage", "--verify", "--exchange", "binance", "--symbol", "BTC/USDT",
-        "--timeframe", "1m", env={**os.environ, **env}, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--timeframe", "1m", *extra, env={**os.environ, **env}, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
@@ -483,10 +484,18 @@ async def test_candles_deleted_from_a_covered_day_are_found_exactly_and_fetched_
 
         # Act
         status, text = await coverage_verify(env)
+        json_status, json_text = await coverage_verify(env, "--json")
+        unreachable = await coverage_verify({**env, "MDP_INFLUX_URL": "http://127.0.0.1:9"})
         again = await run_backfill(settings, request, say=lambda _: None)
 
-        # Assert: exactly the two hours are named and fetched again (one request), nothing else
+        # Assert: exactly the two hours are named and fetched again (one request), nothing else; --json says
+        # the same; an InfluxDB that cannot be asked is exit status 2, not "agree"
         assert status == 1 and "missing 120 of them, in [2023-03-25T10:00:00Z, 2023-03-25T12:00:00Z)." in text, text
+        verdict = json.loads(json_text.splitlines()[0])["verify"]
+        assert json_status == 1 and verdict == {
+            "exchange": "binance", "symbol": "BTC/USDT", "timeframe": "1m", "agrees": False, "covered": 4260,
+            "missing_candles": 120, "missing": [["2023-03-25T10:00:00Z", "2023-03-25T12:00:00Z"]]}
+        assert unreachable[0] == 2 and "cannot verify" in unreachable[1], unreachable[1]
         assert again.ledger_corrected == 120 and again.candles == 120
         assert sim.status()["rest"]["requests"]["klines"] == klines_before + 1
         assert normalized(await stored(settings, start, end)) == as_served(sim, start, end)

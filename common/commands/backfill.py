@@ -4,8 +4,8 @@
     mdp backfill --exchange binance --symbol BTC/USDT --symbol ETH/USDT --timeframe 1m --timeframe 1h --since 90d
     mdp backfill --exchange hyperliquid --symbol BTC/USDC:USDC --since 2y --plan   # what it would do, no fetch
 
-Exit status: 0 done (or nothing to do), 1 a fetch failed after its retries or the exchange banned us (what was
-stored is recorded: run the same command again to resume), 2 bad arguments, 130 interrupted (SIGINT/SIGTERM).
+Exit status: 0 done (or nothing to do), 1 a fetch failed after its retries, the exchange banned us or InfluxDB
+is unavailable (what was stored is recorded: run the same command again to resume), 2 bad arguments, 130 interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from common.bus import StoreUnavailable
     from services.backfill.archive import ArchiveError
     from services.backfill.rest import FetchError
     from services.backfill.service import BackfillRequest, run_backfill
@@ -65,7 +66,7 @@ async def run(args: argparse.Namespace) -> int:
     except (SpanError, ArchiveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FetchError, ExchangeBanned) as exc:
+    except (FetchError, ExchangeBanned, StoreUnavailable) as exc:  # StoreUnavailable: InfluxDB down
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ccxt.BaseError as exc:  # a refusal that retrying does not cure: bad symbol, timeframe, auth, ...

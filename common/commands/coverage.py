@@ -12,7 +12,7 @@ The ledger (PostgreSQL) records what was stored; it does not see InfluxDB being 
 services/backfill/verify.py) and the report says, per series, whether they agree or which covered ranges
 InfluxDB is missing (N candles in [from, to)). Exit status: 0 when every series agrees (or without --verify),
 1 when ledger and store disagree on any series (`mdp backfill` over the range fetches them again and corrects
-the ledger).
+the ledger), 2 when InfluxDB cannot be asked (unreachable).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from common.bus import StoreUnavailable
     from common.influx import InfluxClient
     from services.backfill.ledger import Ledger
     from services.backfill.report import coverage_report, render
@@ -65,7 +66,11 @@ async def run(args: argparse.Namespace) -> int:
                 out = report.to_dict()
                 verdict = None
                 if args.verify:
-                    verdict = await verify_coverage(influx, cov, now_ns, report.window)
+                    try:
+                        verdict = await verify_coverage(influx, cov, now_ns, report.window)
+                    except StoreUnavailable as exc:
+                        print(f"error: cannot verify {s} against InfluxDB: {exc}", file=sys.stderr)
+                        return 2
                     disagree += not verdict.agrees
                     out["verify"] = verdict.to_dict()
                 if args.json:
