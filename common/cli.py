@@ -29,7 +29,7 @@ async def _status(args: argparse.Namespace) -> int:
     redis = aioredis.Redis.from_url(settings.redis.url)
     try:
         while True:
-            st = await status_mod.collect(redis)
+            st = await status_mod.collect(redis, abandoned_group_s=settings.bus.abandoned_group_s)
             if args.json:
                 print(json.dumps(st.to_dict(), indent=2))
             else:
