@@ -10,8 +10,8 @@ known-empty ranges are written (evidence of the exchange, nothing to publish for
 (InfluxDB, PostgreSQL) raises StoreUnavailable: the bus retries the same entries in place, nothing is
 acknowledged meanwhile. The exchange being down is not a store failure: after `gap_repair.retries` attempts
 the gap becomes an unrepaired alert (the scan tries candle holes again later). Repeating a Gap is harmless:
-candles InfluxDB holds (or the ledger knows empty) are not fetched again, and trades it holds are not
-published again.
+candles InfluxDB holds (or the ledger knows empty) are not fetched again, trades it holds are not published
+again, and what an acknowledged repair of this process published is neither (services/gap_repair/published.py).
 
 The scan runs every `gap_repair.scan_interval_s` beside the consumer (services/gap_repair/scan.py).
 
