@@ -352,7 +352,7 @@ async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Set
             await redis.execute_command("CLIENT", "UNPAUSE")
         await collector.close()
     assert stopped_in >= service.DRAIN_S - 0.5, "it waited for Redis up to the bound"
-    logged = [r.getMessage() for r in caplog.records if "not published at stop" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "(not published at stop)" in r.getMessage()]
     assert len(logged) == 1 and "binance BTC/USDT trades" in logged[0] and "trade ids " in logged[0], logged
 
 
@@ -536,3 +536,25 @@ async def test_a_redis_restarted_empty_is_noticed_and_what_it_lost_is_a_gap(sett
     assert len(gaps) == 1 and isinstance(gaps[0], Gap), gaps
     assert gaps[0].reason.startswith("Redis lost published data: its position for trades BTC/USDT is gone")
     assert gaps[0].start == collector.started_at, "everything this process published before the restart"
+
+
+def test_outbox_drops_the_oldest_batches_at_its_bound_as_runs_per_feed() -> None:
+    from services.collector.outbox import Batch, Outbox
+
+    def batch(first: int, n: int, symbol: str = "BTC/USDT") -> Batch:
+        trades = [Trade(exchange="binance", symbol=symbol, trade_id=str(i), price=None, amount=None, side=None,
+                        ts_event=i * 1_000_000, ts_recv=0) for i in range(first, first + n)]
+        return Batch(symbol, "trades", list(trades), trade_ids=[t.trade_id for t in trades])
+
+    outbox = Outbox(limit=10)
+    outbox.put(batch(1, 4))
+    in_flight = outbox.take(max_events=4)  # a publish attempt with ids 1..4
+    for first in (5, 9, 13, 17):
+        outbox.put(batch(first, 4))  # 16 events queued: 5..8 then 9..12 dropped, in that order
+    assert outbox.events == 8 and [b.trade_ids[0] for b in outbox.queued] == ["13", "17"]
+    outbox.give_back(in_flight, [], [])  # the attempt failed: 1..4 go back first, over the bound, dropped
+    assert outbox.events == 8 and outbox.dropped_events == 12
+    [run] = outbox.dropped
+    assert (run.first_id, run.last_id, run.events) == ("1", "12", 12), "one run: the batches were consecutive"
+    assert (run.first_ns, run.last_ns) == (1_000_000, 12_000_000)
+    assert sorted(int(i) for _, i, _ in outbox.dropped_trades) == list(range(1, 13))

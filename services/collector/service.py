@@ -646,8 +646,9 @@ class Collector(Service):
             ids = [e.trade_id for e in events if isinstance(e, Trade)]
             named = f"; trade ids {ids[0]}..{ids[-1]}" if ids else ""
             log.error("gap in %s %s %s from %d to %d (not published at stop): %d events%s; the next start "
-                      "opens it from the stored position", self.exchange_id, symbol, channel or "-", min(times),
-                      max(times), len(events), named)
+                      "opens its Gap from the stored position (written with the XADDs, so it also tells if a "
+                      "write sent before the stop was applied after all)", self.exchange_id, symbol,
+                      channel or "-", min(times), max(times), len(events), named)
 
     async def _resume_from_positions(self, stop: asyncio.Event) -> None:
         """Each feed a previous process published opens an outage at its stored position: the first message
