@@ -382,12 +382,13 @@ def test_trade_id_memory_is_bounded_and_forgets_the_oldest_first() -> None:
     assert state.new_trades([{"id": 2, "timestamp": 2}]) == [], "older than the memory: counts as published"
 
 
-def collector_process(config: Path, redis_url: str) -> subprocess.Popen[bytes]:
+def collector_process(config: Path, redis_url: str, log: Path) -> subprocess.Popen[bytes]:
     """`python -m services.collector --exchange binance` as supervisord runs it, on the test's Redis."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDP_")} | {"MDP_REDIS_URL": redis_url}
-    return subprocess.Popen([sys.executable, "-m", "services.collector", "--exchange", "binance", "--config",
-                             str(config), "--instance", "t"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    with log.open("ab") as out:  # a file, not a pipe nobody reads (a full pipe would block the process)
+        return subprocess.Popen([sys.executable, "-m", "services.collector", "--exchange", "binance", "--config",
+                                 str(config), "--instance", "t"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=out)
 
 
 def trades_only_config(path: Path, sim: Any) -> Path:
@@ -403,7 +404,8 @@ async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(
     never reached raw:binance. A SIGTERM then stops it with exit code 0."""
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
         config = trades_only_config(tmp_path / "collector.toml", sim)
-        first = collector_process(config, settings.redis.url)
+        log = tmp_path / "collector.log"
+        first = collector_process(config, settings.redis.url, log)
         second: subprocess.Popen[bytes] | None = None
         try:
             async def published(n: int) -> bool:
@@ -411,20 +413,20 @@ async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(
 
             async with asyncio.timeout(60):
                 while not await published(100):
-                    assert first.poll() is None, first.stderr.read().decode()[-3000:] if first.stderr else ""
+                    assert first.poll() is None, log.read_text()[-3000:]
                     await asyncio.sleep(0.05)
             first.kill()
             first.wait(10)
             before = len(trade_ids(await read(redis, streams.raw("binance"))))
             await asyncio.sleep(1.0)  # the replay runs on: these trades reach no one
-            second = collector_process(config, settings.redis.url)
+            second = collector_process(config, settings.redis.url, log)
 
             async def gap_and_more() -> bool:
                 return bool(await read(redis, streams.GAPS)) and await published(before + 100)
 
             async with asyncio.timeout(60):
                 while not await gap_and_more():
-                    assert second.poll() is None, second.stderr.read().decode()[-3000:] if second.stderr else ""
+                    assert second.poll() is None, log.read_text()[-3000:]
                     await asyncio.sleep(0.05)
             second.send_signal(signal.SIGTERM)
             code = second.wait(20)
@@ -433,7 +435,8 @@ async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(
                 if p is not None and p.poll() is None:
                     p.kill()
                     p.wait(10)
-    assert code == 0, second.stderr.read().decode()[-3000:] if second.stderr else ""
+    assert code == 0, log.read_text()[-3000:]
+    assert "stopped collecting; the outbox was published" in log.read_text(), "SIGTERM drained"
     ids = trade_ids(await read(redis, streams.raw("binance")))
     assert ids == sorted(set(ids)), "no trade published twice, none out of order"
     lost = [i for i in range(ids[0], ids[-1] + 1) if i not in set(ids)]
