@@ -4,6 +4,8 @@ real binance-spot-1m-ccxt file equal those pandas computes independently (resamp
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -13,18 +15,21 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import streams
-from common.bus import Producer
-from common.config import RedisSettings, Settings
+from common.bus import Delivery, Producer
+from common.config import ExchangeSettings, RedisSettings, Settings
 from schemas import Alert, Candle, Codec, Event, Trade
 from services.aggregator import Aggregator
 from services.aggregator.bars import TimeframeError, bar_duration
 from services.simulator import Recording
-from tests.conftest import shipped_btc_minutes
+from services.simulator.coinbase_recording import CoinbaseRecording
+from services.simulator.hyperliquid_data import load_capture
+from tests.conftest import SHIPPED_DATA, shipped_btc_minutes
 from tests.test_stages import FAST, read, run_until
 
 codec = Codec()
 replace = msgspec.structs.replace
 MS = 1_000_000
+MINUTE = 60_000_000_000
 PACKED = replace(FAST, batch_max_events=500, read_count=100, stream_maxlen=10_000, backpressure_high_water=5_000)
 
 
@@ -167,7 +172,7 @@ async def test_a_restart_rebuilds_the_bars_in_progress(redis, settings) -> None:
     first, second = minutes[:95], minutes[95:]  # the restart falls inside the 01:00 hour and a 5m bar
     await aggregate(redis, settings, candles=first)
     svc = await aggregate(redis, settings, candles=second)  # a new process: empty memory
-    assert svc.count["recovered_minutes"] == len(first)
+    assert svc.counters()["series_loaded"] == 1  # the symbol's state, from the checkpoint
     out = await bars_published(redis)
     hours = [c for c in out if c.timeframe == "1h"]
     assert [h.open_time for h in hours] == [minutes[0].open_time, minutes[60].open_time]
@@ -194,3 +199,216 @@ def test_bar_timeframes_must_divide_a_day() -> None:
     for bad in ("7m", "1m", "5x", "1w"):
         with pytest.raises(TimeframeError, match="bar_timeframes"):
             bar_duration(bad)
+
+
+# --- restarts, a second instance (issue 10, defect 4) ----------------------------------------------------
+
+def streams_of(events: Sequence[Event]) -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = {}
+    for e in events:
+        kind = "trade" if isinstance(e, Trade) else "candle"
+        out.setdefault(streams.market_data(kind, e.exchange, e.symbol), []).append(e)  # type: ignore[union-attr]
+    return out
+
+
+async def everything_published(redis: aioredis.Redis) -> dict[str, list[Event]]:
+    """What the aggregator published (built minutes, bars, alerts), without its processing-time stamps."""
+    out: dict[str, list[Event]] = {}
+    for key in sorted(k.decode() for k in await redis.keys("md:candle*")):
+        ours = [e for e in await read(redis, key) if isinstance(e, Candle) and e.source == "aggregate"]
+        if ours:
+            out[key] = ours
+    out[streams.ALERTS] = [replace(a, ts_recv=0) for a in await read(redis, streams.ALERTS)]
+    return out
+
+
+async def aggregate_in_pieces(redis: aioredis.Redis, settings: Settings, pieces: Sequence[Sequence[Event]]) -> None:
+    """Each piece published, then consumed by a new aggregator process (empty memory) that stops after it."""
+    for piece in pieces:
+        await Producer(redis, codec, settings.bus, "test").publish(streams_of(piece))
+        svc = Aggregator(settings)
+        svc.consumer.refresh_s = 0.05
+        n = len(piece)
+        await run_until([svc], lambda s=svc, n=n: s.count["trades"] + s.count["candles_in"] >= n,  # type: ignore[misc]
+                        timeout=30)
+
+
+def by_time(trades: list[Event], candles: list[Event], cuts: Sequence[int]) -> list[list[Event]]:
+    """The trades cut at `cuts` (indexes), each piece with the exchange candles that closed before its end."""
+    pieces: list[list[Event]] = []
+    bounds = [0, *cuts, len(trades)]
+    for start, end in itertools.pairwise(bounds):
+        until = trades[end - 1].ts_event if end < len(trades) else None  # type: ignore[union-attr]
+        since = trades[start - 1].ts_event if start else None  # type: ignore[union-attr]
+        cs = [c for c in candles if (since is None or c.ts_event > since) and (until is None or c.ts_event <= until)]  # type: ignore[union-attr]
+        pieces.append([*trades[start:end], *cs])
+    return pieces
+
+
+async def test_restarts_mid_minute_give_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: the real capture in one process
+    rec, trades, candles = capture()
+    await aggregate_in_pieces(redis, settings, [[*trades, *candles]])
+    expected = await everything_published(redis)
+    assert len(expected[streams.candle_built("binance", "BTC/USDT")]) == len(rec.candles) - 2
+    await redis.flushdb()
+    # Act: a new process after each cut, each in the middle of a minute
+    await aggregate_in_pieces(redis, settings, by_time(trades, candles, [2500, 7001, 7002, 15000]))
+    # Assert: every minute built, each once, equal; the same bars and (no) alerts
+    assert await everything_published(redis) == expected
+
+
+async def test_restarts_across_midnight_never_rebuild_the_wrong_day(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: 27 real hours of minutes in one process; then cut around midnight, one piece starting with a
+    # minute of the day before sent again (a late copy)
+    minutes, frame = real_minutes(27 * 60)
+    await aggregate_in_pieces(redis, settings, [minutes])
+    expected = await everything_published(redis)
+    await redis.flushdb()
+    midnight = 24 * 60
+    cuts = [0, midnight - 3, midnight + 1, midnight + 5, midnight + 100, len(minutes)]
+    pieces: list[list[Event]] = [list(minutes[a:b]) for a, b in itertools.pairwise(cuts)]
+    pieces[3].insert(0, minutes[midnight - 10])
+    await aggregate_in_pieces(redis, settings, [*pieces[:3], [minutes[midnight - 10]], *pieces[3:]])
+    # Assert: the same bars as without restarts; the 1h and 1d bars equal pandas' (volume included)
+    got = await everything_published(redis)
+    assert got == expected
+    bars = got[streams.market_data("candle", "binance", "BTC/USDT")]
+    day = [b for b in bars if b.timeframe == "1d"]
+    assert len(day) == 1 and not day[0].quality  # type: ignore[union-attr]
+    assert_bars_equal(day, resample(frame, "1D"), 1440)  # type: ignore[arg-type]
+    assert_bars_equal([b for b in bars if b.timeframe == "1h"], resample(frame, "1h"), 60)  # type: ignore[misc]
+
+
+async def test_a_second_aggregator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: one process's outputs, from small entries (many batches)
+    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10))
+    _, trades, candles = capture()
+    events = streams_of([*trades, *candles])
+    await aggregate_in_pieces(redis, small, [[*trades, *candles]])
+    expected = await everything_published(redis)
+    await redis.flushdb()
+    await Producer(redis, codec, small.bus, "test").publish(events)
+    entries = 0
+    for name in events:
+        entries += await redis.xlen(name)
+    # Act: two at once; the holder is killed half way with a batch in hand (its lease must expire)
+    a, b = Aggregator(small, instance="a"), Aggregator(small, instance="b")
+    stuck = asyncio.Event()
+    for svc in (a, b):
+        svc.consumer.refresh_s = 0.05
+        svc.handle = hang_after(svc, entries // 2, stuck)  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    tasks = {svc: asyncio.create_task(svc.run(stop)) for svc in (a, b)}
+    try:
+        async with asyncio.timeout(60):
+            await stuck.wait()
+            holder, standby = (a, b) if a.consumer.stats.acked else (b, a)
+            assert standby.consumer.stats.acked == 0 and standby.consumer.stats.state == "standby"
+            tasks[holder].cancel()
+            while not await all_done(redis, list(events), "aggregator"):
+                assert not tasks[standby].done()
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for svc in (a, b):
+            await svc.close()
+    # Assert: one process's outputs: no minute or bar doubled, none wrong
+    assert await everything_published(redis) == expected
+    assert standby.consumer.stats.acked > 0 and standby.checkpoint.loaded == 1
+
+
+def hang_after(svc: Aggregator, entries: int, stuck: asyncio.Event):  # type: ignore[no-untyped-def]
+    """svc.handle, except that the batch after `entries` entries hangs (a process that froze, then is killed)."""
+    handle = svc.handle
+
+    async def gated(batch: list[Delivery]) -> object:
+        if svc.consumer.stats.acked >= entries:
+            stuck.set()
+            await asyncio.Event().wait()
+        return await handle(batch)
+    return gated
+
+
+async def all_done(redis: aioredis.Redis, names: list[str], group: str) -> bool:
+    for stream in names:
+        info = next((g for g in await redis.xinfo_groups(stream) if g["name"] == group.encode()), None)
+        if info is None or info["lag"] or info["pending"]:
+            return False
+    return True
+
+
+# --- exchanges with unordered trade ids, exchanges without candles (issue 10, defect 5) --------------------
+
+def hyperliquid_trades() -> list[Trade]:
+    path = SHIPPED_DATA / "ws-captures" / "hyperliquid_btcusd_20250126.gz"
+    return [Trade(exchange="hyperliquid", symbol="BTC/USDC:USDC", trade_id=str(t["tid"]), price=Decimal(t["px"]),
+                  amount=Decimal(t["sz"]), side="buy" if t["side"] == "B" else "sell", ts_event=t["time"] * MS,
+                  ts_recv=e.recv_ns)
+            for e in load_capture(path) if e.channel == "trades" for t in e.data]
+
+
+async def test_hyperliquid_minutes_keep_every_trade_though_its_ids_are_not_ordered(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: the real Hyperliquid capture (64 trades over two minutes, tids in no order), and a trade of the
+    # next minute that closes the second one
+    trades = hyperliquid_trades()
+    ids = [int(t.trade_id) for t in trades]
+    assert ids != sorted(ids) and len(set(ids)) == len(ids)
+    second = max(t.ts_event for t in trades) // MINUTE * MINUTE
+    closer = replace(trades[-1], trade_id="1", ts_event=second + MINUTE, ts_recv=trades[-1].ts_recv + MINUTE)
+    in_minute = [t for t in trades if t.ts_event >= second]
+    # Act: with one trade redelivered
+    await aggregate_in_pieces(redis, settings, [[*trades, in_minute[3], closer]])
+    # Assert: the built minute holds every trade of the minute once
+    built = await read(redis, streams.candle_built("hyperliquid", "BTC/USDC:USDC"))
+    prices = [t.price for t in in_minute]
+    assert built == [Candle(exchange="hyperliquid", symbol="BTC/USDC:USDC", timeframe="1m", open_time=second,
+                            open=prices[0], high=max(prices), low=min(prices), close=prices[-1],  # type: ignore[type-var]
+                            volume=sum((t.amount for t in in_minute), Decimal(0)), closed=True,  # type: ignore[misc]
+                            ts_event=second + MINUTE - MS, ts_recv=in_minute[-1].ts_recv, source="aggregate")]
+    assert len(in_minute) > 20
+
+
+def coinbase_trades(loops: int) -> list[Trade]:
+    """The real Coinbase SKL-USD matches, replayed `loops` times a minute apart with ids moving on, as the
+    simulator loops them."""
+    recording = CoinbaseRecording.load(SHIPPED_DATA)
+    base = [t for t in recording.trades("SKL-USD") if not t.last_match]
+    span = max(t.trade_id for t in base) - min(t.trade_id for t in base) + 1
+    return [Trade(exchange="coinbase", symbol="SKL/USD", trade_id=str(t.trade_id + k * span),
+                  price=Decimal(t.price), amount=Decimal(t.size), side="sell" if t.maker_side == "buy" else "buy",
+                  ts_event=(t.time_us + k * 60 * 1_000_000) * 1_000, ts_recv=(t.recv_us + k * 60 * 1_000_000) * 1_000)
+            for k in range(loops) for t in base]
+
+
+async def test_coinbase_built_minutes_are_its_1m_candles_and_roll_up(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: Coinbase configured as in config/simulator.toml (no candle channel), 12 minutes of its trades
+    coinbase = ExchangeSettings(id="coinbase", symbols=["SKL/USD"], channels=["trades", "ticker", "book"])
+    with_coinbase = replace(settings, exchanges=[coinbase])
+    trades = coinbase_trades(12)
+    # Act
+    await aggregate_in_pieces(redis, with_coinbase, [trades])
+    # Assert: each closed minute (not the first, partial one) is on md:candle as the 1m candle, equal to the
+    # minute computed here from the trades, and the 5m bars are rolled up from them
+    frame = pd.DataFrame({"t": [t.ts_event for t in trades], "price": [float(t.price) for t in trades],  # type: ignore[arg-type]
+                          "amount": [float(t.amount) for t in trades]})  # type: ignore[arg-type]
+    frame.index = pd.to_datetime(frame.t, unit="ns", utc=True)
+    per_minute = frame.resample("1min").agg({"price": ["first", "max", "min", "last"], "amount": "sum", "t": "count"})
+    per_minute = per_minute[per_minute[("t", "count")] > 0]
+    published = [c for c in await read(redis, streams.market_data("candle", "coinbase", "SKL/USD"))
+                 if isinstance(c, Candle)]
+    ones = [c for c in published if c.timeframe == "1m"]
+    assert [c.open_time for c in ones] == [int(t.value) for t in per_minute.index[1:-1]]
+    for c in ones:
+        row = per_minute.loc[pd.Timestamp(c.open_time, unit="ns", tz="UTC")]
+        assert [float(v) for v in (c.open, c.high, c.low, c.close)] == list(row["price"])  # type: ignore[arg-type]
+        assert float(c.volume) == pytest.approx(row[("amount", "sum")], rel=1e-12)  # type: ignore[arg-type]
+        assert c.source == "aggregate" and c.closed
+    fives = [c for c in published if c.timeframe == "5m"]
+    assert fives, "rolled up"
+    minute_frame = pd.DataFrame({"timestamp": [c.open_time for c in ones], "open": [float(c.open) for c in ones],  # type: ignore[arg-type]
+                                 "high": [float(c.high) for c in ones], "low": [float(c.low) for c in ones],  # type: ignore[arg-type]
+                                 "close": [float(c.close) for c in ones], "volume": [float(c.volume) for c in ones]})  # type: ignore[arg-type]
+    minute_frame.index = pd.to_datetime(minute_frame.timestamp, unit="ns", utc=True)
+    assert_bars_equal(fives, resample(minute_frame, "5min"), 5)

@@ -4,9 +4,11 @@ from closed 1m candles, and the comparison of a built 1m candle with the exchang
 Minutes from trades (`SymbolBars.add_trade`): a trade falls in the minute floor(ts_event / 1m). The minute
 closes when a trade of a later minute arrives (the collector orders trades per symbol), and the built candle
 is open = first trade's price, high/low, close = last trade's price, volume = sum of amounts, exactly (Decimal).
-The first minute a process sees of a symbol started before it was listening: it is `partial`, never
-published nor compared. A trade of an older minute than the open one (late) is not added (counted); a
-numeric trade id at or below the last one added is a redelivery and skipped.
+The first minute the aggregator sees of a symbol started before it was listening: it is `partial`, never
+published nor compared (the state, this flag included, is checkpointed: a restart continues the minute in
+hand, so the first minute after a restart is complete). A trade of an older minute than the open one (late)
+is not added (counted); a trade whose id was already added to the open minute is a redelivery and skipped.
+Ids are compared per minute, as a set, never by order: Hyperliquid's trade ids (`tid`) are not ordered.
 
 Higher timeframes (`SymbolBars.add_minute`): each timeframe's bar P (open times aligned on multiples of the
 timeframe since the epoch, i.e. UTC midnight) collects the closed 1m candles inside it, each minute once
@@ -78,26 +80,31 @@ class Period:
     """One higher-timeframe bar in progress: which of its minutes arrived, and their aggregate."""
 
     start: int
-    minutes: int = 0  # bit i: minute start + i*1m arrived
+    minutes: bytearray = field(default_factory=bytearray)  # bit i: minute start + i*1m arrived (1d: 180 bytes)
     first: int = -1  # index of the earliest minute present (its open is the bar's open)
     last: int = -1  # index of the latest minute present (its close is the bar's close)
     bar: Bar | None = None
     quality: frozenset[str] = frozenset()
     final: bool = False  # emitted (complete, or superseded by a later bar)
+    count: int = 0  # minutes present
 
     def copy(self) -> Period:
-        return Period(self.start, self.minutes, self.first, self.last,
-                      self.bar.copy() if self.bar is not None else None, self.quality, self.final)
+        return Period(self.start, bytearray(self.minutes), self.first, self.last,
+                      self.bar.copy() if self.bar is not None else None, self.quality, self.final, self.count)
 
     def complete(self, duration: int) -> bool:
-        return self.minutes == (1 << (duration // MINUTE_NS)) - 1
+        return self.count == duration // MINUTE_NS
 
     def add(self, candle: Candle, index: int) -> bool:
         """Add a minute; False if it was already there (first copy wins)."""
-        bit = 1 << index
-        if self.minutes & bit:
+        byte, bit = index >> 3, 1 << (index & 7)
+        minutes = self.minutes
+        if byte >= len(minutes):
+            minutes.extend(bytes(byte + 1 - len(minutes)))
+        if minutes[byte] & bit:
             return False
-        self.minutes |= bit
+        minutes[byte] |= bit
+        self.count += 1
         o, h, lo, c, v = candle.open, candle.high, candle.low, candle.close, candle.volume
         assert o is not None and h is not None and lo is not None and c is not None and v is not None
         b = self.bar
@@ -126,22 +133,20 @@ class SymbolBars:
     symbol: str
     # minutes from trades
     minute: Bar | None = None
-    partial: bool = True  # the open minute started before this process listened
-    last_trade_id: int | None = None
+    partial: bool = True  # the open minute started before the aggregator listened
+    minute_ids: set[str] = field(default_factory=set)  # trade ids added to the open minute
     first_complete: int | None = None  # open time of the first minute built from its start
     # reconciliation
     built_waiting: dict[int, Candle] = field(default_factory=dict)
     exchange_waiting: dict[int, Candle] = field(default_factory=dict)
     # higher timeframes: timeframe -> bar start -> Period
     periods: dict[str, dict[int, Period]] = field(default_factory=dict)
-    recovered: bool = False  # the bars in progress were rebuilt from the stored minutes
 
     def copy(self) -> SymbolBars:
         return SymbolBars(self.exchange, self.symbol, self.minute.copy() if self.minute else None, self.partial,
-                          self.last_trade_id, self.first_complete, dict(self.built_waiting),
+                          set(self.minute_ids), self.first_complete, dict(self.built_waiting),
                           dict(self.exchange_waiting),
-                          {tf: {s: p.copy() for s, p in ps.items()} for tf, ps in self.periods.items()},
-                          self.recovered)
+                          {tf: {s: p.copy() for s, p in ps.items()} for tf, ps in self.periods.items()})
 
     # -- trades -> 1m ----------------------------------------------------------------------------------
 
@@ -151,13 +156,6 @@ class SymbolBars:
         if price is None or amount is None:
             counts["trades_invalid"] += 1
             return None
-        tid = trade.trade_id
-        if tid.isdigit() and tid.isascii():
-            n = int(tid)
-            if self.last_trade_id is not None and n <= self.last_trade_id:
-                counts["trades_redelivered"] += 1
-                return None
-            self.last_trade_id = n
         start = trade.ts_event - trade.ts_event % MINUTE_NS
         m = self.minute
         if m is not None and start < m.open_time:
@@ -168,9 +166,15 @@ class SymbolBars:
             if not self.partial:
                 closed = self.built_candle(m)
             self.minute = m = None
+            self.minute_ids = set()
             self.partial = False
             if self.first_complete is None:
                 self.first_complete = start
+        tid = trade.trade_id
+        if tid in self.minute_ids:
+            counts["trades_redelivered"] += 1
+            return None
+        self.minute_ids.add(tid)
         if m is None:
             self.minute = Bar(start, price, price, price, price, amount, trade.ts_recv)
         else:
@@ -233,8 +237,7 @@ class SymbolBars:
 
     def add_minute(self, candle: Candle, timeframes: dict[str, int], keep: int, counts: dict[str, int],
                    emit: bool = True) -> list[Candle]:
-        """Add a closed 1m candle to every timeframe's bar; the bars to publish (none when `emit` is False,
-        as when state is rebuilt after a restart)."""
+        """Add a closed 1m candle to every timeframe's bar; the bars to publish (none when `emit` is False)."""
         t = candle.open_time
         out: list[Candle] = []
         for tf, duration in timeframes.items():
@@ -259,14 +262,6 @@ class SymbolBars:
             while len(periods) > keep:
                 del periods[min(periods)]
         return out
-
-    def settle_recovered(self, timeframes: dict[str, int]) -> None:
-        """After rebuilding from stored minutes: a complete bar was emitted when its last minute came (were
-        that publish lost, its minute's entry is redelivered and emits it again), so it is final; an
-        incomplete earlier bar is emitted again when the next minute arrives (same content if it was)."""
-        for tf, duration in timeframes.items():
-            for period in self.periods.get(tf, {}).values():
-                period.final = period.complete(duration)
 
     def bar_candle(self, timeframe: str, duration: int, period: Period) -> Candle:
         b = period.bar

@@ -4,30 +4,42 @@ Reads md:trade:* and md:candle:* (consumer group "aggregator") and publishes:
 - md:candle_built:{exchange}:{symbol}: 1m candles built from the trades (source "aggregate"), apart from the
   exchange's own 1m candles so the two never mix in a store;
 - md:candle:{exchange}:{symbol}: 5m, 15m, 1h, 4h, 1d bars (quality.bar_timeframes) rolled up from the
-  exchange's closed 1m candles, with their timeframe and source "aggregate" (the InfluxDB writer stores them
+  symbol's closed 1m candles, with their timeframe and source "aggregate" (the InfluxDB writer stores them
   in `ohlcv` beside the 1m bars, tag `timeframe`);
 - mdp:alerts: `candle.reconcile` (warning) when a built 1m candle and the exchange's closed 1m candle for the
   same minute disagree beyond quality.reconcile_price_rel / reconcile_volume_rel, with both values.
 The bar logic, and when a bar is emitted, is in services/aggregator/bars.py. Its own higher-timeframe bars
 come back to it on md:candle:*; only closed 1m candles not built by it are rolled up.
 
-Restarts: the closed 1m candles of the current UTC day are also kept in a Redis hash per symbol and day
-(`mdp:agg:{exchange}:{symbol}:{YYYYMMDD}`, field = open time ns, value = the encoded candle, expiring after 2
-days). The first time this process sees a symbol it rebuilds that day's bars in progress from the hash, so a
-restart does not turn the 1h/4h/1d bars in progress into incomplete ones. The minute being built from trades
-is not kept: after a restart the first built minute of each symbol is partial and skipped.
+A symbol's 1m candles: the exchange's own closed 1m candles, if its exchange sends them. For an exchange whose
+`channels` in the config has "trades" but no "candles" (Coinbase: ccxt.pro has no candle stream), the 1m
+candle built from trades IS the symbol's 1m candle: each closed one is also published on
+md:candle:{exchange}:{symbol} (timeframe 1m, source "aggregate"; the InfluxDB writer stores it in the 1m
+tier) and rolled up to the higher timeframes. A minute without trades has no candle there (as on Coinbase's
+own REST), so the higher bar holding it is published incomplete (quality "time.gap").
 
-Atomicity and idempotence: a batch's minutes are written to the hash first (HSET of the same value is
-idempotent), then its outputs are published and its inputs acknowledged in one MULTI/EXEC, then the state
-staged for the batch is committed (services.validator.series.SeriesBook, as in the validator). A retried
-batch sees the same state; a re-emitted bar has the same content, and downstream stores overwrite by open
-time. State is bounded: at most quality.max_series symbols in memory (the least recently used is forgotten
-and rebuilt from the hash when it comes back), each with 12 bars per timeframe and 120 candles waiting for
-reconciliation per side.
+Restarts and a second copy: the state of every symbol (the minute being built from trades, with the ids
+already in it; the higher bars in progress; the candles waiting for reconciliation) is checkpointed in the
+Redis hash mdp:state:aggregator in the same MULTI/EXEC as the batch's outputs and acknowledgements
+(common/checkpoint.py), and loaded symbol by symbol by a new process. A restart therefore continues the
+minute in hand (the first minute after it is complete, not partial) and the 1h/4h/1d bars in progress with
+exactly the minutes they had (this replaces the per-day `mdp:agg:{exchange}:{symbol}:{YYYYMMDD}` hash of
+minutes, which could rebuild the wrong day after a restart across midnight and double volume in 1h/1d
+bars). One aggregator works at a time: it holds the lease mdp:lease:aggregator, verified in every commit; a
+second instance waits as standby and takes over from the checkpoint when the holder dies or stops.
 
-Counters: trades, candles_in (not built here), minutes_built, partial_minutes, bars (higher-timeframe bars published), bars_incomplete,
+Atomicity and idempotence: a batch's outputs, acknowledgements and state checkpoint commit in one
+MULTI/EXEC; only then is the state staged for the batch made the in-memory one (if the outcome of a commit
+is unknown, the memory is dropped and reloaded from the checkpoint). A retried batch sees the same state; a
+re-emitted bar has the same content, and downstream stores overwrite by open time. State is bounded: at
+most quality.max_series symbols (the least recently used is forgotten, in memory and in the checkpoint),
+each with 12 bars per timeframe and 120 candles waiting for reconciliation per side.
+
+Counters: trades, candles_in (not built here), minutes_built, minutes_as_1m (built minutes published as the
+symbol's 1m candle), partial_minutes, bars (higher-timeframe bars published), bars_incomplete,
 reconciled_ok, reconcile_mismatch, reconcile_skipped, reconcile_expired, late_dropped, trades_late,
-trades_redelivered, trades_invalid, recovered_minutes, ignored, symbols, plus the consumer's counters.
+trades_redelivered, trades_invalid, ignored, symbols, series_loaded (from the checkpoint),
+checkpoint_undecodable, plus the consumer's counters.
 """
 
 from __future__ import annotations
@@ -36,32 +48,36 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
 
 from common import streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.checkpoint import Checkpoint, SeriesBook, SeriesKey, Staging, stage_lease
 from common.config import ConfigError, Settings
 from common.quality import iso, text
 from common.service import Service
 from schemas import Alert, Candle, Event, Trade
-from services.aggregator.bars import DAY_NS, SymbolBars, TimeframeError, bar_duration, compare
-from services.validator.series import SeriesBook, Staging
+from services.aggregator.bars import SymbolBars, TimeframeError, bar_duration, compare
 
 log = logging.getLogger(__name__)
 
 GROUP = "aggregator"
 INPUT_PATTERNS = ("md:trade:*", "md:candle:*")
 KEEP_PERIODS = 12  # bars kept per timeframe (a late minute for one of them re-emits it)
-MINUTES_TTL_S = 2 * 86_400
-COUNTERS = ("trades", "candles_in", "minutes_built", "partial_minutes", "bars", "bars_incomplete", "reconciled_ok",
-            "reconcile_mismatch", "reconcile_skipped", "reconcile_expired", "late_dropped", "trades_late",
-            "trades_redelivered", "trades_invalid", "recovered_minutes", "ignored")
+COUNTERS = ("trades", "candles_in", "minutes_built", "minutes_as_1m", "partial_minutes", "bars", "bars_incomplete",
+            "reconciled_ok", "reconcile_mismatch", "reconcile_skipped", "reconcile_expired", "late_dropped",
+            "trades_late", "trades_redelivered", "trades_invalid", "ignored")
 
 
-def minutes_key(exchange: str, symbol: str, open_time: int) -> str:
-    """The Redis hash holding one UTC day's closed 1m candles of a symbol (for restarts)."""
-    day = datetime.fromtimestamp(open_time // 1_000_000_000, tz=UTC).strftime("%Y%m%d")
-    return f"mdp:agg:{exchange}:{symbol}:{day}"
+def symbol_keys(batch: list[Delivery]) -> set[SeriesKey]:
+    """The symbols (checkpoint series) a batch may touch."""
+    keys: set[SeriesKey] = set()
+    for d in batch:
+        for e in d.events:
+            if isinstance(e, (Trade, Candle)):
+                keys.add((e.exchange, e.symbol, "bars", ""))
+    return keys
 
 
 class Aggregator(Service):
@@ -76,17 +92,25 @@ class Aggregator(Service):
             raise ConfigError(f"{exc}; fix [quality] bar_timeframes in the config file") from None
         self.price_rel = q.reconcile_price_rel
         self.volume_rel = q.reconcile_volume_rel
+        # Exchanges with trades but no candle channel: the 1m candle built from trades is the symbol's 1m candle.
+        self.builds_1m = frozenset(ex.id for ex in settings.exchanges
+                                   if "trades" in ex.channels and "candles" not in ex.channels)
         self.book = SeriesBook(q.max_series)
+        self.checkpoint = Checkpoint(self.redis, self.name, {"bars": SymbolBars})
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
+        self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
         self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
                                  selector=StreamSelector(patterns=INPUT_PATTERNS), producer=self.producer,
-                                 on_acked=self._commit)
+                                 on_acked=self._commit, on_commit=self._checkpoint, lease=self.lease)
         self.count: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._staged: Staging | None = None
 
     def counters(self) -> dict[str, int]:
         s = self.consumer.stats
+        if s.state == "standby" or self.state == "standby":  # waiting for the lease, or just took it
+            self.state = "standby" if s.state == "standby" else "running"
         return {**self.count, "symbols": len(self.book), "symbols_evicted": self.book.evicted,
+                "series_loaded": self.checkpoint.loaded, "checkpoint_undecodable": self.checkpoint.undecodable,
                 "delivered": s.delivered, "acked": s.acked, "dead_lettered": s.dead_lettered,
                 "failures": s.failures}
 
@@ -98,18 +122,24 @@ class Aggregator(Service):
 
     # -- the handler ----------------------------------------------------------------------------------
 
+    def _checkpoint(self, pipe: aioredis.client.Pipeline, batch: list[Delivery]) -> None:
+        if self._staged is not None:
+            self.checkpoint.write(pipe, self._staged)
+
     def _commit(self, batch: list[Delivery]) -> None:
         if self._staged is not None:
             self._staged.commit()
             self._staged = None
 
     async def handle(self, batch: list[Delivery]) -> Outputs:
+        if self._staged is not None:  # the last batch's commit failed, or its outcome is unknown
+            self._staged = None
+            self.book.forget()  # continue from what Redis holds: reloaded below from the checkpoint
+        await self.checkpoint.load(self.book, symbol_keys(batch))
         now = time.time_ns()
         staging = self.book.stage()
-        await self._recover(batch, staging)
         out: dict[str, list[Event]] = {}
         alerts: list[Event] = []
-        minutes: list[Candle] = []
         for d in batch:
             for event in d.events:
                 if isinstance(event, Trade):
@@ -118,48 +148,16 @@ class Aggregator(Service):
                 if isinstance(event, Candle) and event.source != "aggregate":
                     self.count["candles_in"] += 1
                     if event.timeframe == "1m" and event.closed:
-                        minutes.append(event)
                         self._minute(event, staging, out, alerts, now)
                         continue
                 self.count["ignored"] += 1  # open updates, our own bars, other timeframes
         if alerts:
             out[streams.ALERTS] = alerts
-        if minutes:
-            pipe = self.redis.pipeline(transaction=False)
-            for c in minutes:
-                key = minutes_key(c.exchange, c.symbol, c.open_time)
-                pipe.hset(key, str(c.open_time), self.codec.encode([c]))
-                pipe.expire(key, MINUTES_TTL_S)
-            await pipe.execute()
-        self._staged = staging  # committed by _commit once the bus has published and acknowledged
+        self._staged = staging  # checkpointed in the commit, made the memory's once committed (_commit)
         return out
 
     def _bars(self, staging: Staging, exchange: str, symbol: str) -> SymbolBars:
         return staging.get((exchange, symbol, "bars", ""), lambda: SymbolBars(exchange, symbol))
-
-    async def _recover(self, batch: list[Delivery], staging: Staging) -> None:
-        """Rebuild, from the minutes hash, the bars in progress of symbols this process has not rebuilt yet."""
-        first: dict[tuple[str, str], int] = {}
-        for d in batch:
-            for e in d.events:
-                if isinstance(e, Candle) and e.timeframe == "1m" and e.closed and e.source != "aggregate":
-                    first.setdefault((e.exchange, e.symbol), e.open_time)
-        for (exchange, symbol), open_time in first.items():
-            bars = self._bars(staging, exchange, symbol)
-            if bars.recovered:
-                continue
-            bars.recovered = True
-            raw = await self.redis.hgetall(minutes_key(exchange, symbol, open_time))
-            day_start = open_time - open_time % DAY_NS
-            stored = [c for v in raw.values() for c in self.codec.decode(v)
-                      if isinstance(c, Candle) and c.open_time >= day_start]
-            for c in sorted(stored, key=lambda c: c.open_time):
-                bars.add_minute(c, self.timeframes, KEEP_PERIODS, self.count, emit=False)
-            bars.settle_recovered(self.timeframes)
-            self.count["recovered_minutes"] += len(stored)
-            if stored:
-                log.info("rebuilt the bars in progress of %s %s from %d stored minutes", exchange, symbol,
-                         len(stored))
 
     def _trade(self, trade: Trade, staging: Staging, out: dict[str, list[Event]], alerts: list[Event],
                now: int) -> None:
@@ -173,17 +171,24 @@ class Aggregator(Service):
             return
         self.count["minutes_built"] += 1
         out.setdefault(streams.candle_built(trade.exchange, trade.symbol), []).append(built)
+        if trade.exchange in self.builds_1m:  # no candle channel: the built minute is the symbol's 1m candle
+            self.count["minutes_as_1m"] += 1
+            out.setdefault(streams.market_data("candle", trade.exchange, trade.symbol), []).append(built)
+            self._roll_up(bars, built, out)
         self._reconcile(bars.pair_built(built, self.count), alerts, now)
 
     def _minute(self, candle: Candle, staging: Staging, out: dict[str, list[Event]], alerts: list[Event],
                 now: int) -> None:
         bars = self._bars(staging, candle.exchange, candle.symbol)
-        produced = bars.add_minute(candle, self.timeframes, KEEP_PERIODS, self.count)
+        self._roll_up(bars, candle, out)
+        self._reconcile(bars.pair_exchange(candle, self.count), alerts, now)
+
+    def _roll_up(self, bars: SymbolBars, minute: Candle, out: dict[str, list[Event]]) -> None:
+        produced = bars.add_minute(minute, self.timeframes, KEEP_PERIODS, self.count)
         if produced:
-            out.setdefault(streams.market_data("candle", candle.exchange, candle.symbol), []).extend(produced)
+            out.setdefault(streams.market_data("candle", minute.exchange, minute.symbol), []).extend(produced)
             self.count["bars"] += len(produced)
             self.count["bars_incomplete"] += sum("time.gap" in c.quality for c in produced)
-        self._reconcile(bars.pair_exchange(candle, self.count), alerts, now)
 
     def _reconcile(self, pairs: list[tuple[Candle | None, Candle]], alerts: list[Event], now: int) -> None:
         for built, exchange in pairs:
