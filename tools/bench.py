@@ -57,7 +57,8 @@ def real_trades(n: int) -> list[Trade]:
         t = base[i % len(base)]
         loop = i // len(base)
         out.append(msgspec.structs.replace(t, trade_id=str(int(t.trade_id) + loop * 10_000_000),
-                                           ts_event=t.ts_event + loop * 86_400_000_000_000))
+                                           ts_event=t.ts_event + loop * 86_400_000_000_000,
+                                           ts_recv=t.ts_recv + loop * 86_400_000_000_000))  # received then too
         i += 1
     return out
 
