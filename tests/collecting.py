@@ -1,10 +1,12 @@
 """Shared by the collector tests: a config pointing one exchange at a simulator, reading a stream's events,
-and running a collector until a condition holds."""
+running a collector until a condition holds, and a Redis a test can stop and start again."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
@@ -12,6 +14,7 @@ import redis.asyncio as aioredis
 from common.config import Settings
 from schemas import Codec
 from services.collector.service import Collector
+from tools.localstores import free_port, port_open
 
 
 def collector_settings(settings: Settings, rest: str, ws: str, exchange: str = "binance",
@@ -41,3 +44,30 @@ async def run_collector(collector: Collector, until: Callable[[], Awaitable[bool
         stop.set()
         await asyncio.wait_for(task, 20)
         await collector.close()
+
+
+class RestartableRedis:
+    """A private redis-server with its append-only file (fsync always), that a test stops and starts again."""
+
+    def __init__(self, directory: Path, appendonly: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+                    "--dir", str(directory)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL)
+
+    async def start(self) -> None:
+        self.spawn()
+        async with asyncio.timeout(10):
+            while not port_open(self.port):
+                await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None

@@ -13,7 +13,7 @@ from common.config import Settings
 from schemas import Candle, Codec, Market, Trade
 from services.collector.service import Collector
 from services.simulator import start_simulator
-from tests.collecting import collector_settings, read, run_collector
+from tests.collecting import RestartableRedis, collector_settings, read, run_collector
 
 N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
@@ -101,34 +101,23 @@ def test_shards_split_symbols_stably() -> None:
 
 async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Redis goes away mid-replay and comes back (with its append-only file): every trade still lands once."""
-    import subprocess
-
     import redis.asyncio as aioredis
 
-    from tools.localstores import free_port, port_open
-
-    port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-           "--appendfsync", "always", "--dir", str(tmp_path)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    server = RestartableRedis(tmp_path)
+    await server.start()
     try:
-        async with asyncio.timeout(10):
-            while not port_open(port):
-                await asyncio.sleep(0.05)
-        url = f"redis://127.0.0.1:{port}/0"
         async with start_simulator(speed=20, max_trades=N, wait_for_streams=BOTH) as sim:
             cfg = collector_settings(msgspec.structs.replace(settings, redis=msgspec.structs.replace(
-                settings.redis, url=url)), sim.rest_url, sim.ws_url)
+                settings.redis, url=server.url)), sim.rest_url, sim.ws_url)
             collector = Collector(cfg, "t", exchange="binance")
             stop = asyncio.Event()
             task = asyncio.create_task(collector.run(stop))
             async with asyncio.timeout(30):
                 while collector.count["trades"] < 300:
                     await asyncio.sleep(0.02)
-            server.terminate()
-            server.wait(10)
+            server.stop()
             await asyncio.sleep(2.0)  # the replay goes on; publishing fails meanwhile
-            server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            await server.start()
             async with asyncio.timeout(60):
                 while collector.count["trades"] < N:
                     assert not task.done(), task
@@ -136,7 +125,7 @@ async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None
             stop.set()
             await asyncio.wait_for(task, 20)
             await collector.close()
-        client = aioredis.Redis.from_url(url)
+        client = aioredis.Redis.from_url(server.url)
         ids = [int(e.trade_id) for _, f in await client.xrange(streams.raw("binance"))
                for e in Codec().decode_entry(f) if isinstance(e, Trade)]
         await client.aclose()
@@ -144,5 +133,4 @@ async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None
         assert collector.count["publish_retries"] >= 1, "the outage should have been felt"
         assert ids == list(range(first, first + N))
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()

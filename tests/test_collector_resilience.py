@@ -27,8 +27,7 @@ from common.ratelimit import RateBudget, limit_for
 from schemas import Codec, Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
 from services.simulator import start_simulator
-from tests.collecting import collector_settings, read
-from tools.localstores import free_port, port_open
+from tests.collecting import RestartableRedis, collector_settings, read
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 3000
@@ -247,33 +246,6 @@ async def test_reconnects_while_the_server_refuses_then_flows_again(settings: Se
 
 def trade_ids(events: list[object]) -> list[int]:
     return [int(e.trade_id) for e in events if isinstance(e, Trade)]
-
-
-class RestartableRedis:
-    """A private redis-server with its append-only file (fsync always), that a test stops and starts again."""
-
-    def __init__(self, directory: Path, appendonly: bool = True) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
-                    "--dir", str(directory)]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def spawn(self) -> None:
-        self.process = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL)
-
-    async def start(self) -> None:
-        self.spawn()
-        async with asyncio.timeout(10):
-            while not port_open(self.port):
-                await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
 
 
 @pytest.fixture
