@@ -412,3 +412,19 @@ async def test_coinbase_built_minutes_are_its_1m_candles_and_roll_up(redis, sett
                                  "close": [float(c.close) for c in ones], "volume": [float(c.volume) for c in ones]})  # type: ignore[arg-type]
     minute_frame.index = pd.to_datetime(minute_frame.timestamp, unit="ns", utc=True)
     assert_bars_equal(fives, resample(minute_frame, "5min"), 5)
+
+
+async def test_a_late_trade_filling_a_hole_of_the_minute_counts_once(redis, settings) -> None:  # type: ignore[no-untyped-def]
+    # Binance numbers trades one by one: 3 arrives after 4 (a reordered message, or a repair of the hole the
+    # validator announced); 2 and 4 come twice (redeliveries). The minute holds 1..4, each once.
+    _, trades, _ = capture()
+    first = trades[0]
+    minute = first.ts_event - first.ts_event % MINUTE + MINUTE  # type: ignore[union-attr]
+    at = [replace(first, trade_id=str(i), price=Decimal(100 + i), amount=Decimal(i), ts_event=minute + i * MS)
+          for i in range(6)]
+    closer = replace(first, trade_id="9", ts_event=minute + MINUTE)
+    svc = await aggregate(redis, settings, trades=[first, at[0], *[at[i] for i in (1, 2, 4, 3, 2, 4, 5)], closer])
+    built = await read(redis, streams.candle_built("binance", "BTC/USDT"))
+    assert [(c.open, c.high, c.low, c.close, c.volume) for c in built] == \
+        [(Decimal(100), Decimal(105), Decimal(100), Decimal(105), Decimal(15))]  # type: ignore[union-attr]
+    assert svc.count["trades_redelivered"] == 2

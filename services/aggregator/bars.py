@@ -8,7 +8,10 @@ The first minute the aggregator sees of a symbol started before it was listening
 published nor compared (the state, this flag included, is checkpointed: a restart continues the minute in
 hand, so the first minute after a restart is complete). A trade of an older minute than the open one (late)
 is not added (counted); a trade whose id was already added to the open minute is a redelivery and skipped.
-Ids are compared per minute, as a set, never by order: Hyperliquid's trade ids (`tid`) are not ordered.
+Ids are compared per minute, never by order alone: Hyperliquid's trade ids (`tid`) are not ordered, and a
+late trade filling a hole of the open minute belongs in it. Where ids are sequential (quality
+sequential_trade_ids) the minute's ids are kept as runs of consecutive ids (one run, plus one per hole:
+small whatever the rate); elsewhere as a set (at most the minute's trades).
 
 Higher timeframes (`SymbolBars.add_minute`): each timeframe's bar P (open times aligned on multiples of the
 timeframe since the epoch, i.e. UTC midnight) collects the closed 1m candles inside it, each minute once
@@ -28,6 +31,8 @@ it) disagrees too; with volume 0 it agrees.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -134,7 +139,8 @@ class SymbolBars:
     # minutes from trades
     minute: Bar | None = None
     partial: bool = True  # the open minute started before the aggregator listened
-    minute_ids: set[str] = field(default_factory=set)  # trade ids added to the open minute
+    minute_ids: set[str] = field(default_factory=set)  # trade ids added to the open minute (unordered ids)
+    minute_runs: list[tuple[int, int]] = field(default_factory=list)  # the same, sequential ids: inclusive runs
     first_complete: int | None = None  # open time of the first minute built from its start
     # reconciliation
     built_waiting: dict[int, Candle] = field(default_factory=dict)
@@ -144,14 +150,15 @@ class SymbolBars:
 
     def copy(self) -> SymbolBars:
         return SymbolBars(self.exchange, self.symbol, self.minute.copy() if self.minute else None, self.partial,
-                          set(self.minute_ids), self.first_complete, dict(self.built_waiting),
-                          dict(self.exchange_waiting),
+                          set(self.minute_ids), list(self.minute_runs), self.first_complete,
+                          dict(self.built_waiting), dict(self.exchange_waiting),
                           {tf: {s: p.copy() for s, p in ps.items()} for tf, ps in self.periods.items()})
 
     # -- trades -> 1m ----------------------------------------------------------------------------------
 
-    def add_trade(self, trade: Trade, counts: dict[str, int]) -> Candle | None:
-        """Add a trade; the built candle of the minute it closed (None if none closed or it was partial)."""
+    def add_trade(self, trade: Trade, counts: dict[str, int], sequential: bool = False) -> Candle | None:
+        """Add a trade; the built candle of the minute it closed (None if none closed or it was partial).
+        `sequential`: its exchange numbers trades one by one."""
         price, amount = trade.price, trade.amount
         if price is None or amount is None:
             counts["trades_invalid"] += 1
@@ -166,15 +173,20 @@ class SymbolBars:
             if not self.partial:
                 closed = self.built_candle(m)
             self.minute = m = None
-            self.minute_ids = set()
+            self.minute_ids, self.minute_runs = set(), []
             self.partial = False
             if self.first_complete is None:
                 self.first_complete = start
         tid = trade.trade_id
-        if tid in self.minute_ids:
+        if sequential and tid.isdigit() and tid.isascii():
+            if not add_to_runs(self.minute_runs, int(tid)):
+                counts["trades_redelivered"] += 1
+                return None
+        elif tid in self.minute_ids:
             counts["trades_redelivered"] += 1
             return None
-        self.minute_ids.add(tid)
+        else:
+            self.minute_ids.add(tid)
         if m is None:
             self.minute = Bar(start, price, price, price, price, amount, trade.ts_recv)
         else:
@@ -274,6 +286,31 @@ class SymbolBars:
                       open=b.open, high=b.high, low=b.low, close=b.close, volume=b.volume, closed=True,
                       ts_event=period.start + duration - MS, ts_recv=b.ts_recv, source="aggregate",
                       quality=tuple(sorted(flags)))
+
+
+def add_to_runs(runs: list[tuple[int, int]], n: int) -> bool:
+    """Add id `n` to sorted, disjoint inclusive runs of ids; False if it is already in one."""
+    if not runs or n > runs[-1][1] + 1:
+        runs.append((n, n))
+        return True
+    a, b = runs[-1]
+    if n == b + 1:
+        runs[-1] = (a, n)
+        return True
+    i = bisect.bisect_right(runs, (n, math.inf)) - 1  # the last run starting at or before n
+    if i >= 0 and runs[i][1] >= n:
+        return False
+    joins_left = i >= 0 and runs[i][1] == n - 1
+    joins_right = i + 1 < len(runs) and runs[i + 1][0] == n + 1
+    if joins_left and joins_right:
+        runs[i:i + 2] = [(runs[i][0], runs[i + 1][1])]
+    elif joins_left:
+        runs[i] = (runs[i][0], n)
+    elif joins_right:
+        runs[i + 1] = (n, runs[i + 1][1])
+    else:
+        runs.insert(i + 1, (n, n))
+    return True
 
 
 def _bound(waiting: dict[int, Candle]) -> int:

@@ -15,8 +15,10 @@ A symbol's 1m candles: the exchange's own closed 1m candles, if its exchange sen
 `channels` in the config has "trades" but no "candles" (Coinbase: ccxt.pro has no candle stream), the 1m
 candle built from trades IS the symbol's 1m candle: each closed one is also published on
 md:candle:{exchange}:{symbol} (timeframe 1m, source "aggregate"; the InfluxDB writer stores it in the 1m
-tier) and rolled up to the higher timeframes. A minute without trades has no candle there (as on Coinbase's
-own REST), so the higher bar holding it is published incomplete (quality "time.gap").
+tier) and rolled up to the higher timeframes; it is not reconciled (an exchange candle of that symbol, e.g.
+a repair fetched over REST, is rolled up only for a minute no trade built). A minute without trades has no
+candle there (as on Coinbase's own REST), so the higher bar holding it is published incomplete (quality
+"time.gap").
 
 Restarts and a second copy: the state of every symbol (the minute being built from trades, with the ids
 already in it; the higher bars in progress; the candles waiting for reconciliation) is checkpointed in the
@@ -95,6 +97,7 @@ class Aggregator(Service):
         # Exchanges with trades but no candle channel: the 1m candle built from trades is the symbol's 1m candle.
         self.builds_1m = frozenset(ex.id for ex in settings.exchanges
                                    if "trades" in ex.channels and "candles" not in ex.channels)
+        self.sequential = frozenset(q.sequential_trade_ids)
         self.book = SeriesBook(q.max_series)
         self.checkpoint = Checkpoint(self.redis, self.name, {"bars": SymbolBars})
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
@@ -164,7 +167,7 @@ class Aggregator(Service):
         self.count["trades"] += 1
         bars = self._bars(staging, trade.exchange, trade.symbol)
         was_partial = bars.partial and bars.minute is not None
-        built = bars.add_trade(trade, self.count)
+        built = bars.add_trade(trade, self.count, trade.exchange in self.sequential)
         if built is None:
             if was_partial and not bars.partial:
                 self.count["partial_minutes"] += 1
@@ -175,13 +178,15 @@ class Aggregator(Service):
             self.count["minutes_as_1m"] += 1
             out.setdefault(streams.market_data("candle", trade.exchange, trade.symbol), []).append(built)
             self._roll_up(bars, built, out)
+            return  # nothing of the exchange's to reconcile it with
         self._reconcile(bars.pair_built(built, self.count), alerts, now)
 
     def _minute(self, candle: Candle, staging: Staging, out: dict[str, list[Event]], alerts: list[Event],
                 now: int) -> None:
         bars = self._bars(staging, candle.exchange, candle.symbol)
-        self._roll_up(bars, candle, out)
-        self._reconcile(bars.pair_exchange(candle, self.count), alerts, now)
+        self._roll_up(bars, candle, out)  # a minute already there (built from trades) keeps the first copy
+        if candle.exchange not in self.builds_1m:
+            self._reconcile(bars.pair_exchange(candle, self.count), alerts, now)
 
     def _roll_up(self, bars: SymbolBars, minute: Candle, out: dict[str, list[Event]]) -> None:
         produced = bars.add_minute(minute, self.timeframes, KEEP_PERIODS, self.count)
