@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import Sequence
 from decimal import Decimal
 
@@ -16,14 +17,17 @@ import redis.asyncio as aioredis
 
 from common import streams
 from common.bus import Delivery, Producer
-from common.config import ExchangeSettings, RedisSettings, Settings
+from common.config import ExchangeSettings, InfluxSettings, RedisSettings, Settings
+from common.influx import InfluxClient, quote_ident
 from schemas import Alert, Candle, Codec, Event, Trade
 from services.aggregator import Aggregator
 from services.aggregator.bars import TimeframeError, bar_duration
+from services.influx_writer import InfluxWriter
 from services.simulator import Recording
 from services.simulator.coinbase_recording import CoinbaseRecording
 from services.simulator.hyperliquid_data import load_capture
 from tests.conftest import SHIPPED_DATA, shipped_btc_minutes
+from tests.test_influx import KEEP_ALL, Running, wait_for
 from tests.test_stages import FAST, read, run_until
 
 codec = Codec()
@@ -428,3 +432,29 @@ async def test_a_late_trade_filling_a_hole_of_the_minute_counts_once(redis, sett
     assert [(c.open, c.high, c.low, c.close, c.volume) for c in built] == \
         [(Decimal(100), Decimal(105), Decimal(100), Decimal(105), Decimal(15))]  # type: ignore[union-attr]
     assert svc.count["trades_redelivered"] == 2
+
+
+@pytest.fixture
+def influx_settings(influx_server) -> InfluxSettings:  # type: ignore[no-untyped-def]
+    return InfluxSettings(url=influx_server.url, database=f"mdp_test_aggregator_{os.getpid()}", retention=KEEP_ALL)
+
+
+async def test_coinbase_1m_candles_reach_influxdb_through_the_writer(redis, settings, influx_settings) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: the aggregator's outputs for 6 minutes of Coinbase trades (no candle channel)
+    coinbase = ExchangeSettings(id="coinbase", symbols=["SKL/USD"], channels=["trades", "ticker", "book"])
+    with_coinbase = replace(settings, exchanges=[coinbase], influx=influx_settings)
+    await aggregate_in_pieces(redis, with_coinbase, [coinbase_trades(6)])
+    stream = streams.market_data("candle", "coinbase", "SKL/USD")
+    ones = [c for c in await read(redis, stream) if isinstance(c, Candle) and c.timeframe == "1m"]
+    assert ones
+    # Act: the InfluxDB writer drains md:candle:*
+    writer = InfluxWriter(with_coinbase)
+    async with Running(writer):
+        await wait_for(lambda: writer.counters()["candles"] >= len(ones), what="the 1m candles written")
+    # Assert: Coinbase's 1m tier holds them, exactly
+    async with InfluxClient(influx_settings) as c:
+        stored = await c.query_timeframe("1m", "SELECT * FROM ohlcv WHERE exchange = $ex AND timeframe = '1m' "
+                                               "ORDER BY time", {"ex": "coinbase"}, exact=True)
+        await c.execute(f"DROP DATABASE {quote_ident(influx_settings.database)}")
+    assert [(r["time"], r["open"], r["high"], r["low"], r["close"], r["volume"]) for r in stored] == \
+        [(k.open_time, k.open, k.high, k.low, k.close, k.volume) for k in ones]
