@@ -46,7 +46,7 @@ class Pipeline:
         # A private run dir: tools/supervise.sh rendered supervisord.conf there (its socket, logs, simulator args)
         conf = str(self.run_dir / "supervisord.conf")
         out = subprocess.run([str(ROOT / ".venv/bin/supervisorctl"), "-c", conf, *args],
-                             env=self.env, capture_output=True, text=True, timeout=30)
+                             env=self.env, capture_output=True, text=True, timeout=30, check=False)
         return out.stdout
 
     def logs(self) -> str:
@@ -74,20 +74,21 @@ def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn
                MDP_START_TIMEOUT="90")
     subprocess.run(["redis-cli", "-u", redis_server.url, "flushdb"], check=True, capture_output=True)
     started = subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=env,
-                             capture_output=True, text=True, timeout=150)
+                             capture_output=True, text=True, timeout=150, check=False)
     pipe = Pipeline(env, run_dir)
     assert started.returncode == 0, f"supervise.sh start failed:\n{started.stdout}\n{started.stderr}\n{pipe.logs()}"
     pipe.sim_url = f"http://127.0.0.1:{sim_port}"  # type: ignore[attr-defined]
     try:
         yield pipe
     finally:
-        subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, capture_output=True, timeout=60)
+        subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, capture_output=True, timeout=60,
+                       check=False)
 
 
 async def influx_query(url: str, q: str) -> list[list[object]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/query", params={"db": "market_data", "q": q, "epoch": "ms"}) as resp:
-            body = await resp.json()
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{url}/query", params={"db": "market_data", "q": q, "epoch": "ms"}) as resp:
+        body = await resp.json()
     series = body["results"][0].get("series") or []
     return series[0]["values"] if series else []
 
@@ -118,9 +119,9 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     expected_ids = [str(t.id) for t in recording.trades]
     expected_candles = recording.candles[:-1]
     influx = influx_server.url
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{pipeline.sim_url}/_sim/fault", json={"kind": "malformed_klines", "count": 1}) as r:  # type: ignore[attr-defined]
-            assert r.status == 200
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{pipeline.sim_url}/_sim/fault", json={"kind": "malformed_klines", "count": 1}) as r:  # type: ignore[attr-defined]
+        assert r.status == 200
 
     # Act 1: kill -9 the InfluxDB writer while the replay is in full flow.
     await wait_for(lambda: _at_least(influx_count(influx, "trades"), 3000), 90, "3000 trades in InfluxDB", pipeline)
@@ -198,9 +199,9 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     # The three other markets streamed through the same pipeline: every trade Hyperliquid's replay sent is
     # stored once, each market's trades are stored, order books went out on md:book (and into the cache),
     # and the perpetuals' funding and open interest are stored.
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{pipeline.sim_url}/_sim/status") as resp:  # type: ignore[attr-defined]
-            venues = (await resp.json())["venues"]
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{pipeline.sim_url}/_sim/status") as resp:  # type: ignore[attr-defined]
+        venues = (await resp.json())["venues"]
     hl_trades = await influx_query(influx, 'SELECT "trade_id" FROM "ticks"."trades" WHERE "exchange" = \'hyperliquid\'')
     assert len(hl_trades) == venues["hyperliquid"]["trades_replayed"] > 0
     for exchange, symbol in MARKETS:

@@ -174,14 +174,13 @@ async def bench_latency(settings: Settings, config_path: Path, trades: list[Trad
     Every 10 ms a batch of rate/100 real trades stamped ts_recv=now goes to raw:binance; a subscriber on
     ticks:BTC/USDT takes (receipt time - ts_recv) per trade.
     """
-    import subprocess
     import sys
 
     env = dict(os.environ, MDP_CONFIG=str(config_path), MDP_REDIS_URL=settings.redis.url,
                MDP_INFLUX_URL=settings.influx.url, MDP_POSTGRES_DSN=settings.postgres.dsn, MDP_LOG_LEVEL="WARNING")
     redis = aioredis.Redis.from_url(settings.redis.url)
     await redis.flushdb()
-    procs = [subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=PROJECT_ROOT)
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", f"services.{name}", env=env, cwd=PROJECT_ROOT)
              for name in ("validator", "normalizer", "cache_publisher")]
     pubsub = redis.pubsub()
     await pubsub.subscribe("ticks:BTC/USDT")
@@ -217,7 +216,7 @@ async def bench_latency(settings: Settings, config_path: Path, trades: list[Trad
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=20)
+            await asyncio.wait_for(p.wait(), timeout=20)
         await pubsub.aclose()
         await redis.aclose()
     sample = sorted(latencies[measured_from:])
