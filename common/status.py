@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import streams
-from common.bus import GroupState, abandoned_groups, redis_url
+from common.bus import GroupState, abandoned_groups, group_lag, last_generated_id, redis_url
 from schemas import Codec, DecodeError, Heartbeat
 
 
@@ -138,10 +138,10 @@ async def collect(redis: aioredis.Redis, abandoned_group_s: float = 300.0) -> St
             groups = await redis.xinfo_groups(name)
         except ResponseError:
             continue
+        last = await last_generated_id(redis, name) if groups else None
         stream_list.append(StreamStatus(name=name, length=length, groups=[
             GroupStatus(name=g["name"].decode() if isinstance(g["name"], bytes) else g["name"],
-                        consumers=int(g["consumers"]), pending=int(g["pending"]),
-                        lag=None if g.get("lag") is None else int(g["lag"]))
+                        consumers=int(g["consumers"]), pending=int(g["pending"]), lag=group_lag(g, last))
             for g in groups]))
         states = [GroupState(name, g.name, g.consumers, g.pending, g.lag, None) for g in stream_list[-1].groups]
         abandoned += await abandoned_groups(redis, name, abandoned_group_s, states)
