@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,11 +47,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import StreamIdT
 
 from common import streams
 from common.config import BusSettings
 from common.lease import Lease, LeaseLost
-from schemas import Alert, Codec, DecodeError, Event
+from schemas import Alert, Codec, DecodeError, Event, Severity
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class Delivery:
     events: list[Event]
 
 
+# The bus client is built with decode_responses=False: stream ids and fields are bytes (redis-py types its
+# replies for either setting, and a range as optional).
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 Outputs = dict[str, list[Event]]
 Handler = Callable[[list[Delivery]], Awaitable[Outputs | None]]
 # Adds commands to a publish's MULTI/EXEC (a collector's position, a stage's state checkpoint).
@@ -128,18 +132,18 @@ async def commit(redis: aioredis.Redis, build: PipelineHook, lease: Lease | None
     if lease is None:
         pipe = redis.pipeline(transaction=True)
         build(pipe)
-        return await pipe.execute()  # type: ignore[no-any-return]
+        return await pipe.execute()
     async with redis.pipeline(transaction=True) as pipe:
         for _ in range(COMMIT_WATCH_RETRIES):
             try:
                 await pipe.watch(lease.key)
                 owner = await pipe.get(lease.key)
                 if owner != lease.owner.encode():
-                    holder = owner.decode() if owner else "nobody (expired)"
+                    holder = _s(owner) if owner else "nobody (expired)"
                     raise lease.lost(f"at commit the key names {holder}")
                 pipe.multi()
                 build(pipe)
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
             except WatchError as exc:
                 await pipe.reset()
                 if isinstance(exc.__context__, REDIS_DOWN):  # redis-py reports a dropped connection so
@@ -174,8 +178,9 @@ async def ensure_own_groups(redis: aioredis.Redis, stream: str) -> list[str]:
 
 def make_alert(rule: str, severity: str, source: str, reason: str, values: dict[str, str]) -> Alert:
     now = now_ns()
-    return Alert(rule=rule, severity=severity, source=source, exchange="", symbol="", kind="stream",  # type: ignore[arg-type]
-                 reason=reason, values=values, ts_event=now, ts_recv=now)
+    return Alert(rule=rule, severity=cast(Severity, severity), source=source, exchange="", symbol="",
+                 kind="stream", reason=reason, values=cast(dict[str, str | None], values), ts_event=now,
+                 ts_recv=now)
 
 
 async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettings, alert: Alert) -> None:
@@ -676,13 +681,13 @@ class Consumer:
                 for p in page:
                     if self._stop.is_set():
                         return
-                    entry_id, delivered = _s(p["message_id"]), int(p["times_delivered"])
+                    entry_id, delivered = _s(cast(bytes, p["message_id"])), int(p["times_delivered"])
                     cursor = "(" + entry_id
                     await self._replay_one(stream, entry_id, delivered)
 
     async def _replay_one(self, stream: str, entry_id: str, delivered: int) -> None:
         if delivered >= self.settings.max_deliveries:
-            found = await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1)
+            found = cast(StreamEntries, await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1))
             if not found:
                 await self._trimmed(stream, entry_id)
                 return
@@ -692,7 +697,8 @@ class Consumer:
                                    found[0][1])
             return
         # XREADGROUP from just below the entry re-delivers exactly it (counting the delivery).
-        resp = await self.redis.xreadgroup(self.group, self.name, {stream: _before(entry_id)}, count=1)
+        resp = cast(list[tuple[bytes, StreamEntries]] | dict[bytes, StreamEntries],
+                    await self.redis.xreadgroup(self.group, self.name, {stream: _before(entry_id)}, count=1))
         for _, entries in (resp.items() if isinstance(resp, dict) else resp or []):
             for eid, fields in entries:
                 if _s(eid) != entry_id:
@@ -796,7 +802,7 @@ class Consumer:
     async def _hold(self, deliveries: list[Delivery]) -> None:
         """Claim the batch's entries for this consumer again every third of `claim_idle_ms` while it is
         handled: they are not abandoned but busy."""
-        by_stream: dict[str, list[str]] = {}
+        by_stream: dict[str, list[StreamIdT]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
         while True:
@@ -900,7 +906,7 @@ class Consumer:
             for stream, ids in acks.items():
                 rows = await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],
                                                        count=len(ids) + 1000, consumername=self.name)
-                if set(ids) & {_s(r["message_id"]) for r in rows}:
+                if set(ids) & {_s(cast(bytes, r["message_id"])) for r in rows}:
                     return "ours"
             pipe = self.redis.pipeline(transaction=False)
             for stream, ids in acks.items():
@@ -964,7 +970,7 @@ class Consumer:
         counts: dict[str, int] = {}
         for p in await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],
                                                  count=len(ids) + 1000, consumername=self.name):
-            counts[_s(p["message_id"])] = int(p["times_delivered"])
+            counts[_s(cast(bytes, p["message_id"]))] = int(p["times_delivered"])
         ready: list[Delivery] = []
         for entry_id, fields in claimed:
             entry_id = _s(entry_id)
@@ -989,7 +995,7 @@ class Consumer:
     async def dead_letter(self, stream: str, entry_id: str, reason: str,
                           fields: dict[bytes, bytes] | None = None) -> None:
         if fields is None:
-            found = await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1)
+            found = cast(StreamEntries, await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1))
             fields = found[0][1] if found else {}
         letter: dict[bytes | str, bytes | str] = {
             "stream": stream, "entry_id": entry_id, "group": self.group, "consumer": self.name,

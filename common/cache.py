@@ -334,7 +334,7 @@ class CacheClient:
                 if message is not None and message.get("type") == "message":
                     yield self._tick.decode(message["data"])
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     # -- indicators -----------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar, get_origin
+from typing import Any, Protocol, TypeVar, cast, get_origin
 
 import msgspec
 import redis.asyncio as aioredis
@@ -90,7 +90,7 @@ class Staging:
         if state is None:
             committed = self.book.series.get(key)
             state = self.touched[key] = committed.copy() if committed is not None else new()
-        return state  # type: ignore[no-any-return]
+        return state
 
     def evictions(self) -> list[SeriesKey]:
         """The series `commit()` will forget to stay within max_series (least recently used first); fixed on
@@ -136,7 +136,8 @@ class Checkpoint:
         self.redis = redis
         self.key = state_key(stage)
         self.encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-        self.decoders = {kind: msgspec.msgpack.Decoder(t, dec_hook=_dec_hook) for kind, t in types.items()}
+        self.decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
+            kind: msgspec.msgpack.Decoder(t, dec_hook=_dec_hook) for kind, t in types.items()}
         self.restore = restore
         self.loaded = 0
         self.undecodable = 0
@@ -146,7 +147,8 @@ class Checkpoint:
         missing = [k for k in keys if k not in book.series]
         if not missing:
             return
-        values = await self.redis.hmget(self.key, [field_of(k) for k in missing])
+        # bytes: the bus client is built with decode_responses=False.
+        values = cast(list[bytes | None], await self.redis.hmget(self.key, [field_of(k) for k in missing]))
         for key, raw in zip(missing, values, strict=True):
             if raw is None:
                 continue

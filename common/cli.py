@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import cast
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -19,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import status as status_mod
 from common import streams
+from common.bus import StreamEntries
 from common.config import ConfigError, load_settings
 from common.migrate import MigrationError
 from schemas import Codec
@@ -49,7 +51,7 @@ async def _alerts(args: argparse.Namespace) -> int:
     codec = Codec()
     try:
         shown = 0
-        for entry_id, fields in await redis.xrevrange(streams.ALERTS, count=args.count):
+        for entry_id, fields in cast(StreamEntries, await redis.xrevrange(streams.ALERTS, count=args.count)):
             for alert in codec.decode_entry(fields):
                 print(json.dumps({"entry": entry_id.decode(), **_plain(alert)}))
                 shown += 1

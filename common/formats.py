@@ -42,7 +42,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -213,9 +213,9 @@ def _read_table(source: IO[bytes] | Path, layout: Layout, where: str) -> tuple[p
 def _numbers(text: pd.Series) -> np.ndarray:
     """float64 of a text column; empty or non-numeric cells become NaN (the validator reports them)."""
     try:
-        return text.to_numpy(dtype=np.float64)
+        return cast(np.ndarray, text.to_numpy(dtype=np.float64))
     except ValueError:
-        return pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+        return cast(np.ndarray, pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64))
 
 
 def _bad_cells(text: pd.Series, bad: np.ndarray, where: str, first_data_line: int, what: str) -> FormatError:

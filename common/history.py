@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import streams
+from common.bus import StreamEntries
 from common.config import Settings, load_settings
 from common.influx import NS_PER_S, OHLCV, InfluxClient, InfluxQueryError, timeframe_seconds
 from schemas import Candle, Codec, DecodeError
@@ -328,7 +329,7 @@ class CandleFeed:
         return [e for e in events if isinstance(e, Candle) and e.timeframe == self.timeframe and e.closed]
 
     async def _last_id(self) -> str:
-        newest = await self.redis.xrevrange(self.stream, "+", "-", count=1)
+        newest = cast(StreamEntries, await self.redis.xrevrange(self.stream, "+", "-", count=1))
         return _text(newest[0][0]) if newest else "0-0"
 
     async def _info(self) -> dict[str, Any] | None:
@@ -392,7 +393,7 @@ class CandleFeed:
         high = cursor
         stop_before_ms = (self.after + self.tf_ns - CLOCK_SKEW_NS) // 1_000_000
         while True:
-            page = await self.redis.xrevrange(self.stream, high, "-", count=self.scan_count)
+            page = cast(StreamEntries, await self.redis.xrevrange(self.stream, high, "-", count=self.scan_count))
             for entry_id, fields in page:
                 found = self._candles(entry_id, fields)
                 newest_first.append(found)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -66,7 +67,7 @@ class Lease:
         if await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
             self._held, self._renewed_at = True, now
             return True
-        if await self.redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms):  # type: ignore[misc]
+        if await self.redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms):
             self._held, self._renewed_at = True, now
             return True
         return False
@@ -86,7 +87,7 @@ class Lease:
                     logged_at = time.monotonic()
                     holder = await self.redis.get(self.key)
                     log.info("standby: lease %s is held by %s; %s waits and takes over within %d ms of its "
-                             "expiry", self.key, holder.decode() if holder else "(expired just now)",
+                             "expiry", self.key, cast(bytes, holder).decode() if holder else "(expired just now)",
                              self.owner, self.ttl_ms)
             except (RedisError, OSError) as exc:
                 self.state = "standby"
@@ -101,7 +102,7 @@ class Lease:
 
     async def renew(self) -> None:
         """Extend the lease by a ttl; LeaseLost if the key names someone else or is gone."""
-        if await self.redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms):  # type: ignore[misc]
+        if await self.redis.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms):
             self._renewed_at = time.monotonic()
             return
         raise self.lost("the key expired or names another owner")
@@ -126,6 +127,6 @@ class Lease:
     async def release(self) -> None:
         """Give the lease up at a clean stop so a standby takes over at once (only if it is still ours)."""
         if self._held:
-            await self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', "  # type: ignore[misc]
+            await self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', "
                                   "KEYS[1]) end return 0", 1, self.key, self.owner)
             self._held = False

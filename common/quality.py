@@ -269,14 +269,14 @@ def _ohlc_consistency(event: Event, ctx: CheckContext) -> Iterable[Issue]:
 
 
 def _stamps(event: Event) -> dict[str, int]:
-    stamps = {"ts_event": event.ts_event}  # type: ignore[union-attr]
+    stamps = {"ts_event": event.ts_event}
     if isinstance(event, Candle):
         stamps["open_time"] = event.open_time
     return stamps
 
 
 def _time_invalid(event: Event, ctx: CheckContext) -> Iterable[Issue]:
-    bad = {name: str(v) for name, v in _stamps(event).items() if v <= 0}
+    bad: dict[str, str | None] = {name: str(v) for name, v in _stamps(event).items() if v <= 0}
     if bad:
         listed = ", ".join(f"{k}={v}" for k, v in bad.items())
         yield ((f"{describe(event)} has no usable exchange timestamp ({listed}); rejected. The collector must "

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 import uvloop
@@ -160,7 +160,7 @@ class Service:
 
 
 def service_main(cls: type[Service], argv: list[str] | None = None,
-                 extra: list[tuple[str, dict]] | None = None) -> None:  # type: ignore[type-arg]
+                 extra: list[tuple[str, dict[str, Any]]] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m services.{cls.name}")
     parser.add_argument("--config", help="config file (default: $MDP_CONFIG or config/simulator.toml)")
     parser.add_argument("--instance", help="instance id, stable across restarts (default: $MDP_INSTANCE or 0)")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import streams
-from common.bus import GroupState, abandoned_groups, group_lag, last_generated_id, redis_url
+from common.bus import GroupState, StreamEntries, abandoned_groups, group_lag, last_generated_id, redis_url
 from schemas import Codec, DecodeError, Heartbeat
 
 
@@ -81,9 +81,10 @@ class Status:
 async def persistence_warning(redis: aioredis.Redis) -> str:
     """One line if the bus's Redis keeps nothing across a restart (no AOF, no RDB save points)."""
     try:
-        config = await redis.config_get("appendonly")
+        # The bus client returns bytes (decode_responses=False); redis-py types CONFIG GET's reply as text.
+        config = cast(dict[bytes | str, bytes | str], await redis.config_get("appendonly"))
         aof = _s(config.get("appendonly") or config.get(b"appendonly") or "no") == "yes"
-        save = await redis.config_get("save")
+        save = cast(dict[bytes | str, bytes | str], await redis.config_get("save"))
         rdb = bool(_s(save.get("save") or save.get(b"save") or "").strip())
     except ResponseError:  # CONFIG disabled (a managed Redis): INFO says whether AOF is on
         info = await redis.info("persistence")
@@ -102,12 +103,12 @@ async def collect(redis: aioredis.Redis, abandoned_group_s: float = 300.0) -> St
     codec = Codec()
     now = time.time_ns()
     history: dict[tuple[str, str], list[Heartbeat]] = {}
-    for _, fields in await redis.xrevrange(streams.HEARTBEATS, count=2000):
+    for _, fields in cast(StreamEntries, await redis.xrevrange(streams.HEARTBEATS, count=2000)):
         try:
-            beats = codec.decode_entry(fields)
+            decoded = codec.decode_entry(fields)
         except DecodeError:
             continue
-        for b in beats:
+        for b in decoded:
             if isinstance(b, Heartbeat):
                 key = (b.service, b.instance)
                 if len(history.setdefault(key, [])) < 2:
@@ -127,7 +128,7 @@ async def collect(redis: aioredis.Redis, abandoned_group_s: float = 300.0) -> St
             heartbeat_age_s=round((now - latest.ts_event) / 1e9, 1),
             uptime_s=round((latest.ts_event - latest.started_at) / 1e9, 1), rates=rates,
             counters=latest.counters, detail=latest.detail))
-    names = {m.decode() for m in await redis.smembers(streams.REGISTRY)}
+    names = {m.decode() for m in cast(set[bytes], await redis.smembers(streams.REGISTRY))}
     names |= {streams.ALERTS}
     names |= {k.decode() async for k in redis.scan_iter(match="dlq:*", count=1000)}
     stream_list = []
@@ -191,8 +192,8 @@ def render(status: Status) -> str:
         for c in status.channels:
             def fmt(age: float | None) -> str:
                 return "never" if age is None else f"{age:.1f} s"
-            rate = "" if c.rate is None else f"{c.rate:.1f}"
-            lines.append(f"{c.instance + ' ' + c.channel:<31} {rate:>12} {fmt(c.last_age_s):>9} "
+            rate_text = "" if c.rate is None else f"{c.rate:.1f}"
+            lines.append(f"{c.instance + ' ' + c.channel:<31} {rate_text:>12} {fmt(c.last_age_s):>9} "
                          f"{fmt(c.stalest_age_s):>15} {c.messages:>9} {c.gaps:>7}")
     quality = [(s.service, k, v) for s in status.services for k, v in sorted(s.counters.items())
                if k.startswith(("rejected.", "flagged.", "repaired.")) and v]

@@ -28,7 +28,7 @@ import time
 import xmlrpc.client
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -107,8 +107,9 @@ async def check_redis(url: str) -> list[Check]:
                           "MDP_REDIS_URL")]
         found = [Check("redis", "OK", f"Redis {server.get('redis_version', '?')} at {url}")]
         try:
-            config: dict[str, str] = {**await r.config_get("appendonly"), **await r.config_get("appendfsync"),
-                                      **await r.config_get("save")}
+            # str keys and values: redis-py types CONFIG GET's reply as optional text.
+            config = cast(dict[str, str], {**await r.config_get("appendonly"), **await r.config_get("appendfsync"),
+                                           **await r.config_get("save")})
         except RedisError as exc:  # CONFIG disabled (managed Redis): INFO says whether AOF is on, not the fsync
             config = {"appendonly": "yes" if int(persistence.get("aof_enabled", 0)) else "no",
                       "appendfsync": f"unknown (CONFIG GET refused: {exc})", "save": ""}
