@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import msgspec
 
@@ -112,7 +112,7 @@ def describe(event: Event) -> str:
     return f"{kind_of(event)} {ex} {sym}"
 
 
-def _finite(value: Decimal | None) -> bool:
+def _finite(value: Decimal | None) -> TypeGuard[Decimal]:
     return value is not None and value.is_finite()
 
 
@@ -234,7 +234,7 @@ def _price_non_positive(event: Event, ctx: CheckContext) -> Iterable[Issue]:
 
 def _amount_non_positive(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, Trade)
-    if _finite(event.amount) and event.amount <= 0:  # type: ignore[operator]
+    if _finite(event.amount) and event.amount <= 0:
         yield ((f"{describe(event)} has amount={text(event.amount)}; a trade's amount must be > 0; rejected. "
                f"Check whether the exchange reports sells as negative amounts (the collector must map that "
                f"to side)."),
@@ -243,7 +243,7 @@ def _amount_non_positive(event: Event, ctx: CheckContext) -> Iterable[Issue]:
 
 def _volume_negative(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, Candle)
-    if _finite(event.volume) and event.volume < 0:  # type: ignore[operator]
+    if _finite(event.volume) and event.volume < 0:
         yield (f"{describe(event)} has volume={text(event.volume)}; volume must be >= 0; rejected.",
                {"volume": text(event.volume)})
 
@@ -306,7 +306,7 @@ def _time_future(event: Event, ctx: CheckContext) -> Iterable[Issue]:
 
 def _ticker_crossed(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, Ticker)
-    if _finite(event.bid) and _finite(event.ask) and event.bid >= event.ask:  # type: ignore[operator]
+    if _finite(event.bid) and _finite(event.ask) and event.bid >= event.ask:
         yield ((f"{describe(event)} quotes bid={text(event.bid)} >= ask={text(event.ask)} (crossed or locked "
                f"book); rejected. Usually bid and ask were swapped or taken from different updates."),
                {"bid": text(event.bid), "ask": text(event.ask)})

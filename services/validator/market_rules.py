@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import TypeGuard
 
 from common import quality
 from common.quality import CheckContext, Issue, Rule
@@ -25,7 +26,7 @@ from schemas import Event, FundingRate, OpenInterest, OrderBook
 SNAPSHOT_KINDS = frozenset({"book", "funding", "open_interest"})
 
 
-def _finite(value: Decimal | None) -> bool:
+def _finite(value: Decimal | None) -> TypeGuard[Decimal]:
     return value is not None and value.is_finite()
 
 
@@ -63,7 +64,7 @@ def _funding_numeric(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     values = {"funding_rate": event.funding_rate, "mark_price": event.mark_price, "index_price": event.index_price}
     present = {k: v for k, v in values.items() if v is not None}
     bad = {k: v for k, v in present.items() if not v.is_finite()}
-    bad |= {k: v for k in ("mark_price", "index_price") if _finite(v := values[k]) and v <= 0}  # type: ignore[operator]
+    bad |= {k: v for k in ("mark_price", "index_price") if _finite(v := values[k]) and v <= 0}
     if not present or bad:
         what = ", ".join(f"{k}={quality.text(v)}" for k, v in (bad or values).items())
         yield ((f"{quality.describe(event)} has no usable funding numbers ({what}); rejected. Prices must be > 0 "
@@ -72,7 +73,7 @@ def _funding_numeric(event: Event, ctx: CheckContext) -> Iterable[Issue]:
 
 def _open_interest_numeric(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     assert isinstance(event, OpenInterest)
-    if not _finite(event.amount) or event.amount < 0:  # type: ignore[operator]
+    if not _finite(event.amount) or event.amount < 0:
         yield ((f"{quality.describe(event)} has amount={quality.text(event.amount)}; open interest must be a "
                f"number >= 0; rejected."), {"amount": quality.text(event.amount),
                                             "value": quality.text(event.value)})
