@@ -18,7 +18,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def real_trades(n: int) -> list[Trade]:
                                   price=Decimal(msg["p"]), amount=Decimal(msg["q"]),
                                   side="sell" if msg["m"] else "buy", ts_event=msg["T"] * 1_000_000,
                                   ts_recv=int(recv)))
-    out = []
+    out: list[Trade] = []
     i = 0
     while len(out) < n:
         t = base[i % len(base)]
@@ -135,8 +135,8 @@ def _stage(name: str) -> Any:
     raise KeyError(name)
 
 
-async def bench_stage(settings: Settings, name: str, input_stream: str, events: list[Event]) -> float:
-    return await stage_rate(settings, _stage(name), {input_stream: events})
+async def bench_stage(settings: Settings, name: str, input_stream: str, events: Sequence[Event]) -> float:
+    return await stage_rate(settings, _stage(name), {input_stream: list(events)})
 
 
 async def stage_rate(settings: Settings, cls: Any, streams_in: dict[str, list[Event]],

@@ -31,12 +31,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
 from common import streams
+from common.bus import StreamEntries
 from common.config import PROJECT_ROOT, Settings, load_settings
 from common.influx import InfluxClient
 from common.service import Service
@@ -79,7 +81,7 @@ async def first(redis: aioredis.Redis, stream: str, codec: Codec, match: type, r
     """(XADD ms, event) of the first event of type `match` (and alert `rule`) on `stream`, waiting for it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry_id, fields in await redis.xrange(stream):
+        for entry_id, fields in cast(StreamEntries, await redis.xrange(stream)):
             for e in codec.decode_entry(fields):
                 if isinstance(e, match) and (not rule or getattr(e, "rule", "") == rule):
                     return entry_ms(entry_id), e

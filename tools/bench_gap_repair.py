@@ -36,13 +36,13 @@ import time
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from common import streams
-from common.bus import Producer
+from common.bus import Producer, StreamEntries
 from common.config import PROJECT_ROOT, Settings, load_settings
 from common.influx import InfluxClient, encode_trades
 from schemas import Alert, Candle, Codec, Gap, Trade
@@ -95,13 +95,14 @@ async def wait_alive(redis: aioredis.Redis, proc: asyncio.subprocess.Process, ti
 
 async def one_gap(redis: aioredis.Redis, producer: Producer, gap: Gap, codec: Codec) -> tuple[float, Alert]:
     """Publish one Gap, wait for the service's final alert on it; (latency ms, the alert)."""
-    last = await redis.xrevrange(streams.ALERTS, count=1)
+    last = cast(StreamEntries, await redis.xrevrange(streams.ALERTS, count=1))
     cursor = last[0][0] if last else b"0-0"
     await producer.publish({streams.GAPS: [gap]})
-    (gap_id, _), = await redis.xrevrange(streams.GAPS, count=1)
+    (gap_id, _), = cast(StreamEntries, await redis.xrevrange(streams.GAPS, count=1))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        for entry_id, fields in await redis.xrange(streams.ALERTS, min=f"({cursor.decode()}", count=100):
+        for entry_id, fields in cast(StreamEntries,
+                                     await redis.xrange(streams.ALERTS, min=f"({cursor.decode()}", count=100)):
             cursor = entry_id
             for a in codec.decode_entry(fields):
                 if isinstance(a, Alert) and a.source == "gap_repair" and a.values.get("start") == str(gap.start) \
@@ -202,7 +203,8 @@ def validator_gaps(settings: Settings, trades: list[Trade]) -> list[Gap]:
 
 async def check_published(redis: aioredis.Redis, codec: Codec, candle_gaps: list[Gap], gone: set[int]) -> list[str]:
     """Every repaired candle and every removed trade id on raw:binance, once each."""
-    events = [e for _, f in await redis.xrange(streams.raw("binance")) for e in codec.decode_entry(f)]
+    events = [e for _, f in cast(StreamEntries, await redis.xrange(streams.raw("binance")))
+              for e in codec.decode_entry(f)]
     trade_ids = sorted(int(e.trade_id) for e in events if isinstance(e, Trade))
     open_times = sorted(e.open_time for e in events if isinstance(e, Candle))
     failures = []

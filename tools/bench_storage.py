@@ -563,7 +563,7 @@ async def bench_clients(lines: list[str], requests: int) -> list[str]:
             await asyncio.to_thread(sync_api.write, bucket="b", record=body,
                                     write_precision="ns")  # type: ignore[arg-type]
         await measure("influxdb-client sync (WriteApi SYNCHRONOUS) in a thread", sync_in_thread)
-        sync_client.close()  # type: ignore[no-untyped-call]
+        sync_client.close()
         return out
     finally:
         sink.terminate()

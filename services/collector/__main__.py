@@ -1,5 +1,6 @@
 """Exchange collector service: ccxt.pro WebSocket + REST -> raw:{exchange} (and Gap markers -> mdp:gaps)."""
 import sys
+from typing import Any
 
 from common.config import load_settings
 from common.service import service_main
@@ -12,14 +13,15 @@ def _configured(argv: list[str]) -> bool:
     return any(ex.id == exchange for ex in load_settings(config).exchanges)
 
 
-OPTIONS = [
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--exchange", {"required": True, "help": "ccxt exchange id configured in [[exchanges]], e.g. binance"}),
     ("--shard", {"default": None, "help": "i/n: collect only shard i of n of the symbols (stable by name)"}),
 ]
-IDLE = ("--idle-unless-configured", {"action": "store_true",
-                                     "help": "when the config has no [[exchanges]] entry for --exchange, stay up "
-                                             "idle, saying so in `mdp status`, instead of exiting (supervisord "
-                                             "programs for exchanges a config may leave out)"})
+IDLE: tuple[str, dict[str, Any]] = (
+    "--idle-unless-configured", {"action": "store_true",
+                                 "help": "when the config has no [[exchanges]] entry for --exchange, stay up "
+                                         "idle, saying so in `mdp status`, instead of exiting (supervisord "
+                                         "programs for exchanges a config may leave out)"})
 
 if "--idle-unless-configured" in sys.argv and not _configured(sys.argv):
     from services.collector.idle import Unconfigured

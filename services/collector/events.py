@@ -94,7 +94,7 @@ def funding_from_mark_price(exchange: str, symbol: str, t: dict[str, Any], ts_re
     """Binance USD-M markPrice stream, as ccxt.pro's watch_mark_price returns it: mark and index price parsed,
     funding rate (`r`) and next funding time (`T`) left in `info`."""
     info = t.get("info") or {}
-    next_ms = info.get("T")
+    next_ms: Any = info.get("T")
     return FundingRate(exchange=exchange, symbol=symbol, funding_rate=dec(info.get("r")),
                        mark_price=dec(t.get("markPrice")), index_price=dec(t.get("indexPrice")),
                        next_funding_time=int(next_ms) * MS if next_ms not in (None, 0, "0") else None,

@@ -26,13 +26,14 @@ from __future__ import annotations
 import time
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from common.config import ConfigError, ExchangeSettings
 from schemas import Alert, Event
 from services.collector import events as ev
 
 if TYPE_CHECKING:
+    from common.ratelimit import BudgetedExchange
     from services.collector.service import Collector
 
 MS = 1_000_000
@@ -276,7 +277,7 @@ class AssetContextFeed(Feed):
                 event = ev.funding_from_asset_context(ex, self.symbol, result, ts_recv)
             else:
                 event = ev.open_interest_from_asset_context(ex, self.symbol, result, ts_recv)
-            await self.collector.emit(self, channel, [event], event.ts_event, event.ts_event)  # type: ignore[union-attr]
+            await self.collector.emit(self, channel, [event], event.ts_event, event.ts_event)
 
 
 @dataclass
@@ -301,7 +302,8 @@ class PolledFeed:
         return f"{self.channel} {self.symbol} (REST)"
 
     async def poll(self) -> list[Event]:
-        ex, rest = self.collector.exchange_id, self.collector.rest
+        # The collector builds its REST client before it plans polled feeds.
+        ex, rest = self.collector.exchange_id, cast("BudgetedExchange", self.collector.rest)
         if self.channel == "funding":
             f = await rest.call(1, self.collector.exchange.fetch_funding_rate, self.symbol)
             return [ev.funding_from_rest(ex, self.symbol, f, time.time_ns())]

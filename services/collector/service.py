@@ -40,6 +40,7 @@ import random
 import time
 import zlib
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import ccxt
@@ -52,7 +53,7 @@ from common.config import ExchangeSettings, Settings
 from common.exchanges import make_pro_exchange
 from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.service import Service
-from schemas import Alert, Event, Gap, Trade
+from schemas import Alert, Candle, Event, Gap, Trade
 from services.collector.events import (
     TIMEFRAME_MS,
     candle_event,
@@ -234,7 +235,8 @@ class Collector(Service):
             out["rest_429"] = self.rest.stats.throttled_429
             out["rest_418"] = self.rest.stats.banned_418
         per: dict[str, list[ChannelStats]] = {}
-        for feed in [*self.feeds, *self.polled]:
+        all_feeds: list[Feed | PolledFeed] = [*self.feeds, *self.polled]
+        for feed in all_feeds:
             for channel, stats in feed.stats.items():
                 per.setdefault(channel, []).append(stats)
         for channel, all_stats in per.items():
@@ -246,7 +248,7 @@ class Collector(Service):
 
     # -- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, events: list[Event], gaps: list[Event] | None = None, symbol: str = "",
+    async def publish(self, events: Sequence[Event], gaps: list[Event] | None = None, symbol: str = "",
                       channel: str = "", position: Position | None = None) -> None:
         """Queue events for raw:{exchange} (and Gaps for mdp:gaps) in the outbox; the publisher task sends
         them. Never waits for Redis: while it is down, feeds keep reading their sockets into the bounded
@@ -258,7 +260,7 @@ class Collector(Service):
         self._settle_dropped()
         self.outbox_ready.set()
 
-    async def emit(self, feed: Feed, channel: str, events: list[Event], first_ns: int, last_ns: int,
+    async def emit(self, feed: Feed, channel: str, events: Sequence[Event], first_ns: int, last_ns: int,
                    last_id: str = "", first_id: str = "", ends_outage: bool = True) -> None:
         """Publish a channel's events; the first message after an outage also publishes its Gap (unless
         `ends_outage` is False: messages ccxt had received before the break)."""
@@ -824,7 +826,7 @@ class Collector(Service):
         state = self.state_by_symbol[symbol]
         tf = self.exchange_settings.timeframe
         ts_recv = time.time_ns()
-        events: list[Event] = []
+        events: list[Candle] = []
         updated = False
         for row in rows:
             if not row or any(v is None for v in row[:6]):

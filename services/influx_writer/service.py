@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import cast
 
 import msgspec
 
@@ -288,11 +289,13 @@ class InfluxWriter(Service):
             for tier, events in work:
                 for i in range(0, len(events), size):
                     chunk = events[i:i + size]
+                    # `type() is` (the hot path) does not narrow the union as isinstance would.
                     if type(chunk[0]) is TradeText or type(chunk[0]) is Trade:
-                        lines = encode_trade_lines(chunk, not_before=trades_not_before)  # all trades
+                        lines = encode_trade_lines(cast("list[Trade | TradeText]", chunk),
+                                                   not_before=trades_not_before)  # all trades
                         n_trades += len(lines)
                     else:
-                        lines = encode_candles(chunk)  # type: ignore[arg-type]
+                        lines = encode_candles(cast("list[Candle | CandleText]", chunk))
                     encoded[tier] = encoded.get(tier, 0) + len(lines)
                     if not lines:
                         continue

@@ -27,7 +27,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -40,6 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from common import status as status_mod
 from common import streams
+from common.bus import StreamEntries
 from common.cache import ticks_channel
 from common.config import Settings
 from common.quality import CATALOG
@@ -201,7 +202,8 @@ class MetricsExporter(Service):
 
     async def _rdb_save(self) -> str | None:
         try:
-            reply = await self.redis.config_get("save")
+            # bytes: the bus client is built with decode_responses=False (redis-py types the reply as text).
+            reply = cast(dict[bytes | str, bytes | str], await self.redis.config_get("save"))
         except ResponseError:  # CONFIG renamed or refused (managed Redis): only AOF is known
             return None
         return _text(reply.get("save") or reply.get(b"save") or "")
@@ -246,9 +248,10 @@ class MetricsExporter(Service):
         while not stop.is_set():
             try:
                 if cursor is None:
-                    newest = await self.redis.xrevrange(streams.ALERTS, count=1)
+                    newest = cast(StreamEntries, await self.redis.xrevrange(streams.ALERTS, count=1))
                     cursor = _text(newest[0][0]) if newest else "0-0"
-                reply = await self.redis.xread({streams.ALERTS: cursor}, count=ALERTS_READ_COUNT, block=1000)
+                reply = cast(list[tuple[bytes, StreamEntries]] | None,
+                             await self.redis.xread({streams.ALERTS: cursor}, count=ALERTS_READ_COUNT, block=1000))
             except (RedisError, OSError) as exc:
                 self._warn("alerts", "metrics: reading %s failed (%s: %s); retrying every second", streams.ALERTS,
                            type(exc).__name__, exc)

@@ -65,12 +65,12 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
 from common import quality, streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.bus import Consumer, Delivery, Outputs, Producer, StreamEntries, StreamSelector
 from common.config import Settings
 from common.service import Service
 from schemas import (
@@ -417,7 +417,7 @@ class Normalizer(Service):
         """Learn exchange ids from the newest entries of every md:market:* stream; returns markets read."""
         count = 0
         for name in await StreamSelector(patterns=["md:market:*"]).resolve(self.redis):
-            for _, fields in await self.redis.xrevrange(name, count=MARKET_BOOTSTRAP_ENTRIES):
+            for _, fields in cast(StreamEntries, await self.redis.xrevrange(name, count=MARKET_BOOTSTRAP_ENTRIES)):
                 try:
                     events = self.codec.decode_entry(fields)
                 except DecodeError:

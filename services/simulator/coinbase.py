@@ -792,9 +792,10 @@ class CoinbaseVenue:
     @staticmethod
     def _http_error(status: int, retry_after_s: int, bucket: str) -> web.Response:
         if status == 429:
-            body = ({"error": "rate_limit_exceeded", "error_details": "Too many requests",
-                     "message": "Too many requests"} if bucket == "public"
-                    else {"errors": [{"id": "rate_limit_exceeded", "message": "Too many requests"}]})
+            body: dict[str, Any] = (
+                {"error": "rate_limit_exceeded", "error_details": "Too many requests",
+                 "message": "Too many requests"} if bucket == "public"
+                else {"errors": [{"id": "rate_limit_exceeded", "message": "Too many requests"}]})
             return web.json_response(body, status=429, headers={"Retry-After": str(retry_after_s)})
         return web.Response(status=status, text="upstream connect error or disconnect/reset before headers",
                             content_type="text/plain")

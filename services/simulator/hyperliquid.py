@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiohttp
 from aiohttp import web
@@ -501,8 +501,8 @@ class HyperliquidVenue:
             interval = sub.get("interval")
             if interval not in INTERVAL_MS:
                 return None, f"interval {interval!r} is not simulated (served: {', '.join(INTERVAL_MS)})"
-            return ("candle", coin, interval), ""
-        return (kind, coin), ""
+            return cast(SubKey, ("candle", coin, interval)), ""
+        return cast(SubKey, (kind, coin)), ""
 
     def _carries_data(self, key: SubKey) -> bool:
         return key == ("allMids",) or key[1] == self.coin
@@ -543,7 +543,7 @@ class HyperliquidVenue:
             body = None
         kind = body.get("type") if isinstance(body, dict) else None
         handler = self._info_handlers().get(kind) if isinstance(kind, str) else None
-        self._rest_requests[kind if handler else "invalid"] += 1
+        self._rest_requests[cast(str, kind) if handler else "invalid"] += 1
         f = self._faults
         if f.http_error > 0:
             f.http_error -= 1
@@ -559,7 +559,7 @@ class HyperliquidVenue:
             payload = handler(body)
         except (KeyError, TypeError, ValueError) as exc:
             return web.Response(status=422, text=f"{DESERIALIZE_ERROR}: {exc!r}")
-        per_item = ITEMS_PER_EXTRA_WEIGHT.get(kind)
+        per_item = ITEMS_PER_EXTRA_WEIGHT.get(cast(str, kind))
         if per_item and isinstance(payload, list) and len(payload) >= per_item:
             self._weights.append((time.monotonic(), len(payload) // per_item))
         text = encode(payload)
