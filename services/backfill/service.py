@@ -394,8 +394,8 @@ async def run_import(settings: Settings, request: ImportRequest, say: Say = prin
             queue = list(todo)
             while queue:
                 f = queue.pop(0)
-                blob = await arc.download(session, f.url(base))
-                if blob is None:
+                body = await arc.download(session, f.url(base))
+                if body is None:
                     if f.monthly:
                         say(f"{f.name} is not published there (404); taking its days instead")
                         queue[:0] = [d for d in arc.days_of(f) if request.force or subtract([d.span], known)]
@@ -404,9 +404,9 @@ async def run_import(settings: Settings, request: ImportRequest, say: Say = prin
                     say(f"warning: {f.url(base)} does not exist (404); that day stays a hole in the ledger")
                     progress.update(done=1)
                     continue
-                checksum = await arc.download(session, f.url(base) + ".CHECKSUM") if request.verify else b""
-                text = checksum.decode() if checksum is not None else None
-                await _import_blob(blob, text, f, symbol, request.verify, checker, sink, stats)
+                checksum_body = await arc.download(session, f.url(base) + ".CHECKSUM") if request.verify else b""
+                text = checksum_body.decode() if checksum_body is not None else None
+                await _import_blob(body, text, f, symbol, request.verify, checker, sink, stats)
                 progress.update(done=1)
         progress.finish()
         return stats

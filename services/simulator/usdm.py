@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import msgspec
@@ -225,7 +225,7 @@ class UsdmRecording:
         basis: deque[float] = deque(maxlen=300)
         index_hour: deque[float] = deque(maxlen=3600)
         premiums: list[float] = []
-        interval = None
+        interval: int | None = None
         for ev in events:
             if isinstance(ev, BookEvent):
                 mid = (float(ev.book.bid) + float(ev.book.ask)) / 2
@@ -247,7 +247,7 @@ class UsdmRecording:
                 index_hour.append(index)
                 avg = sum(premiums) / len(premiums)
                 rate = round(avg + min(max(INTEREST - avg, -0.0005), 0.0005), 8)
-                next_funding = (interval + 1) * FUNDING_INTERVAL_MS
+                next_funding = (cast(int, interval) + 1) * FUNDING_INTERVAL_MS  # set just above
                 left = (next_funding - t) / FUNDING_INTERVAL_MS
                 mark = statistics.median([index * (1 + rate * left), index + sum(basis) / len(basis), last_price])
                 out.append(SecondEvent(ev.recv_ns, t, _tick(mark), f"{index:.8f}",
