@@ -129,6 +129,16 @@ class Pipeline:
         return out
 
 
+def tree_state() -> str:
+    """The commit the run judged, and the files changed in the work tree beside it (engineers share it)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], check=False,
+                           capture_output=True, text=True).stdout.split("\n")
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return f"{head or 'unknown'}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def chaos_config(sim_port: int, high_water: int) -> str:
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n")
@@ -431,6 +441,7 @@ class Harness:
                                   "skipped": list(o.skip),
                                   "backpressure_high_water": o.high_water, "tmp": str(run.tmp),
                                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        report["tree"] = tree_state()
         wall = time.monotonic()
         await self.start()
         assert self.pipe is not None
@@ -579,7 +590,8 @@ def markdown(report: dict[str, Any]) -> str:
              + "".join(f" --skip {k}" for k in report.get("skipped", [])))
     lines = [f"# Chaos run, seed {report['seed']} ({report['mode']}): {verdict}", "",
              (f"Started {report['started_utc']}, wall time {report['wall_s']} s, simulator speed {report['speed']}, "
-             f"`bus.backpressure_high_water` {report['backpressure_high_water']}. Re-run: `{rerun}`."),
+             f"`bus.backpressure_high_water` {report['backpressure_high_water']}. Re-run: `{rerun}`. "
+             f"Tree: {report.get('tree', 'not recorded')}."),
              f"Drain: {report['drain']}."
              + (f" **Skipped fault kinds: {', '.join(report['skipped'])}** (not a full run)." if report["skipped"]
                 else ""), "", "## Checks", "",
