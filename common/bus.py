@@ -187,6 +187,7 @@ async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettin
     """Write one alert to mdp:alerts at once (never waits for backpressure: an alert is what says why)."""
     pipe = redis.pipeline(transaction=False)
     pipe.sadd(streams.REGISTRY, streams.ALERTS)
+    # redis-py types xadd's fields as dict[FieldT, EncodableT], which (invariant) refuses dict[bytes, bytes].
     pipe.xadd(streams.ALERTS, codec.entry([alert]), maxlen=settings.stream_maxlen,  # type: ignore[arg-type]
               approximate=True)
     added, _ = await pipe.execute()
@@ -309,6 +310,7 @@ class Producer:
             sadds.append((len(pipe.command_stack), stream))
             pipe.sadd(streams.REGISTRY, stream)
             for i in range(0, len(events), size):
+                # redis-py's xadd wants dict[FieldT, EncodableT]; a dict is invariant (see publish_alert).
                 pipe.xadd(stream, self.codec.entry(events[i:i + size]),  # type: ignore[arg-type]
                           maxlen=self.settings.stream_maxlen, approximate=True)
                 entries += 1
@@ -1004,6 +1006,7 @@ class Consumer:
         for k, v in (fields or {}).items():
             letter[b"orig_" + (k if isinstance(k, bytes) else k.encode())] = v
         pipe = self.redis.pipeline(transaction=True)
+        # redis-py's xadd wants dict[FieldT, EncodableT]; a dict is invariant (see publish_alert).
         pipe.xadd(streams.dead_letter(stream), letter, maxlen=self.settings.dead_letter_maxlen,  # type: ignore[arg-type]
                   approximate=True)
         pipe.xack(stream, self.group, entry_id)

@@ -301,6 +301,7 @@ class CacheClient:
             return
         mapping = {k: format(v, "f") if isinstance(v, Decimal) else str(v) for k, v in values.items()}
         pipe = self.redis.pipeline(transaction=True)
+        # redis-py types the mapping as an invariant dict[FieldT, EncodableT], refusing dict[str, str].
         pipe.hset(session_key(strategy_id), mapping=mapping)  # type: ignore[arg-type]
         if ttl_s:
             pipe.expire(session_key(strategy_id), ttl_s)

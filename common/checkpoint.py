@@ -123,7 +123,7 @@ def _enc_hook(obj: object) -> object:
 
 def _dec_hook(typ: type, obj: object) -> object:
     if (get_origin(typ) or typ) is deque:
-        return deque(obj)  # type: ignore[call-overload]
+        return deque(cast(Iterable[Any], obj))
     raise NotImplementedError(f"cannot restore a {typ} from a checkpoint")
 
 
@@ -168,6 +168,7 @@ class Checkpoint:
         gone = set(evict)
         mapping = {field_of(k): self.encoder.encode(v) for k, v in staging.touched.items() if k not in gone}
         if mapping:
+            # redis-py types the mapping as an invariant dict[FieldT, EncodableT], refusing dict[str, bytes].
             pipe.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
         if evict:
             pipe.hdel(self.key, *[field_of(k) for k in evict])

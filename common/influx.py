@@ -618,7 +618,7 @@ class InfluxClient:
 
     async def close(self) -> None:
         if self._v2 is not None:
-            await self._v2.close()  # type: ignore[no-untyped-call]
+            await self._v2.close()
             self._v2 = None
             self._v2_write = None
         if self._session is not None and self._own_session and not self._session.closed:
@@ -995,7 +995,8 @@ class InfluxClient:
     async def _write_v2(self, bucket: str, chunk: Sequence[str]) -> None:
         what = "POST /api/v2/write"
         try:
-            # 3.x ignores org, but influxdb-client requires one: "" when none is configured.
+            # 3.x ignores org, but influxdb-client requires one: "" when none is configured. Its write() types
+            # write_precision as a WritePrecision instance while the values it documents are its str constants.
             await self._v2_writer().write(bucket=bucket, org=self.settings.org,
                                           record="\n".join(chunk).encode(),
                                           write_precision=WritePrecision.NS)  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ class Check:
         return f"{self.status:<4} {self.name:<24} {self.detail}" + (f" -> fix: {self.fix}" if self.fix else "")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("doctor", help="check the deployment (stores, bus persistence, tiers, migrations, "
                                              "exchanges, supervisord programs) and say what to fix")
     p.add_argument("--json", action="store_true", help="one JSON object: ok and the list of checks")

@@ -21,7 +21,7 @@ from common.config import InfluxSettings, load_settings
 from common.influx import InfluxClient, InfluxError
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("init", help="build the InfluxDB storage tiers and apply PostgreSQL migrations")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--influx-only", action="store_true", help="only the InfluxDB tiers")
