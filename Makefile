@@ -64,7 +64,7 @@ doctor: venv
 ctl:
 	@bash tools/supervise.sh ctl $(or $(ARGS),status)
 
-test: deps venv
+test: deps venv lint
 	@bash tools/start-stores.sh --no-influx
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -92,8 +92,10 @@ bench: deps venv
 	$(BIN)/python -m tools.bench_collector
 	$(BIN)/python -m tools.bench_faults
 
+# ruff, and mypy as configured in pyproject.toml ([tool.mypy]: strict on common/ and schemas/).
 lint: venv
-	$(BIN)/python -m ruff check . || true
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 
 clean: stop
 	rm -rf $(VAR) $(VENV)
