@@ -88,6 +88,7 @@ class Delivery:
 # The bus client is built with decode_responses=False: stream ids and fields are bytes (redis-py types its
 # replies for either setting, and a range as optional).
 StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+XReadReply = list[tuple[bytes, StreamEntries]] | dict[bytes, StreamEntries]  # RESP2 | RESP3
 Outputs = dict[str, list[Event]]
 Handler = Callable[[list[Delivery]], Awaitable[Outputs | None]]
 # Adds commands to a publish's MULTI/EXEC (a collector's position, a stage's state checkpoint).
@@ -662,7 +663,7 @@ class Consumer:
                 continue
             resp = await self.redis.xreadgroup(self.group, self.name, {s: ">" for s in self.streams},
                                                count=self.settings.read_count, block=self.settings.block_ms)
-            deliveries = self._deliveries(resp)
+            deliveries = self._deliveries(cast(XReadReply | None, resp))
             if deliveries:
                 await self._handle(deliveries)
 
@@ -699,8 +700,8 @@ class Consumer:
                                    found[0][1])
             return
         # XREADGROUP from just below the entry re-delivers exactly it (counting the delivery).
-        resp = cast(list[tuple[bytes, StreamEntries]] | dict[bytes, StreamEntries],
-                    await self.redis.xreadgroup(self.group, self.name, {stream: _before(entry_id)}, count=1))
+        resp = cast(XReadReply, await self.redis.xreadgroup(self.group, self.name, {stream: _before(entry_id)},
+                                                            count=1))
         for _, entries in (resp.items() if isinstance(resp, dict) else resp or []):
             for eid, fields in entries:
                 if _s(eid) != entry_id:
@@ -716,7 +717,7 @@ class Consumer:
 
     # -- decoding ------------------------------------------------------------------------------------------
 
-    def _deliveries(self, resp: list | dict | None) -> list[Delivery]:  # type: ignore[type-arg]
+    def _deliveries(self, resp: XReadReply | None) -> list[Delivery]:
         out: list[Delivery] = []
         if not resp:
             return out
@@ -734,6 +735,7 @@ class Consumer:
             return Delivery(stream, entry_id, self.codec.decode_entry(fields))
         except DecodeError as exc:
             self._errors[entry_id] = str(exc)
+            # None marks the entry undecodable: _handle sets it apart (poison) before a handler sees the batch.
             return Delivery(stream, entry_id, events=None)  # type: ignore[arg-type]
 
     # -- handling a batch ----------------------------------------------------------------------------------
@@ -967,7 +969,7 @@ class Consumer:
                 if start == "0-0" or self._stop.is_set():
                     break
 
-    async def _handle_claimed(self, stream: str, claimed: list) -> None:  # type: ignore[type-arg]
+    async def _handle_claimed(self, stream: str, claimed: list[tuple[bytes | str, dict[bytes, bytes]]]) -> None:
         ids = [_s(eid) for eid, _ in claimed]
         counts: dict[str, int] = {}
         for p in await self.redis.xpending_range(stream, self.group, min=ids[0], max=ids[-1],

@@ -10,7 +10,7 @@ text), times integer nanoseconds.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from schemas import Candle, Trade
 
@@ -41,7 +41,7 @@ def trade_event(exchange: str, symbol: str, t: dict[str, Any], ts_recv: int) -> 
 
 
 def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], closed: bool, ts_recv: int,
-                 source: str) -> Candle:
+                 source: Literal["ws", "rest", "archive", "aggregate"]) -> Candle:
     """A ccxt OHLCV row as the collector publishes it (a closed candle's ts_event is its last millisecond)."""
     open_ms = row[0] if row and row[0] is not None else None
     values = [dec(v) for v in (list(row[1:6]) + [None] * 5)[:5]]
@@ -50,7 +50,7 @@ def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], clo
     return Candle(exchange=exchange, symbol=symbol, timeframe=timeframe, open_time=open_time,
                   open=values[0], high=values[1], low=values[2], close=values[3], volume=values[4],
                   closed=closed, ts_event=close_ms * MS if closed else ts_recv, ts_recv=ts_recv,
-                  source=source)  # type: ignore[arg-type]
+                  source=source)
 
 
 __all__ = ["candle_event", "dec", "trade_event"]

@@ -280,7 +280,8 @@ def check_supervisord(run_dir: Path) -> list[Check]:
     proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None,
                                                                                        f"unix://{sock}"))
     try:
-        infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+        # xmlrpc's stubs type a reply as any marshallable value; supervisord documents a list of dicts.
+        infos = cast(list[dict[str, Any]], proxy.supervisor.getAllProcessInfo())
     except (OSError, xmlrpc.client.Error) as exc:
         return [Check("supervisord", "FAIL", f"supervisord does not answer on {sock} ({exc})",
                       "start the pipeline (`make demo` or `make run`), or give its run dir (--run-dir / "

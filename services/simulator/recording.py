@@ -38,7 +38,7 @@ import os
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 
@@ -526,7 +526,7 @@ def _read_daily_zip(path: Path, mtime_ns: int) -> tuple[Candle, ...]:
 def load_exchange_info(data_dir: Path) -> dict[str, Any]:
     """The recorded `GET /api/v3/exchangeInfo` body (Binance spot, 2021-10-12, all symbols)."""
     path = data_dir / "cryptofeed-captures" / "BINANCE.0"
-    return msgspec.json.decode(_exchange_info_bytes(path, path.stat().st_mtime_ns))
+    return cast(dict[str, Any], msgspec.json.decode(_exchange_info_bytes(path, path.stat().st_mtime_ns)))
 
 
 @functools.lru_cache(maxsize=2)
