@@ -130,7 +130,7 @@ def canonical_number(x: object) -> Decimal | None:
 def _canonical_float(x: float) -> Decimal:
     r = repr(x)
     if "e" in r or "n" in r:  # exponent, nan, inf
-        return canonical_decimal(Decimal(r))  # type: ignore[return-value]
+        return canonical_decimal(Decimal(r))
     r = r.removesuffix(".0")
     d = Decimal(r)
     return _ZERO if d.is_zero() else d

@@ -47,6 +47,7 @@ def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], clo
     close_ms = (int(open_ms) + TIMEFRAME_MS.get(timeframe, 0) - 1) if open_ms is not None else 0
     return Candle(exchange=exchange, symbol=symbol, timeframe=timeframe, open_time=open_time,
                   open=values[0], high=values[1], low=values[2], close=values[3], volume=values[4],
+                  # source is "ws" or "rest" (on_candles' callers), within Candle.source's Literal.
                   closed=closed, ts_event=close_ms * MS if closed else ts_recv, ts_recv=ts_recv,
                   source=source)  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas import Alert, Candle, Trade
+from schemas import Alert, Candle, Severity, Trade
 from services.backfill.span import Span
 
 State = Literal["repaired", "empty", "explained", "unrepaired"]
@@ -94,8 +94,8 @@ class Outcome:
         return self
 
 
-def _alert(rule: str, severity: str, w: Where, now_ns: int, reason: str, values: dict[str, str | None]) -> Alert:
-    return Alert(rule=rule, severity=severity, source=SOURCE, exchange=w.exchange,  # type: ignore[arg-type]
+def _alert(rule: str, severity: Severity, w: Where, now_ns: int, reason: str, values: dict[str, str | None]) -> Alert:
+    return Alert(rule=rule, severity=severity, source=SOURCE, exchange=w.exchange,
                  symbol=w.symbol, kind=w.kind, reason=reason, values=values, ts_event=now_ns, ts_recv=now_ns)
 
 

@@ -27,6 +27,7 @@ import asyncio
 import logging
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from common import streams
 from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, sleep_unless
@@ -50,10 +51,10 @@ GROUP = "gap_repair"
 _PG_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 
 
-async def build_repairer(settings: Settings, redis: object, producer: Producer,
+async def build_repairer(settings: Settings, redis: aioredis.Redis, producer: Producer,
                          ledger: Ledger, influx: InfluxClient) -> tuple[Repairer, Venues]:
     """The repairer on open store clients (the service's, or a test's)."""
-    venues = Venues(settings, redis)  # type: ignore[arg-type]
+    venues = Venues(settings, redis)
     sink = Sink(influx, ledger, producer, "rest")
     published = Published()
     candles = CandleRepair(venues, Checker(settings, SOURCE), sink, settings.gap_repair.retries, published)

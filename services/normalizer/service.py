@@ -65,7 +65,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal, cast
+from typing import Literal, cast, overload
 
 import msgspec
 
@@ -120,6 +120,12 @@ Alignment = Literal["aligned", "misaligned", "unchecked"]
 # Pure helpers
 
 
+@overload
+def canonical_decimal(value: Decimal) -> Decimal: ...
+@overload
+def canonical_decimal(value: None) -> None: ...
+@overload
+def canonical_decimal(value: Decimal | None) -> Decimal | None: ...
 def canonical_decimal(value: Decimal | None) -> Decimal | None:
     """The shortest exact form of `value`: Decimal('61837.63000000') -> Decimal('61837.63'), 1E+2 -> 100."""
     if value is None or not value.is_finite():
@@ -127,6 +133,7 @@ def canonical_decimal(value: Decimal | None) -> Decimal | None:
     if value.is_zero():
         return _ZERO
     n = value.normalize(_DEC)
+    # typeshed's exponent includes "n"/"N"/"F", the exponents of non-finite values, returned above.
     if n.as_tuple().exponent > 0:  # type: ignore[operator]
         n = n.quantize(_ONE, context=_DEC)
     return n
@@ -366,7 +373,7 @@ def book_levels(event: OrderBook, levels: tuple[tuple[Decimal, Decimal], ...], s
     """A book side with canonical decimals and, on a contract market, amounts in base units (as ticker sizes)."""
     scale = contract_scale(event, symbol, symbols)
     if scale is None:
-        return tuple((canonical_decimal(p), canonical_decimal(a)) for p, a in levels)  # type: ignore[misc]
+        return tuple((canonical_decimal(p), canonical_decimal(a)) for p, a in levels)
     notes.add("contract_scaled")
     return tuple((canonical_decimal(p), canonical_decimal(to_base(a, p, *scale))) for p, a in levels)  # type: ignore[misc]
 

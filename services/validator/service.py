@@ -149,6 +149,7 @@ class Validator(Service):
         self.passed += 1
         if forwarded is not event:
             self.flagged += 1
+        # A verdict forwards only the market event it judged (all have `exchange`); no cast on this hot path.
         out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
 
     def _restore(self, key: SeriesKey, state: object) -> object:
