@@ -78,7 +78,7 @@ def compare_trades(where: str, expected: list[TrueTrade], got: list[tuple[str, A
             wrong.append(f"id {tid}: " + ", ".join(problems))
     ev = []
     if lost:
-        ev.append(f"{where}: {len(lost)} trade(s) LOST, ids {id_ranges(lost)}")
+        ev.append(f"{where}: {len(lost)} trade(s) LOST (absent after the drain), ids {id_ranges(lost)}")
     if doubled:
         ev.append(f"{where}: {len(doubled)} trade(s) DOUBLED ({sum(doubled.values()) - len(doubled)} extra copies), "
                   f"ids {id_ranges(list(doubled))}")

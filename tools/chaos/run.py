@@ -488,6 +488,24 @@ class Harness:
         report["wall_s"] = round(time.monotonic() - wall, 1)
         return report
 
+    async def locate_lost(self, r: aioredis.Redis, expected: list[TrueTrade], stream_check: checks.Check) -> None:
+        """For trades missing from md:trade: how far each got (raw:binance = the collector or gap_repair published
+        it; valid:binance = the validator passed it on), so a failure names the stage that dropped or holds it."""
+        if not stream_check.counts.get("lost"):
+            return
+        got = {int(t[0]) for t in await checks.stream_trades(r, TRADE_STREAM)}
+        lost = [t.id for t in expected if t.id not in got]
+        raw = {int(t[0]) for t in await checks.stream_trades(r, "raw:binance")}
+        valid = {int(t[0]) for t in await checks.stream_trades(r, "valid:binance")}
+        in_valid = [i for i in lost if i in valid]
+        only_raw = [i for i in lost if i in raw and i not in valid]
+        neither = [i for i in lost if i not in raw and i not in valid]
+        stream_check.evidence.append(
+            f"where the {len(lost)} missing from {TRADE_STREAM} are: {len(in_valid)} on valid:binance (the normalizer "
+            f"has not published them: ids {checks.id_ranges(in_valid)}); {len(only_raw)} only on raw:binance (the "
+            f"validator has not passed them on: ids {checks.id_ranges(only_raw)}); {len(neither)} on neither "
+            f"(never published by the collector or gap_repair, or trimmed: ids {checks.id_ranges(neither)})")
+
     async def check(self, http: aiohttp.ClientSession, r: aioredis.Redis,
                     expected: list[TrueTrade]) -> list[checks.Check]:
         assert self.pipe is not None
@@ -497,6 +515,7 @@ class Harness:
                                      "influx_writer (or upstream: normalizer/validator/collector/gap_repair)"),
                checks.compare_trades(TRADE_STREAM, expected, await checks.stream_trades(r, TRADE_STREAM),
                                      "normalizer (or upstream: validator/collector/gap_repair)")]
+        await self.locate_lost(r, expected, out[1])
         for tf in ("1m", "5m", "15m", "1h"):
             want = Truth.expected_bars(expected, tf)
             lo = (first // 60_000 + 1) * 60_000
