@@ -105,8 +105,7 @@ class Service:
                 state = consumer.stats.state
                 detail = detail or getattr(consumer.stats, "detail", "") or consumer.stats.last_error
         beat = Heartbeat(service=self.name, instance=self.instance, pid=os.getpid(), started_at=self.started_at,
-                         # KNOWN DEFECT (reported, not fixed here): state may be "standby", which Heartbeat's
-                         # Literal lacks, so `mdp status` cannot decode a standby instance's heartbeat.
+                         # state is a plain str on Service (subclasses set it); msgspec checks the Literal
                          counters=counters, state=state, detail=detail,  # type: ignore[arg-type]
                          ts_event=now, ts_recv=now)
         payload = self.codec.encode([beat])

@@ -130,7 +130,7 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, kw_only=True):
     pid: int
     started_at: int
     counters: dict[str, int]
-    state: Literal["starting", "running", "degraded", "stopping"]
+    state: Literal["starting", "running", "degraded", "standby", "stopping"]  # standby: waits for a stage lease
     detail: str
     ts_event: int
     ts_recv: int

@@ -111,3 +111,20 @@ async def test_status_shows_services_alive_with_rates_and_streams_with_lag(setti
     await redis.delete(streams.alive_key("ticking", "7"))
     st = await status.collect(redis)
     assert [s.state for s in st.services if s.service == "ticking"] == ["dead"]
+
+
+async def test_status_shows_a_standby_instance_as_standby(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+    # Arrange: a second copy of a single-instance stage waits for the lease; its heartbeat says "standby".
+    svc = Ticking(settings, "standby-1")
+    svc.state = "standby"  # type: ignore[assignment]
+    svc.detail = "waiting for the lease mdp:lease:validator held by validator-0"
+
+    # Act
+    await svc.heartbeat_once()
+    st = await status.collect(redis)
+
+    # Assert: mdp status decodes it and names its state and why.
+    row = next((s for s in st.services if s.instance == "standby-1"), None)
+    assert row is not None, "the standby instance's heartbeat was not decoded"
+    assert (row.alive, row.state) == (True, "standby") and "lease" in row.detail
+    await svc.close()
