@@ -43,7 +43,8 @@ def id_ranges(ids: list[int]) -> str:
     ids = sorted(ids)
     parts: list[str] = []
     start = prev = ids[0]
-    for i in ids[1:] + [None]:  # type: ignore[list-item]
+    tail: list[int | None] = [*ids[1:], None]
+    for i in tail:
         if i is not None and i == prev + 1:
             prev = i
             continue
@@ -170,9 +171,10 @@ async def stored_bars(http: aiohttp.ClientSession, url: str, timeframe: str, fir
 
 async def xrange_all(redis: aioredis.Redis, stream: str, count: int = 2000) -> list[tuple[bytes, dict[bytes, bytes]]]:
     out: list[tuple[bytes, dict[bytes, bytes]]] = []
-    start = "-"
+    start: bytes | str = "-"
     while True:
-        batch = await redis.xrange(stream, start, "+", count=count)
+        # redis-py types replies loosely; with decode_responses off an entry is (bytes id, {bytes: bytes})
+        batch: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(stream, start, "+", count=count)  # type: ignore[assignment]
         if start != "-" and batch and batch[0][0] == start:
             batch = batch[1:]
         if not batch:

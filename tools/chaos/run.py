@@ -166,10 +166,11 @@ async def undelivered(redis: aioredis.Redis, stream: str, last_delivered: str, c
     """Entries after the group's last-delivered-id (at most `cap`). Not XINFO's `lag`: Redis 7.0 keeps a
     group's entries-read counter in memory, so after a restart from the AOF `lag` stays above 0 (or None)
     although the group has read everything (seen in the chaos runs)."""
-    newest = await redis.xrevrange(stream, "+", "-", count=1)
+    newest: list[tuple[bytes, Any]] = await redis.xrevrange(stream, "+", "-", count=1)  # type: ignore[assignment]
     if not newest or _id(newest[0][0]) <= _id(last_delivered):
         return 0
-    return len(await redis.xrange(stream, f"({last_delivered}", "+", count=cap))
+    after: list[Any] = await redis.xrange(stream, f"({last_delivered}", "+", count=cap)  # type: ignore[assignment]
+    return len(after)
 
 
 def _id(entry_id: bytes | str) -> tuple[int, int]:
@@ -298,7 +299,8 @@ class Harness:
         self.run.note(f"consumer group {SLOW} on {TRADE_STREAM}: one entry read and acknowledged every 0.5 s")
         while not self.stop_sampling.is_set():
             try:
-                got = await redis.xreadgroup(SLOW, "slow-0", {TRADE_STREAM: ">"}, count=1, block=100)
+                got: list[tuple[bytes, list[tuple[bytes, Any]]]] = await redis.xreadgroup(  # type: ignore[assignment]
+                    SLOW, "slow-0", {TRADE_STREAM: ">"}, count=1, block=100)
                 for _, entries in got:
                     for entry_id, _ in entries:
                         await redis.xack(TRADE_STREAM, SLOW, entry_id)
@@ -590,7 +592,7 @@ def recovery_summary(faults: list[Fault]) -> dict[str, dict[str, Any]]:
         fs = [f for f in faults if (f.kind if f.kind != "kill9" else f"kill9 {f.target.split(':')[0]}") == kind]
         row: dict[str, Any] = {"n": len(fs)}
         for key in ("influx_flowing_s", "stream_flowing_s", "drained_s"):
-            vals = [f.recovery.get(key) for f in fs if f.recovery.get(key) is not None]
+            vals: list[float] = [f.recovery[key] for f in fs if f.recovery.get(key) is not None]
             row[key] = {"median": round(statistics.median(vals), 2), "max": max(vals)} if vals else None
             row[key.replace("_s", "_never")] = sum(1 for f in fs if f.recovery.get(key) is None)
         out[kind] = row
