@@ -1,55 +1,20 @@
 """ccxt structures -> our events (schemas/events.py), as received: the validator judges them, the normalizer
 makes them canonical. Numbers become exact Decimals (ccxt parses the exchange's text into floats; the shortest
-repr of such a float restores the text), times integer nanoseconds."""
+repr of such a float restores the text), times integer nanoseconds. Trades and candles are built by
+common.ccxt_events, which gap_repair shares; the other channels are the collector's alone."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
-from schemas import Candle, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
-
-MS = 1_000_000
-TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
-                "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
-
-
-def dec(value: Any) -> Decimal | None:
-    """Exact decimal of a ccxt number: floats via their shortest repr, which restores the exchange's text."""
-    if value is None:
-        return None
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    try:
-        return Decimal(str(value))
-    except ArithmeticError:
-        return None
+from common.ccxt_events import MS, dec
+from schemas import FundingRate, Market, OpenInterest, OrderBook, Ticker
 
 
 def ms_to_ns(ms: Any, default: int) -> int:
     """An exchange time in ms as ns; `default` (usually the receipt time) when the exchange gives none."""
     return int(ms) * MS if ms is not None else default
-
-
-def trade_event(exchange: str, symbol: str, t: dict[str, Any], ts_recv: int) -> Trade:
-    ts = t.get("timestamp")
-    return Trade(exchange=exchange, symbol=t.get("symbol") or symbol, trade_id=str(t.get("id") or ""),
-                 price=dec(t.get("price")), amount=dec(t.get("amount")),
-                 side=t.get("side") if t.get("side") in ("buy", "sell") else None,
-                 ts_event=int(ts) * MS if ts is not None else 0, ts_recv=ts_recv)
-
-
-def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], closed: bool, ts_recv: int,
-                 source: str) -> Candle:
-    open_ms = row[0] if row and row[0] is not None else None
-    values = [dec(v) for v in (list(row[1:6]) + [None] * 5)[:5]]
-    open_time = int(open_ms) * MS if open_ms is not None else 0
-    close_ms = (int(open_ms) + TIMEFRAME_MS.get(timeframe, 0) - 1) if open_ms is not None else 0
-    return Candle(exchange=exchange, symbol=symbol, timeframe=timeframe, open_time=open_time,
-                  open=values[0], high=values[1], low=values[2], close=values[3], volume=values[4],
-                  # source is "ws" or "rest" (on_candles' callers), within Candle.source's Literal.
-                  closed=closed, ts_event=close_ms * MS if closed else ts_recv, ts_recv=ts_recv,
-                  source=source)  # type: ignore[arg-type]
 
 
 def market_event(exchange: str, m: dict[str, Any], ts: int) -> Market:

@@ -28,6 +28,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from common.ccxt_events import trade_event
 from common.config import ConfigError, ExchangeSettings
 from schemas import Alert, Event
 from services.collector import events as ev
@@ -127,7 +128,7 @@ class TradesFeed(Feed):
         if not fresh:
             return
         ts_recv = time.time_ns()
-        trades = [ev.trade_event(self.collector.exchange_id, self.symbol, t, ts_recv) for t in fresh]
+        trades = [trade_event(self.collector.exchange_id, self.symbol, t, ts_recv) for t in fresh]
         self.collector.count["trades"] += len(trades)
         outage = self.stats["trades"].outage
         ids = [t.trade_id for t in trades]

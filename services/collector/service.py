@@ -41,7 +41,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import ccxt
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,18 +49,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import streams
 from common.bus import Producer, sleep_unless
+from common.ccxt_events import TIMEFRAME_MS, candle_event, dec, trade_event
 from common.config import ExchangeSettings, Settings
 from common.exchanges import make_pro_exchange
 from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.service import Service
 from schemas import Alert, Candle, Event, Gap, Trade
-from services.collector.events import (
-    TIMEFRAME_MS,
-    candle_event,
-    dec,
-    market_event,
-    trade_event,
-)
+from services.collector.events import market_event
 from services.collector.feeds import (
     ChannelStats,
     Feed,
@@ -821,7 +816,7 @@ class Collector(Service):
             return
         await self.on_candles(feed, symbol, rows, "rest")
 
-    async def on_candles(self, feed: Feed, symbol: str, rows: list[list[Any]], source: str,
+    async def on_candles(self, feed: Feed, symbol: str, rows: list[list[Any]], source: Literal["ws", "rest"],
                          ends_outage: bool = True) -> None:
         state = self.state_by_symbol[symbol]
         tf = self.exchange_settings.timeframe
