@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import redis.asyncio as aioredis
 from common import streams
 from common.config import Settings
 from common.ratelimit import RateBudget, limit_for
-from schemas import Codec, Gap, Trade
+from schemas import Candle, Codec, Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
 from services.simulator import start_simulator
 from tests.collecting import RestartableRedis, collector_settings, read
@@ -533,3 +534,38 @@ def test_outbox_drops_the_oldest_batches_at_its_bound_as_runs_per_feed() -> None
     assert (run.first_id, run.last_id, run.events) == ("1", "12", 12), "one run: the batches were consecutive"
     assert (run.first_ns, run.last_ns) == (1_000_000, 12_000_000)
     assert sorted(int(i) for _, i, _ in outbox.dropped_trades) == list(range(1, 13))
+
+
+async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stale_snapshot(settings: Settings,  # type: ignore[no-untyped-def]
+                                                                                         redis) -> None:
+    # Arrange: the replay at 20x; the socket goes down for 4 s (80 s of exchange time), so the candle open at the
+    # break closes while the collector does not listen, and its last snapshot misses the minute's end.
+    from services.simulator import Recording
+    truth = {c.open_time: c for c in Recording.load().candles}
+    async with start_simulator(speed=20, max_trades=12_000, wait_for_streams=BOTH) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def started() -> bool:
+            return collector.count["candle_updates"] >= 5
+
+        await wait_for(started, task)
+        before = collector.count["candles_closed"]
+        # Act
+        sim.inject("disconnect", down_s=4.0)
+
+        async def recovered() -> bool:
+            return collector.count["candles_closed"] >= before + 3 and collector.count["reconnects"] >= 1
+
+        await wait_for(recovered, task, timeout=60)
+        await stop_collector(collector, stop, task)
+    # Assert: every closed candle published equals the recording's candle of that minute.
+    closed = [c for c in await read(redis, streams.raw("binance"))
+              if isinstance(c, Candle) and c.closed and c.open is not None]
+    assert len(closed) >= 3
+    for c in closed:
+        want = truth[c.open_time // 1_000_000]
+        assert (c.open, c.high, c.low, c.close) == (Decimal(want.open), Decimal(want.high), Decimal(want.low),
+                                                    Decimal(want.close)), (c, want)

@@ -103,13 +103,39 @@ async def influx_count(url: str, measurement: str) -> int:
     return int(rows[0][1]) if rows else 0
 
 
-async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline, explain=None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await predicate():
             return
         await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{pipe.ctl('status')}\n{pipe.logs()}")
+    found = f"\n{await explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{found}\n{pipe.ctl('status')}\n"
+                         f"{pipe.logs()}")
+
+
+async def missing_trades(influx: str, redis_url: str, expected_ids: list[str]) -> str:
+    """What is missing and where it got to, for a failure message: stored count, missing id ranges, the
+    pipeline's stream backlogs and the Gaps announced."""
+    rows = await influx_query(influx, 'SELECT "trade_id" FROM "ticks"."trades" WHERE "exchange" = \'binance\'')
+    got = {str(r[1]) for r in rows}
+    lost = sorted(int(i) for i in set(expected_ids) - got)
+    ranges: list[str] = []
+    for i in lost:
+        if ranges and int(ranges[-1].split("..")[-1]) == i - 1:
+            ranges[-1] = f"{ranges[-1].split('..')[0]}..{i}"
+        else:
+            ranges.append(str(i))
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        st = await status_mod.collect(redis)
+        behind = [f"{s.name}/{g.name} lag={g.lag} pending={g.pending}" for s in st.streams for g in s.groups
+                  if (g.lag or 0) + g.pending]
+        gaps = await redis.xlen(streams.GAPS)
+    finally:
+        await redis.aclose()
+    return (f"InfluxDB holds {len(rows)} binance trades ({len(got)} distinct); {len(lost)} missing: "
+            f"{', '.join(ranges[:20])}; streams behind: {behind or 'none'}; mdp:gaps entries: {gaps}")
 
 
 async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_9(
@@ -135,7 +161,8 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
 
     # Act 2: let the replay finish and every stage drain.
     await wait_for(lambda: _equal(influx_count(influx, "trades"), len(expected_ids)), 150,
-                   f"{len(expected_ids)} trades in InfluxDB", pipeline)
+                   f"{len(expected_ids)} trades in InfluxDB", pipeline,
+                   explain=lambda: missing_trades(influx, redis_server.url, expected_ids))
     await wait_for(lambda: _equal(influx_count(influx, "ohlcv"), len(expected_candles)), 60,
                    f"{len(expected_candles)} closed candles in InfluxDB", pipeline)
     redis = aioredis.Redis.from_url(redis_server.url)
@@ -159,7 +186,8 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     assert [c[0] for c in candles] == [c.open_time for c in expected_candles]
     for got, want in zip(candles, expected_candles, strict=True):
         assert [Decimal(str(v)) for v in got[1:5]] == [Decimal(want.open), Decimal(want.high), Decimal(want.low),
-                                                       Decimal(want.close)]
+                                                       Decimal(want.close)], \
+            f"1m candle {got[0]} differs from the recording's; candle alerts: {await _candle_alerts(redis)}"
         assert abs(Decimal(str(got[5])) - Decimal(want.volume)) < Decimal("1e-8")
 
     # The cache holds the recording's last trade, with a TTL.
@@ -234,6 +262,16 @@ async def _alert_seen(redis: aioredis.Redis) -> bool:
                 assert a.reason and a.values
                 return True
     return False
+
+
+async def _candle_alerts(redis: aioredis.Redis) -> list[str]:
+    codec = Codec()
+    out = []
+    for _, fields in await redis.xrange(streams.ALERTS):
+        for a in codec.decode_entry(fields):
+            if isinstance(a, Alert) and a.kind.startswith("candle") and a.exchange == "binance":
+                out.append(f"{a.rule} {a.source}: {a.reason[:300]} {a.values}")
+    return out
 
 
 async def _drained(redis: aioredis.Redis) -> bool:

@@ -192,7 +192,7 @@ class Collector(Service):
         self.count: Counter[str] = Counter({k: 0 for k in (
             "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
             "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
-            "sequence_gaps", "positions_lost")})
+            "sequence_gaps", "positions_lost", "candles_stale_dropped")})
         self.outbox = Outbox(self.exchange_settings.publish_buffer_events)
         self.outbox_ready = asyncio.Event()
         self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
@@ -816,10 +816,33 @@ class Collector(Service):
             return
         await self.on_candles(feed, symbol, rows, "rest")
 
+    async def _close_interrupted_candle(self, feed: Feed, symbol: str) -> None:
+        """The socket broke while a candle was open and came back in a later minute: the open candle's last
+        snapshot predates the break, so its final updates were missed. Its closed values come from REST; if
+        REST cannot give them, it is not published at all (the outage's Gap covers its minute, and gap_repair
+        fetches it), never closed from the stale snapshot."""
+        state = self.state_by_symbol[symbol]
+        stale = state.last_candle
+        if stale is None:
+            return
+        if self.rest is not None:
+            await self.poll_candles(feed, symbol)
+        if state.last_closed_open_ms < int(stale[0]):
+            self.count["candles_stale_dropped"] += 1
+            log.warning("%s %s: the %s candle opening at %d was open when the socket broke and REST did not "
+                        "give its final values; not published (the outage's Gap covers it, gap_repair fetches "
+                        "it)", self.exchange_id, symbol, self.exchange_settings.timeframe, int(stale[0]))
+            state.last_closed_open_ms = int(stale[0])
+            state.last_candle = None
+
     async def on_candles(self, feed: Feed, symbol: str, rows: list[list[Any]], source: Literal["ws", "rest"],
                          ends_outage: bool = True) -> None:
         state = self.state_by_symbol[symbol]
         tf = self.exchange_settings.timeframe
+        stats = feed.stats.get("candles")
+        if (source == "ws" and stats is not None and stats.outage is not None and state.last_candle is not None
+                and any(row and row[0] is not None and int(row[0]) > state.last_candle[0] for row in rows)):
+            await self._close_interrupted_candle(feed, symbol)
         ts_recv = time.time_ns()
         events: list[Candle] = []
         updated = False
