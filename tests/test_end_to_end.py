@@ -117,8 +117,16 @@ async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline, explain
 async def missing_trades(influx: str, redis_url: str, expected_ids: list[str]) -> str:
     """What is missing and where it got to, for a failure message: stored count, missing id ranges, the
     pipeline's stream backlogs and the Gaps announced."""
-    rows = await influx_query(influx, 'SELECT "trade_id" FROM "ticks"."trades" WHERE "exchange" = \'binance\'')
-    got = {str(r[1]) for r in rows}
+    rows = await influx_query(influx, 'SELECT * FROM "ticks"."trades" WHERE "exchange" = \'binance\'')
+    columns = await influx_columns(influx, 'SELECT * FROM "ticks"."trades" WHERE "exchange" = \'binance\' LIMIT 1')
+    at = columns.index("trade_id") if "trade_id" in columns else 1
+    got = {str(r[at]) for r in rows}
+    seen: dict[str, list[object]] = {}
+    doubled = []
+    for r in rows:
+        if str(r[at]) in seen:
+            doubled.append((seen[str(r[at])], r))
+        seen[str(r[at])] = r
     lost = sorted(int(i) for i in set(expected_ids) - got)
     ranges: list[str] = []
     for i in lost:
@@ -135,7 +143,16 @@ async def missing_trades(influx: str, redis_url: str, expected_ids: list[str]) -
     finally:
         await redis.aclose()
     return (f"InfluxDB holds {len(rows)} binance trades ({len(got)} distinct); {len(lost)} missing: "
-            f"{', '.join(ranges[:20])}; streams behind: {behind or 'none'}; mdp:gaps entries: {gaps}")
+            f"{', '.join(ranges[:20])}; stored twice ({len(doubled)}; columns {columns}): {doubled[:5]}; "
+            f"streams behind: {behind or 'none'}; mdp:gaps entries: {gaps}")
+
+
+async def influx_columns(url: str, q: str) -> list[str]:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{url}/query", params={"db": "market_data", "q": q, "epoch": "ms"}) as resp:
+        body = await resp.json()
+    series = body["results"][0].get("series") or []
+    return list(series[0]["columns"]) if series else []
 
 
 async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_9(
