@@ -47,9 +47,10 @@ from schemas import Event
 from schemas.events import Fill
 from services.postgres_writer.batch import Item, ts
 from services.postgres_writer.strategy_store import CREATE_STAGE, StrategyStore
+from services.simulator.recording import real_data_dir
 from tools.localstores import start_redis
 
-REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL = real_data_dir(PROJECT_ROOT)  # MDP_REAL_DATA, ../shared/data/real, or the shipped data/real
 CAPTURES = (("binance_spot_btcusdt_20240808.gz", "BTC/USDT"), ("binance_spot_btcusdt_20240809.gz", "BTC/USDT"),
             ("binance_spot_ethusdt_20240808.gz", "ETH/USDT"))
 FEE_RATE = Decimal("0.001")
