@@ -92,10 +92,12 @@ bench: deps venv
 	$(BIN)/python -m tools.bench_collector
 	$(BIN)/python -m tools.bench_faults
 
-# ruff, and mypy as configured in pyproject.toml ([tool.mypy]: strict on common/ and schemas/).
+# ruff; mypy as configured in pyproject.toml ([tool.mypy]: strict on common/ and schemas/); and the import
+# direction (import-linter contracts in pyproject.toml [tool.importlinter], docs/architecture.md).
 lint: venv
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
+	$(BIN)/lint-imports --no-cache
 
 clean: stop
 	rm -rf $(VAR) $(VENV)

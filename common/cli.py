@@ -2,7 +2,7 @@
 
   mdp status [--json] [--watch S]   services alive (heartbeat age, rate), streams (length, pending, lag)
   mdp migrate                       apply PostgreSQL migrations (idempotent)
-  mdp simulate [...]                run the exchange simulator (same options as python -m services.simulator)
+  mdp simulate [...]                run the exchange simulator (a plugin: the `simulator` package registers it)
   mdp alerts [--count N]            the latest alerts, newest first
 """
 
@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import status as status_mod
-from common import streams
-from common.bus import StreamEntries
+from common.bus import streams
+from common.bus.core import StreamEntries
 from common.config import ConfigError, load_settings
-from common.migrate import MigrationError
+from common.stores.postgres import MigrationError
 from schemas import Codec
 
 
@@ -68,7 +68,7 @@ def _plain(event: object) -> dict[str, object]:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from common.migrate import migrate
+    from common.stores.postgres import migrate
 
     settings = load_settings(args.config)
     applied = await migrate(settings.postgres.dsn)
@@ -86,18 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("alerts", help="latest alerts")
     a.add_argument("--count", type=int, default=20)
     sub.add_parser("migrate", help="apply PostgreSQL migrations")
-    sub.add_parser("simulate", help="run the exchange simulator (see `mdp simulate -- --help`)", add_help=False)
     import importlib
     import pkgutil
+    from importlib.metadata import entry_points
 
     import common.commands
     for info in sorted(pkgutil.iter_modules(common.commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"common.commands.{info.name}").register(sub)
+    # Commands from other installed packages (entry point group `mdp.commands`, a `register(subparsers)` each):
+    # the simulator adds `mdp simulate` this way, so this package never imports it.
+    for plugin in sorted(entry_points(group="mdp.commands"), key=lambda ep: ep.name):
+        plugin.load()(sub)
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command == "simulate":
-            from services.simulator.__main__ import main as simulate
-            return int(simulate(rest) or 0)
+        if getattr(args, "passthrough", False):  # the plugin parses its own arguments
+            return int(args.func(args, rest) or 0)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         builtin = {"status": _status, "alerts": _alerts, "migrate": _migrate}

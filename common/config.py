@@ -15,11 +15,13 @@ from typing import Literal
 
 import msgspec
 
+from common.errors import MdpError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "simulator.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(MdpError, ValueError):
     """A configuration value that cannot be used. The message names the key, the value and the fix."""
 
 
@@ -163,7 +165,7 @@ class QualitySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # The shared per-exchange REST budget (common/ratelimit.py), honoured by every process calling an exchange.
+    # The shared per-exchange REST budget (common/exchanges/ratelimit.py), honoured by every process calling an exchange.
     # Fraction of the exchange's published weight limit we spend; the rest absorbs clock skew at window edges.
     utilization: float = 0.97
     # Burst allowed above the steady pace, in seconds of the full rate.
@@ -175,7 +177,7 @@ class RateLimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
 
 class BackfillSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # History backfill and archive import (services/backfill, docs/backfill.md).
+    # History backfill and archive import (common/history/, docs/backfill.md).
     concurrency: int = 4  # REST pages in flight at once per process (the shared budget still paces them)
     write_pages: int = 5  # pages (up to 1000 candles each) written to InfluxDB per request at most
     retries: int = 5  # attempts per page on network errors / 5xx before the run stops (a rerun resumes)

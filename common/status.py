@@ -14,8 +14,15 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from common import streams
-from common.bus import GroupState, StreamEntries, abandoned_groups, group_lag, last_generated_id, redis_url
+from common.bus import streams
+from common.bus.core import (
+    GroupState,
+    StreamEntries,
+    abandoned_groups,
+    group_lag,
+    last_generated_id,
+    redis_url,
+)
 from schemas import Codec, DecodeError, Heartbeat
 
 
@@ -171,7 +178,7 @@ def _age_s(ms: int, now_ns: int) -> float | None:
     return round((now_ns / 1e6 - ms) / 1000, 1) if ms > 0 else None
 
 
-MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consumed (common.service)
+MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consumed (common.bus.stage)
 
 
 def render(status: Status) -> str:

@@ -8,7 +8,7 @@
     await events.position(exchange="binance", symbol="BTC/USDT", quantity="0.01", avg_price="61837.63")
     await events.metric("pnl", "12.5", period="1d", ts_event=day_end_ns)
 
-Everything goes to the strategy's own stream `strategy:{name}` through the bus (common.bus.Producer), and
+Everything goes to the strategy's own stream `strategy:{name}` through the bus (common.bus.core.Producer), and
 services/postgres_writer stores it idempotently in `strategies`, `trades`, `positions` (+ `position_history`)
 and `performance_metrics` (docs/postgres.md). Publishing returns once the event is in Redis; the bus's
 backpressure applies (a writer far behind makes `publish` wait, see README "Bus semantics").
@@ -28,9 +28,10 @@ from decimal import Decimal
 import msgspec
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Producer
+from common.bus import streams
+from common.bus.core import Producer
 from common.config import BusSettings
+from common.errors import MdpError
 from schemas import Codec, Side
 from schemas.events import Fill, PerformanceMetric, PositionUpdate, StrategyEvent, StrategyInfo
 
@@ -43,7 +44,7 @@ MAX_NAME = 200
 MAX_NS = 2**63  # PostgreSQL bigint; year 2262
 
 
-class StrategyEventError(ValueError):
+class StrategyEventError(MdpError, ValueError):
     """An event the store would refuse. The message names the event, the field, the value and the fix."""
 
 

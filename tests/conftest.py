@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import Settings, load_settings
-from services.simulator.recording import real_data_dir
+from simulator.recording import real_data_dir
 from tools.localstores import LocalServer, start_influxd, start_redis
 
 

@@ -15,17 +15,17 @@ import pandas as pd
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Delivery, Producer
+from common.bus import streams
+from common.bus.core import Delivery, Producer
 from common.config import ExchangeSettings, InfluxSettings, RedisSettings, Settings
-from common.influx import InfluxClient, quote_ident
+from common.domain.bars import TimeframeError, bar_duration
+from common.stores.influx import InfluxClient, quote_ident
 from schemas import Alert, Candle, Codec, Event, Trade
 from services.aggregator import Aggregator
-from services.aggregator.bars import TimeframeError, bar_duration
 from services.influx_writer import InfluxWriter
-from services.simulator import Recording
-from services.simulator.coinbase_recording import CoinbaseRecording
-from services.simulator.hyperliquid_data import load_capture
+from simulator import Recording
+from simulator.coinbase_recording import CoinbaseRecording
+from simulator.hyperliquid_data import load_capture
 from tests.conftest import SHIPPED_DATA, shipped_btc_minutes
 from tests.test_influx import KEEP_ALL, Running, wait_for
 from tests.test_stages import FAST, read, run_until

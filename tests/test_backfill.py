@@ -20,15 +20,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common.ccxt_events import candle_event
 from common.config import Settings, load_settings
-from common.influx import InfluxClient, InfluxQueryError
-from services.backfill.ingest import Checker, clears_candle_rules, rest_candle
-from services.backfill.ledger import EVIDENCE_CAP, Ledger, Series, join_evidence
-from services.backfill.plan import plan_backfill
-from services.backfill.report import coverage_report
-from services.backfill.service import BackfillRequest, run_backfill
-from services.backfill.span import (
+from common.domain.normalize import SymbolMap, normalize
+from common.domain.span import (
     NS,
     Span,
     SpanError,
@@ -38,8 +32,14 @@ from services.backfill.span import (
     requested_span,
     subtract,
 )
-from services.normalizer.service import SymbolMap, normalize
-from services.simulator import Simulator, start_simulator
+from common.exchanges.events import candle_event
+from common.history.backfill import BackfillRequest, run_backfill
+from common.history.ingest import Checker, clears_candle_rules, rest_candle
+from common.history.ledger import EVIDENCE_CAP, Ledger, Series, join_evidence
+from common.history.plan import plan_backfill
+from common.history.report import coverage_report
+from common.stores.influx import InfluxClient, InfluxQueryError
+from simulator import Simulator, start_simulator
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent

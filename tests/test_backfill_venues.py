@@ -21,12 +21,12 @@ import aiohttp
 import pytest
 
 from common.config import Settings
-from common.influx import InfluxClient
-from services.backfill.ledger import Ledger, Series
-from services.backfill.report import coverage_report, render
-from services.backfill.service import BackfillRequest, RunStats, run_backfill
-from services.backfill.span import NS, Span, parse_when, requested_span
-from services.simulator import Simulator, start_simulator
+from common.domain.span import NS, Span, parse_when, requested_span
+from common.history.backfill import BackfillRequest, RunStats, run_backfill
+from common.history.ledger import Ledger, Series
+from common.history.report import coverage_report, render
+from common.stores.influx import InfluxClient
+from simulator import Simulator, start_simulator
 from tests.test_backfill import sim_settings
 from tools.localstores import LocalServer
 

@@ -7,9 +7,10 @@ import asyncio
 import msgspec
 import pytest
 
-from common import streams
-from common.bus import Consumer, Delivery, Producer, StoreUnavailable, StreamSelector
+from common.bus import streams
+from common.bus.core import Consumer, Delivery, Producer, StreamSelector
 from common.config import BusSettings
+from common.errors import StoreUnavailable
 from schemas import Codec, Trade
 from tests import stubs
 
@@ -290,7 +291,7 @@ async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> N
 
 
 async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> None:  # type: ignore[no-untyped-def]
-    from common.lease import Lease, LeaseLost
+    from common.bus.lease import Lease, LeaseLost
 
     # Arrange: c1 holds the lease; c2 (same group) waits as standby and reads nothing.
     producer = Producer(redis, Codec(), FAST, "test")

@@ -20,9 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import status as status_mod
-from common import streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector
+from common.bus import streams
+from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamSelector
 from common.config import BusSettings
+from common.errors import StoreUnavailable
 from schemas import Alert, Codec, Trade
 from tests import stubs
 from tools.localstores import free_port, port_open
@@ -77,7 +78,7 @@ def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 async def client(url: str) -> aioredis.Redis:
-    # As common.service builds it: bounded waits, so a dead Redis raises instead of hanging.
+    # As common.bus.stage builds it: bounded waits, so a dead Redis raises instead of hanging.
     return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
@@ -319,7 +320,7 @@ async def test_a_pending_entry_trimmed_before_the_restart_is_reported_not_acknow
 POISON_CONSUMER = textwrap.dedent("""
     import asyncio, os, signal, sys
     import redis.asyncio as aioredis
-    from common.bus import Consumer, StreamSelector
+    from common.bus.core import Consumer, StreamSelector
     from common.config import BusSettings
     from schemas import Codec
 
@@ -471,8 +472,8 @@ async def test_a_batch_slower_than_claim_idle_ms_is_not_taken_over_by_a_sibling(
 
 STAGE_SERVICE = textwrap.dedent("""
     import asyncio
-    from common.bus import Consumer, StreamSelector
-    from common.service import Service, service_main
+    from common.bus.core import Consumer, StreamSelector
+    from common.bus.stage import Service, service_main
 
     class Stage(Service):
         name = "recovery_stage"

@@ -1,5 +1,5 @@
 """The Redis cache as the plan lays it out, on a real Redis: every key's type, TTL and cap, through the typed
-client strategies use (common/cache.py) and the cache publisher that fills the market side of it."""
+client strategies use (common/stores/cache.py) and the cache publisher that fills the market side of it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Producer
-from common.cache import (
+from common.bus import streams
+from common.bus.core import Producer
+from common.config import BusSettings, CacheSettings, RedisSettings, Settings
+from common.stores.cache import (
     CacheClient,
     CacheError,
     Indicator,
@@ -27,7 +28,6 @@ from common.cache import (
     strategy_trades_key,
     trade_json,
 )
-from common.config import BusSettings, CacheSettings, RedisSettings, Settings
 from schemas import Codec
 from services.cache_publisher import CachePublisher
 from tests import stubs

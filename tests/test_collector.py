@@ -8,11 +8,11 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from common import streams
+from common.bus import streams
 from common.config import Settings
 from schemas import Candle, Codec, Market, Trade
 from services.collector.service import Collector
-from services.simulator import start_simulator
+from simulator import start_simulator
 from tests.collecting import RestartableRedis, collector_settings, read, run_collector
 
 N = 3000

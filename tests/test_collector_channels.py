@@ -10,15 +10,15 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from common import streams
-from common.cache import CacheClient, orderbook_key
+from common.bus import streams
 from common.config import ConfigError, Settings
+from common.stores.cache import CacheClient, orderbook_key
 from schemas import Codec, FundingRate, OpenInterest, OrderBook, Ticker, Trade
 from services.cache_publisher.service import CachePublisher
 from services.collector.service import Collector
 from services.normalizer.service import Normalizer
-from services.simulator import start_simulator
 from services.validator.service import Validator
+from simulator import start_simulator
 from tests.collecting import collector_settings, read, run_collector
 
 N = 3000
@@ -208,8 +208,8 @@ async def test_funding_and_open_interest_are_stored_as_time_series(settings: Set
     """The influx writer stores md:funding:* and md:open_interest:* (ticks tier), exact to the decimal."""
     import os
 
-    from common.bus import Producer
-    from common.influx import InfluxClient, quote_ident
+    from common.bus.core import Producer
+    from common.stores.influx import InfluxClient, quote_ident
     from services.influx_writer.service import InfluxWriter
 
     keep = {"ticks": "inf", "candles_1m": "inf", "candles_1h": "inf", "candles_1d": "inf"}
@@ -275,7 +275,7 @@ async def test_status_shows_each_channels_rate_and_last_message_age(settings: Se
 async def test_validator_and_normalizer_pass_the_new_kinds_and_reject_bad_ones(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
     """Books, funding and open interest go raw -> valid -> md:{book|funding|open_interest}:*; a crossed book
     and a funding event without numbers are rejected with alerts; contract book amounts become base units."""
-    from common.bus import Producer
+    from common.bus.core import Producer
     from schemas import Alert, Market
 
     ex, sym, t = "binanceusdm", "BTC/USDT:USDT", 1_723_161_375_000_000_000

@@ -22,12 +22,12 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
+from common.bus import streams
 from common.config import Settings
-from common.ratelimit import RateBudget, limit_for
+from common.exchanges.ratelimit import RateBudget, limit_for
 from schemas import Candle, Codec, Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
-from services.simulator import start_simulator
+from simulator import start_simulator
 from tests.collecting import RestartableRedis, collector_settings, read
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -540,7 +540,7 @@ async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stal
                                                                                          redis) -> None:
     # Arrange: the replay at 20x; the socket goes down for 4 s (80 s of exchange time), so the candle open at the
     # break closes while the collector does not listen, and its last snapshot misses the minute's end.
-    from services.simulator import Recording
+    from simulator import Recording
     truth = {c.open_time: c for c in Recording.load().candles}
     async with start_simulator(speed=20, max_trades=12_000, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url)

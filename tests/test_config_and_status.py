@@ -8,11 +8,12 @@ from pathlib import Path
 import ccxt.pro
 import pytest
 
-from common import status, streams
-from common.bus import Producer
+from common import status
+from common.bus import streams
+from common.bus.core import Producer
+from common.bus.stage import Service
 from common.config import ConfigError, ExchangeSettings, Settings, load_settings
-from common.exchanges import apply_endpoints, rewrite_url
-from common.service import Service
+from common.exchanges.clients import apply_endpoints, rewrite_url
 from tests import stubs
 
 ROOT = Path(__file__).resolve().parent.parent

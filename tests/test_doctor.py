@@ -20,9 +20,9 @@ import asyncpg
 import pytest
 
 from common.config import load_settings
-from common.influx import InfluxClient
-from common.migrate import load_migrations, migrate
-from services.simulator import Simulator, start_simulator
+from common.stores.influx import InfluxClient
+from common.stores.postgres import load_migrations, migrate
+from simulator import Simulator, start_simulator
 from tools.localstores import LocalServer, free_port, port_open
 
 ROOT = Path(__file__).resolve().parent.parent

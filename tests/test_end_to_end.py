@@ -26,9 +26,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import status as status_mod
-from common import streams
+from common.bus import streams
 from schemas import Alert, Codec
-from services.simulator import Recording
+from simulator import Recording
 from tools.localstores import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.bus import Producer
+from common.bus.core import Producer
 from common.config import BusSettings
 from schemas import Codec
 from tests import stubs

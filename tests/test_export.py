@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.config import InfluxSettings, load_settings
-from common.export import (
+from common.history.api import to_ns
+from common.history.export import (
     DECIMAL,
     METADATA_KEY,
     TIMESTAMP,
@@ -40,10 +41,9 @@ from common.export import (
     export,
     segment,
 )
-from common.history import to_ns
-from common.influx import InfluxClient, encode_candles, encode_trades, quote_ident
+from common.history.progress import Progress
+from common.stores.influx import InfluxClient, encode_candles, encode_trades, quote_ident
 from schemas import Candle, Trade
-from services.backfill.progress import Progress
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent

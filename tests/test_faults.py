@@ -21,18 +21,18 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from common import streams
+from common.bus import streams
+from common.bus.stage import Service
 from common.config import Settings, load_settings
-from common.influx import InfluxClient
-from common.ratelimit import RateBudget, limit_for
-from common.service import Service
+from common.exchanges.ratelimit import RateBudget, limit_for
+from common.stores.influx import InfluxClient
 from schemas import Alert, Codec, Gap, OrderBook, Trade
 from services.collector.service import Collector
 from services.gap_repair.service import GapRepair
 from services.influx_writer.service import InfluxWriter
 from services.normalizer.service import Normalizer
-from services.simulator import Simulator, start_simulator
 from services.validator.service import Validator
+from simulator import Simulator, start_simulator
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.formats import (
+from common.domain.formats import (
     FORMATS,
     ChecksumError,
     FormatError,

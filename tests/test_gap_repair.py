@@ -22,21 +22,24 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common import quality, streams
-from common.bus import Producer
+from common.bus import streams
+from common.bus.core import Producer
 from common.config import Settings, load_settings
-from common.influx import InfluxClient, encode_candles, encode_trades
+from common.domain import quality
+from common.domain.normalize import SymbolMap, canonical_decimal, normalize
+from common.domain.series import StreamRules
+from common.domain.span import NS, Span, from_datetime
+from common.domain.state import SeriesBook
+from common.history.ledger import Ledger, Series
+from common.stores.influx import InfluxClient, encode_candles, encode_trades
 from schemas import Alert, Candle, Codec, Event, Gap, Trade
-from services.backfill.ledger import Ledger, Series
-from services.backfill.span import NS, Span, from_datetime
 from services.gap_repair.outcome import REPAIRED
 from services.gap_repair.repair import Repairer
 from services.gap_repair.service import GapRepair, build_repairer
-from services.normalizer.service import Normalizer, SymbolMap, canonical_decimal, normalize
-from services.simulator import Simulator, start_simulator
-from services.simulator.recording import Trade as RecordedTrade
-from services.validator.series import SeriesBook, StreamRules
+from services.normalizer.service import Normalizer
 from services.validator.service import Validator
+from simulator import Simulator, start_simulator
+from simulator.recording import Trade as RecordedTrade
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,10 +21,10 @@ import pandas as pd
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Producer
+from common.bus import streams
+from common.bus.core import Producer
 from common.config import BusSettings, InfluxSettings, RedisSettings, Settings
-from common.history import (
+from common.history.api import (
     CandleFeed,
     FeedGapError,
     HistoryRangeError,
@@ -34,7 +34,7 @@ from common.history import (
     stored_values,
     to_ns,
 )
-from common.influx import InfluxClient, InfluxQueryError, encode_candles, quote_ident
+from common.stores.influx import InfluxClient, InfluxQueryError, encode_candles, quote_ident
 from schemas import Candle, Codec
 from services.influx_writer import InfluxWriter
 from tests import stubs

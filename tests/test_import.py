@@ -19,12 +19,12 @@ import msgspec
 import pytest
 
 from common.config import Settings, load_settings
-from common.influx import InfluxClient
-from services.backfill.archive import ArchiveError, ArchiveFile, archive_base, files_for, read_rows
-from services.backfill.ledger import Ledger, Series
-from services.backfill.service import ImportRequest, run_import
-from services.backfill.span import NS, Span, parse_when
-from services.simulator import start_simulator
+from common.domain.span import NS, Span, parse_when
+from common.history.archive import ArchiveError, ArchiveFile, archive_base, files_for, read_rows
+from common.history.backfill import ImportRequest, run_import
+from common.history.ledger import Ledger, Series
+from common.stores.influx import InfluxClient
+from simulator import start_simulator
 from tools.localstores import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,10 +19,12 @@ import asyncpg
 import msgspec
 import pytest
 
-from common import cli, streams
-from common.bus import Delivery, Producer, StoreUnavailable
+from common import cli
+from common.bus import streams
+from common.bus.core import Delivery, Producer
 from common.config import BusSettings, InfluxSettings, RedisSettings, Settings
-from common.influx import (
+from common.errors import StoreUnavailable
+from common.stores.influx import (
     InfluxClient,
     InfluxQueryError,
     InfluxWriteError,
@@ -448,7 +450,7 @@ async def test_writer_waits_for_influxdb_and_loses_nothing_across_an_outage(
 
             server = await asyncio.to_thread(start_influxd, tmp_path / "influx", port)  # same data dir
             # Exactly 25: the consumer retrying in place keeps its entries claimed, so no sibling consumer of
-            # the process takes them over and acknowledges them a second time (common/bus.py `_hold`).
+            # the process takes them over and acknowledges them a second time (common/bus/core.py `_hold`).
             await wait_for(lambda: writer.consumer.stats.acked >= 25, timeout=40, what="the second batch")
             await asyncio.sleep(0.5)
             assert writer.consumer.stats.acked == 25

@@ -15,9 +15,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from common.bus import Delivery, Producer, StoreUnavailable
+from common.bus.core import Delivery, Producer
 from common.config import ConfigError, InfluxSettings, RedisSettings, Settings
-from common.influx import (
+from common.errors import StoreUnavailable
+from common.stores.influx import (
     InfluxClient,
     InfluxError,
     InfluxQueryError,

@@ -1,4 +1,4 @@
-"""The validator's stream rules (services/validator/series.py), each firing and not firing, through the real
+"""The validator's stream rules (common/domain/series.py), each firing and not firing, through the real
 validator service on the real Redis; real candles (the shipped data/real) where the rule is statistical, and
 the whole real Binance capture to show that none of them rejects clean data."""
 
@@ -16,13 +16,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import status as status_mod
-from common import streams
-from common.bus import Delivery, Producer
+from common.bus import streams
+from common.bus.core import Delivery, Producer
 from common.config import QualitySettings, RedisSettings, Settings
+from common.domain.series import StreamRules
+from common.domain.state import SeriesBook
 from schemas import Alert, Candle, Codec, Event, Gap, Ticker, Trade
-from services.simulator import Recording
 from services.validator import Validator
-from services.validator.series import SeriesBook, StreamRules
+from simulator import Recording
 from tests import stubs
 from tests.conftest import shipped_btc_minutes
 from tests.test_stages import FAST, read, run_until
@@ -387,7 +388,7 @@ async def test_no_stream_rule_rejects_the_real_binance_capture(redis, settings) 
 
 
 def test_every_stream_rule_is_in_the_catalog() -> None:
-    from common.quality import CATALOG
+    from common.domain.quality import CATALOG
     live = {n for n, e in CATALOG.items() if e.live}
     assert {"time.gap", "time.duplicate", "time.conflict", "time.out_of_order", "time.stale", "price.outlier",
             "price.cross_venue", "price.stuck", "volume.zero", "candle.open_gap", "trade.outside_book",

@@ -20,10 +20,11 @@ import asyncpg
 import msgspec
 import pytest
 
-from common import streams
-from common.bus import Delivery, Producer, StoreUnavailable
+from common.bus import streams
+from common.bus.core import Delivery, Producer
 from common.config import BusSettings, PostgresWriterSettings, Settings
-from common.migrate import MIGRATIONS_DIR, MigrationError, load_migrations, migrate
+from common.errors import StoreUnavailable
+from common.stores.postgres import MIGRATIONS_DIR, MigrationError, load_migrations, migrate
 from common.strategy_events import StrategyEventError, StrategyEvents
 from schemas import Alert, Codec, Market
 from schemas.events import Fill, PerformanceMetric, PositionUpdate, StrategyInfo

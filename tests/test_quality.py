@@ -1,4 +1,4 @@
-"""The validation rules of common.quality, one by one, on events shaped like the real Binance capture."""
+"""The validation rules of common.domain.quality, one by one, on events shaped like the real Binance capture."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from common import quality
-from common.quality import CheckContext, RejectionLog, to_ns
+from common.domain import quality
+from common.domain.quality import CheckContext, RejectionLog, to_ns
 from schemas import Market, Trade
 from tests import stubs
 

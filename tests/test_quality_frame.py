@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import cli, quality
-from common.formats import load_candles
-from common.quality_frame import (
+from common import cli
+from common.domain import quality
+from common.domain.formats import load_candles
+from common.domain.quality_frame import (
     FRAME_RULES,
     FRAME_RULES_BY_NAME,
     FrameError,
@@ -54,7 +55,7 @@ def test_catalog_shares_names_and_severities_with_the_live_rules() -> None:
     assert {"fields.missing", "price.non_positive", "volume.negative", "ohlc.consistency", "time.invalid",
             "time.future", "time.gap", "time.duplicate", "time.conflict", "time.out_of_order", "price.outlier",
             "price.cross_venue", "price.stuck", "volume.zero", "candle.open_gap"} <= names
-    # the live half's catalog (common.quality.CATALOG) once it exists, and the event rules in any case
+    # the live half's catalog (common.domain.quality.CATALOG) once it exists, and the event rules in any case
     catalog = getattr(quality, "CATALOG", {})
     for rule in FRAME_RULES:
         for live in (quality.RULES_BY_NAME.get(rule.name), catalog.get(rule.name)):

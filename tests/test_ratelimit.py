@@ -1,4 +1,4 @@
-"""The shared REST budget (common/ratelimit.py) on a real Redis, against the simulator's real weight accounting,
+"""The shared REST budget (common/exchanges/ratelimit.py) on a real Redis, against the simulator's real weight accounting,
 429 and 418 (services/simulator), through the real ccxt."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.config import ExchangeSettings, RateLimitSettings
-from common.exchanges import apply_endpoints
-from common.ratelimit import (
+from common.exchanges.clients import apply_endpoints
+from common.exchanges.ratelimit import (
     BudgetedExchange,
     ExchangeBanned,
     ExchangeLimit,
@@ -24,7 +24,7 @@ from common.ratelimit import (
     limit_for,
     retry_after_s,
 )
-from services.simulator import Simulator, start_simulator
+from simulator import Simulator, start_simulator
 from tools.localstores import LocalServer
 
 SINCE = 1577836800000  # 2020-01-01, the real daily zip

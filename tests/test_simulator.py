@@ -30,9 +30,9 @@ import ccxt.pro
 import pytest
 
 from common.config import ExchangeSettings
-from common.exchanges import apply_endpoints
-from services.simulator import Recording, Simulator, real_data_dir, start_simulator
-from services.simulator.recording import MINUTE_MS
+from common.exchanges.clients import apply_endpoints
+from simulator import Recording, Simulator, real_data_dir, start_simulator
+from simulator.recording import MINUTE_MS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = real_data_dir(ROOT)
@@ -341,7 +341,7 @@ def test_cli_serves_and_reports_status() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "services.simulator", "--port", str(port), "--speed", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "simulator", "--port", str(port), "--speed", "0",
                              "--max-trades", "10"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MDP_LOG_LEVEL": "INFO"})
     try:

@@ -23,9 +23,9 @@ import ccxt
 import pytest
 
 from common.config import ExchangeSettings
-from common.exchanges import make_pro_exchange
-from services.simulator import FaultError, Simulator, real_data_dir, start_simulator
-from services.simulator.coinbase import CoinbaseVenue
+from common.exchanges.clients import make_pro_exchange
+from simulator import FaultError, Simulator, real_data_dir, start_simulator
+from simulator.coinbase import CoinbaseVenue
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURE = real_data_dir(ROOT) / "cryptofeed-captures"
@@ -102,7 +102,7 @@ async def coinbase_sim(**options: Any) -> AsyncIterator[tuple[Simulator, Coinbas
 
 
 def pro(sim: Simulator) -> Any:
-    """ccxt.pro coinbase built the way the collector builds it (common/exchanges.py)."""
+    """ccxt.pro coinbase built the way the collector builds it (common/exchanges/clients.py)."""
     return make_pro_exchange(ExchangeSettings(id="coinbase", symbols=[SYMBOL], rest_url=sim.rest_url,
                                               ws_url=sim.ws_url))
 

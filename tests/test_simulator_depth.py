@@ -1,5 +1,5 @@
 """Binance spot depth in the simulator: the recorded diffs and snapshot, ccxt.pro's watch_order_book syncing on
-them, and the wire faults of the spot simulator (services/simulator/wirefaults.py).
+them, and the wire faults of the spot simulator (simulator/wirefaults.py).
 
 The expected book is rebuilt here straight from the raw capture lines (Binance's documented client procedure),
 independently of the simulator's loader, and checked against the recorded bookTickers: the issue's order-book test.
@@ -21,10 +21,10 @@ import ccxt.pro
 import pytest
 
 from common.config import ExchangeSettings
-from common.exchanges import apply_endpoints
-from services.simulator import Simulator, real_data_dir, start_simulator
-from services.simulator.depth import DepthBook, load_depth
-from services.simulator.recording import capture_files
+from common.exchanges.clients import apply_endpoints
+from simulator import Simulator, real_data_dir, start_simulator
+from simulator.depth import DepthBook, load_depth
+from simulator.recording import capture_files
 
 DATA = real_data_dir()
 SPOT_FILES = ("binance_spot_btcusdt_20240808.gz", "binance_spot_btcusdt_20240809.gz")

@@ -21,9 +21,9 @@ import ccxt.pro
 import pytest
 
 from common.config import ExchangeSettings
-from common.exchanges import apply_endpoints
-from services.simulator import Simulator, real_data_dir, start_simulator
-from services.simulator.hyperliquid import HyperliquidVenue
+from common.exchanges.clients import apply_endpoints
+from simulator import Simulator, real_data_dir, start_simulator
+from simulator.hyperliquid import HyperliquidVenue
 
 DATA = real_data_dir()
 SYMBOL = "BTC/USDC:USDC"
@@ -367,7 +367,7 @@ async def test_http_and_malformed_rest_faults(pro_for: Any) -> None:
         assert await ex.fetch_ohlcv("KPEPE/USDC:USDC", "1h", since=0) == []
         with pytest.raises(ccxt.BadSymbol):
             await ex.fetch_funding_rate(SYMBOL)
-        from services.simulator.server import FaultError
+        from simulator.server import FaultError
         with pytest.raises(FaultError, match="channel must be one of"):
             venue(sim).inject("sequence_gap", channel="candle")
 

@@ -26,10 +26,10 @@ import ccxt.pro
 import pytest
 
 from common.config import ExchangeSettings
-from common.exchanges import apply_endpoints
-from services.simulator import Simulator, real_data_dir, start_simulator
-from services.simulator.server import SimulatorOptions
-from services.simulator.usdm import BinanceUsdm
+from common.exchanges.clients import apply_endpoints
+from simulator import Simulator, real_data_dir, start_simulator
+from simulator.server import SimulatorOptions
+from simulator.usdm import BinanceUsdm
 from tests.test_simulator_depth import as_floats, replay_capture, top_of
 
 DATA = real_data_dir()

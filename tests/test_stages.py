@@ -1,5 +1,5 @@
 """The validator, normalizer and cache publisher, each run in-process against the real Redis: inputs published
-with common.bus.Producer, outputs read back from the streams and keys they must land on."""
+with common.bus.core.Producer, outputs read back from the streams and keys they must land on."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Producer
+from common.bus import streams
+from common.bus.core import Producer
+from common.bus.stage import Service
 from common.config import BusSettings, CacheSettings, RedisSettings, Settings
-from common.service import Service
+from common.domain.normalize import candle_alignment, canonical_decimal
 from schemas import Alert, Candle, Codec, Event, Market, Ticker, Trade
 from services.cache_publisher import CachePublisher
 from services.cache_publisher.service import trade_json
 from services.normalizer import Normalizer
-from services.normalizer.service import candle_alignment, canonical_decimal
 from services.validator import Validator
 from tests import stubs
 

@@ -27,7 +27,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from common.bus import Consumer, Delivery, Producer, StreamSelector
+from common.bus.core import Consumer, Delivery, Producer, StreamSelector
 from common.config import PROJECT_ROOT, BusSettings, Settings, load_settings
 from schemas import Codec, Event, Trade
 from tools.localstores import start_influxd, start_redis
@@ -247,7 +247,7 @@ async def main_async(args: argparse.Namespace) -> None:
         if "bus" in args.only:
             rows += await bench_bus(redis, trades)
         if "stages" in args.only:
-            from common import streams
+            from common.bus import streams
             rows.append(("validator", await bench_stage(settings, "validator", streams.raw("binance"), trades),
                          "real trades"))
             rows.append(("normalizer", await bench_stage(settings, "normalizer", streams.valid("binance"), trades),

@@ -37,8 +37,8 @@ from typing import Any
 import asyncpg
 
 from common.config import PROJECT_ROOT, load_settings
-from common.influx import InfluxClient
-from services.backfill.span import NS, parse_when
+from common.domain.span import NS, parse_when
+from common.stores.influx import InfluxClient
 from tools.localstores import free_port, start_influxd, start_redis
 
 PG_ADMIN = os.environ.get("MDP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -126,7 +126,7 @@ async def main(opts: argparse.Namespace) -> int:
     redis = start_redis(tmp / "redis")
     port = free_port()
     sim = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.simulator", "--port", str(port), "--speed", "0", "--start", "manual",
+        sys.executable, "-m", "simulator", "--port", str(port), "--speed", "0", "--start", "manual",
         "--max-trades", "100", cwd=PROJECT_ROOT, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL)
     sim_url = f"http://127.0.0.1:{port}"

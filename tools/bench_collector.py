@@ -4,7 +4,7 @@ after a disconnect.
     python -m tools.bench_collector [--trades 200000] [--disconnects 10]
 
 Every part real: a private redis-server on a free port, the simulator as its own process (`python -m
-services.simulator`, replaying the real Binance spot capture of BTC/USDT, looped), ccxt.pro unmodified.
+simulator`, replaying the real Binance spot capture of BTC/USDT, looped), ccxt.pro unmodified.
 
 1. Throughput at speed 0 (the simulator sends as fast as the socket takes it), the same replay twice:
    a. ccxt.pro alone: `watch_trades` in a loop, reading each new trade out of ccxt's cache (the least any
@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import ExchangeSettings, Settings, load_settings
-from common.exchanges import make_pro_exchange
+from common.exchanges.clients import make_pro_exchange
 from services.collector.feeds import cache_tail
 from services.collector.service import Collector
 from tools.localstores import free_port, port_open, start_redis
 
 
 def start_simulator(port: int, speed: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services.simulator", "--port", str(port), "--speed", str(speed), "--loop",
+    cmd = [sys.executable, "-m", "simulator", "--port", str(port), "--speed", str(speed), "--loop",
            "--wait-for", "btcusdt@trade", "--no-book-ticker"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

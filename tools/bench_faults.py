@@ -37,18 +37,18 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import StreamEntries
+from common.bus import streams
+from common.bus.core import StreamEntries
+from common.bus.stage import Service
 from common.config import PROJECT_ROOT, Settings, load_settings
-from common.influx import InfluxClient
-from common.service import Service
+from common.stores.influx import InfluxClient
 from schemas import Alert, Codec, Gap
 from services.collector.service import Collector
 from services.gap_repair.service import GapRepair
 from services.influx_writer.service import InfluxWriter
 from services.normalizer.service import Normalizer
-from services.simulator import start_simulator
 from services.validator.service import Validator
+from simulator import start_simulator
 from tools.localstores import LocalServer, start_influxd, start_redis
 
 PG_ADMIN = os.environ.get("MDP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -41,15 +41,16 @@ from typing import Any, cast
 import asyncpg
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Producer, StreamEntries
+from common.bus import streams
+from common.bus.core import Producer, StreamEntries
 from common.config import PROJECT_ROOT, Settings, load_settings
-from common.influx import InfluxClient, encode_trades
+from common.domain.normalize import canonical_decimal
+from common.domain.series import StreamRules
+from common.domain.span import NS, from_datetime
+from common.domain.state import SeriesBook
+from common.stores.influx import InfluxClient, encode_trades
 from schemas import Alert, Candle, Codec, Gap, Trade
-from services.backfill.span import NS, from_datetime
-from services.normalizer.service import canonical_decimal
-from services.simulator import start_simulator
-from services.validator.series import SeriesBook, StreamRules
+from simulator import start_simulator
 from tools.localstores import start_influxd, start_redis
 
 PG_ADMIN = os.environ.get("MDP_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")

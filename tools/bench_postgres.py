@@ -39,15 +39,15 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from common import streams
-from common.bus import Producer
+from common.bus import streams
+from common.bus.core import Producer
 from common.config import PROJECT_ROOT, BusSettings, PostgresWriterSettings, Settings, load_settings
-from common.migrate import migrate
+from common.stores.postgres import migrate
 from schemas import Event
 from schemas.events import Fill
 from services.postgres_writer.batch import Item, ts
 from services.postgres_writer.strategy_store import CREATE_STAGE, StrategyStore
-from services.simulator.recording import real_data_dir
+from simulator.recording import real_data_dir
 from tools.localstores import start_redis
 
 REAL = real_data_dir(PROJECT_ROOT)  # MDP_REAL_DATA, ../shared/data/real, or the shipped data/real

@@ -37,8 +37,8 @@ import pandas as pd
 from common import cli
 from common.commands.validate import iso_ms
 from common.config import PROJECT_ROOT
-from common.formats import load_candles, timeframe_ms
-from common.quality_frame import FRAME_RULES, FrameParams, Report, validate_frame
+from common.domain.formats import load_candles, timeframe_ms
+from common.domain.quality_frame import FRAME_RULES, FrameParams, Report, validate_frame
 
 REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
 

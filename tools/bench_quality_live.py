@@ -1,7 +1,7 @@
 """Cost of the live quality rules and throughput of the aggregator, on real data (docs/bench-quality-live.md).
 
-1. In-process, no I/O: the stateless rules (common.quality.check) alone, then with the stream rules
-   (services.validator.series), per trade (the real Binance capture) and per closed 1m candle (the real
+1. In-process, no I/O: the stateless rules (common.domain.quality.check) alone, then with the stream rules
+   (common.domain.series), per trade (the real Binance capture) and per closed 1m candle (the real
    binance-spot-1m-ccxt file, March 2024, 30,954 rows with its 54 page-boundary duplicates).
 2. The validator and the aggregator as services, one process each, on a private redis-server: input streams
    pre-filled, time until every event is acknowledged.
@@ -23,12 +23,14 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from common import quality, streams
+from common.bus import streams
 from common.config import BusSettings, QualitySettings, RedisSettings, Settings
+from common.domain import quality
+from common.domain.series import StreamRules
+from common.domain.state import SeriesBook
 from schemas import Candle, Event
 from services.aggregator import Aggregator
 from services.validator import Validator
-from services.validator.series import SeriesBook, StreamRules
 from tools.bench import REAL, real_trades, stage_rate
 from tools.localstores import start_redis
 

@@ -42,8 +42,8 @@ import msgspec
 import numpy as np
 
 from common.config import PROJECT_ROOT, InfluxSettings
-from common.history import SELECT_CANDLES, history
-from common.influx import OHLCV, InfluxClient, series_key
+from common.history.api import SELECT_CANDLES, history
+from common.stores.influx import OHLCV, InfluxClient, series_key
 from tools.bench_storage import settle, start_compacting_influxd
 
 REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))

@@ -49,9 +49,9 @@ import msgspec
 import redis.asyncio as aioredis
 import uvloop
 
-from common.bus import Producer
+from common.bus.core import Producer
 from common.config import PROJECT_ROOT, BusSettings, InfluxSettings, RedisSettings, Settings
-from common.influx import InfluxClient, encode_candles, encode_trades
+from common.stores.influx import InfluxClient, encode_candles, encode_trades
 from schemas import Candle, Codec, Event, Trade
 from tools.localstores import INFLUXD_CONFIG, LocalServer, free_port, start_influxd, start_redis, wait_influx
 
@@ -627,7 +627,7 @@ def main() -> None:
     args.only = set(args.only.split(","))
     args.influxd_version = subprocess.run(["influxd", "version"], check=True, capture_output=True,
                                           text=True).stdout.strip()
-    uvloop.run(main_async(args))  # the services' event loop (common.service.service_main)
+    uvloop.run(main_async(args))  # the services' event loop (common.bus.stage.service_main)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ case "${1:-}" in
     fi
     rm -f "$RENDERED" "$MDP_RUN_DIR/render.env"
     if [ "$MDP_RUN_DIR" != "$DEFAULT_RUN_DIR" ] || [ "$MDP_SIMULATOR" != true ] || [ -n "${MDP_SIM_ARGS:-}" ]; then
-      sim_args="${MDP_SIM_ARGS:-$(sed -n 's|^command=%(here)s/.venv/bin/python -m services.simulator ||p' supervisord.conf)}"
+      sim_args="${MDP_SIM_ARGS:-$(sed -n 's|^command=%(here)s/.venv/bin/python -m simulator ||p' supervisord.conf)}"
       printf 'RENDER_SIMULATOR=%q\nRENDER_SIM_ARGS=%q\n' "$MDP_SIMULATOR" "$sim_args" > "$MDP_RUN_DIR/render.env"
       render
     fi
@@ -73,7 +73,7 @@ case "${1:-}" in
       sleep 0.5
     done
     if [ "$MDP_SIMULATOR" = true ]; then  # RUNNING means "up for 2 s"; the simulator may still be loading
-      port=$(grep -m1 -- '-m services.simulator' "$(conf)" | sed -n 's/.*--port \([0-9]*\).*/\1/p'); port=${port:-8765}
+      port=$(grep -m1 -- '-m simulator' "$(conf)" | sed -n 's/.*--port \([0-9]*\).*/\1/p'); port=${port:-8765}
       until .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/_sim/status', timeout=2)" 2>/dev/null; do
         if [ $SECONDS -ge $deadline ]; then
           echo "error: the simulator does not answer on port $port after ${MDP_START_TIMEOUT:-90} s; read $MDP_RUN_DIR/logs/simulator.log" >&2; exit 1

@@ -18,7 +18,7 @@ from typing import Any
 import ccxt
 
 from common.config import load_settings
-from common.ratelimit import ExchangeBanned
+from common.exchanges.ratelimit import ExchangeBanned
 
 
 def register(subparsers: Any) -> None:
@@ -51,11 +51,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from common.bus import StoreUnavailable
-    from services.backfill.archive import ArchiveError
-    from services.backfill.rest import FetchError
-    from services.backfill.service import BackfillRequest, run_backfill
-    from services.backfill.span import SpanError
+    from common.domain.span import SpanError
+    from common.errors import StoreUnavailable
+    from common.history.archive import ArchiveError
+    from common.history.backfill import BackfillRequest, run_backfill
+    from common.history.rest import FetchError
 
     settings = load_settings(getattr(args, "config", None))
     request = BackfillRequest(exchange=args.exchange, symbols=args.symbol, timeframes=args.timeframe or ["1m"],

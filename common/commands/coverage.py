@@ -9,7 +9,7 @@ covered (by source), known empty (with the evidence) and holes, then the ranges 
 
 The ledger (PostgreSQL) records what was stored; it does not see InfluxDB being wiped or replaced. With
 --verify each series is checked against the store (a count per day, candle by candle where a day disagrees:
-services/backfill/verify.py) and the report says, per series, whether they agree or which covered ranges
+common/history/verify.py) and the report says, per series, whether they agree or which covered ranges
 InfluxDB is missing (N candles in [from, to)). Exit status: 0 when every series agrees (or without --verify),
 1 when ledger and store disagree on any series (`mdp backfill` over the range fetches them again and corrects
 the ledger), 2 when InfluxDB cannot be asked (unreachable).
@@ -43,11 +43,11 @@ def register(subparsers: Any) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from common.bus import StoreUnavailable
-    from common.influx import InfluxClient
-    from services.backfill.ledger import Ledger
-    from services.backfill.report import coverage_report, render
-    from services.backfill.verify import verify_coverage
+    from common.errors import StoreUnavailable
+    from common.history.ledger import Ledger
+    from common.history.report import coverage_report, render
+    from common.history.verify import verify_coverage
+    from common.stores.influx import InfluxClient
 
     settings = load_settings(getattr(args, "config", None))
     ledger = await Ledger.connect(settings.postgres.dsn, migrate_first=False)  # read-only

@@ -34,11 +34,11 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from common.bus import StoreUnavailable
 from common.config import PROJECT_ROOT, ExchangeSettings, Settings, load_settings
-from common.exchanges import make_rest_exchange
-from common.influx import InfluxClient, InfluxError, _go_duration_seconds, quote_ident, retention_text
-from common.migrate import MigrationError, load_migrations
+from common.errors import StoreUnavailable
+from common.exchanges.clients import make_rest_exchange
+from common.stores.influx import InfluxClient, InfluxError, _go_duration_seconds, quote_ident, retention_text
+from common.stores.postgres import MigrationError, load_migrations
 
 STORE_TIMEOUT_S = 5.0
 EXCHANGE_TIMEOUT_S = 10.0

@@ -62,14 +62,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from common.bus import StoreUnavailable
-    from common.export import ExportError, ExportRequest, export
-    from common.history import HistoryRangeError, to_ns
-    from common.influx import InfluxClient, InfluxError
+    from common.errors import StoreUnavailable
+    from common.history.api import HistoryRangeError, to_ns
+    from common.history.export import ExportError, ExportRequest, export
 
     # The progress line of `mdp backfill`, reused as it is (a command may import a service's module; the
-    # engine in common/export.py takes any object with update/finish/label).
-    from services.backfill.progress import Progress
+    # engine in common/history/export.py takes any object with update/finish/label).
+    from common.history.progress import Progress
+    from common.stores.influx import InfluxClient, InfluxError
 
     settings = load_settings(getattr(args, "config", None))
     timeframe = args.timeframe or ("1m" if args.kind == "candles" else None)

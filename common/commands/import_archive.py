@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from services.backfill.archive import ArchiveError
-    from services.backfill.service import ImportRequest, run_import
+    from common.history.archive import ArchiveError
+    from common.history.backfill import ImportRequest, run_import
 
     settings = load_settings(getattr(args, "config", None))
     if not args.files and (args.symbol is None or args.start is None or args.end is None):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.bus import StoreUnavailable
 from common.config import InfluxSettings, load_settings
-from common.influx import InfluxClient, InfluxError
+from common.errors import StoreUnavailable
+from common.stores.influx import InfluxClient, InfluxError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,7 +58,7 @@ async def init_influx(influx_settings: InfluxSettings) -> bool:
 
 
 async def init_postgres(dsn: str) -> bool:
-    from common.migrate import migrate
+    from common.stores.postgres import migrate
 
     try:
         applied = await migrate(dsn)

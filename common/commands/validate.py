@@ -1,6 +1,6 @@
 """`mdp validate FILE --format FORMAT [--json]`: judge a candle file by the pipeline's data-quality rules.
 
-Reads one of the formats of common.formats, runs common.quality_frame.validate_frame over it and prints,
+Reads one of the formats of common.domain.formats, runs common.domain.quality_frame.validate_frame over it and prints,
 per rule, the count and the first open times (ISO UTC); with --json, ONE JSON object:
 
     {"file", "format", "rows", "timeframe", "issues": [{"rule", "severity", "timestamp", "row", ...values}],
@@ -22,8 +22,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from common.formats import CandleFile, FormatError, known_formats, load_candles
-from common.quality_frame import FrameError, Report, validate_frame
+from common.domain.formats import CandleFile, FormatError, known_formats, load_candles
+from common.domain.quality_frame import FrameError, Report, validate_frame
 
 
 def register(subparsers: Any) -> None:

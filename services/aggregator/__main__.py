@@ -1,4 +1,4 @@
-from common.service import service_main
+from common.bus.stage import service_main
 from services.aggregator.service import Aggregator
 
 service_main(Aggregator)

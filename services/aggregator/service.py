@@ -8,7 +8,7 @@ Reads md:trade:* and md:candle:* (consumer group "aggregator") and publishes:
   in `ohlcv` beside the 1m bars, tag `timeframe`);
 - mdp:alerts: `candle.reconcile` (warning) when a built 1m candle and the exchange's closed 1m candle for the
   same minute disagree beyond quality.reconcile_price_rel / reconcile_volume_rel, with both values.
-The bar logic, and when a bar is emitted, is in services/aggregator/bars.py. Its own higher-timeframe bars
+The bar logic, and when a bar is emitted, is in common/domain/bars.py. Its own higher-timeframe bars
 come back to it on md:candle:*; only closed 1m candles not built by it are rolled up.
 
 A symbol's 1m candles: the exchange's own closed 1m candles, if its exchange sends them. For an exchange whose
@@ -23,7 +23,7 @@ candle there (as on Coinbase's own REST), so the higher bar holding it is publis
 Restarts and a second copy: the state of every symbol (the minute being built from trades, with the ids
 already in it; the higher bars in progress; the candles waiting for reconciliation) is checkpointed in the
 Redis hash mdp:state:aggregator in the same MULTI/EXEC as the batch's outputs and acknowledgements
-(common/checkpoint.py), and loaded symbol by symbol by a new process. A restart therefore continues the
+(common/bus/checkpoint.py), and loaded symbol by symbol by a new process. A restart therefore continues the
 minute in hand (the first minute after it is complete, not partial) and the 1h/4h/1d bars in progress with
 exactly the minutes they had (this replaces the per-day `mdp:agg:{exchange}:{symbol}:{YYYYMMDD}` hash of
 minutes, which could rebuild the wrong day after a restart across midnight and double volume in 1h/1d
@@ -53,14 +53,15 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
-from common.checkpoint import Checkpoint, SeriesBook, SeriesKey, Staging, stage_lease
+from common.bus import streams
+from common.bus.checkpoint import Checkpoint, stage_lease
+from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.bus.stage import Service
 from common.config import ConfigError, Settings
-from common.quality import iso, text
-from common.service import Service
+from common.domain.bars import SymbolBars, TimeframeError, bar_duration, compare
+from common.domain.quality import iso, text
+from common.domain.state import SeriesBook, SeriesKey, Staging
 from schemas import Alert, Candle, Event, Trade
-from services.aggregator.bars import SymbolBars, TimeframeError, bar_duration, compare
 
 log = logging.getLogger(__name__)
 

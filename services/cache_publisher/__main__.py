@@ -1,4 +1,4 @@
-from common.service import service_main
+from common.bus.stage import service_main
 from services.cache_publisher.service import CachePublisher
 
 service_main(CachePublisher)

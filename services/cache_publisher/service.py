@@ -1,6 +1,6 @@
 """The cache publisher: reads md:trade:*, md:ticker:* and md:candle:* (consumer group "cache_publisher") and
 keeps the live view of the market in Redis (the same Redis as the bus, settings.redis.url). The key layout is
-common/cache.py's (the plan's cache); strategies read it with common.cache.CacheClient.
+common/stores/cache.py's (the plan's cache); strategies read it with common.stores.cache.CacheClient.
 
   price:{exchange}:{symbol}    JSON {"price": "<decimal text>", "ts": <ts_event ns>,
                                "source": "trade"|"ticker"|"candle"}, TTL cache.price_ttl_s (counted from the
@@ -15,7 +15,7 @@ common/cache.py's (the plan's cache); strategies read it with common.cache.Cache
   recent_trades_hw:{exchange}:{symbol}  the list's high-water mark: ts_event (20 digits) "|" trade id
                                (zero-padded to 20 digits when numeric) of the newest trade pushed.
   ticks:{symbol} (pub/sub)     every trade as the same tick JSON (it names its exchange).
-  orderbook:{exchange}:{symbol}  hash {bids, asks, sequence, ts} from md:book:* (common/cache.py), the newest
+  orderbook:{exchange}:{symbol}  hash {bids, asks, sequence, ts} from md:book:* (common/stores/cache.py), the newest
                                snapshot of the batch per market, cut to cache.orderbook_depth levels a side, TTL
                                cache.orderbook_ttl_s (60 s): a feed that stops lets it expire rather than lie.
                                Forward-only by `sequence` (the book's update id; its ts_event when the exchange
@@ -46,8 +46,11 @@ from decimal import Decimal
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.bus import Consumer, Delivery, StoreUnavailable, StreamSelector
-from common.cache import (
+from common.bus.core import Consumer, Delivery, StreamSelector
+from common.bus.stage import Service
+from common.config import Settings
+from common.errors import StoreUnavailable
+from common.stores.cache import (
     PUT_ORDERBOOK_LUA,
     orderbook_key,
     orderbook_levels_json,
@@ -58,8 +61,6 @@ from common.cache import (
     ticks_channel,
     trade_json,
 )
-from common.config import Settings
-from common.service import Service
 from schemas import Candle, OrderBook, Ticker, Trade
 
 log = logging.getLogger(__name__)

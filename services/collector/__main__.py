@@ -2,8 +2,8 @@
 import sys
 from typing import Any
 
+from common.bus.stage import service_main
 from common.config import load_settings
-from common.service import service_main
 
 
 def _configured(argv: list[str]) -> bool:

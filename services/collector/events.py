@@ -1,14 +1,14 @@
 """ccxt structures -> our events (schemas/events.py), as received: the validator judges them, the normalizer
 makes them canonical. Numbers become exact Decimals (ccxt parses the exchange's text into floats; the shortest
 repr of such a float restores the text), times integer nanoseconds. Trades and candles are built by
-common.ccxt_events, which gap_repair shares; the other channels are the collector's alone."""
+common.exchanges.events, which gap_repair shares; the other channels are the collector's alone."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
-from common.ccxt_events import MS, dec
+from common.exchanges.events import MS, dec
 from schemas import FundingRate, Market, OpenInterest, OrderBook, Ticker
 
 

@@ -28,13 +28,13 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from common.ccxt_events import trade_event
 from common.config import ConfigError, ExchangeSettings
+from common.exchanges.events import trade_event
 from schemas import Alert, Event
 from services.collector import events as ev
 
 if TYPE_CHECKING:
-    from common.ratelimit import BudgetedExchange
+    from common.exchanges.ratelimit import BudgetedExchange
     from services.collector.service import Collector
 
 MS = 1_000_000

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from common.bus.stage import Service
 from common.config import Settings
-from common.service import Service
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ Resilience (docs/collector.md):
 - (Re)subscriptions are paced at `subscribe_per_s` across the process, so hundreds of symbols start (and
   reconnect) without tripping the exchange's WebSocket message/connection limits.
 - REST (markets, candle polls, order-book snapshots ccxt fetches, polled channels) spends the exchange's
-  shared budget in Redis (common/ratelimit.py); a 418 stops every REST call to the exchange for the ban.
+  shared budget in Redis (common/exchanges/ratelimit.py); a 418 stops every REST call to the exchange for the ban.
 
 Publishing (docs/collector.md, "Stops, restarts and Redis outages"): feeds put each wake-up's events in a
 bounded outbox (outbox.py) and never wait for Redis; one publisher task sends it with each feed's position
@@ -47,13 +47,13 @@ import ccxt
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common import streams
-from common.bus import Producer, sleep_unless
-from common.ccxt_events import TIMEFRAME_MS, candle_event, dec, trade_event
+from common.bus import streams
+from common.bus.core import Producer, sleep_unless
+from common.bus.stage import Service
 from common.config import ExchangeSettings, Settings
-from common.exchanges import make_pro_exchange
-from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
-from common.service import Service
+from common.exchanges.clients import make_pro_exchange
+from common.exchanges.events import TIMEFRAME_MS, candle_event, dec, trade_event
+from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from schemas import Alert, Candle, Event, Gap, Trade
 from services.collector.events import market_event
 from services.collector.feeds import (

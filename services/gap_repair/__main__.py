@@ -1,4 +1,4 @@
-from common.service import service_main
+from common.bus.stage import service_main
 from services.gap_repair.service import GapRepair
 
 if __name__ == "__main__":

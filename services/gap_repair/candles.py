@@ -2,7 +2,7 @@
 
 A window is cut into the backfill's pages (`PageFetcher.page`: bounded startTime/endTime requests, malformed
 answers asked again, empty stretches with the request as evidence). What the exchange answered goes into
-raw:{exchange} as the collector's own closed candles (`common.ccxt_events.candle_event`, source "rest",
+raw:{exchange} as the collector's own closed candles (`common.exchanges.events.candle_event`, source "rest",
 `ts_recv` = when this service received the answer, `quality` = ("gap.repaired",)): the outcome's events, which
 the service publishes with the Gap's acknowledgement in one MULTI/EXEC. So a repaired 1m candle crosses
 validator -> normalizer -> md:candle:* like a live one, the influx writer stores it as the same point, and
@@ -21,7 +21,7 @@ What is not fetched, and why:
 - candles not closed yet (open time + timeframe > now): the live feed still delivers them; explained;
 - candles older than the storage tier keeps (influx.retention): InfluxDB would drop them; explained;
 - candles older than the exchange serves (Hyperliquid keeps only its latest 5,000 per timeframe,
-  services/backfill/plan.py): unrepaired, with an alert.
+  common/history/plan.py): unrepaired, with an alert.
 REST failures after `gap_repair.retries` attempts, a ban, or candles the validation rejected leave the
 rest of the window as holes: unrepaired, with an alert. The periodic scan tries again later.
 """
@@ -33,12 +33,12 @@ import logging
 import ccxt
 import msgspec
 
-from common.ratelimit import ExchangeBanned
-from services.backfill.ingest import Checker, Sink, retention_cutoff, runs
-from services.backfill.ledger import Series
-from services.backfill.plan import history_of
-from services.backfill.rest import FetchError, PageFetcher
-from services.backfill.span import Span, ceil_to, floor_to, intersect, iso, merge, subtract, timeframe_ns
+from common.domain.span import Span, ceil_to, floor_to, intersect, iso, merge, subtract, timeframe_ns
+from common.exchanges.ratelimit import ExchangeBanned
+from common.history.ingest import Checker, Sink, retention_cutoff, runs
+from common.history.ledger import Series
+from common.history.plan import history_of
+from common.history.rest import FetchError, PageFetcher
 from services.gap_repair.outcome import REPAIRED, Outcome, Where
 from services.gap_repair.published import Published, candle_key
 from services.gap_repair.venues import Venues, VenueUnavailable

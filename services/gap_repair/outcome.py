@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.domain.span import Span
 from schemas import Alert, Candle, Severity, Trade
-from services.backfill.span import Span
 
 State = Literal["repaired", "empty", "explained", "unrepaired"]
 SOURCE = "gap_repair"

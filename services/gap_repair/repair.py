@@ -19,12 +19,12 @@ import logging
 import time
 from collections import Counter, OrderedDict
 
-from common import streams
-from common.bus import Outputs
+from common.bus import streams
+from common.bus.core import Outputs
 from common.config import Settings
+from common.domain.span import Span, SpanError
+from common.history.ledger import Series
 from schemas import Alert, Event, Gap
-from services.backfill.ledger import Series
-from services.backfill.span import Span, SpanError
 from services.gap_repair.candles import CandleRepair
 from services.gap_repair.outcome import Outcome, Where
 from services.gap_repair.scan import Scanner, scan_window

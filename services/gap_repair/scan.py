@@ -15,10 +15,10 @@ its first recorded candle on: before that there is history to backfill, not a ga
 
 from __future__ import annotations
 
-from common.influx import InfluxClient
-from services.backfill.ingest import Sink, runs
-from services.backfill.ledger import Ledger, Series
-from services.backfill.span import NS, Span, floor_to, subtract, timeframe_ns
+from common.domain.span import NS, Span, floor_to, subtract, timeframe_ns
+from common.history.ingest import Sink, runs
+from common.history.ledger import Ledger, Series
+from common.stores.influx import InfluxClient
 
 
 def scan_window(timeframe: str, now_ns: int, lookback_s: float, settle_s: float) -> Span | None:

@@ -29,14 +29,22 @@ import logging
 import asyncpg
 import redis.asyncio as aioredis
 
-from common import streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StoreUnavailable, StreamSelector, sleep_unless
+from common.bus import streams
+from common.bus.core import (
+    Consumer,
+    Delivery,
+    Outputs,
+    Producer,
+    StreamSelector,
+    sleep_unless,
+)
+from common.bus.stage import Service
 from common.config import Settings
-from common.influx import InfluxClient
-from common.service import Service
+from common.errors import StoreUnavailable
+from common.history.ingest import Checker, Sink
+from common.history.ledger import Ledger
+from common.stores.influx import InfluxClient
 from schemas import Candle, Gap, Trade
-from services.backfill.ingest import Checker, Sink
-from services.backfill.ledger import Ledger
 from services.gap_repair.candles import CandleRepair
 from services.gap_repair.outcome import SOURCE
 from services.gap_repair.published import Published

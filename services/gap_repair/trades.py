@@ -18,7 +18,7 @@ its error mapping, the rate-budget instrumentation), and the rows parsed by ccxt
 dicts ccxt.pro's `watch_trades` yields live.
 
 Where the repaired trades go: into raw:{exchange}, as the collector's own Trade events (built from ccxt's
-rows by `common.ccxt_events.trade_event`, field for field what the collector publishes), so that they cross
+rows by `common.exchanges.events.trade_event`, field for field what the collector publishes), so that they cross
 validator -> normalizer -> md:trade:* -> influx writer, aggregator and cache like live trades: what
 strategies read and what the 1m..1d bars are built from holds them, not only InfluxDB. They are the
 handler's outputs: the bus publishes them and acknowledges the Gap entry in one MULTI/EXEC, so a repair
@@ -45,13 +45,13 @@ from typing import Any
 
 import msgspec
 
-from common import streams
-from common.ccxt_events import trade_event
+from common.bus import streams
 from common.config import Settings
-from common.influx import InfluxClient
+from common.domain.span import Span
+from common.exchanges.events import trade_event
+from common.history.ingest import Sink
+from common.stores.influx import InfluxClient
 from schemas import Gap, Trade
-from services.backfill.ingest import Sink
-from services.backfill.span import Span
 from services.gap_repair.outcome import REPAIRED, Outcome, Where
 from services.gap_repair.published import Published, trade_key
 from services.gap_repair.venues import Venues, VenueUnavailable

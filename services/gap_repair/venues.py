@@ -1,6 +1,6 @@
 """ccxt REST objects for the repairs, one per configured exchange, under the shared Redis rate budget.
 
-Why the shared budget (common/ratelimit.py): repairs run beside the collector's REST fallback and any
+Why the shared budget (common/exchanges/ratelimit.py): repairs run beside the collector's REST fallback and any
 backfill, all against one IP limit. Markets are loaded once per exchange (with the same bounded retries as
 every repair request); a failure is `VenueUnavailable`, which the caller turns into an unrepaired-gap alert.
 """
@@ -17,14 +17,15 @@ import ccxt
 import redis.asyncio as aioredis
 
 from common.config import ConfigError, Settings
-from common.exchanges import make_rest_exchange
-from common.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
+from common.errors import MdpError
+from common.exchanges.clients import make_rest_exchange
+from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class VenueUnavailable(RuntimeError):
+class VenueUnavailable(MdpError, RuntimeError):
     """An exchange could not be asked (not configured, REST down after every retry, or banned); the message
     says which, why, and what to do."""
 

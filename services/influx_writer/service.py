@@ -1,5 +1,5 @@
 """InfluxDB writer: `md:trade:*` into measurement `trades` of the ticks tier, closed candles of `md:candle:*`
-into measurement `ohlcv` of their timeframe's tier (common/influx.py, docs/storage.md).
+into measurement `ohlcv` of their timeframe's tier (common/stores/influx.py, docs/storage.md).
 
 Consumer group "influx_writer". At start it connects (learning the server's generation: 1.x, 2.x or 3.x) and
 makes sure every storage tier exists with its configured retention (`ensure_tiers`, idempotent, the same as
@@ -33,10 +33,10 @@ their own time, so their order does not matter). So:
   refuses them outright), so they are counted (`expired_skipped`) and the entry is acknowledged.
 Writes are idempotent: a point is keyed by measurement, tags and timestamp, and both timestamps are derived
 from the event (a candle's open_time; a trade's ts_event millisecond plus an offset from its id, see
-`common.influx.trade_timestamp`), so a redelivered event overwrites itself with the same values.
+`common.stores.influx.trade_timestamp`), so a redelivered event overwrites itself with the same values.
 Open (not yet closed) candles are skipped: only the final bar is stored.
 Funding rates and open interest (md:funding:*, md:open_interest:*) are stored as time series in the ticks
-tier (measurements `funding` and `open_interest`, common.influx.encode_snapshots); tickers and order books are
+tier (measurements `funding` and `open_interest`, common.stores.influx.encode_snapshots); tickers and order books are
 not stored (the cache and the md:* streams carry them).
 Trades and candles are decoded with their decimals as text (wire.py): the writer only writes them out again.
 """
@@ -50,17 +50,18 @@ from typing import cast
 
 import msgspec
 
-from common.bus import (
+from common.bus.core import (
     Consumer,
     ConsumerStats,
     Delivery,
     Handler,
-    StoreUnavailable,
     StreamSelector,
     sleep_unless,
 )
+from common.bus.stage import Service
 from common.config import Settings
-from common.influx import (
+from common.errors import StoreUnavailable
+from common.stores.influx import (
     InfluxClient,
     InfluxError,
     InfluxWriteError,
@@ -68,7 +69,6 @@ from common.influx import (
     encode_candles,
     encode_snapshots,
 )
-from common.service import Service
 from schemas import Candle, FundingRate, OpenInterest, Trade
 from services.influx_writer.wire import CandleText, TradeText, WireCodec, encode_trade_lines
 

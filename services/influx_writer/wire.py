@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from common.influx import NS_PER_MS, TRADES, TradeFields, encode_trades, series_key
+from common.stores.influx import NS_PER_MS, TRADES, TradeFields, encode_trades, series_key
 from schemas import Candle, Codec, Trade
 from schemas.events import Event
 
@@ -79,7 +79,7 @@ def _head(exchange: str, symbol: str) -> str:
 
 
 def encode_trade_lines(trades: typing.Iterable[TradeFields], not_before: int | None = None) -> list[str]:
-    """The lines `common.influx.encode_trades(trades, not_before=not_before)` gives, byte for byte, in about
+    """The lines `common.stores.influx.encode_trades(trades, not_before=not_before)` gives, byte for byte, in about
     three quarters of its CPU (docs/bench-storage.md): the encoding is the largest part of the writer's work
     per point, and on a 2-core machine that CPU is taken from InfluxDB.
 

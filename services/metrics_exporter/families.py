@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from common.bus import GroupState
+from common.bus.core import GroupState
 from common.config import Settings
 from common.status import MAIN_RATE, ChannelStatus, ServiceStatus, Status, StreamStatus
 

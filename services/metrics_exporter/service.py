@@ -39,12 +39,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.exceptions import RedisError, ResponseError
 
 from common import status as status_mod
-from common import streams
-from common.bus import StreamEntries
-from common.cache import ticks_channel
+from common.bus import streams
+from common.bus.core import StreamEntries
+from common.bus.stage import Service
 from common.config import Settings
-from common.quality import CATALOG
-from common.service import Service
+from common.domain.quality import CATALOG
+from common.stores.cache import ticks_channel
 from schemas import Alert, DecodeError
 from services.metrics_exporter.families import pipeline_families, program_families, redis_families
 

@@ -5,7 +5,7 @@
   strategy:{strategy}  -> strategies, trades, positions, position_history, performance_metrics
                                                       (strategy_store.py; published with common.strategy_events)
 
-At start it applies the migrations (common/migrate.py) and opens a small connection pool; while PostgreSQL
+At start it applies the migrations (common/stores/postgres.py) and opens a small connection pool; while PostgreSQL
 cannot be reached it retries with capped backoff, reads nothing, and reports `degraded` in its heartbeat.
 
 Each batch the consumer group hands over is written in one transaction and committed before the handler
@@ -31,20 +31,20 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from common import streams
-from common.bus import (
+from common.bus import streams
+from common.bus.core import (
     Consumer,
     Delivery,
     Outputs,
     Producer,
-    StoreUnavailable,
     StreamSelector,
     now_ns,
     sleep_unless,
 )
+from common.bus.stage import Service
 from common.config import ConfigError, Settings
-from common.migrate import migrate, safe_dsn
-from common.service import Service
+from common.errors import StoreUnavailable
+from common.stores.postgres import migrate, safe_dsn
 from common.strategy_events import describe, problems
 from schemas import KIND_OF, Alert, Event, Market
 from schemas.events import Fill, PerformanceMetric, PositionUpdate, StrategyInfo

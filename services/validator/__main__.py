@@ -1,4 +1,4 @@
-from common.service import service_main
+from common.bus.stage import service_main
 from services.validator.service import Validator
 
 service_main(Validator)

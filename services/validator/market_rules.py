@@ -1,5 +1,5 @@
 """Stateless rules for the snapshot channels the collector publishes beside trades and candles: order books,
-funding rates and open interest. Same machinery as common.quality (a Rule per check, reject policy), and
+funding rates and open interest. Same machinery as common.domain.quality (a Rule per check, reject policy), and
 the same time rules (`time.invalid`, `time.future`) extended to these kinds.
 
   book.crossed          best bid >= best ask: a book built wrongly; never forwarded (the collector also refuses
@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import TypeGuard
 
-from common import quality
-from common.quality import CheckContext, Issue, Rule
+from common.domain import quality
+from common.domain.quality import CheckContext, Issue, Rule
 from schemas import Event, FundingRate, OpenInterest, OrderBook
 
 SNAPSHOT_KINDS = frozenset({"book", "funding", "open_interest"})

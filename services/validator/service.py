@@ -1,5 +1,5 @@
-"""The validator: reads raw:{exchange} (consumer group "validator"), runs the rules of common.quality on every
-event, then the stream rules of services.validator.series (which compare an event with what came before in
+"""The validator: reads raw:{exchange} (consumer group "validator"), runs the rules of common.domain.quality on every
+event, then the stream rules of common.domain.series (which compare an event with what came before in
 its series), and forwards what passes to valid:{exchange}: flagged events as copies whose `quality` names the
 flags. Rejected events become one Alert per failed rule on mdp:alerts (with the offending values) and are
 never forwarded; flags, repairs and gaps also become Alerts (flags throttled per series and rule, see
@@ -7,7 +7,7 @@ series.py), gaps also Gap events on mdp:gaps.
 
 Atomicity: the handler returns its outputs; the bus publishes them and acknowledges the inputs in one
 MULTI/EXEC, which also writes the checkpoint of every series the batch touched (the consumer's `on_commit`
-hook: hash mdp:state:validator, common/checkpoint.py); only then (`on_acked`) is the series state staged for
+hook: hash mdp:state:validator, common/bus/checkpoint.py); only then (`on_acked`) is the series state staged for
 the batch committed in memory. A batch whose publish fails is therefore judged again against the same state;
 when the outcome of a commit is unknown (no `on_acked` followed it), the memory is dropped and reloaded from
 the checkpoint, which is what Redis holds. A new process loads each series' checkpoint the first time it
@@ -41,14 +41,16 @@ from collections import Counter, deque
 
 import redis.asyncio as aioredis
 
-from common import quality, streams
-from common.bus import Consumer, Delivery, Outputs, Producer, StreamSelector
-from common.checkpoint import Checkpoint, SeriesBook, SeriesKey, Staging, stage_lease
+from common.bus import streams
+from common.bus.checkpoint import Checkpoint, stage_lease
+from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamSelector
+from common.bus.stage import Service
 from common.config import Settings
-from common.service import Service
+from common.domain import quality
+from common.domain.series import CandleSeries, StreamRules, TradeSeries, VenueCloses
+from common.domain.state import SeriesBook, SeriesKey, Staging
 from schemas import Alert, Candle, Event, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
 from services.validator.market_rules import VALIDATOR_RULES
-from services.validator.series import CandleSeries, StreamRules, TradeSeries, VenueCloses
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ VERB = {"reject": "rejected", "flag": "flagged", "repair": "repaired", "alert": 
 
 
 def series_keys(batch: list[Delivery]) -> set[SeriesKey]:
-    """The series the stream rules may touch for a batch (services/validator/series.py)."""
+    """The series the stream rules may touch for a batch (common/domain/series.py)."""
     keys: set[SeriesKey] = set()
     for d in batch:
         for e in d.events:
