@@ -72,7 +72,7 @@ def real_data_dir(project_root: Path | None = None) -> Path:
                                     f"ws-captures/, binance-spot-1m-daily/ and cryptofeed-captures/, or unset it "
                                     f"to use ../shared/data/real or the shipped data/real")
         return path.resolve()
-    root = project_root or Path(__file__).resolve().parents[2]
+    root = project_root or Path(__file__).resolve().parents[1]
     candidates = (root.parent / "shared" / "data" / "real", root / SHIPPED_DATA)
     for path in candidates:
         if path.is_dir():
@@ -84,7 +84,7 @@ def real_data_dir(project_root: Path | None = None) -> Path:
 
 def is_shipped(data_dir: Path, project_root: Path | None = None) -> bool:
     """True when `data_dir` is the project's shipped data/real (without the unlicensed folders)."""
-    root = project_root or Path(__file__).resolve().parents[2]
+    root = project_root or Path(__file__).resolve().parents[1]
     return data_dir.resolve() == (root / SHIPPED_DATA).resolve()
 
 
