@@ -34,12 +34,11 @@ def jittered(seconds: float, spread: tuple[float, float] = SPREAD, rng: random.R
     return seconds * (low + (high - low) * (rng or random).random())
 
 
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep `seconds` exactly, or less if `stop` is set meanwhile; True if `stop` is set."""
-    if seconds <= 0:
-        return stop.is_set()
+async def sleep_unless(stop: asyncio.Event, seconds: float, spread: tuple[float, float] = SPREAD) -> bool:
+    """Sleep about `seconds` (jittered by `spread`, +-20% unless told: retrying processes spread out; `EXACT`
+    for a fixed period), or less if `stop` is set meanwhile; True if `stop` is set."""
     try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await asyncio.wait_for(stop.wait(), timeout=jittered(seconds, spread))
         return True
     except TimeoutError:
         return False
@@ -72,4 +71,4 @@ class Backoff:
 
     async def sleep(self, stop: asyncio.Event) -> bool:
         """Wait the next delay, or less if `stop` is set meanwhile; True if `stop` is set."""
-        return await sleep_unless(stop, self.next())
+        return await sleep_unless(stop, self.next(), EXACT)

@@ -98,6 +98,44 @@ class Checkpoint:
             pipe.hdel(self.key, *[field_of(k) for k in evict])
 
 
+class SeriesState:
+    """A stateful stage's per-series state: the SeriesBook in memory (at most `max_series` series), its
+    Checkpoint in Redis, and the Staging of the batch in hand. `begin` gives a batch its staging, `hold` keeps
+    it for the commit, `write` (the consumer's on_commit) puts it in the batch's MULTI/EXEC, `committed` (the
+    consumer's on_acked) makes it the memory's. A batch that began while one is still held (its commit failed,
+    or its outcome is unknown) drops the memory first: it is judged against what Redis holds."""
+
+    def __init__(self, redis: aioredis.Redis, stage: str, types: dict[str, type], max_series: int,
+                 restore: Callable[[SeriesKey, Any], Any] | None = None) -> None:
+        self.book = SeriesBook(max_series)
+        self.checkpoint = Checkpoint(redis, stage, types, restore)
+        self._held: Staging | None = None
+
+    async def begin(self, keys: Iterable[SeriesKey]) -> Staging:
+        if self._held is not None:  # the last batch's commit failed, or its outcome is unknown
+            self._held = None
+            self.book.forget()  # reloaded from the checkpoint below, as Redis holds it
+        await self.checkpoint.load(self.book, keys)
+        return self.book.stage()
+
+    def hold(self, staging: Staging) -> None:
+        self._held = staging
+
+    def write(self, pipe: aioredis.client.Pipeline, batch: object) -> None:
+        if self._held is not None:
+            self.checkpoint.write(pipe, self._held)
+
+    def committed(self, batch: object) -> None:
+        if self._held is not None:
+            self._held.commit()
+            self._held = None
+
+    def counters(self, noun: str) -> dict[str, int]:
+        """Series in memory (`{noun}`), evicted (`{noun}_evicted`), loaded from and undecodable in the checkpoint."""
+        return {noun: len(self.book), f"{noun}_evicted": self.book.evicted, "series_loaded": self.checkpoint.loaded,
+                "checkpoint_undecodable": self.checkpoint.undecodable}
+
+
 LEASE_TTL_MIN_MS = 1_000
 
 

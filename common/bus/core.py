@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
+from common.backoff import Backoff, sleep_unless
 from common.bus import streams
 from common.bus.lease import Lease, LeaseLost
 from common.config import BusSettings
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 # errors into these. A handler's own OSError is the handler's failure, not the bus's.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 REDIS_RETRY_MAX_S = 5.0  # cap of the backoff while waiting for Redis
+STORE_RETRY_MAX_S = 30.0  # cap of the backoff while a handler's store is unavailable
 ABANDONED_CHECK_S = 10.0  # how often a producer looks at the foreign groups of a stream it writes
 
 
@@ -163,15 +164,14 @@ async def ensure_own_groups(redis: aioredis.Redis, stream: str) -> list[str]:
     return created
 
 
-def make_alert(rule: str, severity: str, source: str, reason: str, values: dict[str, str]) -> Alert:
+async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettings, source: str, rule: str,
+                        severity: str, reason: str, values: dict[str, str]) -> None:
+    """Write one bus alert (kind "stream") to mdp:alerts at once (never waits for backpressure: an alert is
+    what says why)."""
     now = now_ns()
-    return Alert(rule=rule, severity=cast(Severity, severity), source=source, exchange="", symbol="",
-                 kind="stream", reason=reason, values=cast(dict[str, str | None], values), ts_event=now,
-                 ts_recv=now)
-
-
-async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettings, alert: Alert) -> None:
-    """Write one alert to mdp:alerts at once (never waits for backpressure: an alert is what says why)."""
+    alert = Alert(rule=rule, severity=cast(Severity, severity), source=source, exchange="", symbol="",
+                  kind="stream", reason=reason, values=cast(dict[str, str | None], values), ts_event=now,
+                  ts_recv=now)
     pipe = redis.pipeline(transaction=False)
     pipe.sadd(streams.REGISTRY, streams.ALERTS)
     # redis-py types xadd's fields as dict[FieldT, EncodableT], which (invariant) refuses dict[bytes, bytes].
@@ -280,6 +280,9 @@ class Producer:
         if self._commit_redis is None:
             self._commit_redis = without_retries(self.redis)
         return self._commit_redis
+
+    async def alert(self, rule: str, severity: str, reason: str, values: dict[str, str]) -> None:
+        await publish_alert(self.redis, self.codec, self.settings, self.source, rule, severity, reason, values)
 
     async def aclose(self) -> None:
         if self._commit_redis is not None:
@@ -396,9 +399,8 @@ class Producer:
                           f"{self.settings.backpressure_max_wait_s:.0f} s; publishing anyway: entries beyond "
                           f"{self.settings.stream_maxlen} are trimmed unread. Start or scale the consumer.")
                 log.error("%s", reason)
-                await publish_alert(self.redis, self.codec, self.settings, make_alert(
-                    "bus.backpressure_timeout", "critical", self.source, reason,
-                    {"stream": stream, "backlog": str(backlog)}))
+                await self.alert("bus.backpressure_timeout", "critical", reason,
+                                 {"stream": stream, "backlog": str(backlog)})
 
     async def report_abandoned(self, stream: str, groups: list[GroupState]) -> None:
         """Alert (once per group per hour, across processes) on a foreign group abandoned while it lags; drop
@@ -406,29 +408,26 @@ class Producer:
         idle_s = self.settings.abandoned_group_s
         for g in await abandoned_groups(self.redis, stream, idle_s, groups, self._foreign_first_seen):
             idle = "no consumer" if g.idle_ms is None else f"its consumers idle {g.idle_ms / 1000:.0f} s"
+            values = {"stream": stream, "group": g.name, "backlog": str(g.backlog)}
             if self.settings.drop_abandoned_groups:
                 await self.redis.xgroup_destroy(stream, g.name)
                 self._foreign_first_seen.pop((stream, g.name), None)
+                rule = "bus.group_dropped"
                 reason = (f"consumer group {g.name} of {stream} was abandoned ({idle}, {g.backlog} entries behind) "
                           f"and has been destroyed (bus.drop_abandoned_groups = true); its reader must create "
                           f"it again, from '$' or from an id")
-                log.warning("%s", reason)
-                await publish_alert(self.redis, self.codec, self.settings, make_alert(
-                    "bus.group_dropped", "warning", self.source, reason,
-                    {"stream": stream, "group": g.name, "backlog": str(g.backlog)}))
-                continue
-            if not await self.redis.set(streams.abandoned_alerted_key(stream, g.name), self.source, nx=True,
-                                        ex=3600):
+            elif await self.redis.set(streams.abandoned_alerted_key(stream, g.name), self.source, nx=True,
+                                      ex=3600):
+                rule = "bus.group_abandoned"
+                values["idle_ms"] = "" if g.idle_ms is None else str(g.idle_ms)
+                reason = (f"consumer group {g.name} of {stream} looks abandoned: {idle}, {g.backlog} entries "
+                          f"behind. It does not slow the pipeline, but its entries are trimmed unread beyond "
+                          f"bus.stream_maxlen; resume its reader, or XGROUP DESTROY {stream} {g.name}, or set "
+                          f"bus.drop_abandoned_groups = true")
+            else:
                 continue  # reported within the hour
-            reason = (f"consumer group {g.name} of {stream} looks abandoned: {idle}, {g.backlog} entries behind. "
-                      f"It does not slow the pipeline, but its entries are trimmed unread beyond "
-                      f"bus.stream_maxlen; resume its reader, or XGROUP DESTROY {stream} {g.name}, or set "
-                      f"bus.drop_abandoned_groups = true")
             log.warning("%s", reason)
-            await publish_alert(self.redis, self.codec, self.settings, make_alert(
-                "bus.group_abandoned", "warning", self.source, reason,
-                {"stream": stream, "group": g.name, "backlog": str(g.backlog),
-                 "idle_ms": "" if g.idle_ms is None else str(g.idle_ms)}))
+            await self.alert(rule, "warning", reason, values)
 
 
 class StreamSelector:
@@ -496,6 +495,9 @@ class Consumer:
         self._stop = asyncio.Event()
         self.stats = ConsumerStats()
 
+    async def alert(self, rule: str, severity: str, reason: str, values: dict[str, str]) -> None:
+        await publish_alert(self.redis, self.codec, self.settings, self.group, rule, severity, reason, values)
+
     # -- groups and streams ------------------------------------------------------------------------------
 
     async def ensure_group(self, stream: str) -> bool:
@@ -533,9 +535,8 @@ class Consumer:
                           f"from id 0: entries still in the stream are delivered again; what it had pending is "
                           f"lost if Redis lost the stream. Run Redis with appendonly yes (docs/bus.md)")
                 log.error("%s", reason)
-                await publish_alert(self.redis, self.codec, self.settings, make_alert(
-                    "bus.group_recreated", "error", self.group, reason,
-                    {"stream": stream, "group": self.group, "consumer": self.name}))
+                await self.alert("bus.group_recreated", "error", reason,
+                                 {"stream": stream, "group": self.group, "consumer": self.name})
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -578,7 +579,7 @@ class Consumer:
         """Read and handle until `stop`. Redis unreachable: wait for it with capped backoff (state
         "degraded"), then carry on; a group Redis lost is recreated."""
         self.stats.state = "running"
-        backoff = 0.5
+        backoff = Backoff(0.5, REDIS_RETRY_MAX_S)
         resumed = False
         while not stop.is_set():
             try:
@@ -593,15 +594,14 @@ class Consumer:
             except (*REDIS_DOWN, OSError) as exc:
                 self._redis_down(exc)
                 log.warning("consumer %s: Redis at %s unreachable (%s); retrying in %.1f s", self.name,
-                            redis_url(self.redis), exc, backoff)
-                if await sleep_unless(stop, backoff):
+                            redis_url(self.redis), exc, backoff.delay)
+                if await backoff.sleep(stop):
                     return
-                backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self._recreate_groups(str(exc))
-                backoff = 0.5
+                backoff.reset()
 
     async def _resume(self) -> None:
         """After an outage or a lost group: our groups exist again, then what is pending with us is replayed."""
@@ -627,13 +627,13 @@ class Consumer:
         url = redis_url(self.redis)
         values = {"redis": url, "since": _hms(since), "outage_s": f"{seconds:.1f}", "error": self._redis_down_error,
                   "consumer": self.name}
-        await publish_alert(self.redis, self.codec, self.settings, make_alert(
-            "bus.redis_unavailable", "error", self.group,
+        await self.alert(
+            "bus.redis_unavailable", "error",
             f"Redis at {url} was unreachable for consumer {self.name} from {_hms(since)} ({self._redis_down_error});"
-            f" it waited, nothing was acknowledged meanwhile", values))
-        await publish_alert(self.redis, self.codec, self.settings, make_alert(
-            "bus.redis_recovered", "info", self.group,
-            f"Redis at {url} is back for consumer {self.name} after {seconds:.1f} s; carrying on", values))
+            f" it waited, nothing was acknowledged meanwhile", values)
+        await self.alert("bus.redis_recovered", "info",
+                         f"Redis at {url} is back for consumer {self.name} after {seconds:.1f} s; carrying on",
+                         values)
         log.info("consumer %s: Redis at %s is back after %.1f s", self.name, url, seconds)
         self._redis_down_since = None
         self.stats.state, self.stats.detail = "running", ""
@@ -734,7 +734,7 @@ class Consumer:
         good = [d for d in deliveries if d.events is not None]
         if not good:
             return
-        backoff = 0.5
+        backoff = Backoff(0.5, STORE_RETRY_MAX_S)
         # Keeps the entries ours during all handling (a slow batch, a store retried in place): without it a
         # sibling's XAUTOCLAIM would take them over after claim_idle_ms and process them a second time.
         hold: asyncio.Task[None] | None = None
@@ -765,10 +765,9 @@ class Consumer:
                     self.stats.store_retries += 1
                     await self._store_unavailable(exc)
                     log.error("store unavailable, retrying %d entries in %.1f s (nothing acknowledged): %s",
-                              len(good), backoff, exc)
-                    if await sleep_unless(self._stop, backoff):
+                              len(good), backoff.delay, exc)
+                    if await backoff.sleep(self._stop):
                         return  # stopping: entries stay pending and are redelivered after restart
-                    backoff = min(backoff * 2, 30.0)
                 except REDIS_DOWN:
                     raise  # the bus's own Redis: the run loop waits for it; the entries stay pending with us
                 except Exception as exc:
@@ -823,9 +822,8 @@ class Consumer:
             reason = (f"{store} is unavailable for {self.group} since {_hms(since)}: {exc}. Nothing is lost: the "
                       f"batch is retried with backoff up to 30 s, entries stay pending and backpressure reaches "
                       f"the producers. Fix: start or repair {store} (address and credentials in the config)")
-            await publish_alert(self.redis, self.codec, self.settings, make_alert(
-                "store.unavailable", "critical", self.group, reason,
-                {"store": store, "since": _hms(since), "error": str(exc), "consumer": self.name}))
+            await self.alert("store.unavailable", "critical", reason,
+                             {"store": store, "since": _hms(since), "error": str(exc), "consumer": self.name})
         except REDIS_DOWN as redis_exc:  # the store that is down may be this Redis (cache_publisher)
             log.warning("store.unavailable alert not written (Redis: %s); the log says it", redis_exc)
 
@@ -840,10 +838,10 @@ class Consumer:
             return  # a sibling consumer already said it
         since = int(raw) / 1e9 if raw.isdigit() else since
         seconds = time.time() - since
-        await publish_alert(self.redis, self.codec, self.settings, make_alert(
-            "store.recovered", "info", self.group,
-            f"{store} is back for {self.group} after {seconds:.1f} s (down since {_hms(since)}); the retried "
-            f"batches are written", {"store": store, "since": _hms(since), "outage_s": f"{seconds:.1f}"}))
+        await self.alert("store.recovered", "info",
+                         f"{store} is back for {self.group} after {seconds:.1f} s (down since {_hms(since)}); the "
+                         f"retried batches are written",
+                         {"store": store, "since": _hms(since), "outage_s": f"{seconds:.1f}"})
 
     def _record(self, good: list[Delivery], seconds: float) -> None:
         self.stats.acked += len(good)
@@ -867,7 +865,7 @@ class Consumer:
             # Not yet an outage: a pooled connection that died with a Redis restart fails once like this.
             log.warning("consumer %s: connection lost while committing %d entries (%s); checking whether the "
                         "commit ran before trying again", self.name, len(good), exc)
-        backoff = 0.2
+        backoff = Backoff(0.2, REDIS_RETRY_MAX_S)
         while True:
             try:
                 where = await self._pending_where(acks)
@@ -884,10 +882,9 @@ class Consumer:
                 return True
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
-            if await sleep_unless(self._stop, backoff):
+            if await backoff.sleep(self._stop):
                 raise RedisConnectionError(f"stopping while Redis at {redis_url(self.redis)} is unreachable; "
                                            f"the batch stays pending and is replayed at restart")
-            backoff = min(backoff * 2, REDIS_RETRY_MAX_S)
 
     async def _pending_where(self, acks: dict[str, list[str]]) -> str:
         """"committed" if none of the batch's entries is pending any more (the MULTI/EXEC is atomic), "ours" if
@@ -979,8 +976,7 @@ class Consumer:
         reason = (f"entry {entry_id} of {stream} was trimmed while pending with group {self.group}: "
                   f"its events are lost; raise bus.stream_maxlen or scale the consumer")
         log.error("%s", reason)
-        await publish_alert(self.redis, self.codec, self.settings, make_alert(
-            "bus.trimmed_while_pending", "critical", self.group, reason, {"stream": stream, "entry_id": entry_id}))
+        await self.alert("bus.trimmed_while_pending", "critical", reason, {"stream": stream, "entry_id": entry_id})
 
     async def dead_letter(self, stream: str, entry_id: str, reason: str,
                           fields: dict[bytes, bytes] | None = None) -> None:
@@ -1013,12 +1009,3 @@ def _before(entry_id: str) -> str:
 
 def _hms(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep about `seconds` (+-20% jitter, so retrying processes spread out); True if `stop` was set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds * (0.8 + 0.4 * random.random()))
-        return True
-    except TimeoutError:
-        return False

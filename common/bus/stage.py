@@ -1,8 +1,17 @@
-"""Process lifecycle shared by every service: logging, uvloop, signals, Redis connection, heartbeats.
+"""Process lifecycle shared by every service (`Service`: logging, uvloop, signals, Redis connection,
+heartbeats, counters) and the one shape of a stage that consumes (`Stage`).
 
-A service subclasses `Service`, implements `run(stop)` (return when `stop` is set) and `counters()`.
+A service subclasses `Service`, implements `run(stop)` (return when `stop` is set) and counts in `self.count`.
 SIGTERM/SIGINT set `stop`: the service stops taking new work and finishes what is in flight; whatever
 was not acknowledged stays pending in its consumer group and is redelivered after restart.
+
+A stage that reads the bus subclasses `Stage` and declares its wiring: its consumer group and inputs, whether
+its handler's outputs are forwarded (published with the acknowledgements in one MULTI/EXEC), whether it keeps
+checkpointed per-series state (then it holds the stage's lease, and its state is checkpointed in that same
+MULTI/EXEC: common/bus/checkpoint.py), and `prepare()`, what must answer before it reads anything (a store:
+retried with the one backoff, `degraded` meanwhile). The handler is `handle(batch)`, or for a checkpointed
+stage `judge(batch, staging)`. Its counters are `self.count`, the stage's sizes (`sizes()`), the series
+state's and the consumer's, one dict in every heartbeat.
 """
 
 from __future__ import annotations
@@ -14,16 +23,33 @@ import os
 import signal
 import sys
 import time
-from typing import Any, ClassVar
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ClassVar, Protocol
 
 import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
-from common.bus.core import redis_url, sleep_unless
+from common.bus.checkpoint import Checkpoint, SeriesState, stage_lease
+from common.bus.core import (
+    STORE_RETRY_MAX_S,
+    Consumer,
+    ConsumerStats,
+    Delivery,
+    Handler,
+    Outputs,
+    Producer,
+    StreamSelector,
+    redis_url,
+)
+from common.bus.lease import Lease
 from common.config import ConfigError, Settings, load_settings
+from common.domain.state import SeriesBook, SeriesKey, Staging
+from common.errors import StoreUnavailable
 from schemas import Codec, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -53,6 +79,7 @@ class Service:
         self.started_at = time.time_ns()
         self.state = "starting"
         self.detail = ""
+        self.count: Counter[str] = Counter()  # what the service did since it started (heartbeat counters)
 
     @property
     def consumer_name(self) -> str:
@@ -60,7 +87,7 @@ class Service:
         return f"{self.name}-{self.instance}"
 
     def counters(self) -> dict[str, int]:
-        return {}
+        return dict(self.count)
 
     async def run(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
@@ -75,7 +102,7 @@ class Service:
         """Wait until Redis answers (True) or `stop` (False): a stage started while Redis is down (a machine
         boot, a Redis restart) waits with capped backoff instead of exiting, which supervisord would give up
         on after `startretries` (FATAL)."""
-        backoff, waited_since = 0.5, time.monotonic()
+        backoff, waited_since = Backoff(0.5, REDIS_WAIT_MAX_S), time.monotonic()
         while True:
             try:
                 await self.redis.ping()
@@ -87,10 +114,24 @@ class Service:
                 self.state = "degraded"
                 self.detail = f"waiting for Redis at {redis_url(self.redis)}: {exc}"
                 log.warning("%s: Redis at %s is unreachable (%s); waiting %.1f s (start Redis, or fix "
-                            "MDP_REDIS_URL / [redis] url)", self.name, redis_url(self.redis), exc, backoff)
-            if await sleep_unless(stop, backoff):
+                            "MDP_REDIS_URL / [redis] url)", self.name, redis_url(self.redis), exc, backoff.delay)
+            if await backoff.sleep(stop):
                 return False
-            backoff = min(backoff * 2, REDIS_WAIT_MAX_S)
+
+    async def until_ready(self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]]) -> bool:
+        """Call `ready` (connect to a store, make its schema) until it returns (True) or `stop` is set (False).
+        While it raises StoreUnavailable the service is `degraded` with the error, reads nothing from Redis,
+        and calls again after the one backoff (0.5 s doubling to 30 s)."""
+        backoff = Backoff(0.5, STORE_RETRY_MAX_S)
+        while not stop.is_set():
+            try:
+                await ready()
+                return not stop.is_set()
+            except StoreUnavailable as exc:
+                self.state, self.detail = "degraded", str(exc)
+                log.error("%s; retrying in %.1f s (reading nothing from Redis meanwhile)", exc, backoff.delay)
+                await backoff.sleep(stop)
+        return False
 
     async def heartbeat_once(self) -> None:
         now = time.time_ns()
@@ -122,10 +163,7 @@ class Service:
                 await self.heartbeat_once()
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not kill the service
                 log.warning("heartbeat failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.bus.heartbeat_interval_s)
-            except TimeoutError:
-                pass
+            await sleep_unless(stop, self.settings.bus.heartbeat_interval_s, EXACT)
 
     async def main(self) -> None:
         stop = asyncio.Event()
@@ -159,6 +197,128 @@ class Service:
                 log.warning("%s: the last heartbeat was not sent (%s)", self.name, exc)
             await self.close()
             log.info("%s stopped", self.name)
+
+
+class Reader(Protocol):
+    """What a stage reads with: a Consumer, or several seen as one."""
+
+    @property
+    def stats(self) -> ConsumerStats: ...
+
+    async def run(self, handler: Handler, stop: asyncio.Event) -> None: ...
+
+
+class Stage(Service):
+    """A service that consumes the bus: declared wiring (below) plus a handler.
+
+    - `group` (default: the service's name), `inputs` (stream globs over the registry) and `input_names`
+      (fixed streams) say what it reads;
+    - `forwards`: the handler returns outputs, published with the acknowledgements in one MULTI/EXEC;
+    - `state_types` (series kind -> state class): per-series state kept in a SeriesBook of at most
+      quality.max_series series, staged per batch and checkpointed in the batch's MULTI/EXEC; the stage then
+      holds the lease mdp:lease:{name} (one instance works, another stands by) and implements
+      `series_of(batch)` and `judge(batch, staging)` instead of `handle(batch)`;
+    - `bus_counters`: the consumer's counters its heartbeat carries;
+    - `prepare()`: what must answer before anything is read (called until it does, see `until_ready`).
+    """
+
+    group: ClassVar[str] = ""
+    inputs: ClassVar[tuple[str, ...]] = ()
+    input_names: ClassVar[tuple[str, ...]] = ()
+    forwards: ClassVar[bool] = False
+    state_types: ClassVar[dict[str, type] | None] = None
+    series_noun: ClassVar[str] = "series"  # the name of the state's size in the counters
+    bus_counters: ClassVar[tuple[str, ...]] = ("delivered", "acked", "dead_lettered", "failures")
+
+    def __init__(self, settings: Settings, instance: str | None = None) -> None:
+        super().__init__(settings, instance)
+        self.producer: Producer | None = (Producer(self.redis, self.codec, settings.bus, source=self.name)
+                                          if self.forwards else None)
+        self.lease: Lease | None = None
+        self.series: SeriesState | None = None
+        if self.state_types is not None:
+            self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
+            self.series = SeriesState(self.redis, self.name, self.state_types, settings.quality.max_series,
+                                      restore=self.restore)
+        self.consumer: Reader = self.reader()
+
+    @property
+    def book(self) -> SeriesBook:
+        """The series state in memory (a checkpointed stage)."""
+        if self.series is None:
+            raise AttributeError(f"{type(self).__name__} keeps no series state (state_types is None)")
+        return self.series.book
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The series state's copy in Redis (a checkpointed stage)."""
+        if self.series is None:
+            raise AttributeError(f"{type(self).__name__} keeps no series state (state_types is None)")
+        return self.series.checkpoint
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.name
+
+    def reader(self) -> Reader:
+        """The stage's consumer (a stage reading with several consumers overrides this)."""
+        series = self.series
+        return Consumer(self.redis, self.codec, self.settings.bus, group=self.group_name, name=self.consumer_name,
+                        selector=StreamSelector(names=self.input_names, patterns=self.inputs),
+                        producer=self.producer, lease=self.lease,
+                        on_acked=series.committed if series is not None else None,
+                        on_commit=series.write if series is not None else None)
+
+    # -- what a stage implements ------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """What must answer before the stage reads anything; StoreUnavailable while it does not."""
+
+    async def handle(self, batch: list[Delivery]) -> Outputs | None:
+        """Handle a batch durably (outputs, if it forwards). A checkpointed stage's: its state for the batch
+        (loaded from the checkpoint where memory lacks it), `judge`, then the staged state is held for the
+        commit (made the memory's once the bus acknowledged the batch)."""
+        series = self.series
+        if series is None:
+            raise NotImplementedError(f"{type(self).__name__} handles no batch: implement handle(batch)")
+        staging = await series.begin(self.series_of(batch))
+        out = await self.judge(batch, staging)
+        series.hold(staging)
+        return out
+
+    def series_of(self, batch: list[Delivery]) -> Iterable[SeriesKey]:
+        """The series a batch may touch (a checkpointed stage)."""
+        raise NotImplementedError
+
+    async def judge(self, batch: list[Delivery], staging: Staging) -> Outputs:
+        """Handle a batch against its staged series state (a checkpointed stage)."""
+        raise NotImplementedError
+
+    def restore(self, key: SeriesKey, state: Any) -> Any:
+        """Fix what the checkpoint's encoding does not keep (a deque's bound) after decoding."""
+        return state
+
+    def sizes(self) -> dict[str, int]:
+        """Counters that are not counts of `self.count` (sizes, corrections)."""
+        return {}
+
+    # -- wiring -------------------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        s = self.consumer.stats
+        if self.lease is not None and (s.state == "standby" or self.state == "standby"):
+            # waiting for the lease, or just took it
+            self.state = "standby" if s.state == "standby" else "running"
+        out = dict(self.count) | self.sizes()
+        if self.series is not None:
+            out |= self.series.counters(self.series_noun)
+        return out | {k: getattr(s, k) for k in self.bus_counters}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if type(self).prepare is not Stage.prepare and not await self.until_ready(stop, self.prepare):
+            return
+        self.state, self.detail = "running", ""
+        await self.consumer.run(self.handle, stop)
 
 
 def service_main(cls: type[Service], argv: list[str] | None = None,

@@ -49,18 +49,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-
-import redis.asyncio as aioredis
+from typing import ClassVar
 
 from common.bus import streams
-from common.bus.checkpoint import Checkpoint, stage_lease
-from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamSelector
-from common.bus.stage import Service
+from common.bus.core import Delivery, Outputs
+from common.bus.stage import Stage
 from common.config import ConfigError, Settings
 from common.domain.bars import SymbolBars, TimeframeError, bar_duration, compare
 from common.domain.quality import iso, text
-from common.domain.state import SeriesBook, SeriesKey, Staging
+from common.domain.state import SeriesKey, Staging
 from schemas import Alert, Candle, Event, Trade
 
 log = logging.getLogger(__name__)
@@ -83,8 +80,13 @@ def symbol_keys(batch: list[Delivery]) -> set[SeriesKey]:
     return keys
 
 
-class Aggregator(Service):
+class Aggregator(Stage):
     name = "aggregator"
+    group = GROUP
+    inputs = INPUT_PATTERNS
+    forwards = True
+    state_types: ClassVar[dict[str, type] | None] = {"bars": SymbolBars}
+    series_noun = "symbols"
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
@@ -99,49 +101,20 @@ class Aggregator(Service):
         self.builds_1m = frozenset(ex.id for ex in settings.exchanges
                                    if "trades" in ex.channels and "candles" not in ex.channels)
         self.sequential = frozenset(q.sequential_trade_ids)
-        self.book = SeriesBook(q.max_series)
-        self.checkpoint = Checkpoint(self.redis, self.name, {"bars": SymbolBars})
-        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
-        self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
-                                 selector=StreamSelector(patterns=INPUT_PATTERNS), producer=self.producer,
-                                 on_acked=self._commit, on_commit=self._checkpoint, lease=self.lease)
-        self.count: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self._staged: Staging | None = None
-
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
-        if s.state == "standby" or self.state == "standby":  # waiting for the lease, or just took it
-            self.state = "standby" if s.state == "standby" else "running"
-        return {**self.count, "symbols": len(self.book), "symbols_evicted": self.book.evicted,
-                "series_loaded": self.checkpoint.loaded, "checkpoint_undecodable": self.checkpoint.undecodable,
-                "delivered": s.delivered, "acked": s.acked, "dead_lettered": s.dead_lettered,
-                "failures": s.failures}
+        self.count.update(dict.fromkeys(COUNTERS, 0))
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("aggregator: group %s reads %s; builds 1m from trades, %s from 1m",
                  GROUP, " and ".join(INPUT_PATTERNS), ", ".join(self.timeframes))
-        self.state = "running"
-        await self.consumer.run(self.handle, stop)
+        await super().run(stop)
 
     # -- the handler ----------------------------------------------------------------------------------
 
-    def _checkpoint(self, pipe: aioredis.client.Pipeline, batch: list[Delivery]) -> None:
-        if self._staged is not None:
-            self.checkpoint.write(pipe, self._staged)
+    def series_of(self, batch: list[Delivery]) -> set[SeriesKey]:
+        return symbol_keys(batch)
 
-    def _commit(self, batch: list[Delivery]) -> None:
-        if self._staged is not None:
-            self._staged.commit()
-            self._staged = None
-
-    async def handle(self, batch: list[Delivery]) -> Outputs:
-        if self._staged is not None:  # the last batch's commit failed, or its outcome is unknown
-            self._staged = None
-            self.book.forget()  # continue from what Redis holds: reloaded below from the checkpoint
-        await self.checkpoint.load(self.book, symbol_keys(batch))
+    async def judge(self, batch: list[Delivery], staging: Staging) -> Outputs:
         now = time.time_ns()
-        staging = self.book.stage()
         out: dict[str, list[Event]] = {}
         alerts: list[Event] = []
         for d in batch:
@@ -157,7 +130,6 @@ class Aggregator(Service):
                 self.count["ignored"] += 1  # open updates, our own bars, other timeframes
         if alerts:
             out[streams.ALERTS] = alerts
-        self._staged = staging  # checkpointed in the commit, made the memory's once committed (_commit)
         return out
 
     def _bars(self, staging: Staging, exchange: str, symbol: str) -> SymbolBars:

@@ -37,18 +37,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
-
-import redis.asyncio as aioredis
+from collections import deque
+from typing import ClassVar
 
 from common.bus import streams
-from common.bus.checkpoint import Checkpoint, stage_lease
-from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamSelector
-from common.bus.stage import Service
+from common.bus.core import Delivery, Outputs
+from common.bus.stage import Stage
 from common.config import Settings
 from common.domain import quality
 from common.domain.series import CandleSeries, StreamRules, TradeSeries, VenueCloses
-from common.domain.state import SeriesBook, SeriesKey, Staging
+from common.domain.state import SeriesKey, Staging
 from schemas import Alert, Candle, Event, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
 from services.validator.market_rules import VALIDATOR_RULES
 
@@ -57,6 +55,7 @@ log = logging.getLogger(__name__)
 GROUP = "validator"
 INPUT_PATTERN = "raw:*"
 VERB = {"reject": "rejected", "flag": "flagged", "repair": "repaired", "alert": "alerted"}
+COUNTERS = ("events_in", "passed", "rejected", "flagged", "repaired", "alerts", "gaps", "forwarded_alerts", "ignored")
 
 
 def series_keys(batch: list[Delivery]) -> set[SeriesKey]:
@@ -72,56 +71,32 @@ def series_keys(batch: list[Delivery]) -> set[SeriesKey]:
     return keys
 
 
-class Validator(Service):
+class Validator(Stage):
     name = "validator"
+    group = GROUP
+    inputs = (INPUT_PATTERN,)
+    forwards = True
+    state_types: ClassVar[dict[str, type] | None] = {"trade": TradeSeries, "candle": CandleSeries, "venue": VenueCloses}
 
     def __init__(self, settings: Settings, instance: str | None = None,
                  rules: tuple[quality.Rule, ...] = VALIDATOR_RULES) -> None:
         super().__init__(settings, instance)
         self.rules = rules
-        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
-        self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=self.consumer_name,
-                                 selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer,
-                                 on_acked=self._commit, on_commit=self._checkpoint, lease=self.lease)
         self.rejections = quality.RejectionLog(log)
         self.stream_rules = StreamRules(settings.quality)
-        self.book = SeriesBook(settings.quality.max_series)
-        self.checkpoint = Checkpoint(self.redis, self.name,
-                                     {"trade": TradeSeries, "candle": CandleSeries, "venue": VenueCloses},
-                                     restore=self._restore)
-        self._staged: Staging | None = None
-        self.events_in = 0
-        self.passed = 0
-        self.rejected = 0
-        self.flagged = 0
-        self.repaired = 0
-        self.alerts = 0
-        self.gaps = 0
-        self.forwarded_alerts = 0
-        self.ignored = 0
-        self.by_rule: Counter[str] = Counter()  # "{rejected|flagged|repaired|alerted}.{rule}"
+        self.count.update(dict.fromkeys(COUNTERS, 0))  # and per rule "{rejected|flagged|repaired|alerted}.{rule}"
 
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
-        out = {
-            "events_in": self.events_in, "passed": self.passed, "rejected": self.rejected,
-            "flagged": self.flagged, "repaired": self.repaired, "alerts": self.alerts, "gaps": self.gaps,
-            "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored, "series": len(self.book),
-            "series_evicted": self.book.evicted, "series_loaded": self.checkpoint.loaded,
-            "checkpoint_undecodable": self.checkpoint.undecodable, "delivered": s.delivered, "acked": s.acked,
-            "dead_lettered": s.dead_lettered, "failures": s.failures,
-        }
-        if s.state == "standby" or self.state == "standby":  # waiting for the lease, or just took it
-            self.state = "standby" if s.state == "standby" else "running"
-        out.update(self.by_rule)
-        return out
+    @property
+    def passed(self) -> int:
+        return self.count["passed"]
+
+    @property
+    def rejected(self) -> int:
+        return self.count["rejected"]
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.state = "running"
         try:
-            await self.consumer.run(self.handle, stop)
+            await super().run(stop)
         finally:
             self.rejections.flush()
 
@@ -130,52 +105,38 @@ class Validator(Service):
         """Route one event: to valid:{exchange} if it passes (flagged or not), else its alerts to `alerts`."""
         findings = quality.check(event, ctx, self.rules)
         if quality.rejects(findings):
-            self.rejected += 1
+            self.count["rejected"] += 1
             for f in findings:
-                self.by_rule[f"rejected.{f.rule}"] += 1
+                self.count[f"rejected.{f.rule}"] += 1
                 alerts.append(quality.to_alert(f, event, self.name, ctx.now_ns, exchange=stream_exchange))
             return
         verdict = self.stream_rules.judge(event, staging, ctx.now_ns)
         for f, send in zip(verdict.findings, verdict.alert, strict=True):
-            self.by_rule[f"{VERB[f.policy]}.{f.rule}"] += 1
+            self.count[f"{VERB[f.policy]}.{f.rule}"] += 1
             if send:
                 alerts.append(quality.to_alert(f, event, self.name, ctx.now_ns, exchange=stream_exchange))
         gaps.extend(verdict.gaps)
         forwarded = verdict.event
         if forwarded is None:
-            if verdict.rejected:
-                self.rejected += 1
-            else:
-                self.repaired += 1
+            self.count["rejected" if verdict.rejected else "repaired"] += 1
             return
-        self.passed += 1
+        self.count["passed"] += 1
         if forwarded is not event:
-            self.flagged += 1
+            self.count["flagged"] += 1
         # A verdict forwards only the market event it judged (all have `exchange`); no cast on this hot path.
         out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
 
-    def _restore(self, key: SeriesKey, state: object) -> object:
+    def restore(self, key: SeriesKey, state: object) -> object:
         if isinstance(state, CandleSeries):  # the encoding keeps the values, not the deques' bound
             window = self.settings.quality.outlier_window
             state.returns, state.jumps = deque(state.returns, window), deque(state.jumps, window)
         return state
 
-    def _checkpoint(self, pipe: aioredis.client.Pipeline, batch: list[Delivery]) -> None:
-        if self._staged is not None:
-            self.checkpoint.write(pipe, self._staged)
+    def series_of(self, batch: list[Delivery]) -> set[SeriesKey]:
+        return series_keys(batch)
 
-    def _commit(self, batch: list[Delivery]) -> None:
-        if self._staged is not None:
-            self._staged.commit()
-            self._staged = None
-
-    async def handle(self, batch: list[Delivery]) -> Outputs:
-        if self._staged is not None:  # the last batch's commit failed, or its outcome is unknown
-            self._staged = None
-            self.book.forget()  # judge against what Redis holds: reloaded below from the checkpoint
-        await self.checkpoint.load(self.book, series_keys(batch))
+    async def judge(self, batch: list[Delivery], staging: Staging) -> Outputs:
         ctx = quality.CheckContext.from_settings(self.settings.validation, now_ns=time.time_ns())
-        staging = self.book.stage()
         out: dict[str, list[Event]] = {}
         alerts: list[Alert] = []
         forwarded: list[Alert] = []
@@ -183,25 +144,24 @@ class Validator(Service):
         for delivery in batch:
             stream_exchange = delivery.stream.partition(":")[2]
             for event in delivery.events:
-                self.events_in += 1
+                self.count["events_in"] += 1
                 if isinstance(event, (Trade, Candle, Ticker, Market, OrderBook, FundingRate, OpenInterest)):
                     self.validate(event, stream_exchange, ctx, staging, out, alerts, gaps)
                 elif isinstance(event, Alert):
                     forwarded.append(event)
                 else:  # a Heartbeat or a Gap: not market data
-                    self.ignored += 1
-                    if self.ignored == 1:
+                    self.count["ignored"] += 1
+                    if self.count["ignored"] == 1:
                         log.warning("ignoring %s events on %s: not market data (counted as 'ignored')",
                                     type(event).__name__, delivery.stream)
         rejections = [a for a in alerts if a.severity == "error"]
         if rejections:
             self.rejections.note(rejections)
-        self.alerts += len(alerts)
-        self.gaps += len(gaps)
-        self.forwarded_alerts += len(forwarded)
+        self.count["alerts"] += len(alerts)
+        self.count["gaps"] += len(gaps)
+        self.count["forwarded_alerts"] += len(forwarded)
         if alerts or forwarded:
             out[streams.ALERTS] = [*forwarded, *alerts]
         if gaps:
             out[streams.GAPS] = gaps
-        self._staged = staging  # committed by _commit once the bus has published and acknowledged
         return out
