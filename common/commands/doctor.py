@@ -37,7 +37,8 @@ from redis.exceptions import RedisError
 from common.config import PROJECT_ROOT, ExchangeSettings, Settings, load_settings
 from common.errors import StoreUnavailable
 from common.exchanges.clients import make_rest_exchange
-from common.stores.influx import InfluxClient, InfluxError, _go_duration_seconds, quote_ident, retention_text
+from common.stores.influx import InfluxClient, InfluxError, quote_ident, retention_text
+from common.stores.influx import go_duration_seconds as _go_duration_seconds
 from common.stores.postgres import MigrationError, load_migrations
 
 STORE_TIMEOUT_S = 5.0
