@@ -11,7 +11,7 @@ host name in the URL, which ccxt.pro binance reads to tell spot (`/stream`) from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import ccxt
@@ -57,23 +57,22 @@ def ccxt_config(settings: ExchangeSettings) -> dict[str, Any]:
     return {"enableRateLimit": True, "options": options}
 
 
-def make_pro_exchange(settings: ExchangeSettings) -> ccxtpro.Exchange:
-    cls = getattr(ccxtpro, settings.id, None)
+def _build(module: Any, family: str, settings: ExchangeSettings) -> Any:
+    """`settings.id`'s class of ccxt `module` (ccxt.pro or ccxt.async_support), configured and rewritten."""
+    cls = getattr(module, settings.id, None)
     if cls is None:
-        raise ConfigError(f"exchanges[{settings.id}].id = {settings.id!r} is not a ccxt.pro exchange id; "
-                          f"see ccxt.pro.exchanges for the list")
+        raise ConfigError(f"exchanges[{settings.id}].id = {settings.id!r} is not a {family} exchange id; "
+                          f"see {family}.exchanges for the list")
     exchange = cls(ccxt_config(settings))
     apply_endpoints(exchange, settings)
     return exchange
+
+
+def make_pro_exchange(settings: ExchangeSettings) -> ccxtpro.Exchange:
+    return cast("ccxtpro.Exchange", _build(ccxtpro, "ccxt.pro", settings))
 
 
 def make_rest_exchange(settings: ExchangeSettings) -> ccxt.async_support.Exchange:
     import ccxt.async_support as ccxt_async
 
-    cls = getattr(ccxt_async, settings.id, None)
-    if cls is None:
-        raise ConfigError(f"exchanges[{settings.id}].id = {settings.id!r} is not a ccxt exchange id; "
-                          f"see ccxt.exchanges for the list")
-    exchange = cls(ccxt_config(settings))
-    apply_endpoints(exchange, settings)
-    return exchange
+    return cast("ccxt.async_support.Exchange", _build(ccxt_async, "ccxt", settings))

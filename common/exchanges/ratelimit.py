@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 
 from common.config import RateLimitSettings
 from common.errors import MdpError
+from common.exchanges.venues import ExchangeLimit, venue
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +56,12 @@ BOUNDARY_GUARD_MS = 1000  # ignore the server's count for requests granted this 
 DEFAULT_BAN_S = 120.0  # a 418 without Retry-After: Binance's shortest ban
 
 
-@dataclass(frozen=True, slots=True)
-class ExchangeLimit:
-    """What an exchange allows one IP: `weight` per `window_s` (a clock-aligned fixed window), what one
-    OHLCV page and one market-catalog load cost, and the header in which the server reports its count."""
-
-    weight: int
-    window_s: float
-    ohlcv_weight: int
-    markets_weight: int
-    used_weight_header: str | None = None
-    source: str = ""
-
-
-# Published limits (docs/backfill.md has the sources). Binance spot: REQUEST_WEIGHT 6000/min since 2023-08;
-# GET /api/v3/klines weight 2 at any limit (ccxt's own table: cost 0.4 at 0.2 per weight unit);
-# exchangeInfo 20. Coinbase Advanced Trade public REST: 10 requests/s per IP. Hyperliquid: 1200 weight/min
-# per IP; /info candleSnapshot costs 20 plus more for long answers (we charge 20 + 5000/60 ~ 104 rounded up).
-EXCHANGE_LIMITS: dict[str, ExchangeLimit] = {
-    "binance": ExchangeLimit(6000, 60.0, 2, 20, "x-mbx-used-weight-1m", "Binance spot REQUEST_WEIGHT"),
-    # Binance USD-M: REQUEST_WEIGHT 2400/min; GET /fapi/v1/klines weight 5 at limit 500..1000; exchangeInfo 1.
-    "binanceusdm": ExchangeLimit(2400, 60.0, 5, 1, "x-mbx-used-weight-1m", "Binance USD-M REQUEST_WEIGHT"),
-    "coinbase": ExchangeLimit(600, 60.0, 1, 4, None, "Coinbase public REST 10 requests/s"),
-    "hyperliquid": ExchangeLimit(1200, 60.0, 104, 20, None, "Hyperliquid 1200 weight/min per IP"),
-}
-
-
 def limit_for(exchange_id: str, settings: RateLimitSettings | None = None,
               rate_limit_ms: float | None = None) -> ExchangeLimit:
-    """The limit of `exchange_id`: the built-in table, with `weight_per_minute` from the config replacing the
-    weight; for an exchange not in the table, ccxt's `rateLimit` (ms per request) as requests per minute."""
-    base = EXCHANGE_LIMITS.get(exchange_id)
+    """The limit of `exchange_id`: the venue table's (common/exchanges/venues.py), with `weight_per_minute` from
+    the config replacing the weight; for an exchange without one, ccxt's `rateLimit` (ms per request) as requests
+    per minute."""
+    base = venue(exchange_id).limit
     if base is None:
         per_minute = int(60_000 / rate_limit_ms) if rate_limit_ms and rate_limit_ms > 0 else 60
         base = ExchangeLimit(per_minute, 60.0, 1, 1, None, f"ccxt rateLimit {rate_limit_ms} ms")
@@ -424,6 +400,6 @@ def _iso(ms: int) -> str:
 
 
 __all__ = [
-    "EXCHANGE_LIMITS", "BudgetState", "BudgetedExchange", "CallStats", "ExchangeBanned", "ExchangeLimit",
+    "BudgetState", "BudgetedExchange", "CallStats", "ExchangeBanned", "ExchangeLimit",
     "Grant", "RateBudget", "instrument", "limit_for", "retry_after_s",
 ]

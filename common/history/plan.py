@@ -1,15 +1,9 @@
 """What a backfill will fetch, before it fetches anything: the requested span minus what the ledger already
 knows, cut into pages, and what the exchange cannot give (history caps).
 
-Exchanges differ in how much history REST serves (the table below is also in docs/backfill.md):
-
-| exchange    | candles per request | how far back                         | minutes without trades        |
-|-------------|---------------------|--------------------------------------|-------------------------------|
-| binance     | 1000                | since the market's listing           | a candle with zero volume     |
-| binanceusdm | 1000 (weight 5)     | since the market's listing           | a candle with zero volume     |
-| coinbase    | 300                 | since listing                        | no candle (recorded as empty) |
-| hyperliquid | 5000                | only the latest 5,000 candles per    | no candle (recorded as empty) |
-|             |                     | timeframe: older ones are gone       |                               |
+Exchanges differ in how much history REST serves: candles per request, how far back, whether a minute without
+trades has a candle. The venue table (common/exchanges/venues.py, `ExchangeHistory`) holds it per exchange;
+docs/backfill.md ("Per exchange") tabulates it.
 
 For a capped exchange the plan says so (`notices`), fetches what exists and records the older part of the
 requested span as 'unfetchable' in the ledger (`unfetchable`, with `unfetchable_evidence`): not empty (the
@@ -25,35 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.domain.span import Span, ceil_to, intersect, iso, subtract, timeframe_ns, total
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeHistory:
-    """How an exchange serves historical candles over REST."""
-
-    page_limit: int  # candles per request at most
-    depth_candles: int | None = None  # only the latest N candles per timeframe exist (None: no cap)
-    sparse: bool = False  # no candle for an interval without trades
-    # One answer holds every candle of the page's time range (the request is a start..end range of at most
-    # page_limit slots): no confirming request after the last candle returned (rest.py).
-    whole_range: bool = False
-    note: str = ""
-
-
-HISTORY: dict[str, ExchangeHistory] = {
-    "binance": ExchangeHistory(1000, note="full history since listing, 1000 candles per request"),
-    "binanceus": ExchangeHistory(1000, note="full history since listing, 1000 candles per request"),
-    "binanceusdm": ExchangeHistory(1000, note="full history since listing, 1000 candles per request (weight 5)"),
-    "coinbase": ExchangeHistory(300, sparse=True, whole_range=True,
-                                note="300 candles per request; no candle for intervals without trades"),
-    "hyperliquid": ExchangeHistory(5000, depth_candles=5000, sparse=True, whole_range=True,
-                                   note="keeps only the latest 5,000 candles per timeframe"),
-}
-DEFAULT_HISTORY = ExchangeHistory(500, note="history depth unknown; 500 candles per request")
+from common.exchanges.venues import ExchangeHistory, venue
 
 
 def history_of(exchange_id: str) -> ExchangeHistory:
-    return HISTORY.get(exchange_id, DEFAULT_HISTORY)
+    """How `exchange_id` serves historical candles (the venue table, common/exchanges/venues.py)."""
+    return venue(exchange_id).history
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,5 +110,4 @@ def plan_backfill(exchange: str, symbol: str, timeframe: str, requested: Span, n
                         unfetchable, evidence)
 
 
-__all__ = ["DEFAULT_HISTORY", "HISTORY", "BackfillPlan", "ExchangeHistory", "Page", "history_of",
-           "plan_backfill"]
+__all__ = ["BackfillPlan", "Page", "history_of", "plan_backfill"]

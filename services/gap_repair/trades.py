@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -48,7 +47,9 @@ import msgspec
 from common.bus import streams
 from common.config import Settings
 from common.domain.span import Span
+from common.domain.timeframe import MS
 from common.exchanges.events import trade_event
+from common.exchanges.venues import VENUES, TradeHistoryApi
 from common.history.ingest import Sink
 from common.stores.influx import InfluxClient
 from schemas import Gap, Trade
@@ -58,25 +59,8 @@ from services.gap_repair.venues import Venues, VenueUnavailable
 
 log = logging.getLogger(__name__)
 
-MS = 1_000_000
-@dataclass(frozen=True)
-class TradeHistoryApi:
-    """Where an exchange serves trades by id (fromId) and by time, and what each request weighs."""
-
-    base: str  # key of ccxt's urls["api"] that historicalTrades hangs off
-    agg_method: str  # ccxt's fetchTradesMethod for aggregate trades by time
-    historical_weight: int
-    agg_weight: int
-
-
-# Exchanges whose REST serves trades by id (fromId) and whose trade ids count up by one. USD-M's
-# historicalTrades wants an API key on the live exchange (MARKET_DATA): without one it answers an error, and
-# the gap becomes a `gap.unrepaired` alert naming it.
-BY_ID: dict[str, TradeHistoryApi] = {
-    "binance": TradeHistoryApi("public", "publicGetAggTrades", 25, 4),
-    "binanceus": TradeHistoryApi("public", "publicGetAggTrades", 25, 4),
-    "binanceusdm": TradeHistoryApi("fapiPublic", "fapiPublicGetAggTrades", 20, 20),
-}
+# Exchanges whose REST serves trades by id (fromId) and whose trade ids count up by one: the venue table's.
+BY_ID: dict[str, TradeHistoryApi] = {v.id: v.trades_by_id for v in VENUES.values() if v.trades_by_id}
 _IDS = re.compile(r"trade ids (\d+)(?:\.\.(\d+))? missing")
 NARROW_MAX = 40  # narrowing steps of an aggTrades window at most (halving a day of ms takes 27)
 

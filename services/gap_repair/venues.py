@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import ccxt
 import redis.asyncio as aioredis
 
+from common.backoff import Backoff
 from common.config import ConfigError, Settings
 from common.errors import MdpError
 from common.exchanges.clients import make_rest_exchange
@@ -66,6 +66,7 @@ class Venues:
         """`rest.call(...)` with `gap_repair.retries` retries on network errors and 5xx (capped, jittered
         backoff); VenueUnavailable after the last one or on a ban longer than the budget may wait."""
         retries = max(0, self.settings.gap_repair.retries)
+        backoff = Backoff(first_s=0.5, cap_s=30.0)
         for attempt in range(retries + 1):
             try:
                 return await rest.call(weight, fn, *args, **kwargs)
@@ -77,7 +78,7 @@ class Venues:
                     raise VenueUnavailable(
                         f"{what} failed {attempt + 1} times (REST down?), last: {type(exc).__name__}: "
                         f"{str(exc)[:300]}") from exc
-                delay = min(30.0, 0.5 * 2 ** attempt) * (0.8 + 0.4 * random.random())
+                delay = backoff.next()
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__,
                             str(exc)[:200], attempt + 1, retries, delay)
                 await asyncio.sleep(delay)
