@@ -70,8 +70,6 @@ def series_key(measurement: str, tags: Iterable[tuple[str, str]]) -> str:
 
 _trade_keys: dict[tuple[str, str], str] = {}
 _candle_keys: dict[tuple[str, str, str], str] = {}
-
-
 _Key = TypeVar("_Key", tuple[str, str], tuple[str, str, str])
 
 
