@@ -31,6 +31,8 @@ EXACT = (1.0, 1.0)  # no jitter
 def jittered(seconds: float, spread: tuple[float, float] = SPREAD, rng: random.Random | None = None) -> float:
     """`seconds` times a factor drawn uniformly from `spread` (low, high)."""
     low, high = spread
+    if low == high:
+        return seconds * low
     return seconds * (low + (high - low) * (rng or random).random())
 
 

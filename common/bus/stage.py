@@ -10,8 +10,8 @@ its handler's outputs are forwarded (published with the acknowledgements in one 
 checkpointed per-series state (then it holds the stage's lease, and its state is checkpointed in that same
 MULTI/EXEC: common/bus/checkpoint.py), and `prepare()`, what must answer before it reads anything (a store:
 retried with the one backoff, `degraded` meanwhile). The handler is `handle(batch)`, or for a checkpointed
-stage `judge(batch, staging)`. Its counters are `self.count`, the stage's sizes (`sizes()`), the series
-state's and the consumer's, one dict in every heartbeat.
+stage `judge(batch, staging)`. Its heartbeat counters, one dict: `self.count`, what it keeps elsewhere
+(`extra_counters()`: sizes, corrections), the series state's and the consumer's.
 """
 
 from __future__ import annotations
@@ -207,13 +207,16 @@ class Reader(Protocol):
 
     async def run(self, handler: Handler, stop: asyncio.Event) -> None: ...
 
+    async def dead_letter(self, stream: str, entry_id: str, reason: str) -> None: ...
+
 
 class Stage(Service):
     """A service that consumes the bus: declared wiring (below) plus a handler.
 
     - `group` (default: the service's name), `inputs` (stream globs over the registry) and `input_names`
       (fixed streams) say what it reads;
-    - `forwards`: the handler returns outputs, published with the acknowledgements in one MULTI/EXEC;
+    - `forwards`: the handler returns outputs, published (by `self.producer`) with the acknowledgements in
+      one MULTI/EXEC;
     - `state_types` (series kind -> state class): per-series state kept in a SeriesBook of at most
       quality.max_series series, staged per batch and checkpointed in the batch's MULTI/EXEC; the stage then
       holds the lease mdp:lease:{name} (one instance works, another stands by) and implements
@@ -232,8 +235,7 @@ class Stage(Service):
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
-        self.producer: Producer | None = (Producer(self.redis, self.codec, settings.bus, source=self.name)
-                                          if self.forwards else None)
+        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.lease: Lease | None = None
         self.series: SeriesState | None = None
         if self.state_types is not None:
@@ -265,7 +267,7 @@ class Stage(Service):
         series = self.series
         return Consumer(self.redis, self.codec, self.settings.bus, group=self.group_name, name=self.consumer_name,
                         selector=StreamSelector(names=self.input_names, patterns=self.inputs),
-                        producer=self.producer, lease=self.lease,
+                        producer=self.producer if self.forwards else None, lease=self.lease,
                         on_acked=series.committed if series is not None else None,
                         on_commit=series.write if series is not None else None)
 
@@ -298,8 +300,8 @@ class Stage(Service):
         """Fix what the checkpoint's encoding does not keep (a deque's bound) after decoding."""
         return state
 
-    def sizes(self) -> dict[str, int]:
-        """Counters that are not counts of `self.count` (sizes, corrections)."""
+    def extra_counters(self) -> dict[str, int]:
+        """Counters kept outside `self.count` (sizes, corrections); they win over its keys."""
         return {}
 
     # -- wiring -------------------------------------------------------------------------------------------
@@ -309,7 +311,7 @@ class Stage(Service):
         if self.lease is not None and (s.state == "standby" or self.state == "standby"):
             # waiting for the lease, or just took it
             self.state = "standby" if s.state == "standby" else "running"
-        out = dict(self.count) | self.sizes()
+        out = dict(self.count) | self.extra_counters()
         if self.series is not None:
             out |= self.series.counters(self.series_noun)
         return out | {k: getattr(s, k) for k in self.bus_counters}

@@ -38,16 +38,14 @@ Idempotence on redelivery:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import Counter
 from decimal import Decimal
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.bus.core import Consumer, Delivery, StreamSelector
-from common.bus.stage import Service
+from common.bus.core import Delivery
+from common.bus.stage import Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
 from common.stores.cache import (
@@ -142,27 +140,17 @@ def book_sequence(book: OrderBook) -> int:
     return book.sequence if book.sequence is not None else book.ts_event
 
 
-class CachePublisher(Service):
+class CachePublisher(Stage):
     name = "cache_publisher"
+    group = GROUP
+    inputs = INPUT_PATTERNS
+    bus_counters = ("delivered", "acked", "dead_lettered", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=self.consumer_name,
-                                 selector=StreamSelector(patterns=INPUT_PATTERNS))
         self.set_price = self.redis.register_script(SET_PRICE_LUA)
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
         self.put_book = self.redis.register_script(PUT_ORDERBOOK_LUA)
-        self.stats: Counter[str] = Counter()
-
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
-        return {**self.stats, "delivered": s.delivered, "acked": s.acked, "dead_lettered": s.dead_lettered,
-                "failures": s.failures, "store_retries": s.store_retries}
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self.state = "running"
-        await self.consumer.run(self.handle, stop)
 
     async def handle(self, batch: list[Delivery]) -> None:
         cache = self.settings.cache
@@ -172,14 +160,14 @@ class CachePublisher(Service):
         books: dict[str, OrderBook] = {}  # key -> newest snapshot of the batch
         for delivery in batch:
             for event in delivery.events:
-                self.stats["events_in"] += 1
+                self.count["events_in"] += 1
                 if isinstance(event, OrderBook):
                     key = orderbook_key(event.exchange, event.symbol)
                     if key not in books or book_sequence(event) >= book_sequence(books[key]):
                         books[key] = event
                     continue
                 if not isinstance(event, (Trade, Ticker, Candle)):
-                    self.stats["ignored"] += 1
+                    self.count["ignored"] += 1
                     continue
                 found = price_of(event)
                 if found is not None:
@@ -217,12 +205,12 @@ class CachePublisher(Service):
         written = sum(int(r) for r in results[:len(prices)])
         pushed = sum(int(r) for r in results[len(prices):len(prices) + len(trades)])
         listed = sum(min(len(v), cache.recent_trades) for v in trades.values())
-        self.stats["prices_written"] += written
-        self.stats["prices_stale"] += len(prices) - written
-        self.stats["trades_listed"] += pushed
-        self.stats["trades_not_listed"] += listed - pushed
-        self.stats["ticks_published"] += len(ticks)
+        self.count["prices_written"] += written
+        self.count["prices_stale"] += len(prices) - written
+        self.count["trades_listed"] += pushed
+        self.count["trades_not_listed"] += listed - pushed
+        self.count["ticks_published"] += len(ticks)
         first_book = len(prices) + len(trades)
         books_written = sum(int(r) for r in results[first_book:first_book + len(books)])
-        self.stats["books_written"] += books_written
-        self.stats["books_stale"] += len(books) - books_written
+        self.count["books_written"] += books_written
+        self.count["books_stale"] += len(books) - books_written

@@ -50,15 +50,8 @@ from typing import cast
 
 import msgspec
 
-from common.bus.core import (
-    Consumer,
-    ConsumerStats,
-    Delivery,
-    Handler,
-    StreamSelector,
-    sleep_unless,
-)
-from common.bus.stage import Service
+from common.bus.core import Consumer, ConsumerStats, Delivery, Handler, StreamSelector
+from common.bus.stage import Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
 from common.stores.influx import (
@@ -105,44 +98,44 @@ class Consumers:
     async def run(self, handler: Handler, stop: asyncio.Event) -> None:
         await asyncio.gather(*(c.run(handler, stop) for c in self.consumers))
 
+    async def dead_letter(self, stream: str, entry_id: str, reason: str) -> None:
+        await self.consumers[0].dead_letter(stream, entry_id, reason)
 
-class InfluxWriter(Service):
+
+class InfluxWriter(Stage):
     name = "influx_writer"
+    group = GROUP
+    inputs = INPUT_PATTERNS
+    bus_counters = ("delivered", "acked", "events", "dead_lettered", "claimed", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
         self.influx = InfluxClient(settings.influx)
         self.plan = self.influx.plan
-        # Stable names: consumer k of instance i is "influx_writer-i" (k = 0) or "influx_writer-i.k", so each
-        # finds its own pending entries after a restart. Each reads batches of influx.writer_read_count entries.
-        bus = msgspec.structs.replace(settings.bus, read_count=max(1, settings.influx.writer_read_count))
-        self.consumer = Consumers([
-            Consumer(self.redis, WireCodec(), bus, group=GROUP,
-                     name=self.consumer_name if k == 0 else f"{self.consumer_name}.{k}",
-                     selector=StreamSelector(patterns=INPUT_PATTERNS))
-            for k in range(max(1, settings.influx.writer_consumers))])
         self._slots = asyncio.Semaphore(max(1, settings.influx.write_concurrency))
         self._remaking = asyncio.Lock()
         self._expired_logged_at = float("-inf")
         self._expired_unlogged = 0
-        self.count: dict[str, int] = {
-            "points_written": 0, "trades": 0, "candles": 0, "candles_open_skipped": 0, "invalid_skipped": 0,
-            "expired_skipped": 0, "ignored": 0, "write_errors": 0, "batches": 0,
-            "database_creates": 0, "funding": 0, "open_interest": 0,
-        }
-        for tier in self.plan.tiers:
-            self.count[f"points.{tier.name}"] = 0
+        self.count.update(dict.fromkeys((
+            "points_written", "trades", "candles", "candles_open_skipped", "invalid_skipped", "expired_skipped",
+            "ignored", "write_errors", "batches", "database_creates", "funding", "open_interest",
+            *(f"points.{tier.name}" for tier in self.plan.tiers)), 0))
         self.version = ""
 
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
+    def reader(self) -> Consumers:
+        # Stable names: consumer k of instance i is "influx_writer-i" (k = 0) or "influx_writer-i.k", so each
+        # finds its own pending entries after a restart. Each reads batches of influx.writer_read_count entries.
+        bus = msgspec.structs.replace(self.settings.bus, read_count=max(1, self.settings.influx.writer_read_count))
+        return Consumers([
+            Consumer(self.redis, WireCodec(), bus, group=GROUP,
+                     name=self.consumer_name if k == 0 else f"{self.consumer_name}.{k}",
+                     selector=StreamSelector(patterns=INPUT_PATTERNS))
+            for k in range(max(1, self.settings.influx.writer_consumers))])
+
+    def extra_counters(self) -> dict[str, int]:
         # Points InfluxDB dropped as beyond their retention policy were sent, not stored.
         dropped = self.influx.expired_dropped
-        return dict(self.count) | {"points_written": self.count["points_written"] - dropped,
-                                   "expired_dropped": dropped} | {
-                                   "delivered": s.delivered, "acked": s.acked, "events": s.events,
-                                   "dead_lettered": s.dead_lettered, "claimed": s.claimed,
-                                   "failures": s.failures, "store_retries": s.store_retries}
+        return {"points_written": self.count["points_written"] - dropped, "expired_dropped": dropped}
 
     def _where(self) -> str:
         return f"InfluxDB at {self.influx.url}, database {self.influx.database!r}"
@@ -165,28 +158,11 @@ class InfluxWriter(Service):
                         "run `mdp init` with admin rights if writes report a tier missing",
                         self._where(), self.version, exc)
 
-    async def _prepare_until(self, stop: asyncio.Event) -> None:
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await self.prepare()
-                return
-            except StoreUnavailable as exc:
-                self._degraded(exc)
-                log.error("%s; retrying in %.1f s (reading nothing from Redis meanwhile)", exc, delay)
-                await sleep_unless(stop, delay)
-                delay = min(delay * 2, 30.0)
-
     async def run(self, stop: asyncio.Event) -> None:
         log.info("influx_writer: group %s reads %s into %s; tiers: %s", GROUP, " and ".join(INPUT_PATTERNS),
                  self._where(), "; ".join(f"{t.name} ({', '.join(t.holds)}; {t.retention})"
                                          for t in self.plan.tiers))
-        await self._prepare_until(stop)
-        if stop.is_set():
-            return
-        self.state = "running"
-        self.detail = ""
-        await self.consumer.run(self.handle, stop)
+        await super().run(stop)  # prepare() until InfluxDB answers, then read
 
     async def close(self) -> None:
         await self.influx.close()

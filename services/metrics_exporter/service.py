@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
@@ -39,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.exceptions import RedisError, ResponseError
 
 from common import status as status_mod
+from common.backoff import EXACT, sleep_unless
 from common.bus import streams
 from common.bus.core import StreamEntries
 from common.bus.stage import Service
@@ -92,7 +92,7 @@ class MetricsExporter(Service):
         self.snapshot = _Snapshot()
         self.refreshed_at = 0.0
         self.refresh_lock = asyncio.Lock()
-        self.count: Counter[str] = Counter({k: 0 for k in (
+        self.count.update({k: 0 for k in (
             "scrapes", "refreshes", "refresh_errors", "alerts_read", "latency_samples", "tick_subscriber_restarts",
             "supervisor_errors")})
         disable_created_metrics()  # no `_created` series beside every counter: Prometheus does not use them
@@ -114,9 +114,6 @@ class MetricsExporter(Service):
         self._supervisor: Any = None
         self._supervisor_call: asyncio.Future[list[dict[str, Any]]] | None = None
         self._warned_at: dict[str, float] = {}
-
-    def counters(self) -> dict[str, int]:
-        return dict(self.count)
 
     # -- the HTTP side ----------------------------------------------------------------------------
 
@@ -147,7 +144,7 @@ class MetricsExporter(Service):
                                f"set a free port in the config's [metrics] port, or stop what listens there; "
                                f"retrying every {BIND_RETRY_S:.0f} s")
                 self._warn("bind", "%s", self.detail, level=logging.ERROR)
-                await _sleep_unless(stop, BIND_RETRY_S)
+                await sleep_unless(stop, BIND_RETRY_S, EXACT)
                 continue
             self.state, self.detail = "running", ""
             log.info("metrics on http://%s:%d/metrics (Prometheus text format; docs/metrics.md)", host, port)
@@ -255,7 +252,7 @@ class MetricsExporter(Service):
             except (RedisError, OSError) as exc:
                 self._warn("alerts", "metrics: reading %s failed (%s: %s); retrying every second", streams.ALERTS,
                            type(exc).__name__, exc)
-                await _sleep_unless(stop, 1.0)
+                await sleep_unless(stop, 1.0, EXACT)
                 continue
             for _, entries in reply or []:
                 for entry_id, fields in entries:
@@ -297,7 +294,7 @@ class MetricsExporter(Service):
                 self._warn("ticks", "metrics: the ticks:* subscription dropped (%s: %s; Redis disconnects a "
                            "subscriber that falls behind its pub/sub buffer); resubscribing every second",
                            type(exc).__name__, exc)
-                await _sleep_unless(stop, 1.0)
+                await sleep_unless(stop, 1.0, EXACT)
             finally:
                 await pubsub.aclose()
                 await client.aclose()
@@ -320,13 +317,6 @@ class _PipelineCollector:
                                 "and supervisord took", value=snap.refresh_seconds)
         yield CounterMetricFamily("mdp_exporter_refresh_errors", "Refreshes in which the bus Redis did not answer",
                                   value=self.exporter.count["refresh_errors"])
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
 
 
 def _text(value: bytes | str | Mapping[str, Any]) -> str:

@@ -14,8 +14,8 @@ from collections import Counter
 from typing import cast
 
 from common.bus import streams
-from common.bus.core import Consumer, Delivery, Outputs, Producer, StreamEntries, StreamSelector
-from common.bus.stage import Service
+from common.bus.core import Delivery, Outputs, StreamEntries, StreamSelector
+from common.bus.stage import Stage
 from common.config import Settings
 from common.domain import quality
 from common.domain.normalize import Normalizable, Rejected, SymbolMap, normalize
@@ -49,16 +49,15 @@ def output_stream(event: Normalizable) -> str:
 # The service
 
 
-class Normalizer(Service):
+class Normalizer(Stage):
     name = "normalizer"
+    group = GROUP
+    inputs = (INPUT_PATTERN,)
+    forwards = True
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
         self.symbols = SymbolMap()
-        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP,
-                                 name=self.consumer_name,
-                                 selector=StreamSelector(patterns=[INPUT_PATTERN]), producer=self.producer)
         self.rejections = quality.RejectionLog(log)
         self.events_in = 0
         self.published = 0
@@ -68,13 +67,10 @@ class Normalizer(Service):
         self.notes: Counter[str] = Counter()
         self.rejected_by_rule: Counter[str] = Counter()
 
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
+    def extra_counters(self) -> dict[str, int]:
         out = {
             "events_in": self.events_in, "published": self.published, "rejected": self.rejected,
-            "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored,
-            "known_markets": len(self.symbols), "delivered": s.delivered, "acked": s.acked,
-            "dead_lettered": s.dead_lettered, "failures": s.failures,
+            "forwarded_alerts": self.forwarded_alerts, "ignored": self.ignored, "known_markets": len(self.symbols),
         }
         out.update(self.notes)
         out.update({f"rejected.{rule}": n for rule, n in self.rejected_by_rule.items()})
@@ -99,9 +95,8 @@ class Normalizer(Service):
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.load_markets()
-        self.state = "running"
         try:
-            await self.consumer.run(self.handle, stop)
+            await super().run(stop)
         finally:
             self.rejections.flush()
 

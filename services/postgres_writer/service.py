@@ -32,16 +32,8 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from common.bus import streams
-from common.bus.core import (
-    Consumer,
-    Delivery,
-    Outputs,
-    Producer,
-    StreamSelector,
-    now_ns,
-    sleep_unless,
-)
-from common.bus.stage import Service
+from common.bus.core import Delivery, Outputs, now_ns
+from common.bus.stage import Stage
 from common.config import ConfigError, Settings
 from common.errors import StoreUnavailable
 from common.stores.postgres import migrate, safe_dsn
@@ -92,8 +84,13 @@ class WriteResult:
         return self
 
 
-class PostgresWriter(Service):
+class PostgresWriter(Stage):
     name = "postgres_writer"
+    group = GROUP
+    inputs = (MARKET_STREAMS, streams.STRATEGY_STREAMS)
+    input_names = (streams.ALERTS,)
+    forwards = True  # the handler's alerts (a strategy registered on its behalf) go out with the acknowledgements
+    bus_counters = ("delivered", "acked", "events", "dead_lettered", "claimed", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
@@ -102,25 +99,14 @@ class PostgresWriter(Service):
                               f"be at least 1 (fills per batch from which COPY is used)")
         self.dsn = settings.postgres.dsn
         self.pool: asyncpg.Pool | None = None
-        self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
-                                 selector=StreamSelector(names=[streams.ALERTS],
-                                                         patterns=[MARKET_STREAMS, streams.STRATEGY_STREAMS]),
-                                 producer=self.producer)
         self.catalog = CatalogStore()
         self.strategies = StrategyStore(settings.postgres_writer.copy_min_rows)
-        self.count: Counter[str] = Counter({k: 0 for k in (
+        self.count.update({k: 0 for k in (
             "markets_upserted", "markets_unchanged", "alerts_stored", "alerts_duplicate", "strategies_registered",
             "strategies_unchanged", "strategies_auto_registered", "fills_stored", "fills_duplicate",
             "positions_updated", "positions_stale", "position_history_stored", "metrics_stored",
             "metrics_unchanged", "copy_batches", "copy_direct", "rejected", "isolation_splits", "ignored", "batches",
             "connects")})
-
-    def counters(self) -> dict[str, int]:
-        s = self.consumer.stats
-        return dict(self.count) | {"delivered": s.delivered, "acked": s.acked, "events": s.events,
-                                   "dead_lettered": s.dead_lettered, "claimed": s.claimed,
-                                   "failures": s.failures, "store_retries": s.store_retries}
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -163,30 +149,15 @@ class PostgresWriter(Service):
                  safe_dsn(self.dsn), row["version"], row["db"], row["usr"],
                  ", ".join(applied) or "none, schema is current")
 
-    async def _connect_until(self, stop: asyncio.Event) -> None:
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await self.connect()
-                return
-            except StoreUnavailable as exc:
-                self.state = "degraded"
-                self.detail = str(exc)
-                log.error("%s; retrying in %.1f s", exc, delay)
-                await sleep_unless(stop, delay)
-                delay = min(delay * 2, 30.0)
+    async def prepare(self) -> None:
+        await self.connect()
 
     # -- service --------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("postgres_writer: group %s reads %s, %s and %s into %s", GROUP, MARKET_STREAMS,
                  streams.STRATEGY_STREAMS, streams.ALERTS, safe_dsn(self.dsn))
-        await self._connect_until(stop)
-        if stop.is_set():
-            return
-        self.state = "running"
-        self.detail = ""
-        await self.consumer.run(self.handle, stop)
+        await super().run(stop)  # prepare() until PostgreSQL answers, then read
 
     async def close(self) -> None:
         if self.pool is not None:
