@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.config import Settings, load_settings
+from common.domain.admit import clears_candle_rules
 from common.domain.normalize import SymbolMap, normalize
 from common.domain.span import (
     NS,
@@ -34,7 +35,7 @@ from common.domain.span import (
 )
 from common.exchanges.events import candle_event
 from common.history.backfill import BackfillRequest, run_backfill
-from common.history.ingest import Checker, clears_candle_rules, rest_candle
+from common.history.ingest import Checker, rest_candle
 from common.history.ledger import EVIDENCE_CAP, Ledger, Series, join_evidence
 from common.history.plan import plan_backfill
 from common.history.report import coverage_report

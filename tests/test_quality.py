@@ -11,10 +11,11 @@ import pytest
 
 from common.domain import quality
 from common.domain.quality import CheckContext, RejectionLog, to_ns
+from common.domain.timeframe import MS, NS
 from schemas import Market, Trade
 from tests import stubs
 
-CTX = CheckContext(now_ns=time.time_ns(), max_future_skew_ns=5 * quality.NS_PER_S)
+CTX = CheckContext(now_ns=time.time_ns(), max_future_skew_ns=5 * NS)
 replace = msgspec.structs.replace
 
 
@@ -140,37 +141,37 @@ def future_trade(ahead_ns: int, recv: int | None = None) -> Trade:
 
 
 def test_time_future_fires_beyond_the_skew_and_names_the_value() -> None:
-    bad = future_trade(60 * quality.NS_PER_S)
+    bad = future_trade(60 * NS)
     f = only(bad, "time.future")
     assert f.values["ts_event"] == str(bad.ts_event) and f.values["reference"] == str(bad.ts_recv)
     assert "60.000 s ahead of its receipt time" in f.reason and "max_future_skew_s" in f.reason
 
 
 def test_time_future_quiet_within_the_skew() -> None:
-    assert rules_fired(future_trade(4 * quality.NS_PER_S)) == []
+    assert rules_fired(future_trade(4 * NS)) == []
 
 
 def test_time_future_judges_by_the_receipt_time_not_this_hosts_clock() -> None:
     # This host's clock an hour behind: events received (and stamped) now are fine; before, all were rejected
-    behind = CheckContext(now_ns=CTX.now_ns - 3_600 * quality.NS_PER_S, max_future_skew_ns=CTX.max_future_skew_ns)
+    behind = CheckContext(now_ns=CTX.now_ns - 3_600 * NS, max_future_skew_ns=CTX.max_future_skew_ns)
     now_trade = future_trade(0)
     assert quality.check(now_trade, behind) == []
-    assert [f.rule for f in quality.check(future_trade(60 * quality.NS_PER_S), behind)] == ["time.future"]
+    assert [f.rule for f in quality.check(future_trade(60 * NS), behind)] == ["time.future"]
     # without a receipt time, this host's clock is the reference
-    no_recv = replace(stubs.trade(ts=CTX.now_ns + 60 * quality.NS_PER_S), ts_recv=0)
+    no_recv = replace(stubs.trade(ts=CTX.now_ns + 60 * NS), ts_recv=0)
     f = only(no_recv, "time.future")
     assert "this host's clock" in f.reason and f.values["reference"] == str(CTX.now_ns)
 
 
 def test_time_future_reads_milliseconds_by_magnitude() -> None:
-    ahead_ms = (CTX.now_ns + 3_600 * quality.NS_PER_S) // 1_000_000
+    ahead_ms = (CTX.now_ns + 3_600 * NS) // MS
     assert rules_fired(replace(stubs.trade(ts=ahead_ms), ts_recv=CTX.now_ns)) == ["time.future"]
     assert rules_fired(replace(stubs.trade(ts=1_723_161_255_342), ts_recv=CTX.now_ns)) == []  # capture's, in ms
 
 
 def test_time_future_fires_on_candle_open_time() -> None:
     c = stubs.candle()
-    future_open = c.ts_recv + 3_600 * quality.NS_PER_S
+    future_open = c.ts_recv + 3_600 * NS
     bad = replace(c, open_time=future_open, ts_event=c.ts_event)
     f = only(bad, "time.future")
     assert f.values["open_time"] == str(future_open)

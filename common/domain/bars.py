@@ -37,28 +37,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from common.errors import MdpError
+from common.domain.timeframe import DAY_NS, MINUTE_NS, MS, Timeframe, TimeframeError
 from schemas import Candle, Trade
 
-NS = 1_000_000_000
-MS = 1_000_000
-MINUTE_NS = 60 * NS
-DAY_NS = 86_400 * NS
-_UNIT_NS = {"m": MINUTE_NS, "h": 3_600 * NS, "d": DAY_NS}
 WAITING_MAX = 120  # candles waiting for their counterpart, per symbol and side
-
-
-class TimeframeError(MdpError, ValueError):
-    """A timeframe the aggregator cannot build from 1m candles; the message says which and why."""
 
 
 def bar_duration(timeframe: str) -> int:
     """ns of a timeframe built from 1m candles: a whole number of minutes dividing one day (5m .. 1d)."""
-    unit = timeframe[-1:]
-    n = timeframe[:-1]
-    if unit not in _UNIT_NS or not n.isdigit() or int(n) <= 0:
+    tf = Timeframe.find(timeframe)
+    if tf is None or tf.unit not in ("m", "h", "d"):
         raise TimeframeError(f"quality.bar_timeframes: {timeframe!r} is not <number><m|h|d> (e.g. '5m', '4h', '1d')")
-    duration = int(n) * _UNIT_NS[unit]
+    duration = tf.nominal_ns
     if duration <= MINUTE_NS or DAY_NS % duration:
         raise TimeframeError(f"quality.bar_timeframes: {timeframe!r} must be longer than 1m and divide one day "
                              f"(5m, 15m, 30m, 1h, 2h, 4h, 6h, 8h, 12h, 1d) so that bars align on UTC midnight")
@@ -338,3 +328,8 @@ def compare(built: Candle | None, exchange: Candle, price_rel: float, volume_rel
 def minutes_of(candles: Iterable[Candle]) -> list[Candle]:
     """Closed exchange 1m candles among `candles` (what the higher timeframes are built from)."""
     return [c for c in candles if c.timeframe == "1m" and c.closed and c.source != "aggregate"]
+
+
+# TimeframeError (common.domain.timeframe) is re-exported: the aggregator catches bar_duration's refusals from here.
+__all__ = ["WAITING_MAX", "Bar", "Period", "SymbolBars", "TimeframeError", "add_to_runs", "bar_duration", "compare",
+           "minutes_of"]

@@ -47,6 +47,7 @@ from typing import IO, Literal, cast
 import numpy as np
 import pandas as pd
 
+from common.domain.timeframe import MS, Timeframe
 from common.errors import MdpError
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -58,10 +59,10 @@ BINANCE_KLINE_COLUMNS = ("open_time", "open", "high", "low", "close", "volume", 
 # Open times at or above this are microseconds (1e14 us is 1973; 1e14 ms is year 5138).
 MICROS_FROM = 100_000_000_000_000
 
+# The fixed-length timeframes a file's step can be (monthly bars have no fixed step), and their milliseconds.
 TIMEFRAME_MS: dict[str, int] = {
-    "1s": 1_000, "1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
-    "1h": 3_600_000, "2h": 7_200_000, "4h": 14_400_000, "6h": 21_600_000, "8h": 28_800_000,
-    "12h": 43_200_000, "1d": 86_400_000, "3d": 259_200_000, "1w": 604_800_000,
+    name: Timeframe.parse(name).nominal_ns // MS
+    for name in ("1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w")
 }
 
 TimeUnit = Literal["ms", "us", "ms+us", "s", "text"]

@@ -31,13 +31,15 @@ Decimals - every Decimal field (prices, amounts, OHLCV, bid/ask sizes, market pr
   unchanged; equal values always get the same digits. (str() of a value below 1e-6 still prints with an
   exponent, e.g. '1.23E-8': a consumer wanting fixed-point text uses format(value, 'f').)
 
-Candles - open_time must fall on the timeframe's boundary, else `candle.misaligned`:
+Candles - open_time must fall on the timeframe's boundary (`common.domain.timeframe.Timeframe.alignment`), else
+  `candle.misaligned`:
   * durations dividing one day (1s..1d: '1m', '5m', '15m', '1h', '4h', '12h', '1d', ...): a multiple of the
     duration since the epoch (UTC midnight alignment, as Binance and most exchanges do);
   * '1w': Monday 00:00 UTC; '1M': the 1st of the month 00:00 UTC;
   * others ('3d', '2w', '3M', '5h', ...) have exchange-specific anchors (Binance's 3d bars do not start on
     epoch multiples): passed unchecked and counted as `unaligned_unchecked`.
-  A timeframe that is not <number><s|m|h|d|w|M|y> is rejected with `candle.timeframe`.
+  A timeframe that is not <number><s|m|h|d|w|M|y>, written canonically ('1m', not '01m'), is rejected with
+  `candle.timeframe`.
 
 Amounts - in base units. A contract market (a unified symbol with a settle part, 'BASE/QUOTE:SETTLE') counts
   trade amounts and ticker bid/ask sizes in contracts (ccxt's unified `amount`: ccxt's own trade cost is
@@ -61,20 +63,15 @@ from __future__ import annotations
 
 import decimal
 import re
-from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal, overload
+from typing import overload
 
 import msgspec
 
 from common.domain import quality
+from common.domain.timeframe import ACCEPTED, Alignment, Timeframe, TimeframeError
 from common.errors import MdpError
 from schemas import Candle, FundingRate, Market, OpenInterest, OrderBook, Ticker, Trade
-
-NS = 1_000_000_000
-DAY_NS = 86_400 * NS
-WEEK_NS = 7 * DAY_NS
-MONDAY_OFFSET_NS = 4 * DAY_NS  # 1970-01-01 was a Thursday; 1970-01-05 a Monday
 
 RULE_SYMBOL_INVALID = "symbol.invalid"
 RULE_SYMBOL_UNMAPPED = "symbol.unmapped"
@@ -85,15 +82,11 @@ RULE_MARKET_UNKNOWN = "market.unknown"
 RULE_CONTRACT_SIZE = "market.contract_size"
 
 _UNIFIED = re.compile(r"^[^/:\s]+/[^/:\s]+(?::[^/:\s]+)?$")
-_TIMEFRAME = re.compile(r"^([1-9][0-9]*)([smhdwMy])$")
-_UNIT_NS = {"s": NS, "m": 60 * NS, "h": 3_600 * NS, "d": DAY_NS, "w": WEEK_NS}
 _DEC = decimal.Context(prec=200)
 _DIV = decimal.Context(prec=28)  # inverse contracts: base = contracts * size / price rarely terminates
 _ONE = Decimal(1)
 _ZERO = Decimal(0)
-
-Alignment = Literal["aligned", "misaligned", "unchecked"]
-
+_CANONICAL: dict[float, Decimal] = {}  # canonical_number's memory of floats
 
 
 @overload
@@ -115,40 +108,50 @@ def canonical_decimal(value: Decimal | None) -> Decimal | None:
     return n
 
 
-def parse_timeframe(timeframe: str) -> tuple[int, str] | None:
-    m = _TIMEFRAME.match(timeframe or "")
-    return (int(m.group(1)), m.group(2)) if m else None
+def canonical_number(x: object) -> Decimal | None:
+    """A ccxt number (a float parsed from the exchange's text, or a str/int) as `canonical_decimal` gives it,
+    fast: the float's shortest repr (which restores the exchange's text, as `common.exchanges.events.dec`
+    does) without a trailing '.0' is already canonical, and floats repeat (a candle's open is the previous
+    close), so they are remembered; anything else goes through `canonical_decimal`. None for None and for
+    what is not a number."""
+    if x is None:
+        return None
+    if type(x) is float:
+        d = _CANONICAL.get(x)
+        if d is not None:
+            return d
+        if len(_CANONICAL) >= 200_000:  # bounded: prices repeat, volumes rarely
+            _CANONICAL.clear()
+        d = _CANONICAL[x] = _canonical_float(x)
+        return d
+    try:
+        return canonical_decimal(Decimal(str(x)))
+    except decimal.InvalidOperation:
+        return None
+
+
+def _canonical_float(x: float) -> Decimal:
+    r = repr(x)
+    if "e" in r or "n" in r:  # exponent, nan, inf
+        return canonical_decimal(Decimal(r))
+    d = Decimal(r.removesuffix(".0"))
+    return _ZERO if d.is_zero() else d
+
+
+def canonical_timeframe(text: str) -> Timeframe | None:
+    """The timeframe of a candle the normalizer publishes: a ccxt timeframe written canonically ('1m', not
+    '01m'); None otherwise."""
+    tf = Timeframe.find(text)
+    return tf if tf is not None and str(tf) == text else None
 
 
 def candle_alignment(open_time_ns: int, timeframe: str) -> Alignment:
     """Whether a bar opening at `open_time_ns` sits on its timeframe's boundary (see the module docstring).
-    Raises ValueError for a timeframe that is not <number><unit>."""
-    parsed = parse_timeframe(timeframe)
-    if parsed is None:
-        raise ValueError(f"unknown timeframe {timeframe!r}")
-    n, unit = parsed
-    if unit in ("s", "m", "h", "d"):
-        duration = n * _UNIT_NS[unit]
-        if DAY_NS % duration:
-            return "unchecked"
-        return "aligned" if open_time_ns % duration == 0 else "misaligned"
-    if unit == "w" and n == 1:
-        return "aligned" if (open_time_ns - MONDAY_OFFSET_NS) % WEEK_NS == 0 else "misaligned"
-    if unit == "M" and n == 1:
-        if open_time_ns % NS:
-            return "misaligned"
-        dt = datetime.fromtimestamp(open_time_ns // NS, tz=UTC)
-        return "aligned" if (dt.day, dt.hour, dt.minute, dt.second) == (1, 0, 0, 0) else "misaligned"
-    return "unchecked"
-
-
-def expected_open(open_time_ns: int, timeframe: str) -> int | None:
-    """The boundary at or before `open_time_ns` for epoch-aligned timeframes (for alert text)."""
-    parsed = parse_timeframe(timeframe)
-    if parsed and parsed[1] in _UNIT_NS and parsed[1] != "w":
-        duration = parsed[0] * _UNIT_NS[parsed[1]]
-        return open_time_ns - open_time_ns % duration
-    return None
+    TimeframeError (a ValueError) for a timeframe that is not <number><unit> written canonically."""
+    tf = canonical_timeframe(timeframe)
+    if tf is None:
+        raise TimeframeError(f"timeframe {timeframe!r} is not a canonical ccxt timeframe; use {ACCEPTED}")
+    return tf.alignment(open_time_ns)
 
 
 class SymbolMap:
@@ -296,15 +299,15 @@ def normalize(event: Normalizable, symbols: SymbolMap) -> tuple[Normalizable, se
                        volume=cd(event.volume))
         open_time = changes["open_time"]
         assert isinstance(open_time, int)
-        try:
-            alignment = candle_alignment(open_time, event.timeframe)
-        except ValueError:
+        tf = canonical_timeframe(event.timeframe)
+        if tf is None:
             raise Rejected(RULE_CANDLE_TIMEFRAME,
                            f"{quality.describe(event)}: timeframe {event.timeframe!r} is not a ccxt "
                            f"timeframe (<number><s|m|h|d|w|M|y>, e.g. '1m'); rejected. Check the collector's "
-                           f"timeframe setting.", {"timeframe": event.timeframe}) from None
+                           f"timeframe setting.", {"timeframe": event.timeframe})
+        alignment = tf.alignment(open_time)
         if alignment == "misaligned":
-            expected = expected_open(open_time, event.timeframe)
+            expected = tf.floor(open_time) if tf.epoch_aligned else None  # 1w, 1M: no hint
             hint = f"; the bar containing it opens at {quality.iso(expected)} ({expected})" if expected else \
                 ""
             raise Rejected(RULE_CANDLE_MISALIGNED,

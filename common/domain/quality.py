@@ -48,6 +48,7 @@ from typing import Literal, TypeGuard
 import msgspec
 
 from common.config import ValidationSettings
+from common.domain.timeframe import MS, NS, US
 from schemas import KIND_OF, Alert, Candle, Event, Severity, Ticker, Trade
 
 # reject: quarantined (an Alert with the values on mdp:alerts), never stored. flag: stored with the rule's name in
@@ -55,7 +56,6 @@ from schemas import KIND_OF, Alert, Candle, Event, Severity, Ticker, Trade
 # Alert of severity info. alert: the event is fine, the Alert (and a Gap event) reports what is missing.
 Policy = Literal["reject", "flag", "repair", "alert"]
 
-NS_PER_S = 1_000_000_000
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,18 +71,18 @@ def to_ns(ts: int) -> int:
     if ts <= 0:
         return ts
     if ts < 100_000_000_000:
-        return ts * 1_000_000_000
+        return ts * NS
     if ts < 100_000_000_000_000:
-        return ts * 1_000_000
+        return ts * MS
     if ts < 100_000_000_000_000_000:
-        return ts * 1_000
+        return ts * US
     return ts
 
 
 def iso(ns: int) -> str:
     """ns since the epoch as ISO-8601 UTC text for humans ('?' when out of range)."""
     try:
-        return datetime.fromtimestamp(ns / NS_PER_S, tz=UTC).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(ns / NS, tz=UTC).isoformat(timespec="milliseconds")
     except (OverflowError, OSError, ValueError):
         return "?"
 
@@ -137,12 +137,12 @@ class CheckContext:
     """What a rule may know besides the event: the clock and the configured tolerances."""
 
     now_ns: int
-    max_future_skew_ns: int = 5 * NS_PER_S
+    max_future_skew_ns: int = 5 * NS
 
     @classmethod
     def from_settings(cls, settings: ValidationSettings, now_ns: int | None = None) -> CheckContext:
         return cls(now_ns=time.time_ns() if now_ns is None else now_ns,
-                   max_future_skew_ns=int(settings.max_future_skew_s * NS_PER_S))
+                   max_future_skew_ns=int(settings.max_future_skew_s * NS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,10 +294,10 @@ def _time_future(event: Event, ctx: CheckContext) -> Iterable[Issue]:
     ahead = {name: v for name, v in _stamps(event).items() if v > 0 and to_ns(v) > limit}
     if ahead:
         name, worst = max(ahead.items(), key=lambda kv: to_ns(kv[1]))
-        secs = (to_ns(worst) - ref) / NS_PER_S
+        secs = (to_ns(worst) - ref) / NS
         values: dict[str, str | None] = {k: str(v) for k, v in ahead.items()}
         values["reference"] = str(ref)
-        skew = ctx.max_future_skew_ns / NS_PER_S
+        skew = ctx.max_future_skew_ns / NS
         yield ((f"{describe(event)} has {name}={worst} ({iso(to_ns(worst))}), {secs:.3f} s ahead of {against} "
                f"{iso(ref)} (allowed skew {skew:g} s); rejected. The exchange's clock (or the collector "
                f"host's) is off: check the collector host's clock sync (timedatectl / chronyc tracking), the "

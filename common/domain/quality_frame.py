@@ -47,14 +47,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from common.domain import quality
 from common.domain.formats import CANDLE_COLUMNS, PRICE_COLUMNS, timeframe_ms
+from common.domain.timeframe import DAY_NS, MONDAY_NS, MS, WEEK_NS
 from common.errors import MdpError
 from schemas import Severity
 
 Policy = Literal["reject", "flag", "repair", "alert"]
 
-DAY_MS = 86_400_000
-WEEK_MS = 7 * DAY_MS
-MONDAY_MS = 4 * DAY_MS  # 1970-01-01 was a Thursday
+DAY_MS = DAY_NS // MS
+WEEK_MS = WEEK_NS // MS
+MONDAY_MS = MONDAY_NS // MS  # 1970-01-01 was a Thursday
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +322,7 @@ def validate_frame(df: pd.DataFrame, timeframe: str, *, now_ms: int | None = Non
     """Every finding of the catalog's series rules on `df` (see the module docstring). `reference`: the same
     symbol on another venue and timeframe (same columns), for price.cross_venue."""
     tf = timeframe_ms(timeframe)
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now = time.time_ns() // MS if now_ms is None else now_ms
     t, o, h, lo, c, v = _columns(df)
     n = len(t)
     rows = np.arange(n)

@@ -69,11 +69,9 @@ from common.config import QualitySettings
 from common.domain import quality
 from common.domain.quality import Finding, iso, text, to_ns
 from common.domain.state import Staging
+from common.domain.timeframe import NS, Timeframe
 from schemas import Candle, Event, Gap, Ticker, Trade
 
-NS = 1_000_000_000
-MINUTE_NS = 60 * NS
-_UNIT_NS = {"s": NS, "m": MINUTE_NS, "h": 3_600 * NS, "d": 86_400 * NS, "w": 7 * 86_400 * NS}
 _GAPS_KEPT = 64  # open gaps remembered per candle series (a late candle inside one "fills a known gap")
 # Trade ids remembered per series: holes (missing id ranges below the last id, each an inclusive range) for
 # exchanges with sequential ids, the most recent ids for the others. At the bound the oldest is forgotten.
@@ -83,10 +81,8 @@ RECENT_IDS_KEPT = 5_000
 
 def timeframe_ns(timeframe: str) -> int | None:
     """Duration of a fixed-length timeframe ('1m' -> 60e9); None for months/years or unknown text."""
-    if len(timeframe) < 2 or not timeframe[:-1].isdigit() or timeframe[-1] not in _UNIT_NS:
-        return None
-    n = int(timeframe[:-1])
-    return n * _UNIT_NS[timeframe[-1]] if n > 0 else None
+    tf = Timeframe.find(timeframe)
+    return None if tf is None else tf.ns
 
 
 def mad(values: list[float]) -> tuple[float, float]:

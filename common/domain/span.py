@@ -18,15 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import ccxt
-
+from common.domain.timeframe import DAY_NS, HOUR_NS, MINUTE_NS, MS, NS, WEEK_NS, Timeframe
 from common.errors import MdpError
 
-NS = 1_000_000_000
-MS = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w|y)$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400, "y": 365 * 86_400}
+_DURATION_NS = {"s": NS, "m": MINUTE_NS, "h": HOUR_NS, "d": DAY_NS, "w": WEEK_NS, "y": 365 * DAY_NS}
 
 
 class SpanError(MdpError, ValueError):
@@ -99,14 +96,11 @@ def total(spans: Iterable[Span]) -> int:
 
 
 def timeframe_ns(timeframe: str) -> int:
-    """Nanoseconds of a ccxt timeframe ('1m' -> 60e9). SpanError for what ccxt does not know."""
-    try:
-        seconds = ccxt.Exchange.parse_timeframe(timeframe)
-    except Exception:  # noqa: BLE001 - ccxt raises bare Exceptions for unknown units
-        seconds = 0
-    if not seconds or seconds <= 0:
+    """Nanoseconds of a ccxt timeframe as ccxt counts it ('1m' -> 60e9, '1M' -> 30 days). SpanError otherwise."""
+    tf = Timeframe.find(timeframe)
+    if tf is None:
         raise SpanError(f"timeframe {timeframe!r} is not a ccxt timeframe; use e.g. 1m, 5m, 1h, 1d")
-    return int(seconds) * NS
+    return tf.nominal_ns
 
 
 def floor_to(t: int, step: int) -> int:
@@ -146,7 +140,7 @@ def parse_when(text: str, now_ns: int, what: str = "time") -> int:
         return now_ns
     m = _DURATION.match(value)
     if m:
-        return now_ns - int(m.group(1)) * _UNIT_S[m.group(2)] * NS
+        return now_ns - int(m.group(1)) * _DURATION_NS[m.group(2)]
     iso_text = value.replace(" ", "T", 1)
     if iso_text.endswith(("Z", "z")):
         iso_text = iso_text[:-1] + "+00:00"

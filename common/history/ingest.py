@@ -4,22 +4,23 @@ Why the backfill writes InfluxDB directly instead of publishing to raw:{exchange
 million candles in a few seconds of CPU; through the bus they would cross three streams and three processes,
 compete with live data for the validator and normalizer, and the ledger could not know when they are durable
 (the influx writer acknowledges to the bus, not to us). Validation stays the same code as live:
-- building: `services.collector.service.candle_event` (what the collector publishes for a REST row);
-- checking: `common.domain.quality.check` with the live rule set (`quality.RULES`, policies included): a rejected
-  candle is not stored, and each finding becomes an `Alert` on mdp:alerts (source "backfill" / "import"),
-  exactly as the validator publishes it; a flag-policy finding stores the candle with the rule in `quality`;
-- normalizing: `common.domain.normalize.normalize` (canonical decimals, ns timestamps, alignment);
+- building: `common.exchanges.events.candle_event` (what the collector publishes for a REST row);
+- admitting: `common.domain.admit.admit`, the live validator's stateless rules (`quality.RULES` for candles,
+  policies included) then the normalizer's `normalize` (canonical decimals, ns timestamps, alignment): a
+  rejected candle is not stored, and each finding becomes an `Alert` on mdp:alerts (source "backfill" /
+  "import"), exactly as the validator or normalizer publishes it; a flag-policy finding stores the candle with
+  the rule in `quality`;
 - encoding: `common.stores.influx.encode_candles` (same measurement, tags and timestamp as the influx writer, so a
   backfilled candle and a live one of the same minute are the same point: writes are idempotent).
 
 A fast path keeps a two-year backfill at the exchange's rate limit on a small machine (the generic rule
 machinery costs ~13 us per candle, a page of 1000 about as much CPU as the exchange's whole budget allows):
-REST rows are built by `rest_candle` directly in the normalizer's canonical form, and a candle that
-`clears_candle_rules` (a direct check of exactly the conditions of the live candle rules) and sits on its
-timeframe's boundary is stored without going through `quality.check` and `normalize`. Every other candle
-goes the full way, so findings, alerts and rejections are the live ones. The fast path is on only while the
-live candle rule set is exactly the one it mirrors (`FAST_RULES`); a rule added to `common.domain.quality` turns
-it off until it is taught the new rule. tests/test_backfill.py proves both paths agree on real rows and on
+REST rows are built by `rest_candle` directly in the normalizer's canonical form (`canonical_number`), and a
+candle that `clears_candle_rules` (common.domain.admit: a direct check of exactly the conditions of the live
+candle rules) and sits on its timeframe's boundary is stored without going through `admit`. Every other
+candle goes the full way, so findings, alerts and rejections are the live ones. The fast path is on only while
+the live candle rule set is exactly the one it mirrors (`FAST_RULES`); a rule added to `common.domain.quality`
+turns it off until it is taught the new rule. tests/test_backfill.py proves both paths agree on real rows and on
 broken ones.
 
 Order per batch, so that a kill at any moment loses nothing and claims nothing: write the candles (InfluxDB
@@ -29,32 +30,23 @@ transaction. A kill before the ledger write only means those pages are fetched a
 
 from __future__ import annotations
 
-import decimal
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
-
-import msgspec
 
 from common.bus import streams
 from common.bus.core import Producer
 from common.config import Settings
 from common.domain import quality
-from common.domain.normalize import Rejected, SymbolMap, canonical_decimal, normalize
+from common.domain.admit import FAST_RULES, admit, clears_candle_rules
+from common.domain.normalize import SymbolMap, canonical_number
 from common.domain.span import Span, iso
+from common.domain.timeframe import DAY_NS, MS
 from common.history.ledger import Ledger, Series, Source
 from common.stores.influx import InfluxClient, InfluxError, InfluxWriteError, encode_candles
 from schemas import Alert, Candle
-
-MS = 1_000_000
-DAY_NS = 86_400 * 1_000_000_000
-FAST_RULES = frozenset({"fields.missing", "price.non_positive", "volume.negative", "ohlc.consistency",
-                        "time.invalid", "time.future"})
-_ZERO = Decimal(0)
-_CANONICAL: dict[float, Decimal] = {}
 
 log = logging.getLogger(__name__)
 
@@ -108,35 +100,6 @@ def gaps(window: Span, open_times: Sequence[int], step: int) -> list[tuple[Span,
     return out
 
 
-def canonical_number(x: object) -> Decimal | None:
-    """A ccxt number as the normalizer's canonical Decimal: the float's shortest repr (which restores the
-    exchange's text, as `collector.dec` does) without a trailing '.0'; anything unusual goes through
-    `canonical_decimal` itself."""
-    if x is None:
-        return None
-    if type(x) is float:
-        d = _CANONICAL.get(x)
-        if d is not None:
-            return d
-        if len(_CANONICAL) >= 200_000:  # bounded: prices repeat (open = previous close), volumes rarely
-            _CANONICAL.clear()
-        d = _CANONICAL[x] = _canonical_float(x)
-        return d
-    try:
-        return canonical_decimal(Decimal(str(x)))
-    except decimal.InvalidOperation:
-        return None
-
-
-def _canonical_float(x: float) -> Decimal:
-    r = repr(x)
-    if "e" in r or "n" in r:  # exponent, nan, inf
-        return canonical_decimal(Decimal(r))
-    r = r.removesuffix(".0")
-    d = Decimal(r)
-    return _ZERO if d.is_zero() else d
-
-
 def rest_candle(exchange: str, symbol: str, timeframe: str, step_ns: int, row: Sequence[Any],
                 ts_recv: int) -> Candle:
     """A closed candle of a ccxt OHLCV row, equal to what `normalize(candle_event(...))` gives for it."""
@@ -145,21 +108,6 @@ def rest_candle(exchange: str, symbol: str, timeframe: str, step_ns: int, row: S
                   open=canonical_number(row[1]), high=canonical_number(row[2]), low=canonical_number(row[3]),
                   close=canonical_number(row[4]), volume=canonical_number(row[5]), closed=True,
                   ts_event=(open_ms * MS + step_ns) - MS, ts_recv=ts_recv, source="rest")
-
-
-def clears_candle_rules(c: Candle, future_limit_ns: int) -> bool:
-    """True only if none of FAST_RULES can find anything in `c` (conservative: False sends it the full way)."""
-    o, h, lo, cl, v = c.open, c.high, c.low, c.close, c.volume
-    if o is None or h is None or lo is None or cl is None or v is None:
-        return False
-    if not (o.is_finite() and h.is_finite() and lo.is_finite() and cl.is_finite() and v.is_finite()):
-        return False
-    if not (c.exchange.strip() and c.symbol.strip() and c.timeframe.strip()):
-        return False
-    if not (lo > 0 and v >= 0 and lo <= o <= h and lo <= cl <= h):
-        return False
-    # ns-magnitude stamps (so quality.to_ns leaves them as they are), neither invalid nor in the future
-    return 10**17 <= c.open_time <= future_limit_ns and 10**17 <= c.ts_event <= future_limit_ns
 
 
 class Checker:
@@ -190,22 +138,13 @@ class Checker:
                 continue
             if live is not None:
                 c = live(i)
-            findings = quality.check(c, ctx, self.rules)
-            if findings:
-                out.alerts.extend(quality.to_alert(f, c, self.source, ctx.now_ns) for f in findings)
-                if quality.rejects(findings):
-                    out.rejected += 1
-                    continue
-                names = tuple(dict.fromkeys((*c.quality, *(f.rule for f in findings))))
-                c = msgspec.structs.replace(c, quality=names)
-            try:
-                normalized, _notes = normalize(c, self.symbols)
-            except Rejected as exc:
-                out.alerts.append(quality.to_alert(exc.finding, c, self.source, ctx.now_ns))
+            admitted = admit(c, ctx, self.symbols, self.rules)
+            out.alerts.extend(quality.to_alert(f, c, self.source, ctx.now_ns) for f in admitted.findings)
+            if admitted.event is None:
                 out.rejected += 1
                 continue
-            assert isinstance(normalized, Candle)
-            out.stored.append(normalized)
+            assert isinstance(admitted.event, Candle)
+            out.stored.append(admitted.event)
         return out
 
 
