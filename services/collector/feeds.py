@@ -18,37 +18,67 @@ ConfigError naming the exchange and the channel):
                  open-interest stream)
 
 Channels that resolve to the same ccxt subscription of a symbol (Hyperliquid's ticker, funding and open
-interest) share one feed: two tasks waiting on one ccxt future would cancel each other's waits.
+interest: the venue table's `asset_context`, common/exchanges/venues.py) share one feed: two tasks waiting on
+one ccxt future would cancel each other's waits.
+
+Feeds see the collector only through `FeedHost` (what they need of it); this module never imports service.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Container
+from collections import Counter
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Literal, Protocol, cast
+
+import ccxt
 
 from common.config import ConfigError, ExchangeSettings
-from common.exchanges.events import trade_event
-from schemas import Alert, Event
+from common.exchanges.events import TIMEFRAME_MS, candle_event, trade_event
+from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned
+from common.exchanges.venues import venue
+from schemas import Alert, Candle, Event, OrderBook
 from services.collector import events as ev
+from services.collector.gaps import Outage, outage_gap
+from services.collector.outbox import Position
+from services.collector.symbols import SymbolState
 
-if TYPE_CHECKING:
-    from common.exchanges.ratelimit import BudgetedExchange
-    from services.collector.service import Collector
+log = logging.getLogger(__name__)
 
 MS = 1_000_000
 CHANNELS = ("trades", "candles", "ticker", "book", "funding", "open_interest")
+# OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
+# there in ccxt 4.5.90; it is transient like a NetworkError and must be retried, not crash the feed.
+ERRORS = (ccxt.OperationFailed, ccxt.ExchangeError, ExchangeBanned)
 
 
-@dataclass
-class Outage:
-    """A break in a channel: from the exchange time of the last message before it (`start_ns`), why, and
-    the last id seen (trades), so a repairer can fetch from there."""
+class FeedHost(Protocol):
+    """What a feed needs of the process that runs it (services/collector/service.py's Collector, which this
+    module never imports): the exchange objects and settings, the per-symbol memory, the counters, the outbox
+    (`publish`) and the connections (`drop_connections`)."""
 
-    start_ns: int
-    reason: str
-    last_id: str
+    @property
+    def exchange(self) -> Any: ...  # the ccxt.pro object
+    @property
+    def exchange_id(self) -> str: ...
+    @property
+    def exchange_settings(self) -> ExchangeSettings: ...
+    @property
+    def rest(self) -> BudgetedExchange | None: ...  # REST through the shared budget, built before the feeds
+    @property
+    def state_by_symbol(self) -> dict[str, SymbolState]: ...
+    @property
+    def count(self) -> Counter[str]: ...
+    @property
+    def sequential_ids(self) -> bool: ...  # trade ids count up by one (quality.sequential_trade_ids)
+
+    async def publish(self, events: Sequence[Event], gaps: list[Event] | None = None, symbol: str = "",
+                      channel: str = "", position: Position | None = None) -> None: ...
+
+    def drop_connections(self, feed: Feed, reason: str) -> int: ...
 
 
 @dataclass
@@ -66,9 +96,9 @@ class ChannelStats:
 @dataclass
 class Feed:
     """One ccxt subscription of one symbol. `watch()` waits for the next update; `on_update()` turns it into
-    events and hands them to the collector; `sweep()` runs whenever a wait times out."""
+    events and hands them to the outbox (`emit`); `sweep()` runs whenever a wait times out."""
 
-    collector: Collector
+    host: FeedHost
     symbol: str
     channels: tuple[str, ...]
     stall_s: float
@@ -89,7 +119,38 @@ class Feed:
 
     @property
     def exchange(self) -> Any:
-        return self.collector.exchange
+        return self.host.exchange
+
+    async def emit(self, channel: str, events: Sequence[Event], first_ns: int, last_ns: int, last_id: str = "",
+                   first_id: str = "", ends_outage: bool = True) -> None:
+        """Publish a channel's events; the first message after an outage also publishes its Gap (unless
+        `ends_outage` is False: messages ccxt had received before the break)."""
+        host = self.host
+        stats = self.stats[channel]
+        gaps: list[Event] = []
+        if stats.outage is not None and ends_outage:
+            gaps.append(outage_gap(host.exchange_id, host.sequential_ids, self.symbol, channel, stats.outage,
+                                   first_ns, first_id))
+            stats.outage = None
+            stats.gaps += 1
+            host.count["gaps"] += 1
+        stats.messages += 1
+        stats.last_recv_ms = time.time_ns() // MS
+        stats.last_event_ns = max(stats.last_event_ns, last_ns)
+        if last_id:
+            stats.last_id = last_id
+        position = Position(stats.last_event_ns, stats.last_id if channel == "trades" else "", time.time_ns())
+        await host.publish(events, gaps, self.symbol, channel, position)
+
+    def open_outage(self, reason: str) -> None:
+        """Open an outage on each channel of the feed (an open one keeps its start: one Gap per window)."""
+        held = self.position()
+        for stats in self.stats.values():
+            if stats.outage is None:
+                start, last_id = stats.last_event_ns or self.started_ns, stats.last_id
+                if held is not None and held[0] >= start:
+                    start, last_id = held[0], held[1] or last_id
+                stats.outage = Outage(start_ns=start, reason=reason, last_id=last_id)
 
     async def watch(self) -> Any:
         raise NotImplementedError
@@ -123,24 +184,24 @@ class TradesFeed(Feed):
         that arrive while a watch_* call waits; one arriving between two calls sits in the cache until the
         next message, so reading the cache's tail picks it up at once."""
         cache = self.exchange.trades.get(self.symbol) if self.exchange.trades else None
-        state = self.collector.state_by_symbol[self.symbol]
+        state = self.host.state_by_symbol[self.symbol]
         fresh = state.new_trades(cache_tail(cache, state))
         if not fresh:
             return
         ts_recv = time.time_ns()
-        trades = [trade_event(self.collector.exchange_id, self.symbol, t, ts_recv) for t in fresh]
-        self.collector.count["trades"] += len(trades)
+        trades = [trade_event(self.host.exchange_id, self.symbol, t, ts_recv) for t in fresh]
+        self.host.count["trades"] += len(trades)
         outage = self.stats["trades"].outage
         ids = [t.trade_id for t in trades]
         if outage is not None and outage.last_id in ids:  # received before the break: they do not end it
             cut = ids.index(outage.last_id) + 1
             before, trades = trades[:cut], trades[cut:]
-            await self.collector.emit(self, "trades", before, before[0].ts_event, before[-1].ts_event,
-                                      last_id=before[-1].trade_id, ends_outage=False)
+            await self.emit("trades", before, before[0].ts_event, before[-1].ts_event,
+                            last_id=before[-1].trade_id, ends_outage=False)
             if not trades:
                 return
-        await self.collector.emit(self, "trades", trades, trades[0].ts_event, trades[-1].ts_event,
-                                  last_id=trades[-1].trade_id, first_id=trades[0].trade_id)
+        await self.emit("trades", trades, trades[0].ts_event, trades[-1].ts_event,
+                        last_id=trades[-1].trade_id, first_id=trades[0].trade_id)
 
     def position(self) -> tuple[int, str] | None:
         cache = self.exchange.trades.get(self.symbol) if self.exchange.trades else None
@@ -166,36 +227,127 @@ def cache_tail(cache: list[dict[str, Any]] | None, seen: Container[str]) -> list
 
 class CandlesFeed(Feed):
     """watch_ohlcv; while the socket is quiet for ws_stall_s (or down), REST fetch_ohlcv every rest_poll_s
-    from the last closed candle, so candles keep coming during an outage."""
+    from the last closed candle, so candles keep coming during an outage.
+
+    A candle is published `closed=True` once a later candle of the same symbol has been seen (ccxt does not
+    pass on Binance's `x` flag; for exchanges that publish a candle every interval this closes each candle
+    within one update of its end)."""
 
     hints = ("kline", "ohlcv", "candle")
 
     last_rest_poll: float = 0.0
 
+    @property
+    def timeframe(self) -> str:
+        return self.host.exchange_settings.timeframe
+
     async def watch(self) -> Any:
-        return await self.exchange.watch_ohlcv(self.symbol, self.collector.exchange_settings.timeframe)
+        return await self.exchange.watch_ohlcv(self.symbol, self.timeframe)
 
     async def on_update(self, result: Any) -> None:
-        await self.collector.on_candles(self, self.symbol, result, "ws")
+        await self.on_candles(result, "ws")
 
     def position(self) -> tuple[int, str] | None:
-        tf = self.collector.exchange_settings.timeframe
-        cached = (self.exchange.ohlcvs or {}).get(self.symbol, {}).get(tf)
+        cached = (self.exchange.ohlcvs or {}).get(self.symbol, {}).get(self.timeframe)
         return (int(cached[-1][0]) * MS, "") if cached else None
 
     async def sweep(self) -> None:
-        tf = self.collector.exchange_settings.timeframe
-        cached = (self.exchange.ohlcvs or {}).get(self.symbol, {}).get(tf)
+        cached = (self.exchange.ohlcvs or {}).get(self.symbol, {}).get(self.timeframe)
         if cached:  # updates that arrived between two watch calls (see TradesFeed.sweep); not news after a break
-            await self.collector.on_candles(self, self.symbol, list(cached[-2:]), "ws", ends_outage=False)
-        if time.monotonic() - self.quiet_since >= self.collector.exchange_settings.ws_stall_s:
+            await self.on_candles(list(cached[-2:]), "ws", ends_outage=False)
+        if time.monotonic() - self.quiet_since >= self.host.exchange_settings.ws_stall_s:
             await self.on_break()
 
     async def on_break(self) -> None:
         now = time.monotonic()
-        if now - self.last_rest_poll >= self.collector.exchange_settings.rest_poll_s:
+        if now - self.last_rest_poll >= self.host.exchange_settings.rest_poll_s:
             self.last_rest_poll = now
-            await self.collector.poll_candles(self, self.symbol)
+            await self.poll_rest()
+
+    async def poll_rest(self) -> None:
+        """REST fetch_ohlcv from the last closed candle, through the shared budget (a ban holds it)."""
+        host, symbol = self.host, self.symbol
+        assert host.rest is not None
+        state = host.state_by_symbol[symbol]
+        tf = self.timeframe
+        since = state.last_closed_open_ms + TIMEFRAME_MS[tf] if state.last_closed_open_ms >= 0 else None
+        host.count["rest_polls"] += 1
+        try:
+            rows = await asyncio.wait_for(
+                host.rest.call(host.rest.budget.limit.ohlcv_weight, self.exchange.fetch_ohlcv, symbol, tf,
+                               since=since, limit=1000),
+                timeout=host.exchange_settings.rest_timeout_s)
+        except TimeoutError:
+            host.count["rest_held"] += 1
+            log.error("REST fetch_ohlcv %s %s did not complete within %.0f s (REST held by the shared budget: "
+                      "a 429 cool-down or a 418 ban, or a slow exchange)", host.exchange_id, symbol,
+                      host.exchange_settings.rest_timeout_s)
+            return
+        except ERRORS as exc:
+            host.count["errors"] += 1
+            log.error("REST fetch_ohlcv %s %s failed (%s: %s)", host.exchange_id, symbol, type(exc).__name__, exc)
+            return
+        await self.on_candles(rows, "rest")
+
+    async def _close_interrupted_candle(self) -> None:
+        """The socket broke while a candle was open and came back in a later minute: the open candle's last
+        snapshot predates the break, so its final updates were missed. Its closed values come from REST; if
+        REST cannot give them, it is not published at all (the outage's Gap covers its minute, and gap_repair
+        fetches it), never closed from the stale snapshot."""
+        host = self.host
+        state = host.state_by_symbol[self.symbol]
+        stale = state.last_candle
+        if stale is None:
+            return
+        if host.rest is not None:
+            await self.poll_rest()
+        if state.last_closed_open_ms < int(stale[0]):
+            host.count["candles_stale_dropped"] += 1
+            log.warning("%s %s: the %s candle opening at %d was open when the socket broke and REST did not "
+                        "give its final values; not published (the outage's Gap covers it, gap_repair fetches "
+                        "it)", host.exchange_id, self.symbol, self.timeframe, int(stale[0]))
+            state.last_closed_open_ms = int(stale[0])
+            state.last_candle = None
+
+    async def on_candles(self, rows: list[list[Any]], source: Literal["ws", "rest"],
+                         ends_outage: bool = True) -> None:
+        host, symbol = self.host, self.symbol
+        state = host.state_by_symbol[symbol]
+        tf = self.timeframe
+        stats = self.stats.get("candles")
+        if (source == "ws" and stats is not None and stats.outage is not None and state.last_candle is not None
+                and any(row and row[0] is not None and int(row[0]) > state.last_candle[0] for row in rows)):
+            await self._close_interrupted_candle()
+        ts_recv = time.time_ns()
+        events: list[Candle] = []
+        updated = False
+        for row in rows:
+            if not row or any(v is None for v in row[:6]):
+                # A malformed exchange body: pass it on as received; the validator rejects it with an alert.
+                events.append(candle_event(host.exchange_id, symbol, tf, list(row or []), True, ts_recv, source))
+                continue
+            open_ms = int(row[0])
+            if open_ms <= state.last_closed_open_ms:
+                continue  # already published as closed
+            last = state.last_candle
+            if last is not None and open_ms > last[0]:
+                events.append(candle_event(host.exchange_id, symbol, tf, last, True, ts_recv, source))
+                state.last_closed_open_ms = last[0]
+                host.count["candles_closed"] += 1
+            if last is None or open_ms > last[0] or (open_ms == last[0] and list(row[:6]) != last[:6]):
+                state.last_candle = list(row)
+                updated = True
+        if updated and state.last_candle is not None:
+            events.append(candle_event(host.exchange_id, symbol, tf, state.last_candle, False, ts_recv, source))
+            host.count["candle_updates"] += 1
+        if not events:
+            return
+        if source == "rest":  # fills in while the socket is quiet; only a socket message ends an outage
+            await host.publish(events, symbol=symbol, channel="candles")
+            return
+        opens = [c.open_time for c in events if getattr(c, "open_time", 0)]
+        await self.emit("candles", events, min(opens, default=ts_recv), max(opens, default=ts_recv),
+                        ends_outage=ends_outage)
 
 
 class TickerFeed(Feed):
@@ -208,8 +360,8 @@ class TickerFeed(Feed):
         return await self.exchange.watch_ticker(self.symbol)
 
     async def on_update(self, result: Any) -> None:
-        t = ev.ticker_event(self.collector.exchange_id, self.symbol, result, time.time_ns())
-        await self.collector.emit(self, "ticker", [t], t.ts_event, t.ts_event)
+        t = ev.ticker_event(self.host.exchange_id, self.symbol, result, time.time_ns())
+        await self.emit("ticker", [t], t.ts_event, t.ts_event)
 
 
 class BookFeed(Feed):
@@ -230,7 +382,7 @@ class BookFeed(Feed):
         await self.sweep()
 
     async def sweep(self) -> None:
-        settings = self.collector.exchange_settings
+        settings = self.host.exchange_settings
         if not self.pending or time.monotonic() - self.last_published < 1.0 / settings.book_max_per_s:
             return
         ob = (self.exchange.orderbooks or {}).get(self.symbol)
@@ -238,12 +390,20 @@ class BookFeed(Feed):
         if ob is None:  # dropped by ccxt after a sequence break; the next watch rebuilds it
             return
         self.last_published = time.monotonic()
-        book = ev.book_event(self.collector.exchange_id, self.symbol, ob, settings.book_depth, time.time_ns())
+        book = ev.book_event(self.host.exchange_id, self.symbol, ob, settings.book_depth, time.time_ns())
         if ev.crossed(book):
-            await self.collector.on_crossed_book(self, book)
+            await self.on_crossed(book)
             return
-        self.collector.count["books"] += 1
-        await self.collector.emit(self, "book", [book], book.ts_event, book.ts_event)
+        self.host.count["books"] += 1
+        await self.emit("book", [book], book.ts_event, book.ts_event)
+
+    async def on_crossed(self, book: OrderBook) -> None:
+        """A crossed book is never published: alert, drop ccxt's book and reconnect, so it is rebuilt."""
+        self.host.count["books_crossed"] += 1
+        await self.host.publish([crossed_alert(self.host.exchange_id, book)])
+        (self.exchange.orderbooks or {}).pop(self.symbol, None)
+        self.open_outage("crossed book: rebuilt from a fresh snapshot")
+        self.host.drop_connections(self, f"crossed book {self.symbol}")
 
 
 class MarkPriceFeed(Feed):
@@ -255,8 +415,8 @@ class MarkPriceFeed(Feed):
         return await self.exchange.watch_mark_price(self.symbol)
 
     async def on_update(self, result: Any) -> None:
-        f = ev.funding_from_mark_price(self.collector.exchange_id, self.symbol, result, time.time_ns())
-        await self.collector.emit(self, "funding", [f], f.ts_event, f.ts_event)
+        f = ev.funding_from_mark_price(self.host.exchange_id, self.symbol, result, time.time_ns())
+        await self.emit("funding", [f], f.ts_event, f.ts_event)
 
 
 class AssetContextFeed(Feed):
@@ -269,7 +429,7 @@ class AssetContextFeed(Feed):
 
     async def on_update(self, result: Any) -> None:
         ts_recv = time.time_ns()
-        ex = self.collector.exchange_id
+        ex = self.host.exchange_id
         for channel in self.channels:
             event: Event
             if channel == "ticker":
@@ -278,7 +438,7 @@ class AssetContextFeed(Feed):
                 event = ev.funding_from_asset_context(ex, self.symbol, result, ts_recv)
             else:
                 event = ev.open_interest_from_asset_context(ex, self.symbol, result, ts_recv)
-            await self.collector.emit(self, channel, [event], event.ts_event, event.ts_event)
+            await self.emit(channel, [event], event.ts_event, event.ts_event)
 
 
 @dataclass
@@ -286,7 +446,7 @@ class PolledFeed:
     """A channel the exchange offers only over REST: polled every rest_channel_poll_s through the shared
     budget. A failed poll is counted and logged; the channel's last-message age in `mdp status` shows it."""
 
-    collector: Collector
+    host: FeedHost
     symbol: str
     channel: str
     stats: dict[str, ChannelStats] = field(default_factory=dict)
@@ -304,11 +464,11 @@ class PolledFeed:
 
     async def poll(self) -> list[Event]:
         # The collector builds its REST client before it plans polled feeds.
-        ex, rest = self.collector.exchange_id, cast("BudgetedExchange", self.collector.rest)
+        ex, rest = self.host.exchange_id, cast("BudgetedExchange", self.host.rest)
         if self.channel == "funding":
-            f = await rest.call(1, self.collector.exchange.fetch_funding_rate, self.symbol)
+            f = await rest.call(1, self.host.exchange.fetch_funding_rate, self.symbol)
             return [ev.funding_from_rest(ex, self.symbol, f, time.time_ns())]
-        oi = await rest.call(1, self.collector.exchange.fetch_open_interest, self.symbol)
+        oi = await rest.call(1, self.host.exchange.fetch_open_interest, self.symbol)
         return [ev.open_interest_from_rest(ex, self.symbol, oi, time.time_ns())]
 
 
@@ -316,13 +476,13 @@ def _is_derivative(market: dict[str, Any]) -> bool:
     return bool(market.get("swap") or market.get("future"))
 
 
-def plan_feeds(collector: Collector, exchange: Any, settings: ExchangeSettings,
+def plan_feeds(host: FeedHost, exchange: Any, settings: ExchangeSettings,
                symbols: list[str]) -> tuple[list[Feed], list[PolledFeed]]:
     """The feeds serving `settings.channels` for `symbols`, or ConfigError for a channel the exchange (or a
     symbol's market type) does not offer through ccxt."""
     has = exchange.has
     ex_id = settings.id
-    asset_ctx = ex_id == "hyperliquid"
+    asset_ctx = venue(ex_id).asset_context
     feeds: list[Feed] = []
     polled: list[PolledFeed] = []
 
@@ -345,49 +505,49 @@ def plan_feeds(collector: Collector, exchange: Any, settings: ExchangeSettings,
         if "trades" in wanted:
             if not has.get("watchTrades"):
                 raise unsupported("trades", "has['watchTrades']")
-            feeds.append(TradesFeed(collector, symbol, ("trades",), stall("trades")))
+            feeds.append(TradesFeed(host, symbol, ("trades",), stall("trades")))
         if "candles" in wanted:
             if not has.get("watchOHLCV"):
                 raise unsupported("candles", "has['watchOHLCV']")
-            feeds.append(CandlesFeed(collector, symbol, ("candles",), stall("candles")))
+            feeds.append(CandlesFeed(host, symbol, ("candles",), stall("candles")))
         if "book" in wanted:
             if not has.get("watchOrderBook"):
                 raise unsupported("book", "has['watchOrderBook']")
-            feeds.append(BookFeed(collector, symbol, ("book",), stall("book")))
+            feeds.append(BookFeed(host, symbol, ("book",), stall("book")))
         context = tuple(c for c in ("ticker", "funding", "open_interest") if c in wanted) if asset_ctx else ()
         if context:
             if not has.get("watchTicker"):
                 raise unsupported(context[0], "has['watchTicker']")
-            feeds.append(AssetContextFeed(collector, symbol, context, min(stall(c) for c in context)))
+            feeds.append(AssetContextFeed(host, symbol, context, min(stall(c) for c in context)))
         if "ticker" in wanted and not asset_ctx:
             if has.get("watchBidsAsks"):
-                feed = TickerFeed(collector, symbol, ("ticker",), stall("ticker"))
+                feed = TickerFeed(host, symbol, ("ticker",), stall("ticker"))
                 feed.bids_asks = True
                 feeds.append(feed)
             elif has.get("watchTicker"):
-                feeds.append(TickerFeed(collector, symbol, ("ticker",), stall("ticker")))
+                feeds.append(TickerFeed(host, symbol, ("ticker",), stall("ticker")))
             else:
                 raise unsupported("ticker", "has['watchBidsAsks'] or has['watchTicker']")
         if "funding" in wanted and not asset_ctx:
             if has.get("watchMarkPrice"):
-                feeds.append(MarkPriceFeed(collector, symbol, ("funding",), stall("funding")))
+                feeds.append(MarkPriceFeed(host, symbol, ("funding",), stall("funding")))
             elif has.get("fetchFundingRate"):
-                polled.append(PolledFeed(collector, symbol, "funding"))
+                polled.append(PolledFeed(host, symbol, "funding"))
             else:
                 raise unsupported("funding", "has['watchMarkPrice'] or has['fetchFundingRate']")
         if "open_interest" in wanted and not asset_ctx:
             if has.get("fetchOpenInterest"):
-                polled.append(PolledFeed(collector, symbol, "open_interest"))
+                polled.append(PolledFeed(host, symbol, "open_interest"))
             else:
                 raise unsupported("open_interest", "has['fetchOpenInterest']")
     return feeds, polled
 
 
-def crossed_alert(collector: Collector, book: Any) -> Alert:
+def crossed_alert(exchange: str, book: OrderBook) -> Alert:
     now = time.time_ns()
-    return Alert(rule="book.crossed", severity="error", source=f"collector:{collector.exchange_id}",
-                 exchange=collector.exchange_id, symbol=book.symbol, kind="book",
-                 reason=(f"order book {collector.exchange_id} {book.symbol} at sequence {book.sequence} is crossed "
+    return Alert(rule="book.crossed", severity="error", source=f"collector:{exchange}",
+                 exchange=exchange, symbol=book.symbol, kind="book",
+                 reason=(f"order book {exchange} {book.symbol} at sequence {book.sequence} is crossed "
                          f"(best bid {book.bids[0][0]} >= best ask {book.asks[0][0]}); not published, the book is "
                          f"rebuilt from a fresh snapshot (reconnect)"),
                  values={"best_bid": str(book.bids[0][0]), "best_ask": str(book.asks[0][0]),

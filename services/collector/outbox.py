@@ -1,7 +1,7 @@
 """What the collector took from ccxt and has not published yet, bounded; and the position of each feed.
 
 Feeds never wait for Redis: each wake-up's events go into the outbox as one `Batch`, and one publisher task
-publishes whatever is queued in one MULTI/EXEC with the feeds' new positions (service.py). While Redis is
+publishes whatever is queued in one MULTI/EXEC with the feeds' new positions (publisher.py). While Redis is
 down the outbox fills; at `publish_buffer_events` the oldest batches are dropped, and what a feed lost that
 way is kept as a `Dropped` window (first and last trade id, exchange times) that the collector publishes as
 a Gap and an alert with the next batch that gets through. A batch is dropped whole, never split.

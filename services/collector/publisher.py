@@ -1,0 +1,232 @@
+"""The collector's publishing: the outbox (outbox.py) and the one task that sends it to Redis.
+
+Feeds put each wake-up's events in the bounded outbox and never wait for Redis; `Publisher.run` sends it,
+oldest first, each round in one MULTI/EXEC with the feeds' positions (`mdp:collector:pos:{exchange}`), so a
+position never claims more than the stream holds. A trade counts as published only after that succeeded. While
+Redis is down the process's state is degraded with the reason and the outbox's overflow becomes a Gap; when Redis
+is back, the positions it holds tell whether it lost what we had published (then a Gap). At stop, `drain`
+publishes what is left for a bounded time and logs what it could not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.backoff import EXACT, Backoff
+from common.bus import streams
+from common.bus.core import Producer
+from common.bus.stage import Service
+from schemas import Event, Trade
+from services.collector.gaps import dropped_gap, lost_gap
+from services.collector.outbox import MS, Batch, Dropped, Outbox, Position, position_field, position_key
+from services.collector.symbols import SymbolState
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S = 0.2, 5.0  # retrying a publish while Redis is down
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+WAKE_S = 0.5  # the publisher looks at the outbox at least this often
+
+
+class Publisher:
+    """Sends what the feeds took to `raw:{exchange}` (and Gaps to `mdp:gaps`, alerts to `mdp:alerts`).
+
+    `service` is the collector process: its `state`/`detail` say when Redis is down, its `redis` holds the
+    positions, its `started_at` bounds what a Redis that lost everything lost."""
+
+    def __init__(self, service: Service, producer: Producer, exchange_id: str,
+                 state_by_symbol: dict[str, SymbolState], count: Counter[str], sequential_ids: bool,
+                 buffer_events: int) -> None:
+        self.service = service
+        self.producer = producer
+        self.exchange_id = exchange_id
+        self.stream = streams.raw(exchange_id)
+        self.state_by_symbol = state_by_symbol
+        self.count = count
+        self.sequential_ids = sequential_ids
+        self.outbox = Outbox(buffer_events)
+        self.ready = asyncio.Event()
+        self.draining = asyncio.Event()
+        self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
+        self.redis_down_since = 0.0  # monotonic; 0 while publishing works
+
+    async def publish(self, events: Sequence[Event], gaps: list[Event] | None = None, symbol: str = "",
+                      channel: str = "", position: Position | None = None) -> None:
+        """Queue events for raw:{exchange} (and Gaps for mdp:gaps) in the outbox; the publisher task sends
+        them. Never waits for Redis: while it is down, feeds keep reading their sockets into the bounded
+        outbox (`publish_buffer_events`; at the bound the oldest batches become a Gap, see outbox.py)."""
+        if not events and not gaps:
+            return
+        ids = [e.trade_id for e in events if isinstance(e, Trade)] if channel == "trades" else []
+        self.outbox.put(Batch(symbol, channel, list(events), list(gaps or []), ids, position))
+        self.settle_dropped()
+        self.ready.set()
+
+    def settle_dropped(self) -> None:
+        """Trades dropped at the outbox's bound are named by a Gap: never taken from ccxt again."""
+        if not self.outbox.dropped_trades:
+            return
+        by_symbol: dict[str, list[tuple[str, int]]] = {}
+        for symbol, tid, ms in self.outbox.dropped_trades:
+            by_symbol.setdefault(symbol, []).append((tid, ms))
+        self.outbox.dropped_trades = []
+        for symbol, trades in by_symbol.items():
+            self.state_by_symbol[symbol].settle(trades)
+
+    async def run(self, round_events: int) -> None:
+        """Publish the outbox, oldest first, each round in one MULTI/EXEC with the feeds' new positions (so a
+        position never claims more than the stream holds), at most `round_events` events a round (at least one batch). A Redis
+        that is down is retried with capped backoff, the same batches first; the state is `degraded` with the
+        reason meanwhile. Returns once `draining` is set and the outbox is empty."""
+        backoff = Backoff(PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S, spread=EXACT)
+        recheck = False
+        while True:
+            if not self.outbox.queued and not self.outbox.notices and not self.outbox.dropped:
+                if self.draining.is_set():
+                    return
+                self.ready.clear()
+                try:
+                    async with asyncio.timeout(WAKE_S):
+                        await self.ready.wait()
+                except TimeoutError:
+                    pass
+                continue
+            batches = self.outbox.take(round_events)
+            notices, dropped = self.outbox.take_notices()
+            try:
+                if recheck:  # Redis is back: did it keep what we published before it went away?
+                    notices = [*await self._lost_while_down(), *notices]
+                    recheck = False
+                await self._publish_round(batches, notices, dropped)
+            except REDIS_DOWN as exc:
+                self.outbox.give_back(batches, notices, dropped)
+                self.settle_dropped()
+                recheck = True
+                self.redis_down(exc, backoff.delay)
+                await asyncio.sleep(backoff.next())
+                continue
+            except BaseException:
+                self.outbox.give_back(batches, notices, dropped)  # cancelled at the end of a drain: logged
+                raise
+            backoff.reset()
+            if self.redis_down_since and not self.outbox.queued:
+                log.info("Redis is back after %.1f s; the buffered events are published",
+                         time.monotonic() - self.redis_down_since)
+                self.redis_down_since = 0.0
+                self.service.state, self.service.detail = "running", ""
+
+    async def _publish_round(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]) -> None:
+        events = [e for b in batches for e in b.events]
+        gaps = [*notices, *(g for b in batches for g in b.gaps)]
+        alerts: list[Event] = []
+        for run in dropped:
+            gap, alert = dropped_gap(self.exchange_id, self.sequential_ids, run, self.outbox.limit)
+            if run.channel:  # not the market catalog or an alert: a feed's window
+                gaps.append(gap)
+            alerts.append(alert)
+        positions: dict[tuple[str, str], Position] = {}
+        for b in batches:
+            if b.position is not None:
+                positions[(b.channel, b.symbol)] = b.position
+        key = position_key(self.exchange_id)
+        fields = {position_field(c, s): p.encode() for (c, s), p in positions.items()}
+
+        def record_positions(pipe: Any) -> None:
+            if fields:
+                pipe.hset(key, mapping=fields)
+
+        outputs: dict[str, list[Event]] = {self.stream: events, streams.GAPS: gaps, streams.ALERTS: alerts}
+        await self.producer.publish(outputs, extra=record_positions)
+        for b in batches:
+            if b.trade_ids:
+                self.state_by_symbol[b.symbol].settle(
+                    [(e.trade_id, e.ts_event // MS) for e in b.events if isinstance(e, Trade)])
+        for k, p in positions.items():
+            self.published_pos[k] = p
+
+    def redis_down(self, exc: BaseException, delay: float) -> None:
+        """Count a failed attempt and say so in the state (degraded, with how long and what is buffered)."""
+        now = time.monotonic()
+        if not self.redis_down_since:
+            self.redis_down_since = now
+        self.count["publish_retries"] += 1
+        self.service.state = "degraded"
+        self.service.detail = (
+            f"Redis unreachable for {now - self.redis_down_since:.0f} s ({type(exc).__name__}: {exc}); "
+            f"{self.outbox.events} events buffered (bound publish_buffer_events={self.outbox.limit}), "
+            f"{self.outbox.dropped_events} dropped so far as Gaps")
+        log.error("cannot publish to %s: %s; retrying in %.1f s", self.stream, self.service.detail, delay)
+
+    async def _lost_while_down(self) -> list[Event]:
+        """Gaps for what Redis lost of what we had published (it restarted from an older AOF or snapshot, or
+        empty): the position it holds per feed, written with the XADDs, is behind ours."""
+        stored = await self.read_positions()
+        gaps: list[Event] = []
+        for (channel, symbol), ours in self.published_pos.items():
+            theirs = stored.get((channel, symbol))
+            if theirs is not None and theirs.ts_event >= ours.ts_event and theirs.trade_id == ours.trade_id:
+                continue
+            self.count["positions_lost"] += 1
+            self.count["gaps"] += 1
+            gaps.append(lost_gap(self.exchange_id, self.sequential_ids, channel, symbol, ours, theirs,
+                                 self.service.started_at))
+        return gaps
+
+    async def read_positions(self) -> dict[tuple[str, str], Position]:
+        """The positions Redis holds for this exchange: (channel, symbol) -> Position."""
+        raw = await self.service.redis.hgetall(position_key(self.exchange_id))
+        out: dict[tuple[str, str], Position] = {}
+        for f, v in raw.items():
+            channel, _, symbol = (f.decode() if isinstance(f, bytes) else f).partition(":")
+            out[(channel, symbol)] = Position.decode(v)
+        return out
+
+    async def stored_positions(self, stop: asyncio.Event) -> dict[tuple[str, str], Position] | None:
+        """`read_positions`, retried with capped backoff while Redis is down; None if `stop` is set first."""
+        backoff = Backoff(PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S)
+        while True:
+            try:
+                return await self.read_positions()
+            except REDIS_DOWN as exc:
+                self.redis_down(exc, backoff.delay)
+                if await backoff.sleep(stop):
+                    return None
+
+    async def drain(self, task: asyncio.Task[None], bound_s: float) -> None:
+        """At stop: let `task` (running `run`) publish what the outbox holds, for at most `bound_s`; what is
+        left then is logged as the Gap it leaves (the next start opens it from the stored positions anyway)."""
+        self.draining.set()
+        self.ready.set()
+        if task.done():
+            return
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), bound_s)
+            log.info("stopped collecting; the outbox was published in %.2f s", time.monotonic() - started)
+            return
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.settle_dropped()
+        runs: dict[tuple[str, str], list[Event]] = {}
+        for batch in self.outbox.queued:
+            runs.setdefault((batch.symbol, batch.channel), []).extend(batch.events)
+        log.error("could not publish within %.0f s of the stop (%s): %d events of %d batches not published",
+                  bound_s, self.service.detail or "Redis slow or unreachable", self.outbox.events,
+                  len(self.outbox))
+        for (symbol, channel), events in runs.items():
+            times = [int(getattr(e, "ts_event", 0)) for e in events]
+            ids = [e.trade_id for e in events if isinstance(e, Trade)]
+            named = f"; trade ids {ids[0]}..{ids[-1]}" if ids else ""
+            log.error("gap in %s %s %s from %d to %d (not published at stop): %d events%s; the next start "
+                      "opens its Gap from the stored position (written with the XADDs, so it also tells if a "
+                      "write sent before the stop was applied after all)", self.exchange_id, symbol,
+                      channel or "-", min(times), max(times), len(events), named)
