@@ -10,9 +10,11 @@ import msgspec
 import pytest
 
 from common.domain import quality
+from common.domain.admit import FAST_RULES, admit, clears_candle_rules
+from common.domain.normalize import SymbolMap, canonical_decimal, canonical_number
 from common.domain.quality import CheckContext, RejectionLog, to_ns
 from common.domain.timeframe import MS, NS
-from schemas import Market, Trade
+from schemas import Candle, Market, Trade
 from tests import stubs
 
 CTX = CheckContext(now_ns=time.time_ns(), max_future_skew_ns=5 * NS)
@@ -276,3 +278,49 @@ def test_with_quality_appends_each_rule_once() -> None:
     assert flagged.quality == ("time.stale",)
     assert quality.with_quality(flagged, ["trade.id_gap", "time.stale"]).quality == ("time.stale", "trade.id_gap")
     assert quality.with_quality(flagged, []) is flagged
+
+
+# --- admit: the stateless rules, then normalization (backfill, import, gap repair's candles) ---------------
+
+def test_admit_normalizes_an_event_that_passes() -> None:
+    raw = replace(stubs.candle(o="61837.63000000"), open_time=1_723_161_240_000)  # open time in ms
+    admitted = admit(raw, CTX, SymbolMap())
+    assert admitted.findings == [] and admitted.notes == {"ts_rescaled"}
+    event = admitted.event
+    assert isinstance(event, Candle) and event.open_time == stubs.candle().open_time
+    assert [str(v) for v in (event.open, event.high, event.low, event.close)] == ["61837.63", "61900", "61800",
+                                                                                 "61850.1"]
+
+
+def test_admit_rejects_on_a_rule_and_returns_its_findings() -> None:
+    admitted = admit(stubs.candle(h="61000", lo="62000"), CTX, SymbolMap())
+    assert admitted.event is None and [f.rule for f in admitted.findings] == ["ohlc.consistency"]
+
+
+def test_admit_rejects_what_normalize_refuses_with_its_finding() -> None:
+    misaligned = replace(stubs.candle(), open_time=stubs.candle().open_time + 1_000_000)
+    admitted = admit(misaligned, CTX, SymbolMap())
+    assert admitted.event is None and [f.rule for f in admitted.findings] == ["candle.misaligned"]
+
+
+def test_admit_flags_a_finding_whose_policy_is_not_reject() -> None:
+    flag = quality.Rule("volume.zero", "info", "flag", frozenset({"candle"}), "zero volume",
+                        lambda e, ctx: [("zero volume", {})])
+    admitted = admit(stubs.candle(), CTX, SymbolMap(), (*quality.RULES, flag))
+    assert isinstance(admitted.event, Candle) and admitted.event.quality == ("volume.zero",)
+    assert [f.rule for f in admitted.findings] == ["volume.zero"]
+
+
+def test_the_fast_candle_check_agrees_with_admit() -> None:
+    limit = CTX.now_ns + CTX.max_future_skew_ns
+    good, bad = stubs.candle(), stubs.candle(h="61000", lo="62000")
+    assert frozenset(r.name for r in quality.RULES if "candle" in r.kinds) == FAST_RULES
+    assert clears_candle_rules(good, limit) and admit(good, CTX, SymbolMap()).event is not None
+    assert not clears_candle_rules(bad, limit) and admit(bad, CTX, SymbolMap()).event is None
+
+
+@pytest.mark.parametrize("x", [61837.63, 100.0, 0.0, -0.0, 1e-08, 1.5e16, 0.1, 12.5, "61837.63000000", 7])
+def test_canonical_number_is_canonical_decimal_of_the_exchange_text(x: float | str) -> None:
+    expected = canonical_decimal(Decimal(repr(x) if isinstance(x, float) else str(x)))
+    assert str(canonical_number(x)) == str(expected)
+    assert canonical_number(None) is None and canonical_number("not a number") is None
