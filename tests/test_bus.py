@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import msgspec
 import pytest
 
+from common.backoff import EQUAL, EXACT, Backoff, sleep_unless
 from common.bus import streams
 from common.bus.core import Consumer, Delivery, Producer, StreamSelector
 from common.config import BusSettings
@@ -18,7 +21,7 @@ FAST = BusSettings(stream_maxlen=1000, backpressure_high_water=500, backpressure
                    batch_max_events=10, read_count=50, block_ms=50, claim_idle_ms=200, max_deliveries=2)
 
 
-async def run_until(consumer: Consumer, handler, predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def run_until(consumer: Consumer, handler, predicate, timeout: float = 10.0) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(handler, stop))
     try:
@@ -30,7 +33,7 @@ async def run_until(consumer: Consumer, handler, predicate, timeout: float = 10.
         await asyncio.wait_for(task, 5)
 
 
-async def test_publish_packs_events_into_bounded_entries(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_publish_packs_events_into_bounded_entries(redis) -> None:
     # Arrange
     producer = Producer(redis, Codec(), FAST, "test")
     events = [stubs.trade(i) for i in range(25)]
@@ -44,7 +47,7 @@ async def test_publish_packs_events_into_bounded_entries(redis) -> None:  # type
     assert decoded == events  # exact Decimals round-trip
 
 
-async def test_entries_acknowledged_only_after_handler_succeeds(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_entries_acknowledged_only_after_handler_succeeds(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"s1": [stubs.trade(i) for i in range(30)]})
     seen: list[Trade] = []
@@ -60,7 +63,7 @@ async def test_entries_acknowledged_only_after_handler_succeeds(redis) -> None: 
     assert [t.trade_id for t in seen] == [stubs.trade(i).trade_id for i in range(30)]
 
 
-async def test_store_unavailable_is_retried_in_place_without_loss(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_store_unavailable_is_retried_in_place_without_loss(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"s1": [stubs.trade(i) for i in range(5)]})
     calls = {"n": 0}
@@ -80,7 +83,7 @@ async def test_store_unavailable_is_retried_in_place_without_loss(redis) -> None
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
-async def test_entries_retried_in_place_are_not_taken_over_by_a_sibling(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_entries_retried_in_place_are_not_taken_over_by_a_sibling(redis) -> None:
     # Arrange: two consumers of one group; the first reads every entry, then its store is down for 5x
     # claim_idle_ms, while the second keeps looking for idle entries to take over.
     producer = Producer(redis, Codec(), FAST, "test")
@@ -125,7 +128,7 @@ async def test_entries_retried_in_place_are_not_taken_over_by_a_sibling(redis) -
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
-async def test_undecodable_entry_goes_to_dead_letter_with_reason(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_undecodable_entry_goes_to_dead_letter_with_reason(redis) -> None:
     await redis.xadd("s1", {"v": "1", "d": b"\xc1garbage"})
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"s1": [stubs.trade(1)]})
@@ -144,7 +147,7 @@ async def test_undecodable_entry_goes_to_dead_letter_with_reason(redis) -> None:
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
-async def test_entry_failing_every_delivery_is_dead_lettered_and_others_flow(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_entry_failing_every_delivery_is_dead_lettered_and_others_flow(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     for i in range(3):
         await producer.publish({"s1": [stubs.trade(i)]})
@@ -166,7 +169,7 @@ async def test_entry_failing_every_delivery_is_dead_lettered_and_others_flow(red
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
-async def test_entries_left_by_a_crashed_consumer_are_taken_over(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_entries_left_by_a_crashed_consumer_are_taken_over(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"s1": [stubs.trade(i) for i in range(10)]})
     await redis.xgroup_create("s1", "g", id="0")
@@ -184,7 +187,7 @@ async def test_entries_left_by_a_crashed_consumer_are_taken_over(redis) -> None:
     assert (await redis.xpending("s1", "g"))["pending"] == 0
 
 
-async def test_restarted_consumer_processes_its_own_pending_first(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_restarted_consumer_processes_its_own_pending_first(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"s1": [stubs.trade(i) for i in range(3)]})
     await redis.xgroup_create("s1", "g", id="0")
@@ -201,7 +204,7 @@ async def test_restarted_consumer_processes_its_own_pending_first(redis) -> None
     assert consumer.stats.claimed == 0
 
 
-async def test_forwarding_publishes_and_acknowledges_atomically(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_forwarding_publishes_and_acknowledges_atomically(redis) -> None:
     codec = Codec()
     producer = Producer(redis, codec, FAST, "test")
     await producer.publish({"in": [stubs.trade(i) for i in range(7)]})
@@ -216,7 +219,7 @@ async def test_forwarding_publishes_and_acknowledges_atomically(redis) -> None: 
     assert (await redis.xpending("in", "g"))["pending"] == 0
 
 
-async def test_pattern_selector_finds_streams_published_later(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_pattern_selector_finds_streams_published_later(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     got: list[object] = []
 
@@ -238,7 +241,7 @@ async def test_pattern_selector_finds_streams_published_later(redis) -> None:  #
     assert consumer.streams == ["md:trade:binance:ETH/USDT"]
 
 
-async def test_backpressure_waits_then_publishes_with_an_alert(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_backpressure_waits_then_publishes_with_an_alert(redis) -> None:
     # raw:* is read by the pipeline's own validator group: the producer creates it and obeys it.
     settings = msgspec.structs.replace(FAST, backpressure_high_water=3, backpressure_max_wait_s=0.3)
     producer = Producer(redis, Codec(), settings, "test")
@@ -258,7 +261,7 @@ def test_codec_rejects_payloads_that_are_not_event_batches(bad: bytes) -> None:
         Codec().decode(bad)
 
 
-async def test_publish_with_extra_commits_position_with_the_entries(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_publish_with_extra_commits_position_with_the_entries(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     # Act
     await producer.publish({"s1": [stubs.trade(1)]}, extra=lambda pipe: pipe.set("pos:s1", "42"))
@@ -267,13 +270,13 @@ async def test_publish_with_extra_commits_position_with_the_entries(redis) -> No
     assert await redis.get("pos:s1") == b"42"
 
 
-async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> None:
     # Arrange: a forwarding stage that checkpoints how many entries it has seen, atomically with its commit.
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({"in": [stubs.trade(i) for i in range(3)]})
     seen: list[str] = []
 
-    def checkpoint(pipe, batch: list[Delivery]) -> None:  # type: ignore[no-untyped-def]
+    def checkpoint(pipe, batch: list[Delivery]) -> None:
         seen.extend(d.entry_id for d in batch)
         pipe.set("ckpt", batch[-1].entry_id)
 
@@ -290,7 +293,7 @@ async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> N
     assert (await redis.xpending("in", "g"))["pending"] == 0
 
 
-async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> None:
     from common.bus.lease import Lease, LeaseLost
 
     # Arrange: c1 holds the lease; c2 (same group) waits as standby and reads nothing.
@@ -298,7 +301,7 @@ async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> Non
     await producer.publish({"s1": [stubs.trade(1)]})
     got: dict[str, int] = {"c1": 0, "c2": 0}
 
-    def handler_for(name: str):  # type: ignore[no-untyped-def]
+    def handler_for(name: str):
         async def handler(batch: list[Delivery]) -> None:
             got[name] += len(batch)
         return handler
@@ -325,3 +328,29 @@ async def test_lease_admits_one_consumer_and_a_lost_lease_stops_it(redis) -> Non
     assert c2.stats.state == "standby" and got["c2"] == 0
     stop.set()
     await asyncio.wait_for(t2, 5)
+
+
+def test_backoff_doubles_to_its_cap_with_jitter_and_starts_again_after_reset() -> None:
+    backoff = Backoff(0.5, 4.0, rng=random.Random(3))
+    nominal = []
+    for _ in range(6):
+        nominal.append(backoff.delay)
+        assert 0.8 * backoff.delay <= backoff.next() <= 1.2 * backoff.delay  # +-20% around the nominal delay
+    assert nominal == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0] and backoff.attempts == 6
+    backoff.reset()
+    assert (backoff.delay, backoff.attempts) == (0.5, 0)
+    equal = Backoff(1.0, 1.0, spread=EQUAL, rng=random.Random(3))
+    assert all(0.5 <= equal.next() <= 1.0 for _ in range(20))  # "equal jitter" never waits longer
+    with pytest.raises(ValueError, match="first_s"):
+        Backoff(0.0, 1.0)
+
+
+async def test_backoff_sleep_returns_at_once_when_stop_is_set() -> None:
+    stop = asyncio.Event()
+    started = time.monotonic()
+    assert not await sleep_unless(stop, 0.05, EXACT)
+    assert time.monotonic() - started >= 0.05
+    stop.set()
+    started = time.monotonic()
+    assert await Backoff(30.0, 30.0).sleep(stop)
+    assert time.monotonic() - started < 1.0

@@ -17,6 +17,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common.backoff import EXACT, sleep_unless
 from common.errors import MdpError
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,7 @@ class Lease:
                 if time.monotonic() - logged_at >= STANDBY_LOG_EVERY_S:
                     logged_at = time.monotonic()
                     log.warning("lease %s: Redis unreachable while waiting for it (%s); retrying", self.key, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.ttl_ms / 3000)
-            except TimeoutError:
-                pass
+            await sleep_unless(stop, self.ttl_ms / 3000, EXACT)
         return False
 
     async def renew(self) -> None:
@@ -113,11 +111,8 @@ class Lease:
         """Renew every ttl/3 until `stop`; raises LeaseLost when the lease is gone or could not be renewed
         for a whole ttl (Redis unreachable: another process may have taken it meanwhile)."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.ttl_ms / 3000)
+            if await sleep_unless(stop, self.ttl_ms / 3000, EXACT):
                 return
-            except TimeoutError:
-                pass
             try:
                 await self.renew()
             except (RedisError, OSError) as exc:
