@@ -317,8 +317,8 @@ class Stage(Service):
         return out | {k: getattr(s, k) for k in self.bus_counters}
 
     async def run(self, stop: asyncio.Event) -> None:
-        if type(self).prepare is not Stage.prepare and not await self.until_ready(stop, self.prepare):
-            return
+        if not await self.until_ready(stop, self.prepare):
+            return  # stopped before the store answered
         self.state, self.detail = "running", ""
         await self.consumer.run(self.handle, stop)
 
