@@ -207,7 +207,7 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str
     symbols: list[str]
     # ticker: best bid/ask (and last); book: bounded L2 snapshots; funding: funding rate with mark and index
-    # price; open_interest: perpetuals only (services/collector/channels.py says how each is fetched).
+    # price; open_interest: perpetuals only (services/collector/feeds.py says how each is fetched).
     channels: list[Literal["trades", "candles", "ticker", "book", "funding", "open_interest"]] = msgspec.field(
         default_factory=lambda: ["trades", "candles"])
     timeframe: str = "1m"

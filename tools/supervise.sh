@@ -28,7 +28,7 @@ render() {
 import re, sys
 root, run_dir, simulator, sim_args, out = sys.argv[1:]
 text = open(f"{root}/supervisord.conf").read()
-default_args = re.search(r"^command=%\(here\)s/\.venv/bin/python -m services\.simulator (.*)$", text, re.M)
+default_args = re.search(r"^command=%\(here\)s/\.venv/bin/python -m simulator (.*)$", text, re.M)
 if default_args is None:
     sys.exit("error: supervisord.conf has no [program:simulator] command line to render; restore it")
 text = text.replace(default_args.group(0), default_args.group(0).replace(default_args.group(1), sim_args), 1)

@@ -48,8 +48,7 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from common.backoff import Backoff
-from common.backoff import sleep_unless as sleep_unless  # noqa: PLC0414 - re-exported (services.gap_repair)
+from common.backoff import Backoff, sleep_unless
 from common.bus import streams
 from common.bus.lease import Lease, LeaseLost
 from common.config import BusSettings

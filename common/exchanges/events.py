@@ -12,11 +12,15 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Literal
 
+from common.domain.timeframe import MS, Timeframe
 from schemas import Candle, Trade
 
-MS = 1_000_000
-TIMEFRAME_MS = {"1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
-                "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
+
+def length_ms(timeframe: str) -> int:
+    """A bar's fixed length in ms (0 for what has none: months, years, or a name that is no timeframe)."""
+    tf = Timeframe.find(timeframe)
+    ns = tf.ns if tf is not None else None
+    return ns // MS if ns else 0
 
 
 def dec(value: Any) -> Decimal | None:
@@ -46,7 +50,7 @@ def candle_event(exchange: str, symbol: str, timeframe: str, row: list[Any], clo
     open_ms = row[0] if row and row[0] is not None else None
     values = [dec(v) for v in (list(row[1:6]) + [None] * 5)[:5]]
     open_time = int(open_ms) * MS if open_ms is not None else 0
-    close_ms = (int(open_ms) + TIMEFRAME_MS.get(timeframe, 0) - 1) if open_ms is not None else 0
+    close_ms = (int(open_ms) + length_ms(timeframe) - 1) if open_ms is not None else 0
     return Candle(exchange=exchange, symbol=symbol, timeframe=timeframe, open_time=open_time,
                   open=values[0], high=values[1], low=values[2], close=values[3], volume=values[4],
                   closed=closed, ts_event=close_ms * MS if closed else ts_recv, ts_recv=ts_recv,

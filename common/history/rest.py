@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Any
 
 import ccxt
 
+from common.backoff import Backoff
 from common.domain.span import MS, Span, iso
 from common.errors import MdpError
 from common.exchanges.events import candle_event
@@ -67,6 +67,7 @@ class PageFetcher:
         ex = self.rest.exchange
         s = self.series
         params = {"until": until_ns // MS - 1}
+        backoff = Backoff(0.5, 30.0)
         for attempt in range(self.retries + 1):
             try:
                 rows = await self.rest.call(self.weight, ex.fetch_ohlcv, s.symbol, s.timeframe,
@@ -81,7 +82,7 @@ class PageFetcher:
                         f"failed {attempt + 1} times, last: {type(exc).__name__}: {str(exc)[:300]}. "
                         f"Everything stored so far is in the ledger; run the same command again to resume."
                     ) from exc
-                delay = min(30.0, 0.5 * 2 ** attempt) * (0.8 + 0.4 * random.random())
+                delay = backoff.next()
                 log.warning("%s fetch_ohlcv %s %s since %s failed (%s: %s); retry %d/%d in %.1f s", ex.id,
                             s.symbol, s.timeframe, iso(since_ns), type(exc).__name__, str(exc)[:200],
                             attempt + 1, self.retries, delay)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from common.exchanges.events import MS, dec
+from common.domain.timeframe import MS
+from common.exchanges.events import dec
 from schemas import FundingRate, Market, OpenInterest, OrderBook, Ticker
 
 

@@ -37,7 +37,8 @@ from typing import Any, Literal, Protocol, cast
 import ccxt
 
 from common.config import ConfigError, ExchangeSettings
-from common.exchanges.events import TIMEFRAME_MS, candle_event, trade_event
+from common.domain.timeframe import MS
+from common.exchanges.events import candle_event, length_ms, trade_event
 from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned
 from common.exchanges.venues import venue
 from schemas import Alert, Candle, Event, OrderBook
@@ -48,7 +49,6 @@ from services.collector.symbols import SymbolState
 
 log = logging.getLogger(__name__)
 
-MS = 1_000_000
 CHANNELS = ("trades", "candles", "ticker", "book", "funding", "open_interest")
 # OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
 # there in ccxt 4.5.90; it is transient like a NetworkError and must be retried, not crash the feed.
@@ -270,7 +270,7 @@ class CandlesFeed(Feed):
         assert host.rest is not None
         state = host.state_by_symbol[symbol]
         tf = self.timeframe
-        since = state.last_closed_open_ms + TIMEFRAME_MS[tf] if state.last_closed_open_ms >= 0 else None
+        since = state.last_closed_open_ms + length_ms(tf) if state.last_closed_open_ms >= 0 else None
         host.count["rest_polls"] += 1
         try:
             rows = await asyncio.wait_for(

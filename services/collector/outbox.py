@@ -13,9 +13,9 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 
+from common.domain.timeframe import MS
 from schemas import Event
 
-MS = 1_000_000
 POSITION_PREFIX = "mdp:collector:pos:"  # hash per exchange, field "{channel}:{symbol}" -> Position (JSON)
 
 

@@ -24,9 +24,10 @@ from common.backoff import EXACT, Backoff
 from common.bus import streams
 from common.bus.core import Producer
 from common.bus.stage import Service
+from common.domain.timeframe import MS
 from schemas import Event, Trade
 from services.collector.gaps import dropped_gap, lost_gap
-from services.collector.outbox import MS, Batch, Dropped, Outbox, Position, position_field, position_key
+from services.collector.outbox import Batch, Dropped, Outbox, Position, position_field, position_key
 from services.collector.symbols import SymbolState
 
 log = logging.getLogger(__name__)

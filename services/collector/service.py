@@ -53,6 +53,7 @@ from common.backoff import EQUAL, EXACT, Backoff, jittered, sleep_unless
 from common.bus.core import Producer
 from common.bus.stage import Service
 from common.config import ExchangeSettings, Settings
+from common.domain.timeframe import MS
 from common.exchanges.clients import make_pro_exchange
 from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.exchanges.venues import Venue, venue
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 DRAIN_S = 8.0  # at SIGTERM: how long the outbox may take to publish (service.main cancels us after 10 s)
 SWEEP_S = 0.5  # the longest single wait on a socket: then caches are swept and the watchdog looks
 MARKETS_BACKOFF_S, MARKETS_BACKOFF_MAX_S = 1.0, 60.0  # retrying load_markets
-MS = 1_000_000
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from services.collector.outbox import MS, Position
+from common.domain.timeframe import MS
+from services.collector.outbox import Position
 
 
 class SymbolState:

@@ -23,6 +23,7 @@ from common.bus import streams
 from common.bus.core import Outputs
 from common.config import Settings
 from common.domain.span import Span, SpanError
+from common.domain.timeframe import MS
 from common.history.ledger import Series
 from schemas import Alert, Event, Gap
 from services.gap_repair.candles import CandleRepair
@@ -33,7 +34,6 @@ from services.gap_repair.trades import TradeRepair, missing_ids
 log = logging.getLogger(__name__)
 
 SNAPSHOT_CHANNELS = frozenset({"book", "orderbook", "ticker", "bookTicker", "funding", "open_interest"})
-MS = 1_000_000
 NO_ID_MISSING = "no trade id missing"  # the collector's reason when the ids around an outage are consecutive
 ALERTED_MEMORY = 10_000  # scanned holes whose unrepaired alert went out, remembered to not repeat it
 

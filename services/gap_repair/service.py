@@ -29,6 +29,7 @@ import logging
 import asyncpg
 import redis.asyncio as aioredis
 
+from common.backoff import sleep_unless
 from common.bus import streams
 from common.bus.core import (
     Consumer,
@@ -36,7 +37,6 @@ from common.bus.core import (
     Outputs,
     Producer,
     StreamSelector,
-    sleep_unless,
 )
 from common.bus.stage import Service
 from common.config import Settings

@@ -1,5 +1,5 @@
 """A local fake of InfluxDB 2.x (OSS 2.7) and 3.x (3 Core), for what cannot run here: only 1.6.7 is packaged
-for these machines (FACTS.md). It speaks their wire format and records every request, so tests check each
+for these machines (docs/facts.md). It speaks their wire format and records every request, so tests check each
 request our code makes (method, path, parameters, headers, body) and our handling of each answer.
 
 What it models, from the servers' sources (influxdata/influxdb: 2.x `dbrp/http_server_dbrp.go`,

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Protocol, TypeVar
 
+from common.domain.timeframe import MS, NS
 from schemas import Candle, FundingRate, OpenInterest, Trade
 
 TRADES = "trades"
@@ -27,8 +28,8 @@ OHLCV = "ohlcv"
 FUNDING = "funding"
 OPEN_INTEREST = "open_interest"
 
-NS_PER_MS = 1_000_000
-NS_PER_S = 1_000_000_000
+NS_PER_MS = MS  # the names line protocol code reads
+NS_PER_S = NS
 _OFFSET_MOD = 1_000_000  # ns in a millisecond: the offset of a trade inside its millisecond
 
 _TAG_ESCAPES = str.maketrans({" ": "\\ ", ",": "\\,", "=": "\\="})

@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass
 
 from common.config import ConfigError, InfluxSettings
+from common.domain.timeframe import NS, Timeframe
 from common.stores.influx.line import NS_PER_S
 
 TICKS = "ticks"  # what a tier lists in influx.tiers to hold the raw trades (measurement `trades`)
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "M": 30 * 86400, "y": 365 * 86400}
 _RETENTION = re.compile(r"^(\d+)([hdw])$")
-_TIMEFRAME = re.compile(r"^(\d+)([smhdwMy])$")
+
 _GO_DURATION_PART = re.compile(r"(\d+)(h|m|s)")
 # Names valid as a 1.x retention policy, a 2.x bucket and a 3.x database alike.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -59,13 +60,10 @@ def go_duration_seconds(text: str) -> int | None:
     return total or None
 
 
-# Its own parser of ccxt timeframes for now; common.domain is getting the one Timeframe type, to be used here.
 def timeframe_seconds(timeframe: str) -> int:
-    """Seconds of a ccxt timeframe ("1m", "4h", "1d", "1w", "1M" = 30 days); ValueError otherwise."""
-    found = _TIMEFRAME.match(timeframe)
-    if not found or int(found.group(1)) == 0:
-        raise ValueError(f"timeframe {timeframe!r} is not a ccxt timeframe like \"1m\", \"4h\", \"1d\", \"1M\"")
-    return int(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+    """Seconds of a timeframe as ccxt counts it ("1m", "4h", "1d", "1w", "1M" = 30 days): common.domain's
+    Timeframe; TimeframeError (a ValueError naming the value and the accepted forms) otherwise."""
+    return Timeframe.parse(timeframe).nominal_ns // NS
 
 
 @dataclass(frozen=True, slots=True)
