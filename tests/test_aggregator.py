@@ -38,7 +38,7 @@ PACKED = replace(FAST, batch_max_events=500, read_count=100, stream_maxlen=10_00
 
 
 @pytest.fixture
-def settings(redis_server) -> Settings:  # type: ignore[no-untyped-def]
+def settings(redis_server) -> Settings:
     return Settings(redis=RedisSettings(url=redis_server.url), bus=PACKED)
 
 
@@ -70,7 +70,7 @@ def capture() -> tuple[Recording, list[Event], list[Event]]:
     return rec, trades, candles
 
 
-async def test_minutes_built_from_the_real_trades_equal_the_exchange_candles(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_minutes_built_from_the_real_trades_equal_the_exchange_candles(redis, settings) -> None:
     # Arrange: 19,904 real trades and the 11 closed 1m candles the exchange (simulator) derives from them
     rec, trades, candles = capture()
     # Act
@@ -93,7 +93,7 @@ async def test_minutes_built_from_the_real_trades_equal_the_exchange_candles(red
     assert ours and all(c.timeframe != "1m" for c in ours)
 
 
-async def test_a_doctored_exchange_candle_raises_candle_reconcile(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_doctored_exchange_candle_raises_candle_reconcile(redis, settings) -> None:
     rec, trades, candles = capture()
     doctored = candles[5]
     assert isinstance(doctored, Candle) and doctored.high is not None
@@ -144,7 +144,7 @@ def assert_bars_equal(bars: list[Candle], expected: pd.DataFrame, minutes: int) 
         assert ("time.gap" in bar.quality) == (row.timestamp < minutes), bar
 
 
-async def test_higher_bars_equal_pandas_resample_of_the_real_file(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_higher_bars_equal_pandas_resample_of_the_real_file(redis, settings) -> None:
     # Arrange: 1 day and 3 hours of real minutes, one missing (a hole inside a 5m, 1h and the 1d bar)
     minutes, frame = real_minutes(27 * 60)
     hole = 3 * 60 + 7
@@ -171,7 +171,7 @@ async def test_higher_bars_equal_pandas_resample_of_the_real_file(redis, setting
     assert flagged == [(tf, hole_ns - hole_ns % bar_duration(tf)) for tf in ("5m", "15m", "1h", "4h", "1d")]
 
 
-async def test_a_restart_rebuilds_the_bars_in_progress(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_restart_rebuilds_the_bars_in_progress(redis, settings) -> None:
     minutes, frame = real_minutes(130)  # 00:00 .. 02:09
     first, second = minutes[:95], minutes[95:]  # the restart falls inside the 01:00 hour and a 5m bar
     await aggregate(redis, settings, candles=first)
@@ -186,7 +186,7 @@ async def test_a_restart_rebuilds_the_bars_in_progress(redis, settings) -> None:
     assert len({c.open_time for c in fives}) == 26 and not any(c.quality for c in fives)
 
 
-async def test_redelivered_minutes_give_the_same_bars(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_redelivered_minutes_give_the_same_bars(redis, settings) -> None:
     minutes, frame = real_minutes(20)
     await aggregate(redis, settings, candles=[*minutes, *minutes[5:15]])  # a producer re-sent ten minutes
     out = await bars_published(redis)
@@ -249,7 +249,7 @@ def by_time(trades: list[Event], candles: list[Event], cuts: Sequence[int]) -> l
     return pieces
 
 
-async def test_restarts_mid_minute_give_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_restarts_mid_minute_give_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:
     # Arrange: the real capture in one process
     rec, trades, candles = capture()
     await aggregate_in_pieces(redis, settings, [[*trades, *candles]])
@@ -262,7 +262,7 @@ async def test_restarts_mid_minute_give_the_outputs_of_an_uninterrupted_run(redi
     assert await everything_published(redis) == expected
 
 
-async def test_restarts_across_midnight_never_rebuild_the_wrong_day(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_restarts_across_midnight_never_rebuild_the_wrong_day(redis, settings) -> None:
     # Arrange: 27 real hours of minutes in one process; then cut around midnight, one piece starting with a
     # minute of the day before sent again (a late copy)
     minutes, frame = real_minutes(27 * 60)
@@ -284,7 +284,7 @@ async def test_restarts_across_midnight_never_rebuild_the_wrong_day(redis, setti
     assert_bars_equal([b for b in bars if b.timeframe == "1h"], resample(frame, "1h"), 60)  # type: ignore[misc]
 
 
-async def test_a_second_aggregator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_second_aggregator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:
     # Arrange: one process's outputs, from small entries (many batches)
     small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10))
     _, trades, candles = capture()
@@ -323,7 +323,7 @@ async def test_a_second_aggregator_waits_as_standby_and_takes_over_when_the_firs
     assert standby.consumer.stats.acked > 0 and standby.checkpoint.loaded == 1
 
 
-def hang_after(svc: Aggregator, entries: int, stuck: asyncio.Event):  # type: ignore[no-untyped-def]
+def hang_after(svc: Aggregator, entries: int, stuck: asyncio.Event):
     """svc.handle, except that the batch after `entries` entries hangs (a process that froze, then is killed)."""
     handle = svc.handle
 
@@ -353,7 +353,7 @@ def hyperliquid_trades() -> list[Trade]:
             for e in load_capture(path) if e.channel == "trades" for t in e.data]
 
 
-async def test_hyperliquid_minutes_keep_every_trade_though_its_ids_are_not_ordered(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_hyperliquid_minutes_keep_every_trade_though_its_ids_are_not_ordered(redis, settings) -> None:
     # Arrange: the real Hyperliquid capture (64 trades over two minutes, tids in no order), and a trade of the
     # next minute that closes the second one
     trades = hyperliquid_trades()
@@ -386,7 +386,7 @@ def coinbase_trades(loops: int) -> list[Trade]:
             for k in range(loops) for t in base]
 
 
-async def test_coinbase_built_minutes_are_its_1m_candles_and_roll_up(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_coinbase_built_minutes_are_its_1m_candles_and_roll_up(redis, settings) -> None:
     # Arrange: Coinbase configured as in config/simulator.toml (no candle channel), 12 minutes of its trades
     coinbase = ExchangeSettings(id="coinbase", symbols=["SKL/USD"], channels=["trades", "ticker", "book"])
     with_coinbase = replace(settings, exchanges=[coinbase])
@@ -418,7 +418,7 @@ async def test_coinbase_built_minutes_are_its_1m_candles_and_roll_up(redis, sett
     assert_bars_equal(fives, resample(minute_frame, "5min"), 5)
 
 
-async def test_a_late_trade_filling_a_hole_of_the_minute_counts_once(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_late_trade_filling_a_hole_of_the_minute_counts_once(redis, settings) -> None:
     # Binance numbers trades one by one: 3 arrives after 4 (a reordered message, or a repair of the hole the
     # validator announced); 2 and 4 come twice (redeliveries). The minute holds 1..4, each once.
     _, trades, _ = capture()
@@ -435,11 +435,11 @@ async def test_a_late_trade_filling_a_hole_of_the_minute_counts_once(redis, sett
 
 
 @pytest.fixture
-def influx_settings(influx_server) -> InfluxSettings:  # type: ignore[no-untyped-def]
+def influx_settings(influx_server) -> InfluxSettings:
     return InfluxSettings(url=influx_server.url, database=f"mdp_test_aggregator_{os.getpid()}", retention=KEEP_ALL)
 
 
-async def test_coinbase_1m_candles_reach_influxdb_through_the_writer(redis, settings, influx_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_coinbase_1m_candles_reach_influxdb_through_the_writer(redis, settings, influx_settings) -> None:
     # Arrange: the aggregator's outputs for 6 minutes of Coinbase trades (no candle channel)
     coinbase = ExchangeSettings(id="coinbase", symbols=["SKL/USD"], channels=["trades", "ticker", "book"])
     with_coinbase = replace(settings, exchanges=[coinbase], influx=influx_settings)

@@ -198,7 +198,7 @@ async def test_registry_and_groups_come_back_when_redis_restarts_without_its_dat
         server.stop()
 
 
-async def test_producer_creates_the_pipelines_own_groups_so_data_waits_for_a_stopped_stage(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_producer_creates_the_pipelines_own_groups_so_data_waits_for_a_stopped_stage(redis) -> None:
     # Arrange: no validator is running.
     settings = msgspec.structs.replace(FAST, backpressure_high_water=3, backpressure_max_wait_s=0.3)
     producer = Producer(redis, Codec(), settings, "collector")
@@ -228,7 +228,7 @@ async def test_producer_creates_the_pipelines_own_groups_so_data_waits_for_a_sto
 # -- 2. groups that are not ours ---------------------------------------------------------------------------
 
 
-async def test_an_abandoned_strategy_group_with_a_huge_lag_does_not_slow_a_producer(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_an_abandoned_strategy_group_with_a_huge_lag_does_not_slow_a_producer(redis) -> None:
     # Arrange: the README's example left `my-strategy` behind on a stream, far beyond the high water mark.
     stream = "md:trade:binance:BTC/USDT"
     settings = msgspec.structs.replace(FAST, backpressure_high_water=50, backpressure_max_wait_s=5.0,
@@ -271,7 +271,7 @@ async def test_an_abandoned_strategy_group_with_a_huge_lag_does_not_slow_a_produ
     assert "my-strategy" in {g["name"].decode() for g in await redis.xinfo_groups(stream)}
 
 
-async def test_an_abandoned_group_is_dropped_only_when_configured(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_an_abandoned_group_is_dropped_only_when_configured(redis) -> None:
     stream = "md:candle_built:binance:BTC/USDT"  # no stage of ours reads it
     settings = msgspec.structs.replace(FAST, abandoned_group_s=0.2, drop_abandoned_groups=True)
     producer = Producer(redis, Codec(), settings, "aggregator")
@@ -292,7 +292,7 @@ async def test_an_abandoned_group_is_dropped_only_when_configured(redis) -> None
 # -- 3. smaller bus defects --------------------------------------------------------------------------------
 
 
-async def test_a_pending_entry_trimmed_before_the_restart_is_reported_not_acknowledged_silently(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_a_pending_entry_trimmed_before_the_restart_is_reported_not_acknowledged_silently(redis) -> None:
     # Arrange: consumer c1 took 3 entries and died; the stream was trimmed past two of them meanwhile.
     producer = Producer(redis, Codec(), FAST, "test")
     for i in range(3):
@@ -342,7 +342,7 @@ POISON_CONSUMER = textwrap.dedent("""
 
 
 async def test_an_entry_that_kills_the_process_every_time_is_dead_lettered_after_max_deliveries(
-        redis, redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        redis, redis_server, tmp_path: Path) -> None:
     # Arrange: good, poison, good; the consumer process is SIGKILLed by its handler on the poison entry.
     producer = Producer(redis, Codec(), FAST, "test")
     poison = msgspec.structs.replace(stubs.trade(1), trade_id="poison")
@@ -424,7 +424,7 @@ class DropExecReply:
         self.server.close()
 
 
-async def test_a_lost_exec_reply_does_not_publish_a_committed_batch_twice(redis, redis_server) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lost_exec_reply_does_not_publish_a_committed_batch_twice(redis, redis_server) -> None:
     # Arrange: the stage talks to Redis through a proxy that loses the reply of its first commit.
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     proxy = DropExecReply(port)
@@ -445,7 +445,7 @@ async def test_a_lost_exec_reply_does_not_publish_a_committed_batch_twice(redis,
     await proxy.close()
 
 
-async def test_a_batch_slower_than_claim_idle_ms_is_not_taken_over_by_a_sibling(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_a_batch_slower_than_claim_idle_ms_is_not_taken_over_by_a_sibling(redis) -> None:
     # Arrange: c1's handler takes 5x claim_idle_ms; c2 looks for idle entries meanwhile.
     await Producer(redis, Codec(), FAST, "test").publish({"s1": [stubs.trade(i) for i in range(10)]})
     first: list[object] = []
@@ -550,7 +550,7 @@ async def test_status_warns_when_the_bus_redis_has_no_persistence(tmp_path: Path
 # -- 5. store outages --------------------------------------------------------------------------------------
 
 
-async def test_a_store_outage_is_stated_once_with_its_duration(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_a_store_outage_is_stated_once_with_its_duration(redis) -> None:
     await Producer(redis, Codec(), FAST, "test").publish({"s1": [stubs.trade(1)]})
     calls = {"n": 0}
     details: list[str] = []
@@ -576,7 +576,7 @@ async def test_a_store_outage_is_stated_once_with_its_duration(redis) -> None:  
     assert not await redis.exists(streams.outage_key("influx_writer", down[0].values["store"]))
 
 
-async def test_a_group_that_read_everything_has_no_lag_even_when_redis_miscounts_it(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_a_group_that_read_everything_has_no_lag_even_when_redis_miscounts_it(redis) -> None:
     # Arrange: after a restart from the AOF, Redis 7.0 kept reporting a lag for a group that had been delivered
     # the stream's last entry (docs/chaos.md). Reproduced here by giving the group a wrong entries-read counter.
     stream = streams.raw("binance")

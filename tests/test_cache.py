@@ -68,7 +68,7 @@ async def run_publisher(settings: Settings, until_events: int) -> CachePublisher
 # -- the market side, from the cache publisher ----------------------------------------------------------
 
 async def test_price_and_recent_market_trades_from_the_publisher(
-        redis: aioredis.Redis, redis_server, cache: CacheClient) -> None:  # type: ignore[no-untyped-def]
+        redis: aioredis.Redis, redis_server, cache: CacheClient) -> None:
     # Arrange
     settings = Settings(redis=RedisSettings(url=redis_server.url), bus=FAST, cache=CacheSettings(recent_trades=5))
     trades = [stubs.trade(i, price=f"6180{i}.5") for i in range(8)]
@@ -91,7 +91,7 @@ async def test_price_and_recent_market_trades_from_the_publisher(
 
 
 async def test_ticks_channel_carries_every_published_trade(
-        redis: aioredis.Redis, redis_server, cache: CacheClient) -> None:  # type: ignore[no-untyped-def]
+        redis: aioredis.Redis, redis_server, cache: CacheClient) -> None:
     # Arrange: a subscriber of ticks:BTC/USDT (and not of ETH/USDT)
     got: list[Tick] = []
     subscribed = asyncio.Event()
@@ -220,7 +220,7 @@ async def test_indicator_is_a_string_with_a_ttl(redis: aioredis.Redis, cache: Ca
         await cache.set_indicator("BTC/USDT", "bad", D("NaN"), ts=1)
 
 
-async def test_the_cap_comes_from_the_settings(redis: aioredis.Redis, redis_server) -> None:  # type: ignore[no-untyped-def]
+async def test_the_cap_comes_from_the_settings(redis: aioredis.Redis, redis_server) -> None:
     settings = Settings(redis=RedisSettings(url=redis_server.url), cache=CacheSettings(strategy_trades=2))
     async with CacheClient.connect(settings) as cache:
         for i in range(3):

@@ -19,7 +19,7 @@ N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
 
 
-async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(settings: Settings, redis) -> None:
     # Arrange
     async with start_simulator(speed=0, max_trades=N, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
@@ -48,7 +48,7 @@ async def test_collects_every_recorded_trade_and_closed_candle_exactly_once(sett
     assert any(m.symbol == "BTC/USDT" and m.exchange_symbol == "BTCUSDT" for m in markets)
 
 
-async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goes_on(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goes_on(settings: Settings, redis) -> None:
     async with start_simulator(speed=0, max_trades=N, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, ws_stall_s=1.0, rest_poll_s=0.5)
         collector = Collector(cfg, "t", exchange="binance")
@@ -67,7 +67,7 @@ async def test_malformed_rest_body_is_passed_on_for_rejection_and_collection_goe
     assert collector.count["trades"] == N
 
 
-async def test_disconnect_is_survived_with_a_reconnect(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_disconnect_is_survived_with_a_reconnect(settings: Settings, redis) -> None:
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
         collector = Collector(cfg, "t", exchange="binance")
@@ -99,7 +99,7 @@ def test_shards_split_symbols_stably() -> None:
         Collector._shard(symbols, "3/3")
 
 
-async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None:
     """Redis goes away mid-replay and comes back (with its append-only file): every trade still lands once."""
     import redis.asyncio as aioredis
 

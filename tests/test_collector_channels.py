@@ -26,7 +26,7 @@ DEPTH = "btcusdt@depth@100ms"  # what ccxt.pro binance subscribes for watch_orde
 SPOT_STREAMS = ("btcusdt@trade", "btcusdt@kline_1m", "btcusdt@bookTicker", DEPTH)
 
 
-async def test_spot_ticker_and_book_are_published_uncrossed_with_their_sequence(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_spot_ticker_and_book_are_published_uncrossed_with_their_sequence(settings: Settings, redis) -> None:
     # Arrange
     async with start_simulator(speed=20, max_trades=N, wait_for_streams=SPOT_STREAMS) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, book_depth=10, book_max_per_s=5.0,
@@ -59,7 +59,7 @@ async def test_spot_ticker_and_book_are_published_uncrossed_with_their_sequence(
     assert any(isinstance(e, Trade) for e in events)
 
 
-async def test_book_throttle_publishes_at_most_the_configured_rate(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_book_throttle_publishes_at_most_the_configured_rate(settings: Settings, redis) -> None:
     """At max_per_s=2 the book is published no more than twice a second per symbol, however fast diffs come:
     the in-between updates are folded into the next snapshot (the latest book wins)."""
     async with start_simulator(speed=50, max_trades=N, wait_for_streams=(DEPTH,)) as sim:
@@ -77,7 +77,7 @@ async def test_book_throttle_publishes_at_most_the_configured_rate(settings: Set
     assert len({b.sequence for b in books}) == len(books), "each published snapshot is a newer book"
 
 
-async def test_book_reaches_the_cache_through_validator_and_normalizer(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_book_reaches_the_cache_through_validator_and_normalizer(settings: Settings, redis) -> None:
     async with start_simulator(speed=20, max_trades=N, wait_for_streams=(DEPTH,)) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["book"], book_depth=5)
         collector = Collector(cfg, "t", exchange="binance")
@@ -107,7 +107,7 @@ async def test_book_reaches_the_cache_through_validator_and_normalizer(settings:
     assert published and all(isinstance(e, OrderBook) for e in published)
 
 
-async def test_a_channel_the_exchange_does_not_offer_is_a_config_error(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_a_channel_the_exchange_does_not_offer_is_a_config_error(settings: Settings, redis) -> None:
     """Funding exists for perpetuals only: on Binance spot markets it is refused at start, naming the channel."""
     async with start_simulator(speed=20, max_trades=100) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades", "funding"])
@@ -137,7 +137,7 @@ VENUES = {  # exchange: (symbol, market types, channels, replay speed)
 
 
 @pytest.mark.parametrize("exchange", sorted(VENUES))
-async def test_every_channel_of_each_venue(exchange: str, settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_every_channel_of_each_venue(exchange: str, settings: Settings, redis) -> None:
     # Arrange
     symbol, types, channels, speed = VENUES[exchange]
     async with start_simulator(speed=speed, venues=(exchange,)) as sim:
@@ -171,7 +171,7 @@ async def test_every_channel_of_each_venue(exchange: str, settings: Settings, re
     assert collector.count["books_crossed"] == 0 and collector.count["gaps"] == 0
 
 
-async def test_coinbase_sequence_gap_resyncs_the_book_with_a_gap_marker(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_coinbase_sequence_gap_resyncs_the_book_with_a_gap_marker(settings: Settings, redis) -> None:
     """ccxt.pro does not check Coinbase's sequence_num; the collector does: a skipped number drops the
     connection's books, reconnects (fresh snapshot) and marks the outage."""
     symbol, types, _, _ = VENUES["coinbase"]
@@ -204,7 +204,7 @@ async def test_coinbase_sequence_gap_resyncs_the_book_with_a_gap_marker(settings
     assert "sequence gap: message" in gaps[0].reason and "3 lost" in gaps[0].reason
 
 
-async def test_funding_and_open_interest_are_stored_as_time_series(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_funding_and_open_interest_are_stored_as_time_series(settings: Settings, redis) -> None:
     """The influx writer stores md:funding:* and md:open_interest:* (ticks tier), exact to the decimal."""
     import os
 
@@ -247,7 +247,7 @@ async def test_funding_and_open_interest_are_stored_as_time_series(settings: Set
     assert len(oi_rows) == 1 and oi_rows[0]["amount"] == Decimal("74942.635") and oi_rows[0].get("value") is None
 
 
-async def test_status_shows_each_channels_rate_and_last_message_age(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_status_shows_each_channels_rate_and_last_message_age(settings: Settings, redis) -> None:
     from common import status
 
     async with start_simulator(speed=20, max_trades=N, wait_for_streams=SPOT_STREAMS[:1] + SPOT_STREAMS[2:3]) as sim:
@@ -272,7 +272,7 @@ async def test_status_shows_each_channels_rate_and_last_message_age(settings: Se
     assert "binance-t trades" in status.render(st)
 
 
-async def test_validator_and_normalizer_pass_the_new_kinds_and_reject_bad_ones(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_validator_and_normalizer_pass_the_new_kinds_and_reject_bad_ones(settings: Settings, redis) -> None:
     """Books, funding and open interest go raw -> valid -> md:{book|funding|open_interest}:*; a crossed book
     and a funding event without numbers are rejected with alerts; contract book amounts become base units."""
     from common.bus.core import Producer

@@ -35,7 +35,7 @@ N = 3000
 BOTH = ("btcusdt@trade", "btcusdt@kline_1m")
 
 
-async def wait_for(predicate, task: asyncio.Task[None], timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, task: asyncio.Task[None], timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not await predicate():
             if task.done():
@@ -58,7 +58,7 @@ def assert_gap_matches_trades(gap: Gap, trades: list[Trade]) -> tuple[Trade, Tra
     raise AssertionError(f"no consecutive published trades bound the gap {gap}")
 
 
-async def test_disconnect_publishes_a_gap_with_the_lost_window_and_data_flows_again(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_disconnect_publishes_a_gap_with_the_lost_window_and_data_flows_again(settings: Settings, redis) -> None:
     # Arrange
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
@@ -96,7 +96,7 @@ async def test_disconnect_publishes_a_gap_with_the_lost_window_and_data_flows_ag
     assert collector.count["reconnects"] >= 1
 
 
-async def test_stalled_socket_is_reconnected_by_the_watchdog_with_a_gap(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_stalled_socket_is_reconnected_by_the_watchdog_with_a_gap(settings: Settings, redis) -> None:
     """The server goes silent but keeps the connection and answers pings (ccxt alone would wait forever)."""
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"],
@@ -130,7 +130,7 @@ async def test_stalled_socket_is_reconnected_by_the_watchdog_with_a_gap(settings
     assert gaps[0].end - gaps[0].start >= 1_000_000_000, "the window covers the silence"
 
 
-async def test_418_stops_rest_calls_for_the_ban(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_418_stops_rest_calls_for_the_ban(settings: Settings, redis) -> None:
     """Candles fall back to REST while the socket is quiet; a 418 holds every REST call for Retry-After."""
     async with start_simulator(speed=0, max_trades=300, wait_for_streams=BOTH) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["candles"], ws_stall_s=0.3,
@@ -172,7 +172,7 @@ async def exchange_info(rest_url: str) -> dict[str, Any]:
         return await resp.json()  # type: ignore[no-any-return]
 
 
-async def test_two_hundred_symbols_subscribe_paced_without_errors(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_two_hundred_symbols_subscribe_paced_without_errors(settings: Settings, redis) -> None:
     async with start_simulator(speed=20, max_trades=N, exchange_info_symbols=None) as sim:
         info = await exchange_info(sim.rest_url)
         symbols = sorted(f"{s['baseAsset']}/{s['quoteAsset']}" for s in info["symbols"]
@@ -217,7 +217,7 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
     assert len({round(d, 6) for d in delays[-20:]}) > 1, "jittered"
 
 
-async def test_reconnects_while_the_server_refuses_then_flows_again(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_reconnects_while_the_server_refuses_then_flows_again(settings: Settings, redis) -> None:
     """Connections are refused (HTTP 503) for 2 s: the collector retries with bounded waits and resumes."""
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
         cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"],
@@ -263,7 +263,7 @@ def on_redis(settings: Settings, url: str) -> Settings:
     return msgspec.structs.replace(settings, redis=msgspec.structs.replace(settings.redis, url=url))
 
 
-async def test_sigterm_publishes_what_was_taken_from_ccxt_before_exiting(settings: Settings, own_redis) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_publishes_what_was_taken_from_ccxt_before_exiting(settings: Settings, own_redis) -> None:
     """Redis is down when the stop comes and back a moment later: the trades already taken from ccxt are
     published within the drain bound (not cancelled with the feeds), and run() returns normally (exit 0)."""
     async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
@@ -294,7 +294,7 @@ async def test_sigterm_publishes_what_was_taken_from_ccxt_before_exiting(setting
     assert ids == list(range(ids[0], ids[0] + len(ids))), "once each, in order, none skipped"
 
 
-async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Settings, redis, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Settings, redis, caplog) -> None:
     """Redis holds every write for longer than the drain bound: the collector stops anyway, within the bound,
     and logs what it could not publish as a Gap naming the trade ids."""
     from services.collector import service
@@ -370,7 +370,7 @@ def trades_only_config(path: Path, sim: Any) -> Path:
     return path
 
 
-async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(settings: Settings, redis,  # type: ignore[no-untyped-def]
+async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(settings: Settings, redis,
                                                                                  tmp_path: Path) -> None:
     """The collector process is killed (SIGKILL: nothing drained) while the replay runs on, and started again:
     its first trade opens a Gap from the position stored with the last XADD, naming exactly the ids that
@@ -424,7 +424,7 @@ async def test_kill_9_mid_replay_ends_with_a_gap_naming_exactly_the_missing_ids(
     assert (int(before_t.trade_id), int(after_t.trade_id)) == (lost[0] - 1, lost[-1] + 1)
 
 
-async def test_redis_down_fills_a_bounded_buffer_whose_overflow_is_a_gap_and_an_alert(settings: Settings,  # type: ignore[no-untyped-def]
+async def test_redis_down_fills_a_bounded_buffer_whose_overflow_is_a_gap_and_an_alert(settings: Settings,
                                                                                        own_redis) -> None:
     """Redis goes away mid-replay: the collector keeps reading its socket into the outbox (bound 200 events
     here), says `degraded` and why, drops the oldest at the bound, and when Redis is back publishes the rest
@@ -474,7 +474,7 @@ async def test_redis_down_fills_a_bounded_buffer_whose_overflow_is_a_gap_and_an_
     assert collector.count["publish_retries"] >= 1
 
 
-async def test_a_redis_restarted_empty_is_noticed_and_what_it_lost_is_a_gap(settings: Settings,  # type: ignore[no-untyped-def]
+async def test_a_redis_restarted_empty_is_noticed_and_what_it_lost_is_a_gap(settings: Settings,
                                                                             tmp_path: Path) -> None:
     """Redis without persistence restarts while the collector runs: the positions written with the XADDs are
     gone, so the collector knows Redis lost what it had published, and says so with a Gap per feed."""
@@ -536,7 +536,7 @@ def test_outbox_drops_the_oldest_batches_at_its_bound_as_runs_per_feed() -> None
     assert sorted(int(i) for _, i, _ in outbox.dropped_trades) == list(range(1, 13))
 
 
-async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stale_snapshot(settings: Settings,  # type: ignore[no-untyped-def]
+async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stale_snapshot(settings: Settings,
                                                                                          redis) -> None:
     # Arrange: the replay at 20x; the socket goes down for 4 s (80 s of exchange time), so the candle open at the
     # break closes while the collector does not listen, and its last snapshot misses the minute's end.

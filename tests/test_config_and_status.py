@@ -89,7 +89,7 @@ class Ticking(Service):
             await asyncio.sleep(0.01)
 
 
-async def test_status_shows_services_alive_with_rates_and_streams_with_lag(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_status_shows_services_alive_with_rates_and_streams_with_lag(settings: Settings, redis) -> None:
     import msgspec
     fast = msgspec.structs.replace(settings, bus=msgspec.structs.replace(settings.bus, heartbeat_interval_s=0.2))
     svc = Ticking(fast, "7")
@@ -114,7 +114,7 @@ async def test_status_shows_services_alive_with_rates_and_streams_with_lag(setti
     assert [s.state for s in st.services if s.service == "ticking"] == ["dead"]
 
 
-async def test_status_shows_a_standby_instance_as_standby(settings: Settings, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_status_shows_a_standby_instance_as_standby(settings: Settings, redis) -> None:
     # Arrange: a second copy of a single-instance stage waits for the lease; its heartbeat says "standby".
     svc = Ticking(settings, "standby-1")
     svc.state = "standby"  # type: ignore[assignment]

@@ -109,7 +109,7 @@ async def influx_count(url: str, measurement: str) -> int:
     return int(rows[0][1]) if rows else 0
 
 
-async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline, explain=None) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline, explain=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await predicate():
@@ -269,11 +269,11 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     await redis.aclose()
 
 
-async def _at_least(count, n: int) -> bool:  # type: ignore[no-untyped-def]
+async def _at_least(count, n: int) -> bool:
     return await count >= n
 
 
-async def _equal(count, n: int) -> bool:  # type: ignore[no-untyped-def]
+async def _equal(count, n: int) -> bool:
     return await count == n
 
 

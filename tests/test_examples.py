@@ -15,7 +15,7 @@ from tests import stubs
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_follow_trades_example_prints_published_trades(redis_server, redis) -> None:  # type: ignore[no-untyped-def]
+async def test_follow_trades_example_prints_published_trades(redis_server, redis) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "examples" / "follow_trades.py"), cwd=ROOT,
         env=dict(os.environ, MDP_REDIS_URL=redis_server.url, PYTHONPATH=str(ROOT)),

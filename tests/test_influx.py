@@ -186,7 +186,7 @@ async def test_trades_in_the_same_millisecond_do_not_collide(client: InfluxClien
     assert all(ms_start <= r["time"] < ms_start + MS for r in rows)  # each point stays in its millisecond
     assert {(r["trade_id"], r["price"]) for r in rows} == {(t.trade_id, t.price) for t in trades}
 
-    # The same trades stamped with ts_event alone overwrite each other (FACTS.md): the rule saves them.
+    # The same trades stamped with ts_event alone overwrite each other (docs/facts.md): the rule saves them.
     naive = [f"naive,exchange=binance,symbol=BTC/USDT price={t.price},trade_id=\"{t.trade_id}\" {t.ts_event}"
              for t in trades]
     await client.write_lines(naive)
@@ -224,7 +224,7 @@ async def test_closed_port_raises_store_unavailable_naming_the_url() -> None:
             assert "MDP_INFLUX_URL" in str(info.value)
 
 
-async def _serve(handler) -> tuple[asyncio.Server, str]:  # type: ignore[no-untyped-def]
+async def _serve(handler) -> tuple[asyncio.Server, str]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, f"http://127.0.0.1:{port}"
@@ -381,12 +381,12 @@ class Running:
             await self.writer.close()
 
 
-async def entries(redis, *names: str) -> int:  # type: ignore[no-untyped-def]
+async def entries(redis, *names: str) -> int:
     return sum([await redis.xlen(n) for n in names])
 
 
 async def test_writer_stores_closed_candles_and_every_trade_then_acks(
-        redis, redis_server: LocalServer,  # type: ignore[no-untyped-def]
+        redis, redis_server: LocalServer,
         influx_settings: InfluxSettings) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     trades = same_ms_trades(300) + [stubs.trade(i) for i in range(300)]
@@ -423,7 +423,7 @@ async def test_writer_stores_closed_candles_and_every_trade_then_acks(
 
 
 async def test_writer_waits_for_influxdb_and_loses_nothing_across_an_outage(
-        redis, redis_server: LocalServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        redis, redis_server: LocalServer, tmp_path: Path) -> None:
     port = free_port()
     influx = InfluxSettings(url=f"http://127.0.0.1:{port}", database="outage", timeout_s=2, retention=KEEP_ALL)
     producer = Producer(redis, Codec(), FAST, "test")
@@ -465,7 +465,7 @@ async def test_writer_waits_for_influxdb_and_loses_nothing_across_an_outage(
 
 
 async def test_writer_dead_letters_an_entry_influxdb_refuses_and_keeps_the_rest(
-        redis, redis_server: LocalServer,  # type: ignore[no-untyped-def]
+        redis, redis_server: LocalServer,
         influx_settings: InfluxSettings) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({CANDLE_STREAM: [stubs.candle(0), stubs.candle(1)]})
@@ -586,7 +586,7 @@ async def test_mdp_init_fails_loudly_when_influxdb_is_down(tmp_path: Path,
 
 
 async def test_writer_routes_each_timeframe_to_its_tier(
-        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:  # type: ignore[no-untyped-def]
+        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:
     # Arrange: the plan's retention; recent trades and closed candles of every kind of timeframe
     settings = writer_settings(redis_server, replace(influx_settings, retention=InfluxSettings().retention))
     trades = [recent_trade(i) for i in range(5)]
@@ -617,7 +617,7 @@ async def test_writer_routes_each_timeframe_to_its_tier(
 
 
 async def test_writer_skips_points_older_than_their_tier_and_acknowledges_them(
-        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:  # type: ignore[no-untyped-def]
+        redis, redis_server: LocalServer, influx_settings: InfluxSettings) -> None:
     settings = writer_settings(redis_server, replace(influx_settings, retention=InfluxSettings().retention))
     day = 86400
     old_trade, new_trade = recent_trade(0, age_s=8 * day), recent_trade(1, age_s=6 * day)

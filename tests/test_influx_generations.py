@@ -384,7 +384,7 @@ async def test_tls_with_the_servers_ca_and_refused_without_it(certificate: tuple
 
 @pytest.mark.parametrize("generation", [2, 3])
 async def test_writer_routes_tiers_into_buckets_and_remakes_a_dropped_one(
-        generation: int, redis, redis_server: LocalServer) -> None:  # type: ignore[no-untyped-def]
+        generation: int, redis, redis_server: LocalServer) -> None:
     async with FakeInflux(generation, token=TOKEN) as fake:
         settings = Settings(redis=RedisSettings(url=redis_server.url), bus=FAST,
                             influx=settings_for(fake, org="mdp" if generation == 2 else ""))

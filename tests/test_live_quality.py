@@ -35,7 +35,7 @@ NOW_TS = 1_723_161_255_342_000_000
 
 
 @pytest.fixture
-def settings(redis_server) -> Settings:  # type: ignore[no-untyped-def]
+def settings(redis_server) -> Settings:
     return Settings(redis=RedisSettings(url=redis_server.url), bus=FAST)
 
 
@@ -89,7 +89,7 @@ def real_bars(n: int, start: int = 0) -> list[Candle]:
 
 # --- closed candles: duplicates, conflicts, order, gaps --------------------------------------------------
 
-async def test_time_duplicate_drops_the_identical_copy_with_an_info_alert(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_duplicate_drops_the_identical_copy_with_an_info_alert(redis, settings) -> None:
     c0, c1 = stubs.candle(0), stubs.candle(1)
     out = await validate(redis, settings, [c0, c1, c1])
     assert out.valid == [c0, c1]
@@ -99,14 +99,14 @@ async def test_time_duplicate_drops_the_identical_copy_with_an_info_alert(redis,
     assert out.counters["repaired.time.duplicate"] == 1 and out.counters["repaired"] == 1
 
 
-async def test_time_duplicate_quiet_on_distinct_bars_and_open_updates(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_duplicate_quiet_on_distinct_bars_and_open_updates(redis, settings) -> None:
     update = stubs.candle(1, closed=False)
     events = [stubs.candle(0), update, update, stubs.candle(1)]  # an unclosed update may repeat
     out = await validate(redis, settings, events)
     assert out.valid == events and out.alerts == []
 
 
-async def test_time_conflict_rejects_the_second_version_and_keeps_the_first(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_conflict_rejects_the_second_version_and_keeps_the_first(redis, settings) -> None:
     c1 = stubs.candle(1)
     other = stubs.candle(1, c="61860.00")
     out = await validate(redis, settings, [stubs.candle(0), c1, other])
@@ -118,7 +118,7 @@ async def test_time_conflict_rejects_the_second_version_and_keeps_the_first(redi
     assert out.counters["rejected.time.conflict"] == 1 and out.counters["rejected"] == 1
 
 
-async def test_time_gap_publishes_a_gap_event_and_alert_and_passes_the_bar(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_gap_publishes_a_gap_event_and_alert_and_passes_the_bar(redis, settings) -> None:
     c0, c1, c4 = stubs.candle(0), stubs.candle(1), stubs.candle(4)
     out = await validate(redis, settings, [c0, c1, c4])
     assert out.valid == [c0, c1, c4]  # the bar after the hole is fine
@@ -132,12 +132,12 @@ async def test_time_gap_publishes_a_gap_event_and_alert_and_passes_the_bar(redis
     assert out.counters["alerted.time.gap"] == 1 and out.counters["gaps"] == 1
 
 
-async def test_time_gap_quiet_on_consecutive_bars(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_gap_quiet_on_consecutive_bars(redis, settings) -> None:
     out = await validate(redis, settings, [stubs.candle(i) for i in range(4)])
     assert out.alerts == [] and out.gaps == []
 
 
-async def test_time_out_of_order_passes_a_late_bar_that_fills_a_gap(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_out_of_order_passes_a_late_bar_that_fills_a_gap(redis, settings) -> None:
     c0, c1, c2, c4 = stubs.candle(0), stubs.candle(1), stubs.candle(2), stubs.candle(4)
     out = await validate(redis, settings, [c0, c1, c4, c2, c2])
     assert out.valid == [c0, c1, c4, c2]  # late bar passed once; its copy is a duplicate
@@ -147,7 +147,7 @@ async def test_time_out_of_order_passes_a_late_bar_that_fills_a_gap(redis, setti
     assert out.counters["repaired.time.out_of_order"] == 1
 
 
-async def test_time_out_of_order_says_when_the_bar_is_older_than_memory(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_out_of_order_says_when_the_bar_is_older_than_memory(redis, settings) -> None:
     old = stubs.candle(-50)
     out = await validate(redis, settings, [stubs.candle(0), stubs.candle(1), old])
     assert out.valid == [stubs.candle(0), stubs.candle(1), old]
@@ -156,7 +156,7 @@ async def test_time_out_of_order_says_when_the_bar_is_older_than_memory(redis, s
 
 # --- closed candles: values ------------------------------------------------------------------------------
 
-async def test_price_outlier_flags_a_spike_after_real_bars(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_outlier_flags_a_spike_after_real_bars(redis, settings) -> None:
     bars = real_bars(41)
     last = bars[-1]
     prev_close = bars[-2].close
@@ -170,7 +170,7 @@ async def test_price_outlier_flags_a_spike_after_real_bars(redis, settings) -> N
     assert a.severity == "warning" and float(a.values["log_return"]) > 0.04  # type: ignore[arg-type]
 
 
-async def test_price_outlier_flags_a_flash_crash_wick(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_outlier_flags_a_flash_crash_wick(redis, settings) -> None:
     bars = real_bars(41)
     last = bars[-1]
     assert last.low is not None
@@ -180,13 +180,13 @@ async def test_price_outlier_flags_a_flash_crash_wick(redis, settings) -> None: 
     assert float(next(a for a in out.alerts if a.rule == "price.outlier").values["wick"]) > 0.1  # type: ignore[arg-type]
 
 
-async def test_price_outlier_quiet_on_two_real_hours(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_outlier_quiet_on_two_real_hours(redis, settings) -> None:
     bars = real_bars(120)
     out = await validate(redis, settings, bars)
     assert out.valid == bars and out.alerts == []
 
 
-async def test_price_stuck_flags_from_the_nth_flat_bar(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_stuck_flags_from_the_nth_flat_bar(redis, settings) -> None:
     n = QualitySettings().stuck_bars
     flat = [bar(i, "61837.63", "61837.63", "61837.63", "61837.63", v="0.001") for i in range(n + 1)]
     out = await validate(redis, settings, flat)
@@ -194,21 +194,21 @@ async def test_price_stuck_flags_from_the_nth_flat_bar(redis, settings) -> None:
     assert out.counters["flagged.price.stuck"] == 2
 
 
-async def test_price_stuck_quiet_when_the_flat_price_moves(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_stuck_quiet_when_the_flat_price_moves(redis, settings) -> None:
     n = QualitySettings().stuck_bars
     flat = [bar(i, p, p, p, p, v="0.001") for i in range(n) for p in [f"61837.{63 + i % 2}"]]
     out = await validate(redis, settings, flat)
     assert out.flagged("price.stuck") == []
 
 
-async def test_volume_zero_is_flagged_and_stored(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_volume_zero_is_flagged_and_stored(redis, settings) -> None:
     empty = bar(1, "61850.10", "61850.10", "61850.10", "61850.10", v="0")
     out = await validate(redis, settings, [stubs.candle(0), empty, stubs.candle(2)])
     assert out.valid == [stubs.candle(0), replace(empty, quality=("volume.zero",)), stubs.candle(2)]
     assert out.rules() == ["volume.zero"] and out.alerts[0].severity == "info"
 
 
-async def test_candle_open_gap_flags_an_open_far_from_the_previous_close(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_candle_open_gap_flags_an_open_far_from_the_previous_close(redis, settings) -> None:
     c0 = stubs.candle(0)  # closes at 61850.10
     jumped = bar(1, "63100.00", "63200.00", "63000.00", "63150.00")  # opens 2% above
     near = bar(2, "63150.50", "63200.00", "63100.00", "63120.00")  # opens at the last price
@@ -218,7 +218,7 @@ async def test_candle_open_gap_flags_an_open_far_from_the_previous_close(redis, 
     assert a.values["open"] == "63100.00" and float(a.values["jump"]) > 0.019  # type: ignore[arg-type]
 
 
-async def test_price_cross_venue_flags_a_close_far_from_the_other_venue(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_price_cross_venue_flags_a_close_far_from_the_other_venue(redis, settings) -> None:
     same = stubs.candle(0, exchange="kraken")
     far = bar(0, "61837.63", "64000.00", "61800.00", "63900.00", exchange="kraken")  # 3.3% above binance
     out = await validate(redis, settings, [stubs.candle(0), replace(far, open_time=stubs.candle(0).open_time)],
@@ -231,7 +231,7 @@ async def test_price_cross_venue_flags_a_close_far_from_the_other_venue(redis, s
 
 # --- trades and tickers ----------------------------------------------------------------------------------
 
-async def test_trade_id_gap_flags_the_trade_after_the_hole_and_publishes_a_gap(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_trade_id_gap_flags_the_trade_after_the_hole_and_publishes_a_gap(redis, settings) -> None:
     t0, t1, t5 = stubs.trade(0), stubs.trade(1), stubs.trade(5)
     out = await validate(redis, settings, [t0, t1, t5, stubs.trade(6)])
     assert out.valid == [t0, t1, replace(t5, quality=("trade.id_gap",)), stubs.trade(6)]
@@ -244,13 +244,13 @@ async def test_trade_id_gap_flags_the_trade_after_the_hole_and_publishes_a_gap(r
     assert (g.first_missing_id, g.last_missing_id) == (str(int(t1.trade_id) + 1), str(int(t5.trade_id) - 1))
 
 
-async def test_trade_id_gap_quiet_on_exchanges_without_sequential_ids(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_trade_id_gap_quiet_on_exchanges_without_sequential_ids(redis, settings) -> None:
     trades = [stubs.trade(i, exchange="hyperliquid", symbol="BTC/USDC:USDC") for i in (0, 7, 100)]
     out = await validate(redis, settings, trades, exchange="hyperliquid")
     assert out.valid == trades and out.alerts == []
 
 
-async def test_trade_outside_book_flags_a_print_beyond_the_quote(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_trade_outside_book_flags_a_print_beyond_the_quote(redis, settings) -> None:
     quote = stubs.ticker(bid="61837.63", ask="61837.64")
     inside, outside = stubs.trade(0, price="61837.64"), stubs.trade(1, price="62500.00")  # 1.1% above the ask
     out = await validate(redis, settings, [quote, inside, outside])
@@ -259,14 +259,14 @@ async def test_trade_outside_book_flags_a_print_beyond_the_quote(redis, settings
     assert a.rule == "trade.outside_book" and a.values["price"] == "62500.00"
 
 
-async def test_trade_outside_book_ignores_an_old_quote(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_trade_outside_book_ignores_an_old_quote(redis, settings) -> None:
     minute_ago = stubs.T0_NS - 60_000_000_000
     quote = replace(stubs.ticker(), ts_event=minute_ago, ts_recv=minute_ago)  # a minute before the trade
     out = await validate(redis, settings, [quote, stubs.trade(1, price="62500.00")])
     assert out.alerts == [] and out.flagged("trade.outside_book") == []
 
 
-async def test_time_stale_flags_old_data_and_throttles_its_alerts(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_time_stale_flags_old_data_and_throttles_its_alerts(redis, settings) -> None:
     late = [replace(stubs.trade(i), ts_recv=stubs.trade(i).ts_event + 120_000_000_000) for i in range(3)]
     fresh = stubs.trade(3)
     out = await validate(redis, settings, [*late, fresh])
@@ -298,7 +298,7 @@ def test_a_batch_that_was_not_committed_is_judged_again_against_the_same_state()
     assert [f.rule for f in rules.judge(stubs.candle(1), again, NOW_TS).findings] == ["time.duplicate"]
 
 
-async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(redis, settings) -> None:
     producer = Producer(redis, codec, FAST, "test")
     await producer.publish({streams.raw("binance"): [stubs.candle(0), stubs.candle(1)]})
     svc = Validator(settings)
@@ -347,7 +347,7 @@ def test_series_beyond_the_cap_are_forgotten_least_recently_used_first() -> None
     assert judge("B/USDT") == []  # forgotten: judged as the first bar of a new series
 
 
-async def test_rule_counters_reach_the_heartbeat_and_mdp_status(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_rule_counters_reach_the_heartbeat_and_mdp_status(redis, settings) -> None:
     events = [stubs.candle(0), stubs.candle(1), stubs.candle(1, c="61860.00"), stubs.trade(0, price="0"),
               bar(2, "61850.10", "61850.10", "61850.10", "61850.10", v="0")]
     producer = Producer(redis, codec, FAST, "test")
@@ -365,7 +365,7 @@ async def test_rule_counters_reach_the_heartbeat_and_mdp_status(redis, settings)
 
 # --- the real capture ------------------------------------------------------------------------------------
 
-async def test_no_stream_rule_rejects_the_real_binance_capture(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_no_stream_rule_rejects_the_real_binance_capture(redis, settings) -> None:
     recording = Recording.load()
     trades: list[Event] = [Trade(exchange="binance", symbol="BTC/USDT", trade_id=str(t.id), price=Decimal(t.price),
                                  amount=Decimal(t.qty), side=t.side, ts_event=t.time * 1_000_000,
@@ -434,7 +434,7 @@ async def publish_one_per_entry(redis: aioredis.Redis, settings: Settings, event
     await Producer(redis, codec, small, "test").publish({streams.raw("binance"): list(events)})
 
 
-async def test_a_restart_mid_stream_gives_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_restart_mid_stream_gives_the_outputs_of_an_uninterrupted_run(redis, settings) -> None:
     # Arrange: every flag alerted (no throttle by wall-clock time), entries of one event, read 50 at a time
     settings = replace(settings, quality=QualitySettings(alert_interval_s=0))
     feed = faulty_feed()
@@ -459,7 +459,7 @@ async def test_a_restart_mid_stream_gives_the_outputs_of_an_uninterrupted_run(re
     assert last.checkpoint.loaded >= 2 and last.counters()["series_loaded"] >= 2
 
 
-async def test_a_gap_and_a_duplicate_spanning_a_restart_are_seen(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_gap_and_a_duplicate_spanning_a_restart_are_seen(redis, settings) -> None:
     before = [stubs.trade(i) for i in range(10)] + [stubs.candle(0), stubs.candle(1)]
     await validate(redis, settings, before)
     # a new process: trades 10..14 and the 02:00 candle never come, trade 7 and candle 1 come again
@@ -471,7 +471,7 @@ async def test_a_gap_and_a_duplicate_spanning_a_restart_are_seen(redis, settings
     assert sorted(out.rules()) == ["time.duplicate", "time.gap", "trade.duplicate", "trade.id_gap"]
 
 
-async def test_trade_duplicate_keeps_exact_memory_of_ids_and_holes(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_trade_duplicate_keeps_exact_memory_of_ids_and_holes(redis, settings) -> None:
     # sequential ids: 3..4 become a hole; 3 fills it later (a repair), 1 and the second 5 were forwarded before
     seq = [stubs.trade(i) for i in (0, 1, 2, 5, 3, 1, 5, 4, 3)]
     out = await validate(redis, settings, seq)
@@ -489,7 +489,7 @@ async def test_trade_duplicate_keeps_exact_memory_of_ids_and_holes(redis, settin
     assert out.counters["repaired.trade.duplicate"] == 2 and out.gaps == []
 
 
-async def test_a_second_validator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:  # type: ignore[no-untyped-def]
+async def test_a_second_validator_waits_as_standby_and_takes_over_when_the_first_dies(redis, settings) -> None:
     # Arrange: one process's outputs
     settings = replace(settings, quality=QualitySettings(alert_interval_s=0))
     feed = faulty_feed(2500)
@@ -527,7 +527,7 @@ async def test_a_second_validator_waits_as_standby_and_takes_over_when_the_first
     assert standby.consumer.stats.acked > 0 and standby.checkpoint.loaded >= 1
 
 
-def hang_after(svc: Validator, entries: int, stuck: asyncio.Event):  # type: ignore[no-untyped-def]
+def hang_after(svc: Validator, entries: int, stuck: asyncio.Event):
     """svc.handle, except that the batch after `entries` entries hangs (a process that froze, then is killed)."""
     handle = svc.handle
 

@@ -121,7 +121,7 @@ async def run_until(writer: PostgresWriter, predicate: Callable[[], bool], timeo
         await asyncio.wait_for(task, 10)
 
 
-async def read_deliveries(redis, stream: str) -> list[Delivery]:  # type: ignore[no-untyped-def]
+async def read_deliveries(redis, stream: str) -> list[Delivery]:
     codec = Codec()
     return [Delivery(stream, eid.decode(), codec.decode_entry(fields))
             for eid, fields in await redis.xrange(stream)]
@@ -294,7 +294,7 @@ async def test_catalog_and_alert_tables_enforce_their_constraints(db: asyncpg.Co
 
 # -- the writer --------------------------------------------------------------------------------
 
-async def test_writer_upserts_markets_and_stores_alerts_from_the_bus(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_writer_upserts_markets_and_stores_alerts_from_the_bus(redis, settings, scratch_dsn) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     swap = market("BTC/USDT:USDT", market_type="swap", contract_size="1", price_precision="0.1",
                   amount_precision="0.001")
@@ -337,7 +337,7 @@ async def test_writer_upserts_markets_and_stores_alerts_from_the_bus(redis, sett
         await writer.close()
 
 
-async def test_updating_a_market_changes_its_row_and_never_goes_back(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_updating_a_market_changes_its_row_and_never_goes_back(redis, settings, scratch_dsn) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     writer = PostgresWriter(writer_settings(settings, scratch_dsn), "t")
     t1, t2 = stubs.T0_NS, stubs.T0_NS + 3_600 * 10**9
@@ -369,7 +369,7 @@ async def test_updating_a_market_changes_its_row_and_never_goes_back(redis, sett
         await writer.close()
 
 
-async def test_redelivered_entries_are_stored_exactly_once(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_redelivered_entries_are_stored_exactly_once(redis, settings, scratch_dsn) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({streams.ALERTS: [alert(i) for i in range(25)],
                             MARKETS: [market(), market("ETH/USDT")]})
@@ -407,7 +407,7 @@ async def test_redelivered_entries_are_stored_exactly_once(redis, settings, scra
     assert (await redis.xpending(streams.ALERTS, GROUP))["pending"] == 0
 
 
-async def test_alert_text_with_nul_characters_is_stored(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_alert_text_with_nul_characters_is_stored(redis, settings, scratch_dsn) -> None:
     writer = PostgresWriter(writer_settings(settings, scratch_dsn), "t")
     try:
         nul = alert(1, values={"raw": "a\x00b", "none": None})
@@ -422,7 +422,7 @@ async def test_alert_text_with_nul_characters_is_stored(redis, settings, scratch
     assert values == {"raw": "a\ufffdb", "none": None}
 
 
-async def test_postgres_down_raises_store_unavailable_and_loses_nothing(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_postgres_down_raises_store_unavailable_and_loses_nothing(redis, settings, scratch_dsn) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({streams.ALERTS: [alert(i) for i in range(5)], MARKETS: [market()]})
     port = closed_port()
@@ -493,7 +493,7 @@ class TcpProxy:
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
 
-async def test_outage_while_running_is_retried_in_place_without_loss(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_outage_while_running_is_retried_in_place_without_loss(redis, settings, scratch_dsn) -> None:
     parts = urlsplit(scratch_dsn)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.start()
@@ -576,13 +576,13 @@ async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def alerts_on_bus(redis, rule: str) -> list[Alert]:  # type: ignore[no-untyped-def]
+async def alerts_on_bus(redis, rule: str) -> list[Alert]:
     codec = Codec()
     return [a for _, f in await redis.xrange(streams.ALERTS) for a in codec.decode_entry(f)
             if isinstance(a, Alert) and a.rule == rule]
 
 
-async def test_helper_publishes_what_the_writer_stores(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_helper_publishes_what_the_writer_stores(redis, settings, scratch_dsn) -> None:
     # Arrange: a strategy registers, fills twice, reports its position and a metric, through the helper.
     events = StrategyEvents(redis, STRATEGY, bus=FAST)
     info = await events.register(description="z-score mean reversion", params={"window": 20, "z": "2.5"})
@@ -630,7 +630,7 @@ async def test_helper_publishes_what_the_writer_stores(redis, settings, scratch_
     assert (await redis.xpending(STREAM, GROUP))["pending"] == 0
 
 
-async def test_helper_refuses_bad_events_before_they_leave(redis) -> None:  # type: ignore[no-untyped-def]
+async def test_helper_refuses_bad_events_before_they_leave(redis) -> None:
     events = StrategyEvents(redis, STRATEGY, bus=FAST)
     args = {"exchange": "binance", "symbol": "BTC/USDT", "side": "buy", "amount": "1", "exchange_trade_id": "1"}
     with pytest.raises(StrategyEventError, match=r"fill '1' of strategy 'mean-revert'.*price = -1 must be positive"):
@@ -660,7 +660,7 @@ async def test_helper_refuses_bad_events_before_they_leave(redis) -> None:  # ty
     assert [type(e) for _, f in await redis.xrange(STREAM) for e in Codec().decode_entry(f)] == [PositionUpdate]
 
 
-async def test_strategy_events_delivered_twice_are_stored_once(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_strategy_events_delivered_twice_are_stored_once(redis, settings, scratch_dsn) -> None:
     # Arrange: a register, 30 fills (several entries), positions and metrics; the writer stores them.
     producer = Producer(redis, Codec(), FAST, "test")
     info = StrategyInfo(strategy=STRATEGY, description="d", params={"w": 1}, ts_event=stubs.T0_NS,
@@ -701,7 +701,7 @@ async def test_strategy_events_delivered_twice_are_stored_once(redis, settings, 
     assert small.counters()["copy_batches"] == 0
 
 
-async def test_an_older_position_never_overwrites_a_newer_one(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_an_older_position_never_overwrites_a_newer_one(redis, settings, scratch_dsn) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     writer = PostgresWriter(strategy_settings(settings, scratch_dsn), "t")
 
@@ -733,7 +733,7 @@ async def test_an_older_position_never_overwrites_a_newer_one(redis, settings, s
     assert (c["positions_updated"], c["positions_stale"], c["rejected"]) == (2, 2, 0)
 
 
-async def test_a_metric_revision_only_moves_forward(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_a_metric_revision_only_moves_forward(redis, settings, scratch_dsn) -> None:
     def rev(value: str, revision: int) -> PerformanceMetric:
         return PerformanceMetric(strategy=STRATEGY, metric="pnl", period="1d", value=Decimal(value),
                                  ts_event=stubs.T0_NS, ts_recv=stubs.T0_NS + revision)
@@ -751,7 +751,7 @@ async def test_a_metric_revision_only_moves_forward(redis, settings, scratch_dsn
     assert [tuple(r) for r in final] == [(Decimal("2.25"), stubs.T0_NS + 3)]
 
 
-async def test_a_fill_of_an_unregistered_strategy_registers_it_and_alerts(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_a_fill_of_an_unregistered_strategy_registers_it_and_alerts(redis, settings, scratch_dsn) -> None:
     # Arrange: "scalper" publishes fills without registering first.
     producer = Producer(redis, Codec(), FAST, "test")
     await producer.publish({streams.strategy("scalper"): [fill(i, strategy="scalper") for i in range(3)]})
@@ -777,7 +777,7 @@ async def test_a_fill_of_an_unregistered_strategy_registers_it_and_alerts(redis,
     assert writer.counters()["strategies_auto_registered"] == 1
 
 
-async def test_copy_and_small_batch_paths_give_identical_tables(redis, settings, scratch_dsn, postgres_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_copy_and_small_batch_paths_give_identical_tables(redis, settings, scratch_dsn, postgres_dsn) -> None:
     # Arrange: 600 fills made of real trades (two symbols, real prices, amounts and ids), in 2 deliveries,
     # the second repeating 100 of the first (a partial redelivery).
     fills = real_fills(STRATEGY, 600)
@@ -815,7 +815,7 @@ async def test_copy_and_small_batch_paths_give_identical_tables(redis, settings,
     assert (cc["fills_stored"], cc["fills_duplicate"]) == (sc["fills_stored"], sc["fills_duplicate"]) == (600, 100)
 
 
-async def test_bad_events_are_dead_lettered_with_the_reason_and_the_rest_is_written(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_events_are_dead_lettered_with_the_reason_and_the_rest_is_written(redis, settings, scratch_dsn) -> None:
     # Arrange (raw producer: the helper would refuse these): entry 1 holds good fills, a negative price and a
     # fill with the id of a stored one but another price; entry 2 good fills and one PostgreSQL refuses
     # (an exchange trade id too long for the unique index); entry 3 an event naming another strategy.
@@ -878,7 +878,7 @@ async def test_migration_0003_refuses_what_numeric_would_let_through(db: asyncpg
     assert await db.fetchval("SELECT registered_ns FROM strategies WHERE id = $1", sid) == 0
 
 
-async def test_postgres_down_strategy_events_wait_in_redis_and_nothing_is_lost(redis, settings, scratch_dsn) -> None:  # type: ignore[no-untyped-def]
+async def test_postgres_down_strategy_events_wait_in_redis_and_nothing_is_lost(redis, settings, scratch_dsn) -> None:
     # Arrange: a running writer through a relay to PostgreSQL, and a strategy publishing fills.
     parts = urlsplit(scratch_dsn)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
@@ -923,7 +923,7 @@ async def test_postgres_down_strategy_events_wait_in_redis_and_nothing_is_lost(r
     assert (await redis.xpending(STREAM, GROUP))["pending"] == 0
 
 
-async def test_0003_upgrades_a_database_with_data_and_the_writer_moves_it_forward(redis, settings, scratch_dsn,  # type: ignore[no-untyped-def]
+async def test_0003_upgrades_a_database_with_data_and_the_writer_moves_it_forward(redis, settings, scratch_dsn,
                                                                                    tmp_path: Path) -> None:
     # Arrange: a user's database at 0002 with a strategy, a fill, a position and a metric written by hand.
     (tmp_path / "m").mkdir()

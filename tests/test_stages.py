@@ -34,7 +34,7 @@ codec = Codec()
 
 
 @pytest.fixture
-def stage_settings(redis_server) -> Settings:  # type: ignore[no-untyped-def]
+def stage_settings(redis_server) -> Settings:
     return Settings(redis=RedisSettings(url=redis_server.url), bus=FAST,
                     cache=CacheSettings(price_ttl_s=300, recent_trades=RECENT))
 
@@ -74,7 +74,7 @@ def market(symbol: str = "BTC/USDT", exchange_symbol: str = "BTCUSDT", market_ty
 
 # --- validator --------------------------------------------------------------------------------------------
 
-async def test_validator_forwards_valid_events_and_alerts_rejected_ones(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_validator_forwards_valid_events_and_alerts_rejected_ones(redis, stage_settings) -> None:
     # Arrange: the real shapes, and one bad event per rule, interleaved
     now = time.time_ns()
     good: list[Event] = [stubs.trade(0), stubs.trade(1), stubs.candle(), stubs.ticker(), market(),
@@ -150,7 +150,7 @@ def test_candle_alignment_by_timeframe() -> None:
         candle_alignment(minute, "minute")
 
 
-async def test_normalizer_canonicalizes_and_routes_and_rejects(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_normalizer_canonicalizes_and_routes_and_rejects(redis, stage_settings) -> None:
     # Arrange
     ms_trade = replace(stubs.trade(0, price="61837.63000000", amount="0.02000000"),
                        ts_event=1_723_161_255_342, ts_recv=1_723_161_255_342_500_000)
@@ -215,7 +215,7 @@ async def test_normalizer_canonicalizes_and_routes_and_rejects(redis, stage_sett
     assert c["ts_rescaled"] == 2 and c["symbol_mapped"] == 1 and c["rejected.symbol.unmapped"] == 2
 
 
-async def test_normalizer_learns_exchange_ids_from_md_market_at_start(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_normalizer_learns_exchange_ids_from_md_market_at_start(redis, stage_settings) -> None:
     producer = Producer(redis, codec, FAST, "test")
     await producer.publish({streams.markets("binance"): [market()]})  # published by an earlier run
     await producer.publish({streams.valid("binance"): [stubs.trade(7, symbol="btcusdt")]})
@@ -242,7 +242,7 @@ async def drain(ps: aioredis.client.PubSub, expect: int, timeout: float = 5.0) -
     return got
 
 
-async def test_cache_publisher_price_recent_trades_and_ticks(redis, redis_server, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_cache_publisher_price_recent_trades_and_ticks(redis, redis_server, stage_settings) -> None:
     # Arrange: 82 trades, the last two in the same millisecond (one taker order filling two makers). The first
     # ten were read by a consumer that crashed before acknowledging: they are redelivered after the others.
     same_ms = stubs.T0_NS + 80_000_000
@@ -297,7 +297,7 @@ async def test_cache_publisher_price_recent_trades_and_ticks(redis, redis_server
     await listener.aclose()
 
 
-async def test_cache_price_moves_forward_across_sources(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_cache_price_moves_forward_across_sources(redis, stage_settings) -> None:
     producer = Producer(redis, codec, FAST, "test")
     key = "price:binance:BTC/USDT"
     trade = stubs.trade(0)
@@ -327,7 +327,7 @@ async def test_cache_price_moves_forward_across_sources(redis, stage_settings) -
 
 # --- the three stages chained -----------------------------------------------------------------------------
 
-async def test_rejected_event_never_reaches_the_cache(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_rejected_event_never_reaches_the_cache(redis, stage_settings) -> None:
     good = [stubs.trade(i, price="61837.63000000") for i in range(5)]
     poisoned = stubs.trade(99, price="0E-8")  # the newest trade, with a zero price
     await Producer(redis, codec, FAST, "test").publish({streams.raw("binance"): [*good, poisoned]})
@@ -348,7 +348,7 @@ async def test_rejected_event_never_reaches_the_cache(redis, stage_settings) -> 
 
 # --- normalizer: contract sizes ---------------------------------------------------------------------------
 
-async def test_normalizer_puts_contract_amounts_in_base_units(redis, stage_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_normalizer_puts_contract_amounts_in_base_units(redis, stage_settings) -> None:
     # Arrange: a linear swap worth 0.01 BTC per contract (OKX BTC-USDT-SWAP), an inverse one worth 100 USD
     # per contract (Binance COIN-M BTCUSD_PERP), a spot market; amounts in contracts as ccxt reports them
     linear = replace(market("BTC/USDT:USDT", "BTC-USDT-SWAP", "swap"), contract_size=Decimal("0.01"))
