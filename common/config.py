@@ -244,6 +244,10 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Collector: events taken from the exchange and not yet published (Redis down or slow), at most; beyond
     # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
     publish_buffer_events: int = 200_000
+    # The collector's decode fast path (docs/collector.md): per channel ("trades", "book"), whether the raw
+    # WebSocket frames of this exchange are decoded by our own msgspec decoder instead of ccxt.pro's parser.
+    # A channel not named here uses the fast path where one exists for this exchange (false turns it off).
+    fast_path: dict[str, bool] = msgspec.field(default_factory=dict)
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
