@@ -26,12 +26,11 @@ import math
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from simulator.coinbase_recording import (
@@ -45,8 +44,7 @@ from simulator.coinbase_recording import (
     format_time_us,
 )
 from simulator.recording import real_data_dir
-from simulator.replay import ReplayTask
-from simulator.server import FaultError
+from simulator.venue import Connection, FaultError, Faults, Venue
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -179,9 +177,7 @@ def advanced_product(row: dict[str, Any], market: Market, halted: bool) -> dict[
 
 
 @dataclass(eq=False)
-class _Client:
-    ws: web.WebSocketResponse
-    remote: str
+class _Client(Connection):
     subs: dict[str, set[str]] = field(default_factory=dict)  # channel -> product ids
     books_sent: set[str] = field(default_factory=set)  # products whose l2_data snapshot this client has had
     seq: int = 0  # the next sequence_num
@@ -190,43 +186,22 @@ class _Client:
     heartbeat_counter: int = 0
     heartbeat_task: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    sent: int = 0
 
     def subscribed(self, channel: str, product_id: str) -> bool:
         return product_id in self.subs.get(channel, ())
 
 
 @dataclass
-class _Faults:
-    down_until: float = 0.0  # time.monotonic(): WebSocket upgrades refused until then
-    stall_until: float = 0.0
-    stall_mode: Literal["pause", "drop"] = "pause"
-    http_error: int = 0
-    http_status: int = 503
-    retry_after_s: int = 1
+class _Faults(Faults):
     malformed_ws: int = 0
     malformed_rest: int = 0
     duplicate: int = 0
     reorder: int = 0
     skew_us: int = 0
-    halt_until: float = 0.0  # time.monotonic(); math.inf: until cleared
-
-    def stalled(self) -> bool:
-        return time.monotonic() < self.stall_until
-
-    def halted(self) -> bool:
-        return time.monotonic() < self.halt_until
 
     def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
-
-        def remaining(until: float) -> float | str:
-            return "until cleared" if until == math.inf else round(max(0.0, until - now), 3)
-        return {"ws_down_remaining_s": remaining(self.down_until), "stall_remaining_s": remaining(self.stall_until),
-                "stall_mode": self.stall_mode, "http_error": self.http_error, "http_status": self.http_status,
-                "malformed_ws": self.malformed_ws, "malformed_rest": self.malformed_rest,
-                "duplicate": self.duplicate, "reorder": self.reorder, "clock_skew_s": self.skew_us / US,
-                "halt_remaining_s": remaining(self.halt_until)}
+        return {**super().as_dict(), "malformed_ws": self.malformed_ws, "malformed_rest": self.malformed_rest,
+                "duplicate": self.duplicate, "reorder": self.reorder, "clock_skew_s": self.skew_us / US}
 
 
 class _RateWindow:
@@ -250,11 +225,15 @@ class _RateWindow:
 # The venue
 
 
-class CoinbaseVenue:
+class CoinbaseVenue(Venue[_Client, _Faults]):
     exchange = "coinbase"
+    log = log
+    FAULT_KINDS = FAULT_KINDS
+    HTTP_ERROR_ANY_4XX = False
+    HALT_DEFAULT_S = math.inf  # a halt without 'seconds' lasts until cleared
+    YIELD_FLAT_OUT = 64
 
     def __init__(self, options: SimulatorOptions, recording: CoinbaseRecording | None = None) -> None:
-        self.options = options
         self.recording = recording or CoinbaseRecording.load(options.data_dir or real_data_dir())
         rec = self.recording
         self._products = {row["id"]: row for row in rec.products}
@@ -262,17 +241,11 @@ class CoinbaseVenue:
                          for p in rec.product_ids if (ts := rec.trades(p))}
         # Loop k moves times by k whole minutes past the recording's span, so candles of two loops never mix.
         self.loop_shift_us = (rec.duration_us // MINUTE_US + 2) * MINUTE_US
-        self.speed = options.speed
-        self.loop = options.loop
-        self.state: Literal["idle", "running", "finished", "stopped"] = "idle"
         self.rate_public = _RateWindow(PUBLIC_REQUESTS_PER_S, 1.0)
         self.rate_v2 = _RateWindow(V2_REQUESTS_PER_HOUR, 3600.0)
-        self._clients: set[_Client] = set()
-        self._faults = _Faults()
-        self._replay_task = ReplayTask("coinbase-replay", on_failure=self._replay_failed)
         self._rest_requests: Counter[str] = Counter()
         self._rest_status: Counter[int] = Counter()
-        self._reset_replay_state()
+        super().__init__(options)
 
     # --------------------------------------------------------------------------------------------------
     # Venue protocol
@@ -292,18 +265,14 @@ class CoinbaseVenue:
         ]
         for bucket, path, handler in rest:
             router.add_get(f"/{REST_HOST}{path}", self._rest(bucket, path, handler))
-        router.add_get(f"/{WS_HOST}", self._ws_handler)
-        router.add_get(f"/{WS_HOST}/", self._ws_handler)
+        router.add_get(f"/{WS_HOST}", self._ws_session)
+        router.add_get(f"/{WS_HOST}/", self._ws_session)
 
-    def inject(self, kind: str, **params: Any) -> dict[str, Any]:
-        """Apply a fault now; returns the fault state. Kinds and parameters:
-        - disconnect: code=1001, down_s=0: close every WebSocket now; refuse new ones (HTTP 503) for down_s.
-        - stall: seconds (required), mode='pause'|'drop': send nothing at all (heartbeats included) for
-          `seconds`; WebSocket pings are still answered. 'pause' holds the replay (later data comes late);
-          'drop' lets it run on and discards what falls in the stall, each lost message still using its
-          sequence_num (the client sees a sequence gap).
-        - http_error: status=503, count=1, retry_after=1: the next `count` REST requests fail with `status`
-          (429 carries Retry-After and Coinbase's rate_limit_exceeded body; 5xx a plain-text gateway body).
+    def _inject(self, kind: str, params: dict[str, Any]) -> bool:
+        """Coinbase's own kinds beside the common ones (venue.py; http_error takes 429, with Retry-After and
+        Coinbase's rate_limit_exceeded body, or 5xx, a plain-text gateway body; halt without seconds lasts until
+        clear, and shows REST products as trading_disabled and offline; a stall in 'drop' mode still uses each
+        lost message's sequence_num, so the client sees a sequence gap):
         - malformed_json: count=1, target='ws'|'rest': the next `count` market messages (or REST bodies,
           HTTP 200) are cut in half, so they are not valid JSON.
         - sequence_gap: skip=1: the next message on every open connection skips `skip` sequence numbers.
@@ -312,66 +281,40 @@ class CoinbaseVenue:
           that follows them on their connection (their sequence_num arrives out of order).
         - clock_skew: seconds (required, may be negative): every exchange time sent from now on (envelope
           timestamps, trade/book/heartbeat times, REST times) is moved by `seconds`; 0 removes it.
-        - halt: seconds (default: until clear): a trading halt: no market messages (the replay holds, so
-          nothing is lost), heartbeats go on, REST products show trading_disabled and status offline.
-        - clear: remove every pending fault (and the skew).
         """
         f = self._faults
-        try:
-            if kind == "disconnect":
-                f.down_until = time.monotonic() + float(params.get("down_s", 0))
-                code = int(params.get("code", aiohttp.WSCloseCode.GOING_AWAY))
-                asyncio.get_running_loop().create_task(self.disconnect_all(code))
-            elif kind == "stall":
-                if "seconds" not in params:
-                    raise FaultError("stall needs 'seconds'")
-                mode = params.get("mode", "pause")
-                if mode not in ("pause", "drop"):
-                    raise FaultError(f"stall mode must be 'pause' or 'drop', got {mode!r}")
-                f.stall_until, f.stall_mode = time.monotonic() + float(params["seconds"]), mode
-            elif kind == "http_error":
-                status = int(params.get("status", 503))
-                if not (status == 429 or 500 <= status <= 599):
-                    raise FaultError(f"http_error status must be 429 or 5xx, got {status}")
-                f.http_error, f.http_status = int(params.get("count", 1)), status
-                f.retry_after_s = int(params.get("retry_after", 1))
-            elif kind == "malformed_json":
-                target = params.get("target", "ws")
-                if target not in ("ws", "rest"):
-                    raise FaultError(f"malformed_json target must be 'ws' or 'rest', got {target!r}")
-                if target == "ws":
-                    f.malformed_ws = int(params.get("count", 1))
-                else:
-                    f.malformed_rest = int(params.get("count", 1))
-            elif kind == "sequence_gap":
-                skip = int(params.get("skip", 1))
-                if skip < 1:
-                    raise FaultError(f"sequence_gap skip must be >= 1, got {skip}")
-                for client in self._clients:
-                    client.gap_pending += skip
-            elif kind == "duplicate":
-                f.duplicate = int(params.get("count", 1))
-            elif kind == "reorder":
-                f.reorder = int(params.get("count", 1))
-            elif kind == "clock_skew":
-                if "seconds" not in params:
-                    raise FaultError("clock_skew needs 'seconds' (negative: the exchange clock is behind)")
-                f.skew_us = round(float(params["seconds"]) * US)
-            elif kind == "halt":
-                seconds = params.get("seconds")
-                f.halt_until = math.inf if seconds is None else time.monotonic() + float(seconds)
-            elif kind == "clear":
-                self._faults = _Faults()
-                for client in self._clients:
-                    client.gap_pending = 0
+        if kind == "malformed_json":
+            target = params.get("target", "ws")
+            if target not in ("ws", "rest"):
+                raise FaultError(f"malformed_json target must be 'ws' or 'rest', got {target!r}")
+            if target == "ws":
+                f.malformed_ws = int(params.get("count", 1))
             else:
-                raise FaultError(f"unknown coinbase fault kind {kind!r}; one of {', '.join(FAULT_KINDS)}")
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, FaultError):
-                raise
-            raise FaultError(f"bad parameters for coinbase fault {kind!r}: {params} ({exc})") from exc
-        log.warning("coinbase fault injected: %s %s", kind, params)
-        return self._faults.as_dict()
+                f.malformed_rest = int(params.get("count", 1))
+        elif kind == "sequence_gap":
+            skip = int(params.get("skip", 1))
+            if skip < 1:
+                raise FaultError(f"sequence_gap skip must be >= 1, got {skip}")
+            for client in self._connections:
+                client.gap_pending += skip
+        elif kind == "duplicate":
+            f.duplicate = int(params.get("count", 1))
+        elif kind == "reorder":
+            f.reorder = int(params.get("count", 1))
+        elif kind == "clock_skew":
+            if "seconds" not in params:
+                raise FaultError("clock_skew needs 'seconds' (negative: the exchange clock is behind)")
+            f.skew_us = round(float(params["seconds"]) * US)
+        else:
+            return False
+        return True
+
+    def _on_clear(self) -> None:
+        for client in self._connections:
+            client.gap_pending = 0
+
+    def _new_faults(self) -> _Faults:
+        return _Faults()
 
     def status(self) -> dict[str, Any]:
         rec = self.recording
@@ -381,7 +324,7 @@ class CoinbaseVenue:
             "trades_replayed": self.trades_replayed, "messages_sent": self.messages_sent,
             "sent_by_channel": dict(self.sent_by_channel), "time_offset_s": self.time_offset_us / US,
             "connections": [{"remote": c.remote, "subscriptions": {ch: sorted(p) for ch, p in c.subs.items()},
-                             "next_sequence_num": c.seq, "sent": c.sent} for c in self._clients],
+                             "next_sequence_num": c.seq, "sent": c.sent} for c in self._connections],
             "faults": self._faults.as_dict(),
             "rest": {"requests": dict(self._rest_requests),
                      "status": {str(k): v for k, v in sorted(self._rest_status.items())}},
@@ -389,57 +332,18 @@ class CoinbaseVenue:
                           "duration_s": rec.duration_us / US, "rest_products": len(rec.products)},
         }
 
-    async def start(self) -> None:
-        log.info("simulated coinbase advanced trade at /%s (REST) and /%s (WebSocket): %d recorded events of %s, "
-                 "%.1f s; start on %s", REST_HOST, WS_HOST, len(self.recording.events),
-                 ",".join(self.recording.product_ids), self.recording.duration_us / US, self.options.start)
-        if self.options.start == "immediate":
-            self.restart()
-
-    async def stop(self) -> None:
-        await self._cancel_replay()
-        self.state = "stopped"
-        await self.disconnect_all(aiohttp.WSCloseCode.GOING_AWAY)
-
-    # --------------------------------------------------------------------------------------------------
-    # Python API for tests and tools
-
-    def restart(self, speed: float | None = None, loop: bool | None = None) -> None:
-        """(Re)start the replay from the recording's first message now."""
-        if speed is not None:
-            if speed < 0:
-                raise ValueError(f"speed must be >= 0 (0 = as fast as the clients read), got {speed}")
-            self.speed = speed
-        if loop is not None:
-            self.loop = loop
-        self._replay_task.cancel_nowait()
-        self._reset_replay_state()
-        self.state = "running"
-        self._replay_task.start(self._replay)
-
-    async def wait_finished(self, timeout: float | None = None) -> None:
-        await self._replay_task.wait_finished(timeout)
-
-    async def disconnect_all(self, code: int = aiohttp.WSCloseCode.GOING_AWAY) -> int:
-        clients = list(self._clients)
-        for client in clients:
-            self._forget(client)
-        await asyncio.gather(*(c.ws.close(code=code, message=b"simulator disconnect") for c in clients),
-                             return_exceptions=True)
-        if clients:
-            log.info("coinbase: closed %d WebSocket connection(s) with code %d", len(clients), code)
-        return len(clients)
+    def _describe(self) -> str:
+        rec = self.recording
+        return (f"simulated coinbase advanced trade at /{REST_HOST} (REST) and /{WS_HOST} (WebSocket): "
+                f"{len(rec.events)} recorded events of {','.join(rec.product_ids)}, {rec.duration_us / US:.1f} s")
 
     # --------------------------------------------------------------------------------------------------
     # Replay
 
     def _reset_replay_state(self) -> None:
+        super()._reset_replay_state()
         self.market = Market()
-        self.loop_index = 0
-        self.loops_done = 0
-        self.position = 0
         self.trades_replayed = 0
-        self.messages_sent = 0
         self.sent_by_channel: Counter[str] = Counter()
         self.time_offset_us = 0
         if self.options.shift_to_now:  # whole minutes, so candles keep their trades
@@ -450,54 +354,25 @@ class CoinbaseVenue:
         return ReplayTrade(t.product_id, t.trade_id + loop * self._id_span[t.product_id], t.price, t.size,
                            t.maker_side.upper(), t.time_us + self.time_offset_us + loop * self.loop_shift_us)
 
-    async def _cancel_replay(self) -> None:
-        await self._replay_task.cancel()
+    def _events(self) -> Sequence[RecordedEvent]:
+        return self.recording.events
 
-    def _replay_failed(self) -> None:
-        self.state = "finished"
+    def _event_offset_s(self, event: RecordedEvent) -> float:
+        return (event.recv_us - self.recording.first_recv_us) / US
 
-    async def _replay(self) -> None:
-        rec = self.recording
-        started = time.monotonic()
-        paused = 0.0
-        log.info("coinbase replay started: %d events, speed %s, time offset %+.0f s", len(rec.events),
-                 self.speed or "max", self.time_offset_us / US)
-        k = 0
-        while True:
-            self.loop_index = k
-            loop_s = k * self.loop_shift_us / US
-            for i, ev in enumerate(rec.events):
-                self.position = i
-                if self.speed > 0:
-                    delay = started + paused + (loop_s + (ev.recv_us - rec.first_recv_us) / US) / self.speed \
-                        - time.monotonic()
-                    if delay > 0.001:
-                        await asyncio.sleep(delay)
-                    elif i & 255 == 0:
-                        await asyncio.sleep(0)
-                elif i & 63 == 0:
-                    await asyncio.sleep(0)  # let the server answer requests while replaying flat out
-                paused += await self._sit_out_holds()
-                await self._apply(ev, k)
-            self.loops_done = k + 1
-            if not self.loop:
-                break
-            k += 1
-        self.position = len(rec.events)
+    def _loop_span_s(self) -> float:
+        return self.loop_shift_us / US
+
+    def _replay_begins(self) -> None:
+        self.log.info("coinbase replay started: %d events, speed %s, time offset %+.0f s", len(self.recording.events),
+                      self.speed or "max", self.time_offset_us / US)
+
+    async def _replay_ends(self) -> None:
         await self._flush_held()
-        self.state = "finished"
-        self._replay_task.finished.set()
-        log.info("coinbase replay finished after %d loop(s): %d trades, %d messages sent", self.loops_done,
-                 self.trades_replayed, self.messages_sent)
+        self.log.info("coinbase replay finished: %d trades, %d messages sent", self.trades_replayed,
+                      self.messages_sent)
 
-    async def _sit_out_holds(self) -> float:
-        """A halt, or a stall in 'pause' mode, holds the replay; returns the seconds held."""
-        began = time.monotonic()
-        while self._faults.halted() or (self._faults.stalled() and self._faults.stall_mode == "pause"):
-            await asyncio.sleep(0.02)
-        return time.monotonic() - began
-
-    async def _apply(self, ev: RecordedEvent, loop: int) -> None:
+    async def _dispatch(self, ev: RecordedEvent, loop: int) -> None:
         m = self.market
         if isinstance(ev, RecordedTrade):
             trade = self._replay_trade(ev, loop)
@@ -548,7 +423,7 @@ class CoinbaseVenue:
         return {**candle(start, trades), "product_id": product_id}
 
     async def _flush_held(self) -> None:
-        for client in list(self._clients):
+        for client in list(self._connections):
             async with client.lock:
                 if client.held is not None:
                     held, client.held = client.held, None
@@ -558,7 +433,7 @@ class CoinbaseVenue:
     # Sending
 
     def _subscribers(self, channel: str, product_id: str) -> list[_Client]:
-        return [c for c in self._clients if c.subscribed(channel, product_id)]
+        return [c for c in self._connections if c.subscribed(channel, product_id)]
 
     async def _fan_out(self, channel: str, product_id: str, events: Callable[[int], list[dict[str, Any]]],
                        only: Callable[[_Client], bool] | None = None) -> None:
@@ -603,17 +478,6 @@ class CoinbaseVenue:
         if ok:
             self.sent_by_channel[channel] += copies
         return ok
-
-    async def _write(self, client: _Client, text: str) -> bool:
-        try:
-            await client.ws.send_str(text)
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("coinbase: dropping WebSocket from %s (%s)", client.remote, exc)
-            self._forget(client)
-            return False
-        client.sent += 1
-        self.messages_sent += 1
-        return True
 
     def _now_iso(self) -> str:
         return format_time_us(int(time.time() * US) + self._faults.skew_us)
@@ -660,39 +524,21 @@ class CoinbaseVenue:
     # --------------------------------------------------------------------------------------------------
     # WebSocket
 
+    def _new_connection(self, ws: web.WebSocketResponse, request: web.Request) -> _Client:
+        return _Client(ws=ws, path=request.path_qs, remote=str(request.remote))
+
     def _forget(self, client: _Client) -> None:
-        self._clients.discard(client)
+        super()._forget(client)
         client.subs.clear()
         if client.heartbeat_task is not None:
             client.heartbeat_task.cancel()
-
-    async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
-        if time.monotonic() < self._faults.down_until:
-            return web.Response(status=503, text="simulator: coinbase WebSocket is down (fault)")
-        ws = web.WebSocketResponse(heartbeat=self.options.ws_ping_s, compress=False)
-        await ws.prepare(request)
-        client = _Client(ws=ws, remote=str(request.remote))
-        self._clients.add(client)
-        log.info("coinbase WebSocket connected from %s", client.remote)
-        try:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await self._on_client_message(client, msg.data)
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    break
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("coinbase WebSocket from %s failed: %s", client.remote, exc)
-        finally:
-            self._forget(client)
-            log.info("coinbase WebSocket from %s closed (%d messages sent)", client.remote, client.sent)
-        return ws
 
     async def _error(self, client: _Client, message: str) -> None:
         log.warning("coinbase: refused client request: %s", message)
         async with client.lock:
             await self._write(client, encode({"type": "error", "message": message}))
 
-    async def _on_client_message(self, client: _Client, text: str) -> None:
+    async def _on_text(self, client: _Client, text: str) -> None:
         """Advanced Trade's subscribe / unsubscribe: one channel per message."""
         try:
             request = json.loads(text)
@@ -776,8 +622,7 @@ class CoinbaseVenue:
                            request: web.Request) -> web.Response:
         self._rest_requests[name] += 1
         f = self._faults
-        if f.http_error > 0:
-            f.http_error -= 1
+        if f.take_http_error():
             return self._http_error(f.http_status, f.retry_after_s, bucket)
         retry = (self.rate_public if bucket == "public" else self.rate_v2).admit(time.monotonic())
         if retry:

@@ -19,11 +19,10 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import aiohttp
 from aiohttp import web
 
 from simulator.hyperliquid_data import (
@@ -37,7 +36,7 @@ from simulator.hyperliquid_data import (
     static_ctx,
 )
 from simulator.recording import real_data_dir
-from simulator.replay import ReplayTask
+from simulator.venue import Connection, FaultError, Faults, Venue
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -65,27 +64,16 @@ DESERIALIZE_ERROR = "Failed to deserialize the JSON body into the target type"
 SubKey = tuple[str, ...]  # ("trades", coin) | ("l2Book", coin) | ("candle", coin, interval) | ("allMids",) | ...
 
 
-class HyperliquidFaultError(ValueError):
-    """A fault request the venue cannot apply; converted to server.FaultError by `inject`."""
-
-
 @dataclass(eq=False)
-class _Connection:
-    ws: web.WebSocketResponse
-    remote: str
+class _Connection(Connection):
     subs: set[SubKey] = field(default_factory=set)
-    sent: int = 0
     # Held while a reply batch (ack, then the snapshot computed with it) is written, so replayed data that is
     # newer than the snapshot cannot overtake it.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
-class _Faults:
-    down_until: float = 0.0  # time.monotonic(): WebSocket upgrades refused until then
-    stall_until: float = 0.0  # replay held, pings answered
-    halt_until: float = 0.0  # trading halted: replayed events are skipped, nothing is sent
-    http_error: int = 0
+class _Faults(Faults):
     http_status: int = 500
     malformed_rest: int = 0
     malformed_ws: int = 0
@@ -95,29 +83,27 @@ class _Faults:
     skew_ms: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {"ws_down_remaining_s": round(max(0.0, self.down_until - now), 3),
-                "stall_remaining_s": round(max(0.0, self.stall_until - now), 3),
-                "halt_remaining_s": round(max(0.0, self.halt_until - now), 3),
-                "http_error": self.http_error, "http_status": self.http_status,
-                "malformed_rest": self.malformed_rest, "malformed_ws": self.malformed_ws,
+        return {**super().as_dict(), "malformed_rest": self.malformed_rest, "malformed_ws": self.malformed_ws,
                 "sequence_gap": dict(self.gap), "duplicate": dict(self.duplicate), "reorder": dict(self.reorder),
                 "clock_skew_ms": self.skew_ms}
 
 
-class HyperliquidVenue:
+class HyperliquidVenue(Venue[_Connection, _Faults]):
     """Hyperliquid perpetuals (ccxt id `hyperliquid`), replaying the real BTC capture."""
 
     exchange = "hyperliquid"
+    log = log
+    FAULT_KINDS = FAULT_KINDS
+    HTTP_ERROR_DEFAULT = 500
+    HTTP_ERROR_ANY_4XX = False
+    YIELD_PACED = YIELD_FLAT_OUT = 1
+    YIELD_AFTER_SLEEP = True
 
     def __init__(self, options: SimulatorOptions, recording: HyperliquidRecording | None = None) -> None:
-        self.options = options
         self.recording = recording or HyperliquidRecording.load(options.data_dir or real_data_dir())
         rec = self.recording
         self.coin = rec.coin
         self.universe = [u["name"] for u in rec.meta["universe"]]
-        self.speed = options.speed
-        self.loop = options.loop
         # Whole minutes covering every recorded exchange time (the first trades message reaches 49 s before
         # the capture began) and the receive span: looped trades never go back in time nor share a candle.
         times = [t["time"] for t in rec.trades] + [ev.data["time"] for ev in rec.events if ev.channel == "l2Book"]
@@ -125,61 +111,27 @@ class HyperliquidVenue:
         self.loop_shift_ms = (span // MINUTE_MS + 1) * MINUTE_MS
         self.weight_limit = WEIGHT_LIMIT
         self.weight_window_s = WEIGHT_WINDOW_S
-        self.state: Literal["idle", "running", "finished", "stopped"] = "idle"
-        self._replay_task = ReplayTask("hyperliquid-replay", on_failure=self._replay_failed)
-        self._connections: set[_Connection] = set()
         self._subscribers: dict[SubKey, set[_Connection]] = {}
-        self._faults = _Faults()
         self._held: dict[str, list[tuple[SubKey, str]]] = {}  # reorder fault: messages waiting for a successor
         self._weights: deque[tuple[float, int]] = deque()
         self._rest_requests: Counter[str] = Counter()
         self._rest_status: Counter[int] = Counter()
-        self._reset_replay_state()
+        super().__init__(options)
 
     # ------------------------------------------------------------------------------------------------------
     # Venue protocol
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post(f"{HOST}/info", self._info)
-        router.add_get(f"{HOST}/ws", self._ws_handler)
+        router.add_get(f"{HOST}/ws", self._ws_session)
 
-    async def start(self) -> None:
-        log.info("simulated hyperliquid at /api.hyperliquid.xyz/{info,ws}: %d recorded messages of %s (%d trades, "
-                 "%.1f s), speed %s%s, start on %s", len(self.recording.events), self.coin,
-                 len(self.recording.trades), self.recording.duration_ms / 1000, self.speed or "max",
-                 ", looping" if self.loop else "", self.options.start)
-        if self.options.start == "immediate":
-            self.restart()
+    def _describe(self) -> str:
+        rec = self.recording
+        return (f"simulated hyperliquid at /api.hyperliquid.xyz/{{info,ws}}: {len(rec.events)} recorded messages of "
+                f"{self.coin} ({len(rec.trades)} trades, {rec.duration_ms / 1000:.1f} s)")
 
-    async def stop(self) -> None:
-        await self._replay_task.cancel()
-        self.state = "stopped"
-        await self.disconnect_all(aiohttp.WSCloseCode.GOING_AWAY)
-
-    def inject(self, kind: str, **params: Any) -> dict[str, Any]:
-        """Apply a fault now; returns the fault state. Kinds and parameters:
-        - disconnect: code=1001, down_s=0: close every WebSocket; refuse new ones (HTTP 503) for down_s.
-        - stall: seconds: hold the replay (nothing sent, nothing lost); pings are still answered.
-        - http_error: status=500, count=1: the next `count` /info requests fail with `status` (429: body `null`).
-        - malformed_json: count=1, target='rest'|'ws': the next `count` /info bodies (HTTP 200) or WebSocket data
-          messages are cut in half.
-        - sequence_gap: channel='l2Book'|'trades', count=1: skip the next `count` book snapshots or trades (tids).
-        - duplicate: channel (a WS channel), count=1: send the next `count` messages of it twice.
-        - reorder: channel, count=1: send each of the next `count` messages after the one that follows it.
-        - clock_skew: ms: add ms to the `time` of every trade and book sent (WS and REST) and to exchangeStatus.
-        - halt: seconds: trading halt: the recording moves on but nothing trades, nothing is sent on data
-          channels and REST shows the market as it was (skipped trade ids in status `halted_trade_ids`).
-        - clear: remove every pending fault (held reordered messages are sent).
-        """
-        from simulator.server import FaultError
-
-        try:
-            self._apply_fault(kind, params)
-        except (HyperliquidFaultError, KeyError, TypeError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, HyperliquidFaultError) else f"bad parameters {params} ({exc!r})"
-            raise FaultError(f"hyperliquid fault {kind!r}: {reason}") from exc
-        log.warning("fault injected: %s %s", kind, params)
-        return self._faults.as_dict()
+    def _new_faults(self) -> _Faults:
+        return _Faults()
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "speed": self.speed, "loop_enabled": self.loop, "loop": self.loop_index,
@@ -198,35 +150,10 @@ class HyperliquidVenue:
     # ------------------------------------------------------------------------------------------------------
     # Python API
 
-    def restart(self, speed: float | None = None, loop: bool | None = None) -> None:
-        """(Re)start the replay from the first recorded message now."""
-        if speed is not None:
-            if speed < 0:
-                raise ValueError(f"speed must be >= 0, got {speed}")
-            self.speed = speed
-        if loop is not None:
-            self.loop = loop
-        self._replay_task.cancel_nowait()
-        self._reset_replay_state()
-        self.state = "running"
-        self._replay_task.start(self._replay)
-
-    async def wait_finished(self, timeout: float | None = None) -> None:
-        """Until the replay has sent its last message (raises TimeoutError; never returns while looping)."""
-        await self._replay_task.wait_finished(timeout)
-
     def expected_trades(self, loop: int = 0) -> list[dict[str, Any]]:
         """The trades the replay sends in loop `loop` (times and tids shifted as sent, without faults)."""
         shift = self.time_offset_ms + loop * self.loop_shift_ms
         return [self._shift_trade(t, shift, loop * TID_LOOP_STRIDE, 0) for t in self.recording.trades]
-
-    async def disconnect_all(self, code: int = aiohttp.WSCloseCode.GOING_AWAY) -> int:
-        connections = list(self._connections)
-        for conn in connections:
-            self._forget(conn)
-        await asyncio.gather(*(c.ws.close(code=code, message=b"simulator disconnect") for c in connections),
-                             return_exceptions=True)
-        return len(connections)
 
     def weight_used(self) -> int:
         horizon = time.monotonic() - self.weight_window_s
@@ -237,30 +164,23 @@ class HyperliquidVenue:
     # ------------------------------------------------------------------------------------------------------
     # Faults
 
-    def _apply_fault(self, kind: str, params: dict[str, Any]) -> None:
+    def _inject(self, kind: str, params: dict[str, Any]) -> bool:
+        """Hyperliquid's own kinds beside the common ones (venue.py: a stall holds the replay whatever its mode,
+        nothing lost; http_error takes 429, body `null`, or 5xx; halt is a trading halt: the recording moves on
+        but nothing trades, nothing is sent on data channels and REST shows the market as it was, the skipped
+        trade ids in status `halted_trade_ids`; clear sends the reordered messages still held):
+        - malformed_json: count=1, target='rest'|'ws': the next `count` /info bodies (HTTP 200) or WebSocket data
+          messages are cut in half.
+        - sequence_gap: channel='l2Book'|'trades', count=1: skip the next `count` book snapshots or trades (tids).
+        - duplicate: channel (a WS channel), count=1: send the next `count` messages of it twice.
+        - reorder: channel, count=1: send each of the next `count` messages after the one that follows it.
+        - clock_skew: ms: add ms to the `time` of every trade and book sent (WS and REST) and to exchangeStatus.
+        """
         f = self._faults
-        now = time.monotonic()
-        if kind == "disconnect":
-            f.down_until = now + float(params.get("down_s", 0))
-            code = int(params.get("code", aiohttp.WSCloseCode.GOING_AWAY))
-            asyncio.get_running_loop().create_task(self.disconnect_all(code))
-        elif kind in ("stall", "halt"):
-            if "seconds" not in params:
-                raise HyperliquidFaultError("needs 'seconds'")
-            until = now + float(params["seconds"])
-            if kind == "stall":
-                f.stall_until = until
-            else:
-                f.halt_until = until
-        elif kind == "http_error":
-            status = int(params.get("status", 500))
-            if status != 429 and not 500 <= status <= 599:
-                raise HyperliquidFaultError(f"status must be 429 or 5xx, got {status}")
-            f.http_error, f.http_status = int(params.get("count", 1)), status
-        elif kind == "malformed_json":
+        if kind == "malformed_json":
             target = params.get("target", "rest")
             if target not in ("rest", "ws"):
-                raise HyperliquidFaultError(f"target must be 'rest' or 'ws', got {target!r}")
+                raise FaultError(f"target must be 'rest' or 'ws', got {target!r}")
             if target == "rest":
                 f.malformed_rest = int(params.get("count", 1))
             else:
@@ -269,24 +189,26 @@ class HyperliquidVenue:
             channel = params.get("channel", "l2Book")
             allowed = ("l2Book", "trades") if kind == "sequence_gap" else CHANNELS
             if channel not in allowed:
-                raise HyperliquidFaultError(f"channel must be one of {', '.join(allowed)}, got {channel!r}")
+                raise FaultError(f"channel must be one of {', '.join(allowed)}, got {channel!r}")
             counter = {"sequence_gap": f.gap, "duplicate": f.duplicate, "reorder": f.reorder}[kind]
             counter[channel] = int(params.get("count", 1))
         elif kind == "clock_skew":
             f.skew_ms = int(params["ms"])
-        elif kind == "clear":
-            self._faults = _Faults()
-            asyncio.get_running_loop().create_task(self._flush_held())
         else:
-            raise HyperliquidFaultError(f"unknown kind; one of {', '.join(FAULT_KINDS)}")
+            return False
+        return True
+
+    def _on_clear(self) -> None:
+        asyncio.get_running_loop().create_task(self._flush_held())
+
+    def _holds_replay(self) -> bool:
+        return self._faults.stalled()  # a halt skips the events instead (see `_emit`)
 
     # ------------------------------------------------------------------------------------------------------
     # Replay
 
     def _reset_replay_state(self) -> None:
-        self.loop_index = 0
-        self.position = 0
-        self.messages_sent = 0
+        super()._reset_replay_state()
         self.sent_by_channel: Counter[str] = Counter()
         self.gap_trade_ids: list[int] = []
         self.gap_book_times: list[int] = []
@@ -296,40 +218,27 @@ class HyperliquidVenue:
         self.market = MarketState(self.coin, next(ev.data for ev in self.recording.events if ev.channel == "l2Book"))
         self.recent_trades: deque[dict[str, Any]] = deque(maxlen=RECENT_TRADES)
 
-    def _replay_failed(self) -> None:
-        self.state = "finished"
+    def _events(self) -> Sequence[CaptureEvent]:
+        return self.recording.events
 
-    async def _replay(self) -> None:
-        events = self.recording.events
+    def _event_offset_s(self, event: CaptureEvent) -> float:
+        return (event.recv_ns - self.recording.events[0].recv_ns) / 1e9
+
+    def _loop_span_s(self) -> float:
+        return self.loop_shift_ms / 1000
+
+    def _replay_begins(self) -> None:
         if self.options.shift_to_now:
-            first_ms = events[0].recv_ns // 1_000_000
+            first_ms = self.recording.events[0].recv_ns // 1_000_000
             self.time_offset_ms = (int(time.time() * 1000) - first_ms) // MINUTE_MS * MINUTE_MS
-        started, paused, k = time.monotonic(), 0.0, 0
-        first_ns = events[0].recv_ns
-        while True:
-            self.loop_index = k
-            shift_ms = self.time_offset_ms + k * self.loop_shift_ms
-            loop_s = k * self.loop_shift_ms / 1000
-            for i, ev in enumerate(events):
-                self.position = i
-                if self.speed > 0:
-                    delay = started + paused + (loop_s + (ev.recv_ns - first_ns) / 1e9) / self.speed - time.monotonic()
-                    if delay > 0.001:
-                        await asyncio.sleep(delay)
-                await asyncio.sleep(0)  # let the server answer requests while replaying flat out
-                stalled_at = time.monotonic()
-                while (remaining := self._faults.stall_until - time.monotonic()) > 0:
-                    await asyncio.sleep(min(remaining, 0.05))
-                paused += time.monotonic() - stalled_at  # later messages keep their spacing: they come late
-                await self._emit(ev, shift_ms, k * TID_LOOP_STRIDE)
-            if not self.loop:
-                break
-            k += 1
-        self.position = len(events)
+
+    async def _dispatch(self, event: CaptureEvent, loop: int) -> None:
+        await self._emit(event, self.time_offset_ms + loop * self.loop_shift_ms, loop * TID_LOOP_STRIDE)
+
+    async def _replay_ends(self) -> None:
         await self._flush_held()
-        self.state = "finished"
-        self._replay_task.finished.set()
-        log.info("hyperliquid replay finished: %d trades, %d messages sent", self.market.trades, self.messages_sent)
+        self.log.info("hyperliquid replay finished: %d trades, %d messages sent", self.market.trades,
+                      self.messages_sent)
 
     @staticmethod
     def _shift_trade(trade: dict[str, Any], shift_ms: int, tid_shift: int, skew_ms: int) -> dict[str, Any]:
@@ -417,45 +326,29 @@ class HyperliquidVenue:
             return await self._send_unlocked(conn, text)
 
     async def _send_unlocked(self, conn: _Connection, text: str) -> bool:
-        try:
-            await conn.ws.send_str(text)
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("dropping hyperliquid WebSocket from %s (%s)", conn.remote, exc)
-            self._forget(conn)
-            return False
-        conn.sent += 1
-        self.messages_sent += 1
-        return True
+        return await self._write(conn, text)
 
     # ------------------------------------------------------------------------------------------------------
     # WebSocket
 
-    async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
-        if time.monotonic() < self._faults.down_until:
-            return web.Response(status=503, text="simulator: WebSocket is down (fault)")
-        if len(self._connections) >= MAX_CONNECTIONS:
+    def _ws_refusal(self) -> web.Response | None:
+        refused = super()._ws_refusal()
+        if refused is None and len(self._connections) >= MAX_CONNECTIONS:
             return web.Response(status=429, text=f"too many WebSocket connections (max {MAX_CONNECTIONS})")
-        ws = web.WebSocketResponse(compress=False)  # Hyperliquid does not ping: clients send {"method":"ping"}
-        await ws.prepare(request)
-        conn = _Connection(ws=ws, remote=str(request.remote))
-        self._connections.add(conn)
-        try:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    replies = self._on_client_message(conn, msg.data)
-                    async with conn.lock:
-                        for reply in replies:
-                            await self._send_unlocked(conn, encode(reply))
-                    if self.state == "idle" and self.options.start == "subscribe" and any(
-                            self._carries_data(k) for k in conn.subs):
-                        self.restart()
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    break
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("hyperliquid WebSocket from %s failed: %s", conn.remote, exc)
-        finally:
-            self._forget(conn)
-        return ws
+        return refused
+
+    def _ws_heartbeat(self) -> float | None:
+        return None  # Hyperliquid does not ping: clients send {"method":"ping"}
+
+    def _new_connection(self, ws: web.WebSocketResponse, request: web.Request) -> _Connection:
+        return _Connection(ws=ws, path=request.path_qs, remote=str(request.remote))
+
+    async def _on_text(self, conn: _Connection, text: str) -> None:
+        replies = self._on_client_message(conn, text)
+        async with conn.lock:
+            for reply in replies:
+                await self._send_unlocked(conn, encode(reply))
+        self._start_on_subscription(any(self._carries_data(k) for k in conn.subs))
 
     def _on_client_message(self, conn: _Connection, text: str) -> list[dict[str, Any]]:
         """Hyperliquid's client requests: ping, subscribe, unsubscribe. Errors on the `error` channel."""
@@ -523,10 +416,10 @@ class HyperliquidVenue:
         return []
 
     def _forget(self, conn: _Connection) -> None:
+        super()._forget(conn)
         for key in conn.subs:
             self._subscribers.get(key, set()).discard(conn)
         conn.subs.clear()
-        self._connections.discard(conn)
 
     # ------------------------------------------------------------------------------------------------------
     # REST: POST /info
@@ -545,8 +438,7 @@ class HyperliquidVenue:
         handler = self._info_handlers().get(kind) if isinstance(kind, str) else None
         self._rest_requests[cast(str, kind) if handler else "invalid"] += 1
         f = self._faults
-        if f.http_error > 0:
-            f.http_error -= 1
+        if f.take_http_error():
             return _http_error(f.http_status)
         weight = INFO_WEIGHTS.get(str(kind), DEFAULT_INFO_WEIGHT)
         if self.weight_used() + weight > self.weight_limit:

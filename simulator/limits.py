@@ -1,5 +1,4 @@
-"""Binance's IP request-weight limit, as a small object a venue can own (the spot server keeps its own copy of
-the same rules in `Simulator._rest_answer`).
+"""Binance's IP request-weight limit, as a small object each Binance venue owns (spot.py, usdm.py).
 
 Weight is counted per clock window (a minute on Binance) and reported in `X-MBX-USED-WEIGHT-1M`. Over the limit:
 HTTP 429 with Retry-After = the seconds to the window's end. A client that keeps calling after `ban_after_429s`
@@ -40,13 +39,23 @@ class WeightLimiter:
     def charge(self, weight: int, now: float | None = None) -> Verdict:
         """Count `weight` for one request and say whether it may be served."""
         now = time.time() if now is None else now
+        verdict = self.count(weight, now)
+        return self.judge(now) if verdict.status == 200 else verdict
+
+    def count(self, weight: int, now: float) -> Verdict:
+        """Count `weight` in the current window: 418 while banned (nothing counted), else 200 with the headers."""
         if now < self.ban_until:
             return Verdict(418, max(1, int(self.ban_until - now + 0.999)), {}, self.ban_until)
         window = int(now // self.window_s)
         if window != self.window:
             self.window, self.used, self.throttled_in_window = window, 0, 0
         self.used += weight
-        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used), "X-MBX-USED-WEIGHT": str(self.used)}
+        return Verdict(200, 0, self.headers())
+
+    def judge(self, now: float) -> Verdict:
+        """After `count`: 200 within the limit, else 429 to the window's end, or 418 (a ban) for a client that
+        kept calling after `ban_after_429s` 429s in this window."""
+        headers = self.headers()
         if self.used <= self.limit:
             return Verdict(200, 0, headers)
         self.throttled_in_window += 1
@@ -55,12 +64,10 @@ class WeightLimiter:
             self.bans += 1
             self.ban_until = now + ban_s
             return Verdict(418, max(1, int(ban_s + 0.999)), headers, self.ban_until)
-        return Verdict(429, max(1, int((window + 1) * self.window_s - now + 0.999)), headers)
+        return Verdict(429, max(1, int((self.window + 1) * self.window_s - now + 0.999)), headers)
+
+    def headers(self) -> dict[str, str]:
+        return {"X-MBX-USED-WEIGHT-1M": str(self.used), "X-MBX-USED-WEIGHT": str(self.used)}
 
     def current(self) -> int:
         return self.used if self.window == int(time.time() // self.window_s) else 0
-
-    def as_dict(self) -> dict[str, object]:
-        return {"weight_used_1m": self.current(), "limit": self.limit, "bans": self.bans,
-                "banned_remaining_s": round(max(0.0, self.ban_until - time.time()), 3),
-                "status": {str(k): v for k, v in sorted(self.status_counts.items())}}

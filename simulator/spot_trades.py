@@ -36,7 +36,7 @@ from simulator import binance
 from simulator.recording import Trade, TradeEvent
 
 if TYPE_CHECKING:
-    from simulator.server import Simulator
+    from simulator.spot import BinanceSpot
 
 HISTORICAL_TRADES_WEIGHT = 25
 AGG_TRADES_WEIGHT = 4
@@ -82,9 +82,9 @@ class _SymbolHistory:
 
 
 class SpotTrades:
-    """The two endpoints of one `Simulator`, reading its replay position."""
+    """The two endpoints of one `BinanceSpot`, reading its replay position."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: BinanceSpot) -> None:
         self.sim = sim
         rec = sim.recording
         per_symbol: dict[str, tuple[list[Trade], list[int]]] = {}
@@ -219,7 +219,7 @@ class SpotTrades:
         return web.Response(text=binance.encode(rows), content_type="application/json")
 
     def endpoints(self) -> list[tuple[str, Any, Any]]:
-        """(name, weight function, handler) for `Simulator._build_app`'s endpoint list."""
+        """(name, weight function, handler) for `BinanceSpot.add_routes`'s endpoint list."""
         return [("historicalTrades", lambda _: HISTORICAL_TRADES_WEIGHT, self.historical_trades),
                 ("aggTrades", lambda _: AGG_TRADES_WEIGHT, self.agg_trades)]
 

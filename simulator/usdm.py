@@ -28,27 +28,23 @@ update ids by k * (their span + 1,000,000): the depth chain breaks at a loop and
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
 import functools
 import gzip
-import json
 import logging
 import statistics
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
 from simulator import binance, depth
-from simulator.limits import WeightLimiter
+from simulator.binance_venue import BinanceFaults, BinanceVenue, Handler, Weight
 from simulator.recording import (
     DEPTH_LOOP_JUMP,
     MINUTE_MS,
@@ -63,7 +59,7 @@ from simulator.recording import (
     capture_files,
     real_data_dir,
 )
-from simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
+from simulator.wirefaults import WIRE_FAULT_KINDS
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -326,86 +322,31 @@ class _Stats:
 # The venue
 
 
-@dataclass(eq=False)
-class _Conn:
-    ws: web.WebSocketResponse
-    path: str
-    combined: bool
-    streams: set[str] = field(default_factory=set)
-    sent: int = 0
-
-
-@dataclass
-class _Faults:
-    http_error: int = 0
-    http_status: int = 503
-    retry_after_s: int = 1
-    stall_until: float = 0.0
-    stall_mode: str = "pause"
-    halt_until: float = 0.0
-    down_until: float = 0.0
-    wire: WireFaults = field(default_factory=WireFaults)
-
-    def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {"http_error": self.http_error, "http_status": self.http_status,
-                "stall_remaining_s": round(max(0.0, self.stall_until - now), 3), "stall_mode": self.stall_mode,
-                "halt_remaining_s": round(max(0.0, self.halt_until - now), 3),
-                "ws_down_remaining_s": round(max(0.0, self.down_until - now), 3), **self.wire.as_dict()}
-
-
-class BinanceUsdm:
+class BinanceUsdm(BinanceVenue[BinanceFaults]):
     """The `binanceusdm` venue (see the module docstring); built by venue.build_venues."""
 
     exchange = EXCHANGE
+    log = log
+    FAULT_KINDS = FAULT_KINDS
+    FUTURES = True
 
     def __init__(self, options: SimulatorOptions, recording: UsdmRecording | None = None) -> None:
-        from simulator.server import FaultError  # the error type venues raise (venue.py)
-
-        self._fault_error = FaultError
-        self.options = options
         data_dir = options.data_dir or real_data_dir()
         self.recording = recording or UsdmRecording(data_dir, options.max_trades)
         self._info = _load_exchange_info(data_dir)
-        self.speed = options.speed
-        self.limiter = WeightLimiter(WEIGHT_LIMIT, options.weight_window_s, options.ban_after_429s, options.ban_s)
-        self._faults = _Faults()
-        self._conns: set[_Conn] = set()
-        self._subs: dict[str, set[_Conn]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._requests: Counter[str] = Counter()
-        self.state = "idle"
-        self._data_streams = {"btcusdt@trade", "btcusdt@bookTicker", "btcusdt@depth@0ms", *MERGED_DEPTH,
-                              "btcusdt@markPrice", "btcusdt@markPrice@1s", "btcusdt@kline_1m", "btcusdt@ticker",
-                              "btcusdt@miniTicker"}
-        self._reset()
+        super().__init__(options, {"btcusdt@trade", "btcusdt@bookTicker", "btcusdt@depth@0ms", *MERGED_DEPTH,
+                                   "btcusdt@markPrice", "btcusdt@markPrice@1s", "btcusdt@kline_1m",
+                                   "btcusdt@ticker", "btcusdt@miniTicker"}, WEIGHT_LIMIT)
 
-    # -- lifecycle (Venue protocol) ------------------------------------------------------------------------
+    def _new_faults(self) -> BinanceFaults:
+        return BinanceFaults()
 
-    async def start(self) -> None:
-        if self.options.start == "immediate":
-            self.restart()
+    def _describe(self) -> str:
+        return (f"simulated binance usd-m at /fapi.binance.com (REST) and /fstream.binance.com (WebSocket): "
+                f"{len(self.recording.trades)} trades of BTCUSDT")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.disconnect_all(aiohttp.WSCloseCode.GOING_AWAY)
-
-    def restart(self) -> None:
-        """(Re)start the replay from its first event now."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._reset()
-        self.state = "running"
-        self._task = asyncio.get_running_loop().create_task(self._replay(), name="usdm-replay")
-
-    def _reset(self) -> None:
-        self.position = 0
-        self.loop_index = 0
-        self.messages_sent = 0
-        self.sent_by_stream: Counter[str] = Counter()
+    def _reset_replay_state(self) -> None:
+        super()._reset_replay_state()
         self.time_offset_ms = 0
         self.book = depth.DepthBook(self.recording.snapshot)
         self.stats = _Stats()
@@ -417,109 +358,40 @@ class BinanceUsdm:
         self.funding_history: list[dict[str, Any]] = []
         self._pending_depth: dict[str, list[depth.DepthDiff]] = {}
 
-    # -- faults --------------------------------------------------------------------------------------------
-
-    def inject(self, kind: str, **params: Any) -> dict[str, Any]:
-        """Kinds as the spot simulator's (server.py `Simulator.inject`): disconnect (code, down_s), stall (seconds,
-        mode), halt (seconds), http_error (status, count, retry_after), malformed_ws / duplicate / reorder /
-        sequence_gap (count, stream), clock_skew (ms), clear."""
-        f = self._faults
-        try:
-            if kind == "disconnect":
-                f.down_until = time.monotonic() + float(params.get("down_s", 0))
-                code = int(params.get("code", aiohttp.WSCloseCode.GOING_AWAY))
-                asyncio.get_running_loop().create_task(self.disconnect_all(code))
-            elif kind in ("stall", "halt"):
-                until = time.monotonic() + float(params["seconds"])
-                if kind == "halt":
-                    f.halt_until = until
-                else:
-                    mode = params.get("mode", "pause")
-                    if mode not in ("pause", "drop"):
-                        raise ValueError(f"stall mode must be 'pause' or 'drop', got {mode!r}")
-                    f.stall_until, f.stall_mode = until, mode
-            elif kind == "http_error":
-                status = int(params.get("status", 503))
-                if not 400 <= status <= 599:
-                    raise ValueError(f"http_error status must be 4xx or 5xx, got {status}")
-                f.http_error, f.http_status = int(params.get("count", 1)), status
-                f.retry_after_s = int(params.get("retry_after", 1))
-            elif kind in WIRE_FAULT_KINDS:
-                f.wire.arm(kind, params)
-            elif kind == "clear":
-                self._faults = _Faults()
-            else:
-                raise self._fault_error(f"unknown fault kind {kind!r} for {EXCHANGE}; one of "
-                                        f"{', '.join(FAULT_KINDS)}")
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, self._fault_error):
-                raise
-            raise self._fault_error(f"bad parameters for {EXCHANGE} fault {kind!r}: {params} ({exc})") from exc
-        log.warning("%s fault injected: %s %s", EXCHANGE, kind, params)
-        return self._faults.as_dict()
-
-    async def disconnect_all(self, code: int) -> int:
-        conns = list(self._conns)
-        for c in conns:
-            self._forget(c)
-        await asyncio.gather(*(c.ws.close(code=code, message=b"simulator disconnect") for c in conns),
-                             return_exceptions=True)
-        return len(conns)
-
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "speed": self.speed, "position": self.position,
                 "events": len(self.recording.events), "loop": self.loop_index,
                 "messages_sent": self.messages_sent, "sent_by_stream": dict(self.sent_by_stream),
-                "connections": [{"path": c.path, "streams": sorted(c.streams), "sent": c.sent} for c in self._conns],
+                "connections": self._connections_status(),
                 "depth": {"last_update_id": self.book.last_update_id, "passed_snapshot": self.book.passed_snapshot,
                           "snapshot_last_update_id": self.recording.snapshot.last_update_id,
                           "snapshots_served": self.book.served},
-                "faults": self._faults.as_dict(),
-                "rest": {"requests": dict(self._requests), **self.limiter.as_dict()}}
+                "faults": self._faults.as_dict(), "rest": self._rest_status()}
 
     # -- replay --------------------------------------------------------------------------------------------
 
-    async def _replay(self) -> None:
-        rec = self.recording
-        if self.options.shift_to_now:
-            first = rec.trades[0].time
-            self.time_offset_ms = (int(time.time() * 1000) - first) // MINUTE_MS * MINUTE_MS
-        started = time.monotonic()
-        paused = 0.0
-        k = 0
-        while True:
-            self.loop_index = k
-            shift_ms = self.time_offset_ms + k * rec.loop_shift_ms
-            loop_ns = k * rec.loop_shift_ms * 1_000_000 - rec.first_recv_ns
-            self.book.reset(k * rec.update_id_span)
-            self._pending_depth = {}
-            for i, ev in enumerate(rec.events):
-                self.position = i
-                if self.speed > 0:
-                    delay = started + paused + (ev.recv_ns + loop_ns) / 1e9 / self.speed - time.monotonic()
-                    if delay > 0.001:
-                        await asyncio.sleep(delay)
-                    elif i & 255 == 0:
-                        await asyncio.sleep(0)
-                elif i & 255 == 0:
-                    await asyncio.sleep(0)
-                f = self._faults
-                while (f.halt_until > time.monotonic()
-                       or (f.stall_until > time.monotonic() and f.stall_mode == "pause")):
-                    began = time.monotonic()
-                    await asyncio.sleep(0.02)
-                    paused += time.monotonic() - began
-                    f = self._faults
-                await self._dispatch(ev, shift_ms, k)
-            if not self.options.loop:
-                break
-            k += 1
-        self.position = len(rec.events)
-        self.state = "finished"
-        log.info("%s replay finished", EXCHANGE)
+    def _events(self) -> Sequence[Any]:
+        return self.recording.events
 
-    async def _dispatch(self, ev: Any, shift_ms: int, k: int) -> None:
+    def _event_offset_s(self, event: Any) -> float:
+        return (event.recv_ns - self.recording.first_recv_ns) / 1e9
+
+    def _loop_span_s(self) -> float:
+        return self.recording.loop_shift_ms / 1000
+
+    def _replay_begins(self) -> None:
+        if self.options.shift_to_now:
+            first = self.recording.trades[0].time
+            self.time_offset_ms = (int(time.time() * 1000) - first) // MINUTE_MS * MINUTE_MS
+
+    def _loop_begins(self, loop: int) -> None:
+        self._shift_ms = self.time_offset_ms + loop * self.recording.loop_shift_ms
+        self.book.reset(loop * self.recording.update_id_span)
+        self._pending_depth = {}
+
+    async def _dispatch(self, event: Any, loop: int) -> None:
         rec = self.recording
+        ev, k, shift_ms = event, loop, self._shift_ms
         if isinstance(ev, TradeEvent):
             t = ev.trade.shifted(k * rec.trade_id_span, shift_ms)
             self.stats.add(t)
@@ -538,7 +410,7 @@ class BinanceUsdm:
                 if pending and pending[-1].event_time // period_ms != diff.event_time // period_ms:
                     await self._send_diff(stream, depth.merge_diffs(pending))
                     pending.clear()
-                if self._subs.get(stream):
+                if self._subscribers.get(stream):
                     pending.append(diff)
         elif isinstance(ev, KlineEvent):
             c = ev.candle.shifted(k * rec.trade_id_span, shift_ms)
@@ -571,111 +443,10 @@ class BinanceUsdm:
                                          FUNDING_INTERVAL_MS, "fundingRate": f"{previous.rate:.8f}",
                                          "markPrice": previous.mark})
 
-    async def _send_diff(self, stream: str, diff: depth.DepthDiff) -> None:
-        if not self._subs.get(stream) or self._faults.wire.drop_depth(stream, diff.final_id):
-            return
-        await self._send(stream, diff.wire())
-
-    async def _send(self, stream: str, payload: dict[str, Any]) -> None:
-        subs = self._subs.get(stream)
-        if not subs or self._faults.stall_until > time.monotonic():
-            return
-        wire = self._faults.wire
-        for raw in wire.frames(stream, binance.encode(wire.skew(payload))):
-            wrapped = binance.combined(stream, raw)
-            for c in list(subs):
-                try:
-                    await c.ws.send_str(wrapped if c.combined else raw)
-                except (ConnectionError, RuntimeError):
-                    self._forget(c)
-                    continue
-                c.sent += 1
-                self.messages_sent += 1
-                self.sent_by_stream[stream] += 1
-
-    # -- WebSocket -----------------------------------------------------------------------------------------
-
-    def _forget(self, c: _Conn) -> None:
-        for s in c.streams:
-            self._subs.get(s, set()).discard(c)
-        c.streams.clear()
-        self._conns.discard(c)
-
-    def _subscribe(self, c: _Conn, streams: list[str]) -> None:
-        for s in streams:
-            c.streams.add(s)
-            self._subs.setdefault(s, set()).add(c)
-            if s not in self._data_streams:
-                log.warning("%s subscription to %s: no data for it (served: %s)", EXCHANGE, s,
-                            ", ".join(sorted(self._data_streams)))
-        if self.state == "idle" and self.options.start == "subscribe" and \
-                any(s in self._data_streams for s in streams):
-            self.restart()
-
-    async def _ws(self, request: web.Request) -> web.StreamResponse:
-        if time.monotonic() < self._faults.down_until:
-            return web.json_response(binance.error_body(-1001, "simulator: WebSocket is down (fault)"), status=503)
-        combined = "/stream" in request.path.removeprefix("/fstream.binance.com")
-        ws = web.WebSocketResponse(heartbeat=self.options.ws_ping_s, compress=False)
-        await ws.prepare(request)
-        c = _Conn(ws, request.path_qs, combined)
-        self._conns.add(c)
-        initial = [s for s in request.query.get("streams", "").split("/") if s] if combined else \
-            [s for s in request.match_info.get("tail", "").split("/") if "@" in s]
-        if initial:
-            self._subscribe(c, initial)
-        try:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    reply = self._on_message(c, msg.data)
-                    await ws.send_str(json.dumps(reply, separators=(",", ":")))
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    break
-        except (ConnectionError, RuntimeError) as exc:
-            log.info("%s WebSocket %s failed: %s", EXCHANGE, c.path, exc)
-        finally:
-            self._forget(c)
-        return ws
-
-    def _on_message(self, c: _Conn, text: str) -> dict[str, Any]:
-        return binance.subscription_reply(text, c.streams, c.combined, lambda streams: self._subscribe(c, streams),
-                                          lambda streams: self._unsubscribe(c, streams))
-
-    def _unsubscribe(self, c: _Conn, streams: list[str]) -> None:
-        for s in streams:
-            c.streams.discard(s)
-            self._subs.get(s, set()).discard(c)
-
-    # -- REST ----------------------------------------------------------------------------------------------
-
-    def _rest(self, name: str, weight: Callable[[web.Request], int],
-              handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[
-                  [web.Request], Awaitable[web.Response]]:
-        """Weight, 429 / 418 (limits.py) and the http_error fault around an endpoint."""
-        async def wrapped(request: web.Request) -> web.Response:
-            self._requests[name] += 1
-            verdict = self.limiter.charge(weight(request))
-            f = self._faults
-            if verdict.status == 200 and f.http_error > 0:
-                f.http_error -= 1
-                response = _error(f.http_status, f.retry_after_s, verdict.headers)
-            elif verdict.status != 200:
-                response = _error(verdict.status, verdict.retry_after_s, verdict.headers, verdict.banned_until)
-            else:
-                try:
-                    response = await handler(request)
-                except ValueError as exc:  # a parameter that is not a number
-                    response = web.json_response(binance.error_body(
-                        -1100, f"Illegal characters found in a parameter ({exc})."), status=400)
-                response.headers.update(verdict.headers)
-            self.limiter.status_counts[response.status] += 1
-            return response
-        return wrapped
-
     def add_routes(self, r: web.UrlDispatcher) -> None:
         fixed = {"ping": 1, "time": 1, "exchangeInfo": 1, "openInterest": 1, "fundingRate": 1, "trades": 5,
                  "historicalTrades": 20, "aggTrades": 20}
-        endpoints: list[tuple[str, Callable[[web.Request], int], Callable[[web.Request], Awaitable[web.Response]]]] = [
+        endpoints: list[tuple[str, Weight, Handler]] = [
             ("ping", lambda _: fixed["ping"], self._ping),
             ("time", lambda _: fixed["time"], self._time),
             ("exchangeInfo", lambda _: fixed["exchangeInfo"], self._exchange_info),
@@ -693,9 +464,9 @@ class BinanceUsdm:
             r.add_get(f"/fapi.binance.com/fapi/v1/{name}", self._rest(name, weight, handler))
         for host in ("/fstream.binance.com",):
             for kind in ("", "/public", "/market"):
-                r.add_get(f"{host}{kind}/ws", self._ws)
-                r.add_get(f"{host}{kind}/ws/{{tail:.*}}", self._ws)
-                r.add_get(f"{host}{kind}/stream", self._ws)
+                r.add_get(f"{host}{kind}/ws", self._ws_session)
+                r.add_get(f"{host}{kind}/ws/{{tail:.*}}", self._ws_session)
+                r.add_get(f"{host}{kind}/stream", self._ws_session)
 
     def _symbol(self, request: web.Request, replayed: bool = True) -> str | web.Response:
         symbol = request.query.get("symbol")
@@ -706,15 +477,6 @@ class BinanceUsdm:
             return web.json_response(binance.error_body(
                 -1121, f"Invalid symbol. (the simulator replays USD-M BTCUSDT only; {symbol!r})"), status=400)
         return symbol
-
-    async def _ping(self, request: web.Request) -> web.Response:
-        return web.json_response({})
-
-    def _now_ms(self) -> int:
-        return int(time.time() * 1000) + self._faults.wire.skew_ms
-
-    async def _time(self, request: web.Request) -> web.Response:
-        return web.json_response({"serverTime": self._now_ms()})
 
     async def _exchange_info(self, request: web.Request) -> web.Response:
         info = dict(self._info, serverTime=self._now_ms())
@@ -818,19 +580,6 @@ class BinanceUsdm:
                       and ("endTime" not in q or t.time <= int(q["endTime"]))][: int(q.get("limit", 500))]
         return web.json_response([{"a": t.id, "p": t.price, "q": t.qty, "f": t.id, "l": t.id, "T": t.time,
                                    "m": t.is_buyer_maker} for t in trades])
-
-
-def _error(status: int, retry_after_s: int, headers: dict[str, str], banned_until: float | None = None) -> web.Response:
-    if status in (418, 429):
-        headers = {**headers, "Retry-After": str(retry_after_s)}
-        msg = (f"Way too many requests; IP banned until {int(banned_until * 1000)}." if banned_until
-               else "Too many requests; current request has limited.")
-        body = binance.error_body(-1003, msg)
-    elif status >= 500:
-        body = binance.error_body(-1001, "Internal error; unable to process your request. Please try again.")
-    else:
-        body = binance.error_body(-1000, "An unknown error occurred while processing the request.")
-    return web.json_response(body, status=status, headers=headers)
 
 
 def _klines_weight(request: web.Request) -> int:
