@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -42,8 +42,21 @@ Weight = Callable[[web.Request], int]
 BinanceFaultsT = TypeVar("BinanceFaultsT", bound=BinanceFaults)
 
 
+class BinanceRecording(Protocol):
+    """What the replay needs of a Binance recording (recording.Recording, usdm.UsdmRecording)."""
+
+    @property
+    def events(self) -> Sequence[Any]: ...  # each with `recv_ns`
+    @property
+    def first_recv_ns(self) -> int: ...
+    @property
+    def loop_shift_ms(self) -> int: ...
+
+
 class BinanceVenue(Venue[StreamConnection, BinanceFaultsT]):
     """A Binance-style venue: subscribers per stream name, frames through the wire faults."""
+
+    recording: BinanceRecording
 
     FUTURES: ClassVar[bool] = False  # USD-M: its error messages and depth limits
 
@@ -53,6 +66,15 @@ class BinanceVenue(Venue[StreamConnection, BinanceFaultsT]):
         self.limiter = WeightLimiter(weight_limit, options.weight_window_s, options.ban_after_429s, options.ban_s)
         self._rest_requests: Counter[str] = Counter()
         super().__init__(options)
+
+    def _events(self) -> Sequence[Any]:
+        return self.recording.events
+
+    def _event_offset_s(self, event: Any) -> float:
+        return (event.recv_ns - self.recording.first_recv_ns) / 1e9
+
+    def _loop_span_s(self) -> float:
+        return self.recording.loop_shift_ms / 1000
 
     def _inject(self, kind: str, params: dict[str, Any]) -> bool:
         if kind not in WIRE_FAULT_KINDS:

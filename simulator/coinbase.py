@@ -44,7 +44,7 @@ from simulator.coinbase_recording import (
     format_time_us,
 )
 from simulator.recording import real_data_dir
-from simulator.venue import Connection, FaultError, Faults, Venue
+from simulator.venue import Connection, FaultError, JsonFaults, Venue
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -192,16 +192,13 @@ class _Client(Connection):
 
 
 @dataclass
-class _Faults(Faults):
-    malformed_ws: int = 0
-    malformed_rest: int = 0
+class _Faults(JsonFaults):
     duplicate: int = 0
     reorder: int = 0
     skew_us: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**super().as_dict(), "malformed_ws": self.malformed_ws, "malformed_rest": self.malformed_rest,
-                "duplicate": self.duplicate, "reorder": self.reorder, "clock_skew_s": self.skew_us / US}
+        return {**super().as_dict(), "duplicate": self.duplicate, "reorder": self.reorder, "clock_skew_s": self.skew_us / US}
 
 
 class _RateWindow:
@@ -284,13 +281,7 @@ class CoinbaseVenue(Venue[_Client, _Faults]):
         """
         f = self._faults
         if kind == "malformed_json":
-            target = params.get("target", "ws")
-            if target not in ("ws", "rest"):
-                raise FaultError(f"malformed_json target must be 'ws' or 'rest', got {target!r}")
-            if target == "ws":
-                f.malformed_ws = int(params.get("count", 1))
-            else:
-                f.malformed_rest = int(params.get("count", 1))
+            f.arm_malformed(params, "ws")
         elif kind == "sequence_gap":
             skip = int(params.get("skip", 1))
             if skip < 1:
@@ -319,9 +310,7 @@ class CoinbaseVenue(Venue[_Client, _Faults]):
     def status(self) -> dict[str, Any]:
         rec = self.recording
         return {
-            "state": self.state, "speed": self.speed, "loop_enabled": self.loop, "loop": self.loop_index,
-            "loops_done": self.loops_done, "position": self.position, "events": len(rec.events),
-            "trades_replayed": self.trades_replayed, "messages_sent": self.messages_sent,
+            **self._replay_status(), "trades_replayed": self.trades_replayed,
             "sent_by_channel": dict(self.sent_by_channel), "time_offset_s": self.time_offset_us / US,
             "connections": [{"remote": c.remote, "subscriptions": {ch: sorted(p) for ch, p in c.subs.items()},
                              "next_sequence_num": c.seq, "sent": c.sent} for c in self._connections],

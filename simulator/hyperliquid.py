@@ -1,6 +1,6 @@
 """The simulator's Hyperliquid venue: `POST /info` and the `/ws` WebSocket in Hyperliquid's wire format.
 
-Mounted by the Simulator (server.py, venue.py) on its port under the real host name:
+Mounted by the Simulator (server.py) as a `Venue` (venue.py) on its port under the real host name:
   REST  POST {base}/api.hyperliquid.xyz/info   {"type": "meta" | "metaAndAssetCtxs" | "l2Book" | ...}
   WS    {ws}/api.hyperliquid.xyz/ws            {"method": "subscribe", "subscription": {"type": "trades", ...}}
 It replays the real BTC capture (hyperliquid_data.py) to the WebSocket subscribers in recorded order, paced by
@@ -36,7 +36,7 @@ from simulator.hyperliquid_data import (
     static_ctx,
 )
 from simulator.recording import real_data_dir
-from simulator.venue import Connection, FaultError, Faults, Venue
+from simulator.venue import Connection, FaultError, JsonFaults, Venue
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -73,18 +73,16 @@ class _Connection(Connection):
 
 
 @dataclass
-class _Faults(Faults):
+class _Faults(JsonFaults):
     http_status: int = 500
-    malformed_rest: int = 0
-    malformed_ws: int = 0
     gap: Counter[str] = field(default_factory=Counter)  # channel -> l2Book snapshots / trades to skip
     duplicate: Counter[str] = field(default_factory=Counter)  # channel -> messages to send twice
     reorder: Counter[str] = field(default_factory=Counter)  # channel -> messages to swap with their successor
     skew_ms: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**super().as_dict(), "malformed_rest": self.malformed_rest, "malformed_ws": self.malformed_ws,
-                "sequence_gap": dict(self.gap), "duplicate": dict(self.duplicate), "reorder": dict(self.reorder),
+        return {**super().as_dict(), "sequence_gap": dict(self.gap), "duplicate": dict(self.duplicate),
+                "reorder": dict(self.reorder),
                 "clock_skew_ms": self.skew_ms}
 
 
@@ -134,9 +132,7 @@ class HyperliquidVenue(Venue[_Connection, _Faults]):
         return _Faults()
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "speed": self.speed, "loop_enabled": self.loop, "loop": self.loop_index,
-                "position": self.position, "events": len(self.recording.events),
-                "trades_replayed": self.market.trades, "messages_sent": self.messages_sent,
+        return {**self._replay_status(), "trades_replayed": self.market.trades,
                 "sent_by_channel": dict(self.sent_by_channel), "last_book_time": self.market.book["time"],
                 "gap_trade_ids": self.gap_trade_ids[-1000:], "gap_book_times": self.gap_book_times[-1000:],
                 "halted_trade_ids": self.halted_trade_ids[-1000:], "time_offset_ms": self.time_offset_ms,
@@ -178,13 +174,7 @@ class HyperliquidVenue(Venue[_Connection, _Faults]):
         """
         f = self._faults
         if kind == "malformed_json":
-            target = params.get("target", "rest")
-            if target not in ("rest", "ws"):
-                raise FaultError(f"target must be 'rest' or 'ws', got {target!r}")
-            if target == "rest":
-                f.malformed_rest = int(params.get("count", 1))
-            else:
-                f.malformed_ws = int(params.get("count", 1))
+            f.arm_malformed(params, "rest")
         elif kind in ("sequence_gap", "duplicate", "reorder"):
             channel = params.get("channel", "l2Book")
             allowed = ("l2Book", "trades") if kind == "sequence_gap" else CHANNELS

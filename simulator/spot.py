@@ -25,7 +25,6 @@ import heapq
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +75,7 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
     exchange = "binance"
     log = logging.getLogger("simulator")
     FAULT_KINDS = FAULT_KINDS
+    recording: Recording
 
     def __init__(self, options: SimulatorOptions, recording: Recording | None = None) -> None:
         opts = options
@@ -146,9 +146,7 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
     def status(self) -> dict[str, Any]:
         rec = self.recording
         return {
-            "state": self.state, "speed": self.speed, "loop_enabled": self.loop, "loop": self.loop_index,
-            "loops_done": self.loops_done, "position": self.position, "events": len(rec.events),
-            "trades_replayed": self.trades_replayed, "messages_sent": self.messages_sent,
+            **self._replay_status(), "trades_replayed": self.trades_replayed,
             "sent_by_stream": dict(self.sent_by_stream), "dropped_trade_ids": self.dropped_trade_ids[-1000:],
             "last_trade_id": self.last_trade_id, "replay_time_ms": self.replay_time_ms,
             "time_offset_ms": self.time_offset_ms, "loop_shift_ms": rec.loop_shift_ms,
@@ -185,15 +183,6 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
         if wanted:
             return all(self._subscribers.get(s) for s in wanted)
         return super()._ready_to_start()
-
-    def _events(self) -> Sequence[ReplayEvent]:
-        return self.recording.events
-
-    def _event_offset_s(self, event: ReplayEvent) -> float:
-        return (event.recv_ns - self.recording.first_recv_ns) / 1e9
-
-    def _loop_span_s(self) -> float:
-        return self.recording.loop_shift_ms / 1000
 
     def _replay_begins(self) -> None:
         rec = self.recording

@@ -35,7 +35,6 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -329,6 +328,7 @@ class BinanceUsdm(BinanceVenue[BinanceFaults]):
     log = log
     FAULT_KINDS = FAULT_KINDS
     FUTURES = True
+    recording: UsdmRecording
 
     def __init__(self, options: SimulatorOptions, recording: UsdmRecording | None = None) -> None:
         data_dir = options.data_dir or real_data_dir()
@@ -359,9 +359,7 @@ class BinanceUsdm(BinanceVenue[BinanceFaults]):
         self._pending_depth: dict[str, list[depth.DepthDiff]] = {}
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "speed": self.speed, "position": self.position,
-                "events": len(self.recording.events), "loop": self.loop_index,
-                "messages_sent": self.messages_sent, "sent_by_stream": dict(self.sent_by_stream),
+        return {**self._replay_status(), "sent_by_stream": dict(self.sent_by_stream),
                 "connections": self._connections_status(),
                 "depth": {"last_update_id": self.book.last_update_id, "passed_snapshot": self.book.passed_snapshot,
                           "snapshot_last_update_id": self.recording.snapshot.last_update_id,
@@ -369,15 +367,6 @@ class BinanceUsdm(BinanceVenue[BinanceFaults]):
                 "faults": self._faults.as_dict(), "rest": self._rest_status()}
 
     # -- replay --------------------------------------------------------------------------------------------
-
-    def _events(self) -> Sequence[Any]:
-        return self.recording.events
-
-    def _event_offset_s(self, event: Any) -> float:
-        return (event.recv_ns - self.recording.first_recv_ns) / 1e9
-
-    def _loop_span_s(self) -> float:
-        return self.recording.loop_shift_ms / 1000
 
     def _replay_begins(self) -> None:
         if self.options.shift_to_now:

@@ -82,6 +82,24 @@ class Faults:
                 "http_error": self.http_error, "http_status": self.http_status}
 
 
+@dataclass
+class JsonFaults(Faults):
+    """Faults of venues whose own malformed_json fault cuts a JSON document in half (Coinbase, Hyperliquid)."""
+
+    malformed_ws: int = 0  # the next N WebSocket data messages
+    malformed_rest: int = 0  # the next N REST bodies (HTTP 200)
+
+    def arm_malformed(self, params: dict[str, Any], default_target: Literal["ws", "rest"]) -> None:
+        """malformed_json: count=1, target='ws'|'rest'."""
+        target = params.get("target", default_target)
+        if target not in ("ws", "rest"):
+            raise FaultError(f"malformed_json target must be 'ws' or 'rest', got {target!r}")
+        setattr(self, f"malformed_{target}", int(params.get("count", 1)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "malformed_ws": self.malformed_ws, "malformed_rest": self.malformed_rest}
+
+
 @dataclass(eq=False)
 class Connection:
     """One client WebSocket; a venue's subclass adds its subscriptions."""
@@ -285,6 +303,12 @@ class Venue(Generic[ConnT, FaultsT]):
 
     # ------------------------------------------------------------------------------------------------------
     # Replay
+
+    def _replay_status(self) -> dict[str, Any]:
+        """The replay's part of `status()`, alike on every venue."""
+        return {"state": self.state, "speed": self.speed, "loop_enabled": self.loop, "loop": self.loop_index,
+                "loops_done": self.loops_done, "position": self.position, "events": len(self._events()),
+                "messages_sent": self.messages_sent}
 
     def _reset_replay_state(self) -> None:
         """Where a (re)started replay begins; a venue extends it with its market state."""
