@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 from aiohttp import web
 
 from simulator import binance
@@ -165,7 +166,7 @@ class Simulator:
         """A Binance spot fault now (kinds: spot.FAULT_KINDS, see `Venue.inject` and `BinanceSpot._inject`)."""
         return self.spot.inject(kind, **params)
 
-    async def disconnect_all(self, code: int = 1001) -> int:
+    async def disconnect_all(self, code: int = aiohttp.WSCloseCode.GOING_AWAY) -> int:
         return await self.spot.disconnect_all(code)
 
     def expected_trades(self, loop: int = 0) -> list[Trade]:

@@ -283,10 +283,10 @@ class Venue(Generic[ConnT, FaultsT]):
             f.halt_until = now + float(seconds)
         elif kind == "http_error":
             status = int(params.get("status", self.HTTP_ERROR_DEFAULT))
-            if self.HTTP_ERROR_ANY_4XX and not 400 <= status <= 599:
-                raise FaultError(f"http_error status must be 4xx or 5xx, got {status}")
-            if not self.HTTP_ERROR_ANY_4XX and status != 429 and not 500 <= status <= 599:
-                raise FaultError(f"http_error status must be 429 or 5xx, got {status}")
+            valid = 400 <= status <= 599 if self.HTTP_ERROR_ANY_4XX else status == 429 or 500 <= status <= 599
+            if not valid:
+                raise FaultError(f"http_error status must be {'4xx' if self.HTTP_ERROR_ANY_4XX else '429'} or 5xx, "
+                                 f"got {status}")
             f.http_error, f.http_status = int(params.get("count", 1)), status
             f.retry_after_s = int(params.get("retry_after", 1))
         elif kind == "clear":
