@@ -513,7 +513,8 @@ def plan_feeds(host: FeedHost, exchange: Any, settings: ExchangeSettings,
         if "book" in wanted:
             if not has.get("watchOrderBook"):
                 raise unsupported("book", "has['watchOrderBook']")
-            feeds.append(BookFeed(host, symbol, ("book",), stall("book")))
+            from services.collector.fast_book import book_feed  # here: fast_book builds on this module
+            feeds.append(book_feed(settings)(host, symbol, ("book",), stall("book")))
         context = tuple(c for c in ("ticker", "funding", "open_interest") if c in wanted) if asset_ctx else ()
         if context:
             if not has.get("watchTicker"):
