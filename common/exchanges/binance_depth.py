@@ -83,22 +83,19 @@ class BookSide:
         self.keys: list[float] = []
         self.amounts: dict[float, float] = {}
 
-    def store(self, price: float, amount: float) -> None:
-        """ccxt's storeArray: a non-zero amount sets the level, zero removes it."""
-        key = price * self.sign
-        amounts = self.amounts
-        if amount:
-            if key not in amounts:
-                insort(self.keys, key)
-            amounts[key] = amount
-        elif key in amounts:
-            del amounts[key]
-            keys = self.keys
-            del keys[bisect_left(keys, key)]
-
     def store_all(self, levels: Iterable[Sequence[float]]) -> None:
+        """ccxt's storeArray for each [price, amount]: a non-zero amount sets the level, zero removes it. One loop
+        over the levels (no call per level): this is most of a diff's cost."""
+        sign, keys, amounts = self.sign, self.keys, self.amounts
         for level in levels:
-            self.store(level[0], level[1])
+            key, amount = level[0] * sign, level[1]
+            if amount:
+                if key not in amounts:
+                    insort(keys, key)
+                amounts[key] = amount
+            elif key in amounts:
+                del amounts[key]
+                del keys[bisect_left(keys, key)]
 
     def clear(self) -> None:
         self.keys.clear()
@@ -153,12 +150,8 @@ class DepthBook:
 
     def apply(self, d: DepthUpdate) -> None:
         """ccxt's handle_order_book_message: asks, then bids, then the book takes the diff's u and E."""
-        store = self.asks.store
-        for price, amount in d.a:
-            store(price, amount)
-        store = self.bids.store
-        for price, amount in d.b:
-            store(price, amount)
+        self.asks.store_all(d.a)
+        self.bids.store_all(d.b)
         self.nonce = d.u
         self.timestamp = d.E
 
