@@ -3,7 +3,8 @@
 How each channel is fetched (checked against `exchange.has` at start, `plan_feeds`; anything else is a
 ConfigError naming the exchange and the channel):
 
-  trades         watch_trades                               every exchange we test
+  trades         watch_trades                               every exchange we test; Binance spot and USD-M frames
+                 decoded by our own msgspec decoder instead (FastTradesFeed, trade_wire.py; `fast_path`)
   candles        watch_ohlcv (+ REST fetch_ohlcv while the socket is quiet or down)
   ticker         watch_bids_asks where it exists (Binance: the bookTicker stream, best bid/ask with sizes,
                  no last), else watch_ticker (Coinbase ticker; Hyperliquid activeAssetCtx, whose bid/ask
@@ -35,21 +36,26 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
 import ccxt
+from ccxt.async_support.base.ws.cache import ArrayCache
 
 from common.config import ConfigError, ExchangeSettings
 from common.domain.timeframe import MS
 from common.exchanges.events import candle_event, length_ms, trade_event
 from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned
 from common.exchanges.venues import venue
-from schemas import Alert, Candle, Event, OrderBook
+from common.exchanges.wire.binance_trades import BinanceTrade, to_trade
+from schemas import Alert, Candle, Event, OrderBook, Trade
 from services.collector import events as ev
 from services.collector.gaps import Outage, outage_gap
 from services.collector.outbox import Position
 from services.collector.symbols import SymbolState
+from services.collector.trade_wire import FAST_TRADES, TradeWire
 
 log = logging.getLogger(__name__)
 
 CHANNELS = ("trades", "candles", "ticker", "book", "funding", "open_interest")
+# Channels with a decode fast path on some exchange: the keys `[[exchanges]] fast_path` accepts.
+FAST_PATH_CHANNELS = ("trades", "book")
 # OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
 # there in ccxt 4.5.90; it is transient like a NetworkError and must be retried, not crash the feed.
 ERRORS = (ccxt.OperationFailed, ccxt.ExchangeError, ExchangeBanned)
@@ -171,6 +177,8 @@ class Feed:
 
 
 class TradesFeed(Feed):
+    """watch_trades; ccxt.pro parses each trade frame into its trade cache, which the feed reads."""
+
     hints = ("trade",)
 
     async def watch(self) -> Any:
@@ -179,27 +187,34 @@ class TradesFeed(Feed):
     async def on_update(self, result: Any) -> None:
         await self.sweep()
 
-    async def sweep(self) -> None:
-        """Publish what ccxt's trade cache holds beyond what we published. ccxt.pro signals only messages
-        that arrive while a watch_* call waits; one arriving between two calls sits in the cache until the
-        next message, so reading the cache's tail picks it up at once."""
+    def take(self, state: SymbolState) -> list[Trade]:
+        """The trades of ccxt's cache neither published nor taken yet, as events (taken now). ccxt.pro signals
+        only messages that arrive while a watch_* call waits; one arriving between two calls sits in the cache
+        until the next message, so reading the cache's tail picks it up at once."""
         cache = self.exchange.trades.get(self.symbol) if self.exchange.trades else None
-        state = self.host.state_by_symbol[self.symbol]
-        fresh = state.new_trades(cache_tail(cache, state))
+        fresh = state.new_trades(cache_tail(cache, state)) if cache else []
         if not fresh:
-            return
+            return []
         ts_recv = time.time_ns()
-        trades = [trade_event(self.host.exchange_id, self.symbol, t, ts_recv) for t in fresh]
+        return [trade_event(self.host.exchange_id, self.symbol, t, ts_recv) for t in fresh]
+
+    async def sweep(self) -> None:
+        """Publish the trades received beyond those published (`take`); trades received before the break that
+        opened an outage are published without ending it."""
+        trades = self.take(self.host.state_by_symbol[self.symbol])
+        if not trades:
+            return
         self.host.count["trades"] += len(trades)
         outage = self.stats["trades"].outage
-        ids = [t.trade_id for t in trades]
-        if outage is not None and outage.last_id in ids:  # received before the break: they do not end it
-            cut = ids.index(outage.last_id) + 1
-            before, trades = trades[:cut], trades[cut:]
-            await self.emit("trades", before, before[0].ts_event, before[-1].ts_event,
-                            last_id=before[-1].trade_id, ends_outage=False)
-            if not trades:
-                return
+        if outage is not None and outage.last_id:
+            ids = [t.trade_id for t in trades]
+            if outage.last_id in ids:  # received before the break: they do not end it
+                cut = ids.index(outage.last_id) + 1
+                before, trades = trades[:cut], trades[cut:]
+                await self.emit("trades", before, before[0].ts_event, before[-1].ts_event,
+                                last_id=before[-1].trade_id, ends_outage=False)
+                if not trades:
+                    return
         await self.emit("trades", trades, trades[0].ts_event, trades[-1].ts_event,
                         last_id=trades[-1].trade_id, first_id=trades[0].trade_id)
 
@@ -209,6 +224,70 @@ class TradesFeed(Feed):
             return None
         last = cache[-1]
         return int(last.get("timestamp") or 0) * MS, str(last.get("id"))
+
+
+class FastTradesFeed(TradesFeed):
+    """The decode fast path of trades (docs/collector.md, "Decode fast path: trades"): trade_wire.TradeWire takes
+    this symbol's trade frames off ccxt.pro's connection, decodes them with msgspec and hands them to `on_trade`;
+    they wait in `decoded` until the feed sweeps them, through the same dedup, outbox and Gaps as TradesFeed.
+
+    The feed waits on ccxt's own future of its subscription (`trade::{symbol}`): the wire resolves it for each
+    trade and ccxt rejects it when the connection fails, so failures reach the feed loop as before. ccxt's
+    watch_trades is called only when no live connection carries the subscription: it (re)connects and
+    subscribes. A trade ccxt parsed itself (a frame the decoder refused) is still read from ccxt's cache."""
+
+    decoded: list[Trade]
+    newest: tuple[int, str] | None = None  # exchange time (ns) and id of the newest trade decoded
+    client: Any = None  # the ccxt connection carrying the subscription (the last trade came on it)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.decoded = []
+        self.message_hash = f"trade::{self.symbol}"  # ccxt.pro binance's subscription and future of the symbol
+
+    def on_trade(self, client: Any, raw: BinanceTrade, ts_recv: int) -> None:
+        """A trade frame of this symbol arrived on `client` (called inside ccxt's receive loop)."""
+        trade = to_trade(self.host.exchange_id, self.symbol, raw, ts_recv)
+        self.decoded.append(trade)
+        self.newest = (trade.ts_event, trade.trade_id)
+        self.client = client
+        client.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
+
+    def _carrier(self) -> Any:
+        """The live ccxt connection that carries the subscription, or None."""
+        clients = self.exchange.clients or {}
+        client = self.client
+        if client is not None and clients.get(client.url) is client and not client.closed():
+            return client
+        self.client = None
+        for client in clients.values():
+            if self.message_hash in client.subscriptions and not client.closed():
+                self.client = client
+                return client
+        return None
+
+    async def watch(self) -> Any:
+        if self.decoded:
+            return None
+        client = self._carrier()
+        if client is None:  # ccxt (re)connects and subscribes; the wire's resolve or ccxt's reject ends the wait
+            return await self.exchange.watch_trades(self.symbol)
+        return await client.future(self.message_hash)
+
+    def take(self, state: SymbolState) -> list[Trade]:
+        decoded, self.decoded = self.decoded, []
+        fresh = state.new_trades([{"id": t.trade_id, "timestamp": t.ts_event // MS, "event": t} for t in decoded])
+        return [t["event"] for t in fresh] + super().take(state)
+
+    def position(self) -> tuple[int, str] | None:
+        held = super().position()  # a trade ccxt parsed itself
+        if held is None or (self.newest is not None and self.newest[0] >= held[0]):
+            return self.newest
+        return held
+
+
+# What the wire resolves ccxt's future with: the resubscribing watch_trades reads it as an empty trade cache.
+WOKEN = ArrayCache(1)
 
 
 def cache_tail(cache: list[dict[str, Any]] | None, seen: Container[str]) -> list[dict[str, Any]]:
@@ -472,6 +551,24 @@ class PolledFeed:
         return [ev.open_interest_from_rest(ex, self.symbol, oi, time.time_ns())]
 
 
+def check_fast_path(settings: ExchangeSettings) -> None:
+    """ConfigError for a `fast_path` key that is no channel with a decode fast path."""
+    bad = sorted(set(settings.fast_path) - set(FAST_PATH_CHANNELS))
+    if bad:
+        raise ConfigError(f"exchanges[{settings.id}].fast_path: {', '.join(map(repr, bad))} is not a channel with a "
+                          f"decode fast path; accepted keys: {', '.join(FAST_PATH_CHANNELS)}")
+
+
+def fast_path(settings: ExchangeSettings, channel: str, exchanges: Container[str]) -> bool:
+    """Whether `channel` of this exchange goes through its decode fast path: where one exists (`exchanges`)
+    unless `fast_path[channel]` is false (docs/collector.md, "Decode fast path")."""
+    wanted = settings.fast_path.get(channel, True)
+    if wanted and settings.id not in exchanges and channel in settings.fast_path:
+        log.info("exchanges[%s].fast_path.%s: no decode fast path for %s %s; ccxt.pro parses it", settings.id,
+                 channel, settings.id, channel)
+    return wanted and settings.id in exchanges
+
+
 def _is_derivative(market: dict[str, Any]) -> bool:
     return bool(market.get("swap") or market.get("future"))
 
@@ -493,6 +590,8 @@ def plan_feeds(host: FeedHost, exchange: Any, settings: ExchangeSettings,
     def stall(channel: str) -> float:
         return settings.stall_s.get(channel, settings.ws_stall_s)
 
+    check_fast_path(settings)
+
     for channel in settings.channels:
         if channel in ("funding", "open_interest"):
             spot = [s for s in symbols if not _is_derivative(exchange.markets[s])]
@@ -505,7 +604,12 @@ def plan_feeds(host: FeedHost, exchange: Any, settings: ExchangeSettings,
         if "trades" in wanted:
             if not has.get("watchTrades"):
                 raise unsupported("trades", "has['watchTrades']")
-            feeds.append(TradesFeed(host, symbol, ("trades",), stall("trades")))
+            if fast_path(settings, "trades", FAST_TRADES):
+                fast = FastTradesFeed(host, symbol, ("trades",), stall("trades"))
+                TradeWire.of(exchange).add(fast)
+                feeds.append(fast)
+            else:
+                feeds.append(TradesFeed(host, symbol, ("trades",), stall("trades")))
         if "candles" in wanted:
             if not has.get("watchOHLCV"):
                 raise unsupported("candles", "has['watchOHLCV']")
