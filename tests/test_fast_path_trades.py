@@ -268,6 +268,40 @@ async def test_breaks_and_dropped_trades_give_identical_gaps(path: Path) -> None
     assert len(fast_run.host.trades) == 3000 - 8
 
 
+async def test_two_symbols_on_one_connection_are_routed_to_their_feeds() -> None:
+    # Arrange: the BTCUSDT and ETHUSDT spot captures of the same hours, merged by receive time onto one connection
+    paths = [p for p in captures() if p.name in ("binance_spot_btcusdt_20240808.gz", "binance_spot_ethusdt_20240808.gz")]
+    merged = [raw for _, raw in sorted(line for p in paths for line in frames(p))]
+    symbols = ["BTC/USDT", "ETH/USDT"]
+    published: dict[bool, dict[str, list[Trade]]] = {}
+    for fast in (False, True):
+        exchange = exchange_for("binance")
+        client = StubClient(exchange, VENUES["binance_spot_"][1])
+        feeds: list[TradesFeed] = []
+        hosts = []
+        for symbol in symbols:
+            host = Host(exchange, "binance", symbol)
+            feed = (FastTradesFeed if fast else TradesFeed)(host, symbol, ("trades",), 60.0)
+            if isinstance(feed, FastTradesFeed):
+                TradeWire.of(exchange).add(feed)
+            feeds.append(feed)
+            hosts.append(host)
+        if fast:
+            FrameTap.of(exchange).install(client)
+        # Act
+        for i, raw in enumerate(merged):
+            client.handle_text_or_binary_message(raw)
+            if i % 5 == 0:
+                for feed in feeds:
+                    await feed.sweep()
+        for feed in feeds:
+            await feed.sweep()
+        published[fast] = {h.exchange_settings.symbols[0]: without_recv(h.trades) for h in hosts}
+    # Assert
+    assert len(published[True]["BTC/USDT"]) == 9757 and len(published[True]["ETH/USDT"]) == 6106
+    assert published[True] == published[False]
+
+
 async def test_duplicate_frames_publish_once() -> None:
     # Arrange: a capture's trade frames, each sent twice (the simulator's `duplicate` wire fault)
     path = spot_capture()
