@@ -404,6 +404,8 @@ def test_decode_depth_reads_both_frame_forms_and_nothing_else() -> None:
     assert d is not None and (d.s, d.U, d.u, d.E, d.pu, d.b, d.a) == ("BTCUSDT", 1, 2, 5, None, [(1.5, 0.0)],
                                                                      [(2.0, 3.1)])
     assert decode_depth(raw_form(combined)) == d
+    spaced = json.dumps(json.loads(combined))  # '{"stream": ..., "data": {"e": "depthUpdate", ...}}'
+    assert decode_depth(spaced) == d and decode_depth(json.dumps(json.loads(raw_form(combined)))) == d
     assert decode_depth('{"stream":"btcusdt@trade","data":{"e":"trade"}}') is None
     assert decode_depth('{"result":null,"id":1}') is None
 

@@ -55,20 +55,21 @@ class _Combined(msgspec.Struct):
 # strict=False: the exchange prints prices and amounts as JSON strings; they are parsed straight into floats.
 _raw = msgspec.json.Decoder(DepthUpdate, strict=False)
 _combined = msgspec.json.Decoder(_Combined, strict=False)
-_RAW_PREFIX = '{"e":"depthUpdate"'
-_COMBINED_PREFIX = '{"stream":"'
+_MARK = '"depthUpdate"'  # the event type, among a depth frame's first bytes (after the stream name if combined)
+_MARK_WITHIN = 160
 
 
 def decode_depth(frame: str | bytes) -> DepthUpdate | None:
     """The depth diff a WebSocket text frame carries (raw `/ws` or combined `/stream` form), or None for any other
-    frame (a cheap prefix test; a malformed depth frame raises msgspec.DecodeError)."""
+    frame (a cheap test of its first bytes; a malformed depth frame raises msgspec.DecodeError)."""
     if isinstance(frame, bytes):
         frame = frame.decode()
-    if frame.startswith(_RAW_PREFIX):
-        return _raw.decode(frame)
-    if frame.startswith(_COMBINED_PREFIX) and "@depth" in frame[11:64] and '"depthUpdate"' in frame[:160]:
+    head = frame[:_MARK_WITHIN]
+    if _MARK not in head:
+        return None
+    if '"stream"' in head[:16]:
         return _combined.decode(frame).data
-    return None
+    return _raw.decode(frame)
 
 
 class BookSide:
