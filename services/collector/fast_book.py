@@ -26,19 +26,14 @@ import msgspec
 
 from common.config import ExchangeSettings
 from common.exchanges.binance_depth import DepthBook, DepthUpdate, Step, decode_depth, replay, step
-from services.collector.feeds import BookFeed
+from services.collector.feeds import BookFeed, fast_path
 from services.collector.frame_tap import FrameTap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAST_BOOK_EXCHANGES", "BinanceBooks", "FastBookFeed", "book_feed", "fast_book_on"]
+__all__ = ["FAST_BOOK_EXCHANGES", "BinanceBooks", "FastBookFeed", "book_feed"]
 
-FAST_BOOK_EXCHANGES = ("binance", "binanceusdm")
-
-
-def fast_book_on(settings: ExchangeSettings) -> bool:
-    """Whether the `book` channel of this exchange uses the fast path (the switch, where the fast path exists)."""
-    return settings.id in FAST_BOOK_EXCHANGES and settings.fast_path.get("book", True)
+FAST_BOOK_EXCHANGES = frozenset({"binance", "binanceusdm"})  # where the fast path exists
 
 
 class BinanceBooks:
@@ -113,7 +108,7 @@ class BinanceBooks:
             replay(book, cached, subscription["type"] == "linear")
             ex.orderbooks[symbol] = book
             client.resolve(book, message_hash)
-        except Exception as exc:  # ccxt's own handling: whatever failed is the watcher's
+        except Exception as exc:  # noqa: BLE001 - ccxt's own handling: whatever failed is the watcher's error
             client.subscriptions.pop(message_hash, None)
             client.reject(exc, message_hash)
 
@@ -181,4 +176,4 @@ class FastBookFeed(BookFeed):
 
 def book_feed(settings: ExchangeSettings) -> type[BookFeed]:
     """The feed class of the `book` channel: the fast path's where it exists and is switched on."""
-    return FastBookFeed if fast_book_on(settings) else BookFeed
+    return FastBookFeed if fast_path(settings, "book", FAST_BOOK_EXCHANGES) else BookFeed
