@@ -221,8 +221,12 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Seconds without a WebSocket message before the collector falls back to REST polling.
     ws_stall_s: float = 10.0
     rest_poll_s: float = 5.0
-    trades_limit: int = 100_000
-    ohlcv_limit: int = 10_000
+    # ccxt.pro's caches (tradesLimit, OHLCVLimit per symbol): the collector reads them after every wake-up, so
+    # they must hold only what can arrive between two reads: at most one drain of aiohttp's WebSocket queue
+    # (512 KiB of payload, about 1,900 Binance trade messages). 10,000 trades keep 5x that (docs/collector.md,
+    # "Batching and memory"); each cached trade costs about 1.6 KB, so 100,000 cost 160 MB a symbol.
+    trades_limit: int = 10_000
+    ohlcv_limit: int = 1_000
     ccxt_options: dict[str, object] = msgspec.field(default_factory=dict)
     # Order books: levels a side in each published snapshot, snapshots per second per symbol at most (the
     # latest book wins: updates in between are folded into the next snapshot), and the REST snapshot's size.
@@ -244,6 +248,12 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Collector: events taken from the exchange and not yet published (Redis down or slow), at most; beyond
     # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
     publish_buffer_events: int = 200_000
+    # Collector micro-batching: the outbox is published (one MULTI/EXEC) once it holds publish_batch_events
+    # events or its oldest event has waited publish_linger_ms, so a busy second costs a few hundred Redis round
+    # trips rather than one per WebSocket message. The linger adds at most that to ts_recv -> cache (whose
+    # target is 20 ms at p99); 0 publishes every wake-up at once (docs/collector.md, "Batching and memory").
+    publish_batch_events: int = 500
+    publish_linger_ms: float = 5.0
     # The collector's decode fast path (docs/collector.md): per channel ("trades", "book"), whether the raw
     # WebSocket frames of this exchange are decoded by our own msgspec decoder instead of ccxt.pro's parser.
     # A channel not named here uses the fast path where one exists for this exchange (false turns it off).
@@ -344,6 +354,9 @@ def _check(settings: Settings, path: Path) -> None:
                           "seconds > 0")
         for key in ("book_depth", "book_max_per_s", "book_snapshot_limit", "reconnect_backoff_s",
                     "reconnect_backoff_max_s", "subscribe_per_s", "rest_channel_poll_s", "rest_timeout_s",
-                    "publish_buffer_events"):
+                    "publish_buffer_events", "publish_batch_events"):
             if getattr(ex, key) <= 0:
                 raise bad(f"exchanges[{ex.id}].{key}", getattr(ex, key), "must be > 0")
+        if ex.publish_linger_ms < 0:
+            raise bad(f"exchanges[{ex.id}].publish_linger_ms", ex.publish_linger_ms,
+                      "must be >= 0 (0 publishes every wake-up at once)")

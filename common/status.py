@@ -183,14 +183,16 @@ MAIN_RATE = {"collector": "published_events"}  # consuming stages: events_consum
 
 def render(status: Status) -> str:
     lines = [f"WARNING: {w}" for w in status.warnings]
-    lines.append("SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)  DETAIL")
+    lines.append("SERVICE          INSTANCE      STATE     HEARTBEAT  UPTIME    RATE (events/s)   RSS MB  DETAIL")
     for s in status.services:
         key = MAIN_RATE.get(s.service, "events_consumed")
         rate = s.rates.get(key)
         if rate is None and s.rates:
             rate = max(s.rates.values())
+        rss = s.counters.get("rss_bytes")  # the processes that report their resident memory (the collector)
         lines.append(f"{s.service:<16} {s.instance:<13} {s.state:<9} {s.heartbeat_age_s:>7.1f} s "
-                     f"{s.uptime_s:>7.0f} s {'' if rate is None else f'{rate:>10.1f}':>15}  {s.detail[:60]}")
+                     f"{s.uptime_s:>7.0f} s {'' if rate is None else f'{rate:>10.1f}':>15} "
+                     f"{'' if rss is None else f'{rss / 2**20:.0f}':>8}  {s.detail[:60]}")
     if not status.services:
         lines.append("(no service has sent a heartbeat: is the pipeline running? `make demo` starts it)")
     if status.channels:

@@ -134,3 +134,39 @@ async def test_redis_outage_loses_no_trade(settings: Settings, tmp_path) -> None
         assert ids == list(range(first, first + N))
     finally:
         server.stop()
+
+
+async def test_a_burst_four_times_the_trade_cache_loses_no_trade(settings: Settings, redis, monkeypatch) -> None:
+    """ccxt.pro's trade cache only has to hold what arrives between two reads by the feed: ccxt drains aiohttp's
+    WebSocket queue (at most 512 KiB of payload, about 1,900 Binance trade messages) and the woken feed reads the
+    cache before the next drain. So the whole replay sent at once (speed 0) through a cache of a quarter of its
+    size, on ccxt's own decode path, loses no trade (docs/collector.md, "Batching and memory")."""
+    from services.collector.symbols import SymbolState
+
+    burst, limit = 8_000, 2_000
+    taken: list[int] = []
+    new_trades = SymbolState.new_trades
+
+    def counting(self: SymbolState, trades: list[dict[str, object]]) -> list[dict[str, object]]:
+        fresh = new_trades(self, trades)
+        taken.append(len(fresh))
+        return fresh
+
+    monkeypatch.setattr(SymbolState, "new_trades", counting)
+    # Arrange
+    async with start_simulator(speed=0, max_trades=burst, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"], trades_limit=limit,
+                                 fast_path={"trades": False})
+        collector = Collector(cfg, "t", exchange="binance")
+        expected = [str(t.id) for t in sim.expected_trades()]
+
+        async def done() -> bool:
+            return collector.count["trades"] >= burst
+
+        # Act
+        await run_collector(collector, done)
+    # Assert
+    trades = [e for e in await read(redis, streams.raw("binance")) if isinstance(e, Trade)]
+    assert [t.trade_id for t in trades] == expected, "every trade of the burst, once, in order"
+    assert len(expected) == burst > 3 * limit
+    assert 1 < max(taken) <= limit, f"a wake-up took {max(taken)} trades: more than one drain of aiohttp's queue"

@@ -2,7 +2,9 @@
 
 Feeds put each wake-up's events in the bounded outbox and never wait for Redis; `Publisher.run` sends it,
 oldest first, each round in one MULTI/EXEC with the feeds' positions (`mdp:collector:pos:{exchange}`), so a
-position never claims more than the stream holds. A trade counts as published only after that succeeded. While
+position never claims more than the stream holds. A round starts once the outbox holds `batch_events` events
+or its oldest has waited `linger_s` (micro-batching: one round trip carries many wake-ups), at once when
+stopping or retrying. A trade counts as published only after that succeeded. While
 Redis is down the process's state is degraded with the reason and the outbox's overflow becomes a Gap; when Redis
 is back, the positions it holds tell whether it lost what we had published (then a Gap). At stop, `drain`
 publishes what is left for a bounded time and logs what it could not.
@@ -45,7 +47,7 @@ class Publisher:
 
     def __init__(self, service: Service, producer: Producer, exchange_id: str,
                  state_by_symbol: dict[str, SymbolState], count: Counter[str], sequential_ids: bool,
-                 buffer_events: int) -> None:
+                 buffer_events: int, batch_events: int = 1, linger_s: float = 0.0) -> None:
         self.service = service
         self.producer = producer
         self.exchange_id = exchange_id
@@ -54,6 +56,8 @@ class Publisher:
         self.count = count
         self.sequential_ids = sequential_ids
         self.outbox = Outbox(buffer_events)
+        self.batch_events = batch_events  # a round starts once this many events are queued...
+        self.linger_s = linger_s  # ...or the oldest has waited this long
         self.ready = asyncio.Event()
         self.draining = asyncio.Event()
         self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
@@ -67,9 +71,13 @@ class Publisher:
         if not events and not gaps:
             return
         ids = [e.trade_id for e in events if isinstance(e, Trade)] if channel == "trades" else []
-        self.outbox.put(Batch(symbol, channel, list(events), list(gaps or []), ids, position))
+        outbox = self.outbox
+        outbox.put(Batch(symbol, channel, list(events), list(gaps or []), ids, position))
         self.settle_dropped()
-        self.ready.set()
+        # Wake the publisher when its linger starts (the outbox was empty) or the round is full; a batch in
+        # between waits for the linger's end, so a busy second does not wake it once per message.
+        if len(outbox) == 1 or outbox.events >= self.batch_events:
+            self.ready.set()
 
     def settle_dropped(self) -> None:
         """Trades dropped at the outbox's bound are named by a Gap: never taken from ccxt again."""
@@ -82,23 +90,31 @@ class Publisher:
         for symbol, trades in by_symbol.items():
             self.state_by_symbol[symbol].settle(trades)
 
+    def linger_left(self) -> float:
+        """Seconds until the next round is due: 0 once `batch_events` are queued, the oldest queued batch has
+        waited `linger_s`, or we are stopping; a round with only Gaps or drop records is due at once."""
+        outbox = self.outbox
+        if not outbox.queued or outbox.events >= self.batch_events or self.draining.is_set():
+            return 0.0
+        return outbox.queued[0].queued_at + self.linger_s - time.monotonic()
+
     async def run(self, round_events: int) -> None:
         """Publish the outbox, oldest first, each round in one MULTI/EXEC with the feeds' new positions (so a
-        position never claims more than the stream holds), at most `round_events` events a round (at least one batch). A Redis
-        that is down is retried with capped backoff, the same batches first; the state is `degraded` with the
-        reason meanwhile. Returns once `draining` is set and the outbox is empty."""
+        position never claims more than the stream holds), at most `round_events` events a round (at least one
+        batch), once `linger_left` says it is due. A Redis that is down is retried with capped backoff, the same
+        batches first; the state is `degraded` with the reason meanwhile. Returns once `draining` is set and
+        the outbox is empty."""
         backoff = Backoff(PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S, spread=EXACT)
         recheck = False
         while True:
             if not self.outbox.queued and not self.outbox.notices and not self.outbox.dropped:
                 if self.draining.is_set():
                     return
-                self.ready.clear()
-                try:
-                    async with asyncio.timeout(WAKE_S):
-                        await self.ready.wait()
-                except TimeoutError:
-                    pass
+                await self._wait_ready(WAKE_S)
+                continue
+            linger = self.linger_left()
+            if linger > 0:
+                await self._wait_ready(linger)  # a full round or a stop ends it early
                 continue
             batches = self.outbox.take(round_events)
             notices, dropped = self.outbox.take_notices()
@@ -124,6 +140,14 @@ class Publisher:
                 self.redis_down_since = 0.0
                 self.service.state, self.service.detail = "running", ""
 
+    async def _wait_ready(self, timeout_s: float) -> None:
+        self.ready.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.ready.wait()
+        except TimeoutError:
+            pass
+
     async def _publish_round(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]) -> None:
         events = [e for b in batches for e in b.events]
         gaps = [*notices, *(g for b in batches for g in b.gaps)]
@@ -145,6 +169,7 @@ class Publisher:
                 pipe.hset(key, mapping=fields)
 
         outputs: dict[str, list[Event]] = {self.stream: events, streams.GAPS: gaps, streams.ALERTS: alerts}
+        self.count["publish_round_trips"] += 1  # one MULTI/EXEC (the heartbeat's rate of them)
         await self.producer.publish(outputs, extra=record_positions)
         for b in batches:
             if b.trade_ids:

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import resource
 import time
 import zlib
 from collections import Counter
@@ -66,13 +68,23 @@ from services.collector.outbox import Position
 from services.collector.publisher import Publisher
 from services.collector.symbols import SymbolState
 
-__all__ = ["DRAIN_S", "Collector", "Pacer", "SymbolState", "backoff_delay"]
+__all__ = ["DRAIN_S", "Collector", "Pacer", "SymbolState", "backoff_delay", "rss_bytes"]
 
 log = logging.getLogger(__name__)
 
 DRAIN_S = 8.0  # at SIGTERM: how long the outbox may take to publish (service.main cancels us after 10 s)
 SWEEP_S = 0.5  # the longest single wait on a socket: then caches are swept and the watchdog looks
 MARKETS_BACKOFF_S, MARKETS_BACKOFF_MAX_S = 1.0, 60.0  # retrying load_markets
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc/self/statm); elsewhere its peak (getrusage, KiB on
+    Linux, bytes on macOS: an upper bound either way)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
@@ -117,9 +129,11 @@ class Collector(Service):
         self.count: Counter[str] = Counter({k: 0 for k in (
             "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
             "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
-            "sequence_gaps", "positions_lost", "candles_stale_dropped")})
+            "sequence_gaps", "positions_lost", "candles_stale_dropped", "publish_round_trips")})
+        ex = self.exchange_settings
         self.publisher = Publisher(self, self.producer, exchange, self.state_by_symbol, self.count,
-                                   self.sequential_ids, self.exchange_settings.publish_buffer_events)
+                                   self.sequential_ids, ex.publish_buffer_events, ex.publish_batch_events,
+                                   ex.publish_linger_ms / 1000)
         self.outbox = self.publisher.outbox
         self.pacer = Pacer(self.exchange_settings.subscribe_per_s)
         self.feeds: list[Feed] = []
@@ -143,13 +157,13 @@ class Collector(Service):
     # -- status -----------------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Headline counters plus, per channel, `channel.{c}.messages`, `.gaps`, `.last_ms` (wall clock of the
+        """Headline counters, the resident memory (`rss_bytes`), the outbox, plus, per channel, `channel.{c}.messages`, `.gaps`, `.last_ms` (wall clock of the
         newest message of any symbol) and `.oldest_ms` (of the symbol heard from longest ago): `mdp status`
         turns them into each channel's rate and last-message age."""
         out = dict(self.count) | {"published_events": self.producer.published_events,
                                   "published_entries": self.producer.published_entries,
                                   "subscriptions": self.pacer.granted, "buffered_events": self.outbox.events,
-                                  "buffer_dropped": self.outbox.dropped_events}
+                                  "buffer_dropped": self.outbox.dropped_events, "rss_bytes": rss_bytes()}
         if self.rest is not None:
             out["rest_requests"] = self.rest.stats.requests
             out["rest_429"] = self.rest.stats.throttled_429

@@ -20,6 +20,7 @@ STATES = ("starting", "running", "degraded", "stopping", "dead")
 PROGRAM_STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN")
 # Heartbeat counters that are sizes, not counts since the process started: exported as gauges.
 SIZES = frozenset({"symbols", "series", "known_markets", "markets", "subscriptions"})
+RSS = "rss_bytes"  # resident memory, in the heartbeat of the processes that report it: its own gauge
 # What a store-writing stage counts as written, by store. A stage missing here writes no store of its own.
 STORE_WRITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "influx_writer": ("influxdb", ("points_written",)),
@@ -70,6 +71,8 @@ def service_families(services: Iterable[ServiceStatus]) -> Iterator[Metric]:
                                   "status` shows it (counts since the process started)", labels=[*keys, "counter"])
     size = GaugeMetricFamily("mdp_service_size", "Heartbeat values that are sizes (symbols, series, markets...)",
                              labels=[*keys, "name"])
+    rss = GaugeMetricFamily("mdp_service_rss_bytes", "Resident memory of the process at its newest heartbeat "
+                            "(processes that report it: the collector)", labels=keys)
     for s in services:
         ids = [s.service, s.instance]
         up.add_metric(ids, 1.0 if s.alive else 0.0)
@@ -99,11 +102,13 @@ def service_families(services: Iterable[ServiceStatus]) -> Iterator[Metric]:
         for name, value in sorted(s.counters.items()):
             if _is_channel_key(name):
                 continue  # per channel below
-            if name in SIZES:
+            if name == RSS:
+                rss.add_metric(ids, value)
+            elif name in SIZES:
                 size.add_metric([*ids, name], value)
             else:
                 counter.add_metric([*ids, name], value)
-    yield from (up, age, uptime, state, rate, events, dead, retries, writes, opened, outcomes, counter, size)
+    yield from (up, age, uptime, state, rate, events, dead, retries, writes, opened, outcomes, counter, size, rss)
 
 
 def exchange_of(instance: str) -> str:
