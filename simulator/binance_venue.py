@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -16,7 +16,7 @@ from aiohttp import web
 from simulator import binance
 from simulator.depth import DepthDiff
 from simulator.limits import WeightLimiter
-from simulator.venue import Connection, Faults, Venue
+from simulator.venue import Connection, Faults, Handler, Venue
 from simulator.wirefaults import WIRE_FAULT_KINDS, WireFaults
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ class BinanceFaults(Faults):
         return {**super().as_dict(), **self.wire.as_dict()}
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 Weight = Callable[[web.Request], int]
 BinanceFaultsT = TypeVar("BinanceFaultsT", bound=BinanceFaults)
 
@@ -64,7 +63,6 @@ class BinanceVenue(Venue[StreamConnection, BinanceFaultsT]):
         self._data_streams = data_streams  # the streams the recording carries data for
         self._subscribers: dict[str, set[StreamConnection]] = {}
         self.limiter = WeightLimiter(weight_limit, options.weight_window_s, options.ban_after_429s, options.ban_s)
-        self._rest_requests: Counter[str] = Counter()
         super().__init__(options)
 
     def _events(self) -> Sequence[Any]:
@@ -161,11 +159,7 @@ class BinanceVenue(Venue[StreamConnection, BinanceFaultsT]):
     def _rest(self, name: str, weight: Weight, handler: Handler) -> Handler:
         """An endpoint with request counting, the IP weight limit (limits.py: 429, then 418 bans) and the
         http_error fault, which strikes before the limit is judged (as an outage does)."""
-        async def wrapped(request: web.Request) -> web.Response:
-            response = await self._rest_answer(name, weight, handler, request)
-            self.limiter.status_counts[response.status] += 1
-            return response
-        return wrapped
+        return self._counted(lambda request: self._rest_answer(name, weight, handler, request))
 
     async def _rest_answer(self, name: str, weight: Weight, handler: Handler, request: web.Request) -> web.Response:
         self._rest_requests[name] += 1
@@ -222,6 +216,5 @@ class BinanceVenue(Venue[StreamConnection, BinanceFaultsT]):
 
     def _rest_status(self) -> dict[str, Any]:
         lim = self.limiter
-        return {"requests": dict(self._rest_requests), "weight_used_1m": lim.current(), "limit": lim.limit,
-                "status": {str(k): v for k, v in sorted(lim.status_counts.items())},
+        return {**self._rest_counts(), "weight_used_1m": lim.current(), "limit": lim.limit,
                 "banned_remaining_s": round(max(0.0, lim.ban_until - time.time()), 3), "bans": lim.bans}

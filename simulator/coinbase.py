@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,7 @@ from simulator.coinbase_recording import (
     format_time_us,
 )
 from simulator.recording import real_data_dir
-from simulator.venue import Connection, FaultError, JsonFaults, Venue
+from simulator.venue import Connection, FaultError, Handler, JsonFaults, Venue
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -240,15 +240,13 @@ class CoinbaseVenue(Venue[_Client, _Faults]):
         self.loop_shift_us = (rec.duration_us // MINUTE_US + 2) * MINUTE_US
         self.rate_public = _RateWindow(PUBLIC_REQUESTS_PER_S, 1.0)
         self.rate_v2 = _RateWindow(V2_REQUESTS_PER_HOUR, 3600.0)
-        self._rest_requests: Counter[str] = Counter()
-        self._rest_status: Counter[int] = Counter()
         super().__init__(options)
 
     # --------------------------------------------------------------------------------------------------
     # Venue protocol
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        rest: list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]] = [
+        rest: list[tuple[str, str, Handler]] = [
             ("public", "/api/v3/brokerage/market/products", self._products_endpoint),
             ("public", "/api/v3/brokerage/market/products/{product_id}", self._product_endpoint),
             ("public", "/api/v3/brokerage/market/products/{product_id}/candles", self._candles_endpoint),
@@ -315,8 +313,7 @@ class CoinbaseVenue(Venue[_Client, _Faults]):
             "connections": [{"remote": c.remote, "subscriptions": {ch: sorted(p) for ch, p in c.subs.items()},
                              "next_sequence_num": c.seq, "sent": c.sent} for c in self._connections],
             "faults": self._faults.as_dict(),
-            "rest": {"requests": dict(self._rest_requests),
-                     "status": {str(k): v for k, v in sorted(self._rest_status.items())}},
+            "rest": self._rest_counts(),
             "recording": {"products": list(rec.product_ids), "events": len(rec.events),
                           "duration_s": rec.duration_us / US, "rest_products": len(rec.products)},
         }
@@ -598,17 +595,11 @@ class CoinbaseVenue(Venue[_Client, _Faults]):
     # --------------------------------------------------------------------------------------------------
     # REST
 
-    def _rest(self, bucket: str, name: str, handler: Callable[[web.Request], Awaitable[web.Response]]) -> Callable[
-            [web.Request], Awaitable[web.Response]]:
+    def _rest(self, bucket: str, name: str, handler: Handler) -> Handler:
         """Counts, rate-limits (Coinbase: 10 public requests/s per IP; v2 10,000/hour) and applies REST faults."""
-        async def wrapped(request: web.Request) -> web.Response:
-            response = await self._rest_answer(bucket, name, handler, request)
-            self._rest_status[response.status] += 1
-            return response
-        return wrapped
+        return self._counted(lambda request: self._rest_answer(bucket, name, handler, request))
 
-    async def _rest_answer(self, bucket: str, name: str, handler: Callable[[web.Request], Awaitable[web.Response]],
-                           request: web.Request) -> web.Response:
+    async def _rest_answer(self, bucket: str, name: str, handler: Handler, request: web.Request) -> web.Response:
         self._rest_requests[name] += 1
         f = self._faults
         if f.take_http_error():

@@ -112,15 +112,13 @@ class HyperliquidVenue(Venue[_Connection, _Faults]):
         self._subscribers: dict[SubKey, set[_Connection]] = {}
         self._held: dict[str, list[tuple[SubKey, str]]] = {}  # reorder fault: messages waiting for a successor
         self._weights: deque[tuple[float, int]] = deque()
-        self._rest_requests: Counter[str] = Counter()
-        self._rest_status: Counter[int] = Counter()
         super().__init__(options)
 
     # ------------------------------------------------------------------------------------------------------
     # Venue protocol
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post(f"{HOST}/info", self._info)
+        router.add_post(f"{HOST}/info", self._counted(self._info_answer))
         router.add_get(f"{HOST}/ws", self._ws_session)
 
     def _describe(self) -> str:
@@ -139,9 +137,8 @@ class HyperliquidVenue(Venue[_Connection, _Faults]):
                 "connections": [{"remote": c.remote, "subscriptions": [list(k) for k in sorted(c.subs)],
                                  "sent": c.sent} for c in self._connections],
                 "faults": self._faults.as_dict(),
-                "rest": {"requests": dict(self._rest_requests), "weight_used": self.weight_used(),
-                         "weight_limit": self.weight_limit,
-                         "status": {str(k): v for k, v in sorted(self._rest_status.items())}}}
+                "rest": {**self._rest_counts(), "weight_used": self.weight_used(),
+                         "weight_limit": self.weight_limit}}
 
     # ------------------------------------------------------------------------------------------------------
     # Python API
@@ -413,11 +410,6 @@ class HyperliquidVenue(Venue[_Connection, _Faults]):
 
     # ------------------------------------------------------------------------------------------------------
     # REST: POST /info
-
-    async def _info(self, request: web.Request) -> web.Response:
-        response = await self._info_answer(request)
-        self._rest_status[response.status] += 1
-        return response
 
     async def _info_answer(self, request: web.Request) -> web.Response:
         try:

@@ -9,8 +9,7 @@ and each further ban doubles, up to 3 days.
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,6 @@ class WeightLimiter:
     throttled_in_window: int = 0
     ban_until: float = 0.0  # time.time()
     bans: int = 0
-    status_counts: Counter[int] = field(default_factory=Counter)
 
     def charge(self, weight: int, now: float | None = None) -> Verdict:
         """Count `weight` for one request and say whether it may be served."""

@@ -21,7 +21,8 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -41,6 +42,7 @@ VENUES: dict[str, str] = {
 }
 COMMON_FAULT_KINDS = ("disconnect", "stall", "halt", "http_error", "clear")
 ReplayState = Literal["idle", "running", "finished", "stopped"]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class FaultError(ValueError):
@@ -140,6 +142,8 @@ class Venue(Generic[ConnT, FaultsT]):
         self._faults: FaultsT = self._new_faults()
         self._connections: set[ConnT] = set()
         self._replay_task = ReplayTask(f"{self.exchange}-replay", on_failure=self._replay_failed)
+        self._rest_requests: Counter[str] = Counter()  # per endpoint
+        self._rest_statuses: Counter[int] = Counter()  # per HTTP status answered
         self._reset_replay_state()
 
     # ------------------------------------------------------------------------------------------------------
@@ -365,6 +369,22 @@ class Venue(Generic[ConnT, FaultsT]):
         self._log_progress()
         self.log.info("%s replay finished after %d loop(s); it restarts only through restart() (POST /_sim/replay "
                       "for Binance spot)", self.exchange, self.loops_done)
+
+    # ------------------------------------------------------------------------------------------------------
+    # REST
+
+    def _counted(self, answer: Handler) -> Handler:
+        """`answer` with the HTTP status of each of its responses counted (`_rest_counts`)."""
+        async def counted(request: web.Request) -> web.Response:
+            response = await answer(request)
+            self._rest_statuses[response.status] += 1
+            return response
+        return counted
+
+    def _rest_counts(self) -> dict[str, Any]:
+        """The REST part of `status()`: requests per endpoint and responses per HTTP status."""
+        return {"requests": dict(self._rest_requests),
+                "status": {str(k): v for k, v in sorted(self._rest_statuses.items())}}
 
     # ------------------------------------------------------------------------------------------------------
     # WebSocket
