@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--speed", type=float, default=1.0,
                    help="replay speed: 1 = recorded pace, 10 = ten times faster, 0 = as fast as clients read")
+    p.add_argument("--rate", type=float, default=None, metavar="N",
+                   help="Binance spot: N trades a second, evenly spaced, one per message, instead of the recorded "
+                        "pace (other events go with the trade before them; --speed multiplies N)")
     p.add_argument("--loop", action="store_true", help="replay forever, shifting times and trade ids each loop")
     p.add_argument("--shift-to-now", action="store_true",
                    help="shift timestamps by whole minutes so the recording starts now (default: original times)")
@@ -67,7 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
         exchange_info_symbols=None if args.all_symbols else DEFAULT_EXCHANGE_INFO_SYMBOLS,
         weight_limit=args.weight_limit, weight_window_s=args.weight_window, ban_after_429s=args.ban_after,
         ban_s=args.ban_seconds, history=not args.no_history,
-        venues=tuple(args.venue))
+        venues=tuple(args.venue), rate=args.rate)
     sim = Simulator(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

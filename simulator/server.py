@@ -57,6 +57,7 @@ class SimulatorOptions:
     rest_candle_cap: int = 100_000  # derived candles kept for REST per symbol (looping forever grows it)
     venues: tuple[str, ...] = ()  # other exchanges served on the same port (simulator/venue.py)
     depth: bool = True  # replay the recorded depth diffs and serve GET /api/v3/depth (simulator/depth.py)
+    rate: float | None = None  # Binance spot: this many trades a second, evenly spaced (benchmarks); None: recorded pace
 
     def __post_init__(self) -> None:
         for name in ("symbols", "wait_for_streams", "exchange_info_symbols", "venues"):  # lists from JSON/CLI/kwargs
@@ -65,6 +66,8 @@ class SimulatorOptions:
                 object.__setattr__(self, name, tuple(value))
         if self.speed < 0:
             raise ValueError(f"speed must be >= 0 (0 = as fast as possible), got {self.speed}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be above 0 trades a second (or None: the recorded pace), got {self.rate}")
         if self.start not in ("subscribe", "manual", "immediate"):
             raise ValueError(f"start must be subscribe, manual or immediate, got {self.start!r}")
 

@@ -82,6 +82,9 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
         self.data_dir = opts.data_dir or real_data_dir()
         self.recording = recording or Recording.load(self.data_dir, opts.symbols, opts.max_trades,
                                                      opts.book_ticker, opts.kline_throttle_ms, opts.depth)
+        # With a rate (benchmarks): trade k of a loop is due k / rate s after the loop began, every other event
+        # with the trade before it, instead of at its recorded receive time.
+        self._rate_offsets = _rate_offsets(self.recording.events, opts.rate) if opts.rate else None
         self._recorded_info = load_exchange_info(self.data_dir)
         binance.trim_exchange_info(self._recorded_info, opts.exchange_info_symbols, 0, 0)  # fail fast on typos
         self.history = History(self.data_dir, self._history_end_ms(opts)) if opts.history else None
@@ -97,6 +100,16 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
 
     def _new_faults(self) -> SpotFaults:
         return SpotFaults()
+
+    def _event_offset_s(self, event: Any) -> float:
+        if self._rate_offsets is None:
+            return super()._event_offset_s(event)
+        return self._rate_offsets[self.position]  # the replay sets position to the event's index before pacing it
+
+    def _loop_span_s(self) -> float:
+        if self.options.rate is None:
+            return super()._loop_span_s()
+        return len(self.recording.trades) / self.options.rate
 
     def _describe(self) -> str:
         rec = self.recording
@@ -435,3 +448,16 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
             router.add_get(f"{prefix}/ws", self._ws_session)
             router.add_get(f"{prefix}/ws/{{tail:.*}}", self._ws_session)
             router.add_get(f"{prefix}/stream", self._ws_session)
+
+
+def _rate_offsets(events: list[ReplayEvent], rate: float) -> list[float]:
+    """Seconds from a loop's start to each event when trades come evenly at `rate` a second (one per message)."""
+    out: list[float] = []
+    trades = 0
+    for ev in events:
+        if isinstance(ev, TradeEvent):
+            out.append(trades / rate)
+            trades += 1
+        else:
+            out.append(max(0, trades - 1) / rate)
+    return out

@@ -33,6 +33,7 @@ from common.config import ExchangeSettings
 from common.exchanges.clients import apply_endpoints
 from simulator import Recording, Simulator, real_data_dir, start_simulator
 from simulator.recording import MINUTE_MS
+from simulator.server import SimulatorOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = real_data_dir(ROOT)
@@ -287,6 +288,25 @@ async def test_loop_shifts_trade_ids_and_times(exchange_for: Any) -> None:
             assert [(int(t["id"]), t["timestamp"], t["price"]) for t in chunk] == \
                 [(t.id, t.time, float(t.price)) for t in expected]
             assert expected[0].time == rec.trades[0].time + loop * rec.loop_shift_ms
+
+
+async def test_rate_sends_one_trade_per_message_evenly_at_n_a_second() -> None:
+    """--rate N (benchmarks): the recorded trades, one per message, 1/N s apart, loop after loop (ids go on)."""
+    rate, count = 1000, 600  # 300 recorded trades looped twice: 0.6 s at the rate (about 20 s at the recorded pace)
+    async with (start_simulator(rate=rate, max_trades=300, loop=True, book_ticker=False) as sim,
+                aiohttp.ClientSession() as s, s.ws_connect(f"{sim.ws_url}/stream.binance.com/ws/btcusdt@trade") as ws):
+        arrived: list[float] = []
+        ids: list[int] = []
+        for _ in range(count):
+            ids.append(json.loads(await ws.receive_str(timeout=5))["t"])
+            arrived.append(time.monotonic())
+    assert ids == list(range(FIRST_TRADE_ID, FIRST_TRADE_ID + count))
+    elapsed = arrived[-1] - arrived[0]
+    assert 0.9 * (count - 1) / rate < elapsed < 2.0 * (count - 1) / rate, elapsed
+    half = arrived[count // 2] - arrived[0]  # evenly spread: half the trades in about half the time
+    assert abs(half / elapsed - 0.5) < 0.15, (half, elapsed)
+    with pytest.raises(ValueError, match="rate must be above 0"):
+        SimulatorOptions(rate=0)
 
 
 async def test_combined_stream_frames_are_the_recorded_lines_and_shift_to_now() -> None:
