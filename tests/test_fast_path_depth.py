@@ -38,7 +38,7 @@ from services.collector.frame_tap import FrameTap
 from services.collector.service import Collector
 from simulator import real_data_dir, start_simulator
 from simulator.depth import DepthBook as ExchangeSideBook
-from simulator.depth import DepthDiff, DepthSnapshot
+from simulator.depth import load_depth
 from tests.collecting import collector_settings, read, run_collector
 
 CAPTURES = real_data_dir() / "ws-captures"
@@ -336,25 +336,14 @@ def test_every_capture_with_depth_is_compared() -> None:
 def exchange_side(capture: Capture) -> Callable[[int], dict[str, Any]]:
     """The REST depth answer at the replay's diff `index`: the exchange's book with every diff before it applied,
     lost or not (simulator/depth.py's DepthBook, the simulator's own answer to a resync)."""
-    all_lines = lines(capture)
-    snapshot = next(line.snapshot for line in all_lines if line.snapshot is not None)
-    diffs = []
-    for line in all_lines:
-        if line.snapshot is None:
-            d = decode_depth(line.frame)
-            assert d is not None and d.U is not None and d.u is not None and d.E is not None
-            data = json.loads(raw_form(line.frame))
-            diffs.append(DepthDiff(d.s, d.U, d.u, d.pu, d.E, data.get("T"), tuple(map(tuple, data["b"])),
-                                   tuple(map(tuple, data["a"])), 0))
-    book = ExchangeSideBook(DepthSnapshot(snapshot["lastUpdateId"], tuple(map(tuple, snapshot["bids"])),
-                                          tuple(map(tuple, snapshot["asks"])), 0, snapshot.get("E"),
-                                          snapshot.get("T")))
+    diffs, snapshot = load_depth(list(capture.files))
+    book = ExchangeSideBook(snapshot)
 
     def at(index: int) -> dict[str, Any]:
         book.reset(0)
         for d in diffs[:index]:
             book.apply(d)
-        return book.rest_body(SNAPSHOT_LIMIT, capture.exchange == "binanceusdm", diffs[index].event_time)
+        return book.rest_body(SNAPSHOT_LIMIT, capture.exchange != "binance", diffs[index].event_time)
 
     return at
 
