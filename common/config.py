@@ -249,9 +249,10 @@ class ExchangeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # it the oldest are dropped and named by a Gap and a collector.buffer_overflow alert (docs/collector.md).
     publish_buffer_events: int = 200_000
     # Collector micro-batching: the outbox is published (one MULTI/EXEC) once it holds publish_batch_events
-    # events or its oldest event has waited publish_linger_ms, so a busy second costs a few hundred Redis round
-    # trips rather than one per WebSocket message. The linger adds at most that to ts_recv -> cache (whose
-    # target is 20 ms at p99); 0 publishes every wake-up at once (docs/collector.md, "Batching and memory").
+    # events or publish_linger_ms after the previous round started, so a busy second costs at most 1000 /
+    # publish_linger_ms Redis round trips rather than one per WebSocket message. An event waits at most the
+    # linger (ts_recv -> cache target: p99 under 20 ms), the first after a quiet spell not at all; 0 publishes
+    # every wake-up at once (docs/collector.md, "Batching and memory").
     publish_batch_events: int = 500
     publish_linger_ms: float = 5.0
     # The collector's decode fast path (docs/collector.md): per channel ("trades", "book"), whether the raw

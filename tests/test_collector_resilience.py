@@ -536,6 +536,53 @@ def test_outbox_drops_the_oldest_batches_at_its_bound_as_runs_per_feed() -> None
     assert sorted(int(i) for _, i, _ in outbox.dropped_trades) == list(range(1, 13))
 
 
+async def test_publisher_batches_a_busy_stretch_into_one_round_and_flushes_at_once_on_stop() -> None:
+    """Micro-batching: the first event after a quiet spell goes out at once; events that follow within
+    `linger_s` of that round wait and go out together in one MULTI/EXEC; a full round (`batch_events`) and a
+    stop do not wait."""
+    from collections import Counter
+
+    from services.collector.publisher import Publisher
+    from services.collector.symbols import SymbolState
+
+    rounds: list[list[str]] = []
+
+    class Producer:
+        async def publish(self, outputs: dict[str, list[Trade]], extra: Any = None) -> None:
+            rounds.append([t.trade_id for t in outputs[streams.raw("binance")]])
+
+    class Service:
+        state, detail, started_at = "running", "", 0
+
+    def trade(i: int) -> list[Trade]:
+        return [Trade(exchange="binance", symbol="BTC/USDT", trade_id=str(i), price=None, amount=None, side=None,
+                      ts_event=i * 1_000_000, ts_recv=0)]
+
+    count: Counter[str] = Counter()
+    publisher = Publisher(Service(), Producer(), "binance", {"BTC/USDT": SymbolState()},
+                          count, True, buffer_events=1_000, batch_events=20, linger_s=0.2)
+    task = asyncio.create_task(publisher.run(1_000))
+    # Act, Assert: the first event after a quiet spell is not held back
+    await publisher.publish(trade(1), symbol="BTC/USDT", channel="trades")
+    await asyncio.sleep(0.05)
+    assert rounds == [["1"]]
+    for i in range(2, 12):  # a busy stretch: ten wake-ups within the linger
+        await publisher.publish(trade(i), symbol="BTC/USDT", channel="trades")
+        await asyncio.sleep(0.005)
+    assert len(rounds) == 1, "held for the linger"
+    await asyncio.sleep(0.25)
+    assert rounds[1] == [str(i) for i in range(2, 12)], "one round for the ten wake-ups"
+    for i in range(12, 32):  # a full round: published without waiting for the linger
+        await publisher.publish(trade(i), symbol="BTC/USDT", channel="trades")
+    await asyncio.sleep(0.05)
+    assert rounds[2] == [str(i) for i in range(12, 32)]
+    await publisher.publish(trade(32), symbol="BTC/USDT", channel="trades")
+    await asyncio.sleep(0.01)
+    await publisher.drain(task, 1.0)  # the stop flushes at once
+    assert rounds[3] == ["32"] and task.done()
+    assert count["publish_round_trips"] == 4
+
+
 async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stale_snapshot(settings: Settings,
                                                                                          redis) -> None:
     # Arrange: the replay at 20x; the socket goes down for 4 s (80 s of exchange time), so the candle open at the

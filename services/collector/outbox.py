@@ -10,7 +10,6 @@ a Gap and an alert with the next batch that gets through. A batch is dropped who
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -61,7 +60,6 @@ class Batch:
     trade_ids: list[str] = field(default_factory=list)
     position: Position | None = None
     seq: int = 0  # per feed, set by Outbox.put: which dropped batches were next to each other
-    queued_at: float = 0.0  # monotonic, set by Outbox.put: how long its events have waited (the linger)
 
 
 @dataclass(slots=True)
@@ -100,7 +98,6 @@ class Outbox:
     def put(self, batch: Batch) -> None:
         key = (batch.symbol, batch.channel)
         batch.seq = self._seq[key] = self._seq.get(key, 0) + 1
-        batch.queued_at = time.monotonic()
         self.queued.append(batch)
         self.events += len(batch.events)
         self._bound()

@@ -2,9 +2,10 @@
 
 Feeds put each wake-up's events in the bounded outbox and never wait for Redis; `Publisher.run` sends it,
 oldest first, each round in one MULTI/EXEC with the feeds' positions (`mdp:collector:pos:{exchange}`), so a
-position never claims more than the stream holds. A round starts once the outbox holds `batch_events` events
-or its oldest has waited `linger_s` (micro-batching: one round trip carries many wake-ups), at once when
-stopping or retrying. A trade counts as published only after that succeeded. While
+position never claims more than the stream holds. Micro-batching: a round starts once the outbox holds
+`batch_events` events or `linger_s` after the previous round started, at once when stopping or retrying. So
+rounds come at most every `linger_s` while events keep arriving (one round trip carries many wake-ups), an
+event waits at most `linger_s` for its round, and the first event after a quiet spell goes out at once. A trade counts as published only after that succeeded. While
 Redis is down the process's state is degraded with the reason and the outbox's overflow becomes a Gap; when Redis
 is back, the positions it holds tell whether it lost what we had published (then a Gap). At stop, `drain`
 publishes what is left for a bounded time and logs what it could not.
@@ -57,7 +58,8 @@ class Publisher:
         self.sequential_ids = sequential_ids
         self.outbox = Outbox(buffer_events)
         self.batch_events = batch_events  # a round starts once this many events are queued...
-        self.linger_s = linger_s  # ...or the oldest has waited this long
+        self.linger_s = linger_s  # ...or this long after the previous round started
+        self.round_started = 0.0  # monotonic
         self.ready = asyncio.Event()
         self.draining = asyncio.Event()
         self.published_pos: dict[tuple[str, str], Position] = {}  # (channel, symbol) -> as stored in Redis
@@ -74,8 +76,8 @@ class Publisher:
         outbox = self.outbox
         outbox.put(Batch(symbol, channel, list(events), list(gaps or []), ids, position))
         self.settle_dropped()
-        # Wake the publisher when its linger starts (the outbox was empty) or the round is full; a batch in
-        # between waits for the linger's end, so a busy second does not wake it once per message.
+        # Wake the publisher when the outbox was empty (it may be idle) or the round is full; a batch in between
+        # waits for the round that is due anyway, so a busy second does not wake it once per message.
         if len(outbox) == 1 or outbox.events >= self.batch_events:
             self.ready.set()
 
@@ -91,12 +93,12 @@ class Publisher:
             self.state_by_symbol[symbol].settle(trades)
 
     def linger_left(self) -> float:
-        """Seconds until the next round is due: 0 once `batch_events` are queued, the oldest queued batch has
-        waited `linger_s`, or we are stopping; a round with only Gaps or drop records is due at once."""
+        """Seconds until the next round is due: `linger_s` after the previous round started, or at once with
+        `batch_events` queued, when stopping, or for a round with only Gaps or drop records."""
         outbox = self.outbox
         if not outbox.queued or outbox.events >= self.batch_events or self.draining.is_set():
             return 0.0
-        return outbox.queued[0].queued_at + self.linger_s - time.monotonic()
+        return self.round_started + self.linger_s - time.monotonic()
 
     async def run(self, round_events: int) -> None:
         """Publish the outbox, oldest first, each round in one MULTI/EXEC with the feeds' new positions (so a
@@ -116,6 +118,7 @@ class Publisher:
             if linger > 0:
                 await self._wait_ready(linger)  # a full round or a stop ends it early
                 continue
+            self.round_started = time.monotonic()
             batches = self.outbox.take(round_events)
             notices, dropped = self.outbox.take_notices()
             try:
