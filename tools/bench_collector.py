@@ -1,22 +1,38 @@
-"""Benchmark of the collector (issue 3, Measure): its overhead on top of ccxt.pro, and how fast data flows again
-after a disconnect.
+"""Benchmark of the collector side by side (issue 14, item 5): our collector against bare ccxt.pro and against
+cryptofeed, the same replay for everyone, one trade per WebSocket message as Binance sends them.
 
-    python -m tools.bench_collector [--trades 200000] [--disconnects 10]
+    python -m tools.bench_collector [--window 10] [--rates 4000,10000] [--ladder 16000,20000,...]
+                                    [--only ccxt,ours-ccxt,ours-fast,cryptofeed,null] [--disconnects 10]
+                                    [--latency-rate 5000]
 
-Every part real: a private redis-server on a free port, the simulator as its own process (`python -m
-simulator`, replaying the real Binance spot capture of BTC/USDT, looped), ccxt.pro unmodified.
+Everything real and on 127.0.0.1: a private redis-server, the simulator as its own process (`python -m
+simulator --rate N`: the real Binance BTCUSDT trade capture, looped with ids and times moving on, its trades
+evenly at N a second, one per message), and each contender as its own process:
+- `ccxt.pro + XADD`: bare ccxt.pro `watch_trades` in a loop and one XADD per new trade (msgspec msgpack), one
+  pipelined round trip per wake-up (`--contender ccxt`, this file);
+- `collector (ccxt parser)`: services/collector, trades channel, with `fast_path = {trades = false}`;
+- `collector (fast path)`: services/collector, trades channel, default settings (Binance trades decoded by our
+  msgspec decoder beside ccxt);
+- `cryptofeed 2.4.1`: its Binance feed and Redis Streams backend (tools/bench_cryptofeed_client.py) in a venv this
+  benchmark builds (var/bench/cryptofeed-venv); 2.4.1 is the newest release that installs on Python 3.11
+  (3.0.1 requires Python >= 3.13, which none of the registries this machine reaches provides);
+- `null reader` (harness ceiling): reads the frames and throws them away; what the simulator and loopback give.
 
-1. Throughput at speed 0 (the simulator sends as fast as the socket takes it), the same replay twice:
-   a. ccxt.pro alone: `watch_trades` in a loop, reading each new trade out of ccxt's cache (the least any
-      consumer of ccxt must do), nothing else;
-   b. our collector (services/collector) with the trades channel only: the same watch loop plus turning
-      each trade into a `Trade` event, dedup by id, packing and XADD to raw:binance.
-   Each runs in this process until `--trades` trades were seen; we report wall time, trades/s, and the CPU
-   time of this process per trade (the simulator and Redis run in other processes), and the overhead
-   (b - a) / a of CPU per trade. The target: at most 15%.
-2. Reconnect: with the replay at 5x real speed, `--disconnects` times: the simulator drops every socket
-   (`disconnect` fault, new connections accepted at once); we time from the fault to the collector's Gap
-   being published, i.e. the first trade after the reconnect (data flowing again).
+One run = one contender at one offered rate: a fresh simulator and a flushed Redis, the contender started,
+`--warmup` s after its first trade a window of `--window` s, then the replay is held (`halt` fault) and the
+contender given up to 30 s to write what it holds. Measured, for the contender's process only (/proc/PID/stat):
+CPU time from the window's start to the end of that drain, divided by the trades it wrote in that time (by
+id, read back from Redis); its RSS at the end (VmRSS); the rate the simulator achieved in the window (it waits
+on the socket when a reader falls behind); loss: trades the simulator sent minus distinct trade ids in Redis;
+the drain (seconds after the hold until Redis stopped growing: the backlog the contender carried). A rate is
+sustained when nothing was lost, the simulator achieved at least 97% of it and the drain took at most 2 s.
+Each contender runs at `--rates`, then up `--ladder` until the first rate it does not sustain.
+
+Then, if it fits: reconnects (the collector in this process, the replay at 5x real speed, `--disconnects`
+times the simulator drops every socket; time from the fault to the collector's Gap, i.e. its first trade
+after the reconnect), and p99 ts_recv -> cache through the whole pipeline (simulator at `--latency-rate` ->
+collector -> validator -> normalizer -> cache_publisher, each its own process; a subscriber on the ticks
+channel takes receipt time - the trade's ts_recv, which the collector stamps when the frame arrives).
 Prints Markdown (the figures of docs/bench-collector.md).
 """
 
@@ -24,166 +40,540 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.config import ExchangeSettings, Settings, load_settings
-from common.exchanges.clients import make_pro_exchange
-from services.collector.feeds import cache_tail
-from services.collector.service import Collector
-from tools.localstores import free_port, port_open, start_redis
+CRYPTOFEED_VERSION = "2.4.1"
+CRYPTOFEED_VENV = ROOT / "var" / "bench" / "cryptofeed-venv"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SYMBOL = "BTC/USDT"
 
 
-def start_simulator(port: int, speed: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "simulator", "--port", str(port), "--speed", str(speed), "--loop",
-           "--wait-for", "btcusdt@trade", "--no-book-ticker"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+# ---------------------------------------------------------------------------------------------------------------
+# The contenders this file runs itself (each in its own process: `--contender ccxt|null`)
+
+async def contender_ccxt(ws: str, rest: str, redis_url: str) -> None:
+    """Bare ccxt.pro: watch_trades, and one XADD per new trade (msgspec msgpack), one round trip per wake-up."""
+    import ccxt.pro
+    import redis.asyncio as aioredis
+
+    from common.config import ExchangeSettings
+    from common.exchanges.clients import apply_endpoints
+
+    exchange = ccxt.pro.binance({"options": {"fetchMarkets": {"types": ["spot"]}}})
+    apply_endpoints(exchange, ExchangeSettings(id="binance", symbols=[SYMBOL], rest_url=rest, ws_url=ws,
+                                               url_rewrite="host-prefix"))
+    redis = aioredis.Redis.from_url(redis_url)
+    encode = msgspec.msgpack.Encoder().encode
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await exchange.load_markets()
+        while not stop.is_set():
+            watch = asyncio.ensure_future(exchange.watch_trades(SYMBOL))
+            halt = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([watch, halt], return_when=asyncio.FIRST_COMPLETED)
+            halt.cancel()
+            if not watch.done():
+                watch.cancel()
+                break
+            pipe = redis.pipeline(transaction=False)
+            for t in watch.result():
+                pipe.xadd("bench:ccxt", {"id": t["id"], "d": encode(
+                    {"id": t["id"], "price": t["price"], "amount": t["amount"], "side": t["side"],
+                     "ts": t["timestamp"]})})
+            await pipe.execute()
+    finally:
+        await exchange.close()
+        await redis.aclose()
+
+
+async def contender_null(ws: str) -> None:
+    """Reads the trade frames and throws them away: the harness's own ceiling (simulator + loopback)."""
+    import aiohttp
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{ws}/stream.binance.com/ws/btcusdt@trade") as conn:
+        reader = asyncio.ensure_future(_drain(conn))
+        await stop.wait()
+        reader.cancel()
+
+
+async def _drain(conn: Any) -> None:
+    async for _ in conn:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    from tools.localstores import port_open
+
+    deadline = time.monotonic() + timeout
     while not port_open(port):
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"the simulator did not start on port {port}")
+            raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
         time.sleep(0.1)
+
+
+def start_simulator(port: int, log: Path, rate: float | None = None, speed: float = 1.0) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "simulator", "--port", str(port), "--loop", "--symbols", "BTCUSDT",
+           "--no-book-ticker", "--kline-throttle-ms", "60000", "--wait-for", "btcusdt@trade", "--speed", str(speed)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    wait_port(port, proc, "the simulator")
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(20)
+def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`cmd` as its own process in the project folder, its output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def exchange_settings(base: Settings, port: int) -> ExchangeSettings:
-    return msgspec.structs.replace(base.exchange("binance"), rest_url=f"http://127.0.0.1:{port}",
-                                   ws_url=f"ws://127.0.0.1:{port}", channels=["trades"])
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
-async def ccxt_alone(ex: ExchangeSettings, trades: int) -> tuple[float, float, int]:
-    """(wall s, CPU s, trades seen) of a bare ccxt.pro watch_trades loop reading its cache's new trades."""
-    exchange = make_pro_exchange(ex)
-    seen: dict[str, None] = {}
-    count = 0
+def sim_status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def sim_post(port: int, path: str, body: dict[str, Any]) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+
+
+def sent_trades(port: int) -> int:
+    return int(sim_status(port)["sent_by_stream"].get("btcusdt@trade", 0))
+
+
+def ensure_cryptofeed() -> Path:
+    """The cryptofeed venv's python, built on first use (pip install cryptofeed==CRYPTOFEED_VERSION)."""
+    python = CRYPTOFEED_VENV / "bin" / "python"
+    probe = [str(python), "-c", ("import importlib.metadata as m, redis, cryptofeed; "
+                                 f"assert m.version('cryptofeed') == {CRYPTOFEED_VERSION!r}")]
+    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
+        return python
+    print(f"building {CRYPTOFEED_VENV} (cryptofeed {CRYPTOFEED_VERSION}) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(CRYPTOFEED_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"cryptofeed=={CRYPTOFEED_VERSION}", "redis"],
+                   check=True)
+    subprocess.run(probe, check=True)
+    return python
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contenders: how to start each and how to read what it wrote
+
+@dataclass(frozen=True)
+class Contender:
+    key: str  # --only name
+    name: str
+    stream: str  # the Redis stream it writes ("" for the null reader)
+
+    def command(self, tmp: Path, sim_port: int, redis_url: str) -> list[str]:
+        ws, rest = f"ws://127.0.0.1:{sim_port}", f"http://127.0.0.1:{sim_port}"
+        if self.key in ("ccxt", "null"):
+            return [sys.executable, "-m", "tools.bench_collector", "--contender", self.key, "--ws", ws, "--rest", rest,
+                    "--redis-url", redis_url]
+        if self.key == "cryptofeed":
+            return [str(ensure_cryptofeed()), str(ROOT / "tools" / "bench_cryptofeed_client.py"), "--ws", ws,
+                    "--rest", rest, "--redis-port", redis_url.rsplit(":", 1)[1].split("/")[0]]
+        config = tmp / f"{self.key}.toml"
+        config.write_text(collector_config(redis_url, sim_port, fast=self.key == "ours-fast"))
+        return [sys.executable, "-m", "services.collector", "--config", str(config), "--exchange", "binance"]
+
+
+CONTENDERS = [
+    Contender("ccxt", "ccxt.pro + XADD", "bench:ccxt"),
+    Contender("ours-ccxt", "our collector, ccxt parser (fast_path trades=false)", "raw:binance"),
+    Contender("ours-fast", "our collector, fast path (default)", "raw:binance"),
+    Contender("cryptofeed", f"cryptofeed {CRYPTOFEED_VERSION} (Redis Streams backend)", "trades-BINANCE-BTC-USDT"),
+    Contender("null", "null reader (harness ceiling)", ""),
+]
+
+
+def collector_config(redis_url: str, sim_port: int, fast: bool, channels: str = '["trades"]') -> str:
+    """A config for one collector of Binance BTC/USDT against the simulator; streams kept whole (no trimming)."""
+    return f"""
+[redis]
+url = "{redis_url}"
+
+[bus]
+stream_maxlen = 50000000
+backpressure_high_water = 40000000
+
+[[exchanges]]
+id = "binance"
+symbols = ["{SYMBOL}"]
+channels = {channels}
+market_types = ["spot"]
+rest_url = "http://127.0.0.1:{sim_port}"
+ws_url = "ws://127.0.0.1:{sim_port}"
+url_rewrite = "host-prefix"
+{"" if fast else "fast_path = {trades = false}"}
+"""
+
+
+async def trade_ids(redis: Any, stream: str, after: str = "-") -> list[str]:
+    """The trade ids in `stream` after entry id `after` (exclusive; "-": all), in stream order."""
+    from schemas import Codec, Trade
+
+    codec = Codec()
+    out: list[str] = []
+    start = after if after == "-" else f"({after}"
+    while True:
+        entries = await redis.xrange(stream, start, "+", count=5000)
+        if not entries:
+            return out
+        for entry_id, fields in entries:
+            if stream == "raw:binance":
+                out.extend(e.trade_id for e in codec.decode_entry(fields) if isinstance(e, Trade))
+            else:
+                out.append(fields[b"id"].decode())
+        start = f"({entries[-1][0].decode()}"
+
+
+async def last_entry(redis: Any, stream: str) -> str:
+    last = await redis.xrevrange(stream, "+", "-", count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+@dataclass
+class Run:
+    contender: Contender
+    rate: int
+    achieved: float = 0.0  # trades/s the simulator sent in the window
+    cpu_us: float = 0.0  # contender CPU per trade written, window start to drain end
+    rss_mb: float = 0.0
+    sent: int = 0
+    arrived: int = 0  # distinct trade ids in Redis
+    duplicates: int = 0
+    drain_s: float = 0.0
+    sim_cpu: float = 0.0  # the simulator's CPU share in the window (1.0 = one core)
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def loss(self) -> int:
+        return self.sent - self.arrived
+
+    @property
+    def sustained(self) -> bool:
+        if self.error:
+            return False
+        ok = self.achieved >= 0.97 * self.rate and self.drain_s <= 2.0
+        return ok and (self.loss == 0 if self.contender.stream else True)
+
+
+async def run_one(c: Contender, rate: int, redis_url: str, tmp: Path, args: argparse.Namespace) -> Run:
+    import redis.asyncio as aioredis
+
+    from tools.localstores import free_port
+
+    run = Run(c, rate)
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.flushall()
+    port = free_port()
+    log = tmp / f"{c.key}-{rate}.log"
+    sim = start_simulator(port, tmp / f"sim-{c.key}-{rate}.log", rate=rate)
+    proc = spawn(c.command(tmp, port, redis_url), log, dict(os.environ, MDP_LOG_LEVEL="WARNING"))
     try:
-        await exchange.load_markets()
-        t0, c0 = time.perf_counter(), time.process_time()
-        while count < trades:
-            await exchange.watch_trades("BTC/USDT")
-            fresh = cache_tail(exchange.trades.get("BTC/USDT"), seen)
-            for t in fresh:
-                seen[str(t["id"])] = None
-            count += len(fresh)
-            while len(seen) > 10_000:
-                del seen[next(iter(seen))]
-        return time.perf_counter() - t0, time.process_time() - c0, count
-    finally:
-        await exchange.close()
-
-
-async def collector_run(settings: Settings, trades: int) -> tuple[float, float, int]:
-    """(wall s, CPU s, trades published) of our collector with the trades channel, from its first trade."""
-    collector = Collector(settings, "bench", exchange="binance")
-    stop_event = asyncio.Event()
-    task = asyncio.create_task(collector.run(stop_event))
-    try:
-        while collector.count["trades"] == 0:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.001)
-        t0, c0, n0 = time.perf_counter(), time.process_time(), collector.count["trades"]
-        while collector.count["trades"] - n0 < trades:
-            if task.done():
-                task.result()
+        deadline = time.monotonic() + 60
+        while sent_trades(port) == 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{c.name} sent no subscription within 60 s (exit {proc.poll()}); read {log}")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(args.warmup)
+        t0, cpu0, scpu0, sent0 = time.monotonic(), proc_cpu_s(proc.pid), proc_cpu_s(sim.pid), sent_trades(port)
+        mark = await last_entry(redis, c.stream) if c.stream else ""
+        await asyncio.sleep(args.window)
+        t1, sent1, scpu1 = time.monotonic(), sent_trades(port), proc_cpu_s(sim.pid)
+        sim_post(port, "/_sim/fault", {"kind": "halt", "seconds": 3600})
+        run.achieved = (sent1 - sent0) / (t1 - t0)
+        run.sim_cpu = (scpu1 - scpu0) / (t1 - t0)
+        # The drain: until what the contender wrote stops growing (the null reader: until it read everything).
+        halted = time.monotonic()
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - halted < 30:
+            now_len = await redis.xlen(c.stream) if c.stream else int(proc_cpu_s(proc.pid) * CLK_TCK)
+            if now_len != last:
+                last, still_since = now_len, time.monotonic()
+            elif time.monotonic() - still_since >= 0.5:
+                break
             await asyncio.sleep(0.05)
-        return time.perf_counter() - t0, time.process_time() - c0, collector.count["trades"] - n0
+        run.drain_s = max(0.0, still_since - halted)
+        cpu1, run.rss_mb = proc_cpu_s(proc.pid), proc_rss_mb(proc.pid)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{c.name} exited ({proc.returncode}) during the run; read {log}")
+        run.sent = sent_trades(port)
+        if c.stream:
+            ids = await trade_ids(redis, c.stream)
+            run.arrived, run.duplicates = len(set(ids)), len(ids) - len(set(ids))
+            written = len(await trade_ids(redis, c.stream, mark))
+        else:
+            run.arrived, written = run.sent, run.sent - sent0
+        run.cpu_us = (cpu1 - cpu0) / max(1, written) * 1e6
+    except Exception as exc:  # noqa: BLE001 - one failed run is a row saying why, not the end of the benchmark
+        run.error = str(exc)
     finally:
-        stop_event.set()
-        await asyncio.wait_for(task, 30)
-        await collector.close()
+        stop(proc)
+        stop(sim)
+        await redis.aclose()
+    print(f"  {c.name} @ {rate:,}/s: achieved {run.achieved:,.0f}/s, {run.cpu_us:.1f} us/trade, "
+          f"RSS {run.rss_mb:.0f} MB, sent {run.sent:,} arrived {run.arrived:,} loss {run.loss:,}, drain "
+          f"{run.drain_s:.1f} s, simulator {run.sim_cpu:.0%} {run.error}", file=sys.stderr, flush=True)
+    return run
 
 
-async def reconnects(settings: Settings, port: int, n: int) -> list[float]:
-    """Seconds from a disconnect fault to the collector's Gap (its first trade after the reconnect)."""
-    collector = Collector(settings, "bench-reconnect", exchange="binance")
+# ---------------------------------------------------------------------------------------------------------------
+# Reconnects and whole-pipeline latency (our collector only)
+
+async def reconnects(redis_url: str, tmp: Path, n: int) -> list[float]:
+    """Seconds from a disconnect fault to the collector's Gap (its first trade after the reconnect), the
+    collector in this process, the replay at 5x real speed."""
+    from common.config import load_settings
+    from services.collector.service import Collector
+    from tools.localstores import free_port
+
+    port = free_port()
+    sim = start_simulator(port, tmp / "sim-reconnect.log", speed=5)
+    config = tmp / "reconnect.toml"
+    config.write_text(collector_config(redis_url, port, fast=True))
+    collector = Collector(load_settings(config, env={}), "bench-reconnect", exchange="binance")
     stop_event = asyncio.Event()
     task = asyncio.create_task(collector.run(stop_event))
     out: list[float] = []
     try:
-        async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(60):
             while collector.count["trades"] < 100:
+                if task.done():
+                    task.result()
                 await asyncio.sleep(0.01)
-            for _ in range(n):
-                gaps = collector.count["gaps"]
-                t0 = time.perf_counter()
-                async with http.post(f"http://127.0.0.1:{port}/_sim/fault", json={"kind": "disconnect"}) as r:
-                    r.raise_for_status()
-                async with asyncio.timeout(60):
-                    while collector.count["gaps"] == gaps:
-                        await asyncio.sleep(0.002)
-                out.append(time.perf_counter() - t0)
-                await asyncio.sleep(1.0)  # let the new connection settle before the next fault
+        for _ in range(n):
+            gaps = collector.count["gaps"]
+            t0 = time.perf_counter()
+            await asyncio.to_thread(sim_post, port, "/_sim/fault", {"kind": "disconnect"})
+            async with asyncio.timeout(60):
+                while collector.count["gaps"] == gaps:
+                    await asyncio.sleep(0.002)
+            out.append(time.perf_counter() - t0)
+            await asyncio.sleep(1.0)  # let the new connection settle before the next fault
     finally:
         stop_event.set()
         await asyncio.wait_for(task, 30)
         await collector.close()
+        stop(sim)
     return out
 
 
+async def pipeline_latency(redis_url: str, tmp: Path, rate: int, seconds: float) -> tuple[list[float], str]:
+    """(ms per trade from ts_recv to the ticks channel, what ran): simulator at `rate` -> collector (default
+    settings) -> validator -> normalizer -> cache_publisher, each its own process."""
+    import redis.asyncio as aioredis
+
+    from tools.localstores import free_port
+
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.flushall()
+    port = free_port()
+    sim = start_simulator(port, tmp / "sim-latency.log", rate=rate)
+    config = tmp / "latency.toml"
+    config.write_text(collector_config(redis_url, port, fast=True))
+    env = dict(os.environ, MDP_CONFIG=str(config), MDP_LOG_LEVEL="WARNING")
+    procs = [spawn([sys.executable, "-m", f"services.{name}", *extra], tmp / f"latency-{name}.log", env)
+             for name, extra in (("validator", []), ("normalizer", []), ("cache_publisher", []),
+                                 ("collector", ["--exchange", "binance"]))]
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(f"ticks:{SYMBOL}")
+    latencies: list[float] = []
+
+    async def listen() -> None:
+        async for msg in pubsub.listen():
+            if msg["type"] == "message":
+                latencies.append((time.time_ns() - json.loads(msg["data"])["ts_recv"]) / 1e6)
+
+    listener = asyncio.create_task(listen())
+    try:
+        deadline = time.monotonic() + 90
+        while sent_trades(port) == 0:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the pipeline did not start within 90 s; read {tmp}/latency-*.log")
+            await asyncio.sleep(0.2)
+        # Warm-up: the stages find their streams (~2 s each) and work off what queued meanwhile; measure once
+        # the ticks of the last half second had a median under 50 ms twice in a row (at most 40 s).
+        deadline, calm = time.monotonic() + 40, 0
+        while calm < 2 and time.monotonic() < deadline:
+            seen = len(latencies)
+            await asyncio.sleep(0.5)
+            recent = latencies[seen:]
+            calm = calm + 1 if recent and statistics.median(recent) < 50 else 0
+        start, sent0 = len(latencies), sent_trades(port)
+        await asyncio.sleep(seconds)
+        end, sent = len(latencies), sent_trades(port) - sent0
+        del latencies[end:]
+        del latencies[:start]
+    finally:
+        listener.cancel()
+        for p in procs:
+            stop(p)
+        stop(sim)
+        await pubsub.aclose()
+        await redis.aclose()
+    return latencies, f"{sent / seconds:,.0f} trades/s sent, {len(latencies):,} ticks measured over {seconds:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+def report(runs: list[Run], started: str, args: argparse.Namespace, reconnect_s: list[float],
+           latency: tuple[list[float], str] | None) -> None:
+    print(f"\nRun started {started}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+          f"cores (shared with other work), Python {platform.python_version()}; window {args.window:.0f} s after "
+          f"{args.warmup:.0f} s warm-up.\n")
+    print("| contender | offered /s | achieved /s | CPU us/trade | RSS MB | sent | lost | drain s | simulator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r.error:
+            print(f"| {r.contender.name} | {r.rate:,} | failed: {r.error} | | | | | | |")
+            continue
+        lost = f"{r.loss:,}" if r.contender.stream else "n/a"
+        print(f"| {r.contender.name} | {r.rate:,} | {r.achieved:,.0f} | {r.cpu_us:.1f} | {r.rss_mb:.0f} | "
+              f"{r.sent:,} | {lost}{f' ({r.duplicates:,} dup)' if r.duplicates else ''} | {r.drain_s:.1f} | "
+              f"{r.sim_cpu:.0%} |")
+    print("\nSummary (CPU per trade written; most sustained = highest offered rate with no loss, >= 97% achieved "
+          "and <= 2 s drain):\n")
+    rates = [int(r) for r in args.rates.split(",")]
+    print("| contender | " + " | ".join(f"{r:,}/s: CPU us/trade" for r in rates) + " | most sustained | RSS MB at end |")
+    print("|---|" + "---|" * len(rates) + "---|---|")
+    for c in CONTENDERS:
+        mine = [r for r in runs if r.contender is c]
+        if not mine:
+            continue
+        cells = []
+        for rate in rates:
+            at = next((x for x in mine if x.rate == rate), None)
+            cells.append("-" if at is None or at.error else
+                         f"{at.cpu_us:.1f}{'' if at.sustained else ' (not sustained)'}")
+        ok = [r for r in mine if r.sustained]
+        best = max(ok, key=lambda r: r.rate) if ok else None
+        top = f"{best.rate:,}/s at {best.cpu_us:.1f} us" if best else "none"
+        rss = max((r.rss_mb for r in mine if not r.error), default=0.0)
+        print(f"| {c.name} | " + " | ".join(cells) + f" | {top} | {rss:.0f} |")
+    if reconnect_s:
+        print(f"\nDisconnect -> data flowing again (our collector, {len(reconnect_s)} disconnects at 5x real speed): "
+              f"median {statistics.median(reconnect_s) * 1000:.0f} ms, min {min(reconnect_s) * 1000:.0f} ms, "
+              f"max {max(reconnect_s) * 1000:.0f} ms")
+    if latency is not None:
+        sample, what = latency
+        if sample:
+            s = sorted(sample)
+            print(f"\nts_recv -> cache through the whole pipeline (simulator -> collector -> validator -> normalizer "
+                  f"-> cache_publisher, ticks pub/sub) at {args.latency_rate:,} trades/s offered: p50 "
+                  f"{statistics.median(s):.1f} ms, p99 {s[max(0, int(len(s) * 0.99) - 1)]:.1f} ms, max "
+                  f"{s[-1]:.1f} ms ({what})")
+        else:
+            print(f"\nts_recv -> cache: no tick reached the cache ({what})")
+
+
 async def main_async(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        redis = start_redis(Path(tmp))
+    from tools.localstores import start_redis
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    only = set(args.only.split(","))
+    contenders = [c for c in CONTENDERS if c.key in only]
+    if any(c.key == "cryptofeed" for c in contenders):
+        ensure_cryptofeed()
+    runs: list[Run] = []
+    reconnect_s: list[float] = []
+    latency: tuple[list[float], str] | None = None
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        redis = start_redis(tmp / "redis")
         try:
-            base = load_settings(env={"MDP_REDIS_URL": redis.url})
-            rows = []
-            for name in ("ccxt.pro alone", "collector (trades -> Redis)"):
-                port = free_port()
-                sim = start_simulator(port, speed=0)
-                try:
-                    ex = exchange_settings(base, port)
-                    if name == "ccxt.pro alone":
-                        wall, cpu, count = await ccxt_alone(ex, args.trades)
-                    else:
-                        wall, cpu, count = await collector_run(
-                            msgspec.structs.replace(base, exchanges=[ex]), args.trades)
-                finally:
-                    stop(sim)
-                rows.append((name, wall, cpu, count))
-            port = free_port()
-            sim = start_simulator(port, speed=5)
-            try:
-                ex = exchange_settings(base, port)
-                times = await reconnects(msgspec.structs.replace(base, exchanges=[ex]), port, args.disconnects)
-            finally:
-                stop(sim)
+            for c in contenders:
+                for rate in [int(r) for r in args.rates.split(",")]:
+                    runs.append(await run_one(c, rate, redis.url, tmp, args))
+                for rate in [int(r) for r in args.ladder.split(",") if r]:
+                    runs.append(await run_one(c, rate, redis.url, tmp, args))
+                    if not runs[-1].sustained:
+                        break
+            if args.disconnects:
+                reconnect_s = await reconnects(redis.url, tmp, args.disconnects)
+            if args.latency_rate:
+                latency = await pipeline_latency(redis.url, tmp, args.latency_rate, args.latency_seconds)
         finally:
             redis.stop()
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}\n")
-    print("| run | trades | wall s | trades/s | CPU us/trade |")
-    print("|---|---|---|---|---|")
-    for name, wall, cpu, count in rows:
-        print(f"| {name} | {count:,} | {wall:.2f} | {count / wall:,.0f} | {cpu / count * 1e6:.1f} |")
-    base_cpu = rows[0][2] / rows[0][3]
-    ours = rows[1][2] / rows[1][3]
-    print(f"\nOverhead of the collector on top of ccxt.pro, CPU per trade: {(ours - base_cpu) / base_cpu:+.1%}")
-    print(f"\nDisconnect -> data flowing again ({len(times)} disconnects at 5x real speed): median "
-          f"{statistics.median(times) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+    report(runs, started, args, reconnect_s, latency)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trades", type=int, default=200_000)
+    p.add_argument("--rates", default="4000,10000", help="offered trades/s every contender runs at")
+    p.add_argument("--ladder", default="16000,20000,24000,28000,32000,40000,48000,56000",
+                   help="then these, up to the first a contender does not sustain")
+    p.add_argument("--only", default="ccxt,ours-ccxt,ours-fast,cryptofeed,null")
+    p.add_argument("--window", type=float, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds after the first trade before measuring")
     p.add_argument("--disconnects", type=int, default=10)
-    asyncio.run(main_async(p.parse_args()))
+    p.add_argument("--latency-rate", type=int, default=5000, help="0: skip the whole-pipeline latency run")
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--contender", choices=("ccxt", "null"), help=argparse.SUPPRESS)  # a contender process
+    p.add_argument("--ws", help=argparse.SUPPRESS)
+    p.add_argument("--rest", help=argparse.SUPPRESS)
+    p.add_argument("--redis-url", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.contender:
+        import uvloop
+
+        uvloop.run(contender_ccxt(args.ws, args.rest, args.redis_url) if args.contender == "ccxt"
+                   else contender_null(args.ws))
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
