@@ -29,7 +29,7 @@ import pytest
 
 from common.bus import streams
 from common.config import ExchangeSettings, Settings
-from common.exchanges.binance_depth import DepthBook, decode_depth
+from common.exchanges.wire.binance_depth import DepthBook, decode_depth
 from schemas import OrderBook
 from services.collector.events import book_event
 from services.collector.fast_book import FAST_BOOK_EXCHANGES, BinanceBooks, FastBookFeed, book_feed

@@ -1,5 +1,5 @@
 """The decode fast path for order books on Binance spot (`binance`) and USD-M (`binanceusdm`): the `book` channel's
-depth diffs are decoded once by msgspec (common/exchanges/binance_depth.py) instead of by ccxt.pro, under ccxt's
+depth diffs are decoded once by msgspec (common/exchanges/wire/binance_depth.py) instead of by ccxt.pro, under ccxt's
 own sequencing rules, so the feed publishes the same OrderBook events at the same moments (docs/collector.md
 "Decode fast path: books"; tests/test_fast_path_depth.py replays every real capture through both).
 
@@ -25,7 +25,7 @@ import ccxt
 import msgspec
 
 from common.config import ExchangeSettings
-from common.exchanges.binance_depth import DepthBook, DepthUpdate, Step, decode_depth, replay, step
+from common.exchanges.wire.binance_depth import DepthBook, DepthUpdate, Step, decode_depth, replay, step
 from services.collector.feeds import BookFeed, fast_path
 from services.collector.frame_tap import FrameTap
 
