@@ -32,7 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shift timestamps by whole minutes so the recording starts now (default: original times)")
     p.add_argument("--max-trades", type=int, default=None, help="replay only the first N trades")
     p.add_argument("--symbols", default=",".join(SimulatorOptions.symbols),
-                   help="recorded spot symbols to replay, comma-separated (BTCUSDT, ETHUSDT)")
+                   help="recorded spot symbols to replay, comma-separated (BTCUSDT, ETHUSDT); or a number N: the "
+                        "BTCUSDT capture replayed under the first N TRADING symbols of the recorded exchangeInfo "
+                        "(ids, prices and event times shifted per symbol; --rate is then the total; "
+                        "docs/simulator.md, Many symbols)")
+    p.add_argument("--market-symbols", default=None, metavar="A,B,...",
+                   help="as --symbols N, but these exchangeInfo symbols (e.g. ETHBTC,LTCBTC,BNBUSDT)")
     p.add_argument("--start", choices=("subscribe", "manual", "immediate"), default="subscribe",
                    help="when the replay starts: at the first subscription (default), only on POST /_sim/replay, "
                         "or at once")
@@ -62,9 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    symbols = tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip())
+    market: int | tuple[str, ...] | None = None
+    if len(symbols) == 1 and symbols[0].isdigit():  # --symbols N: many symbols from the default capture
+        market, symbols = int(symbols[0]), SimulatorOptions.symbols
+    if args.market_symbols:
+        market = tuple(s.strip().upper() for s in args.market_symbols.split(",") if s.strip())
+        if market and market[0].isdigit():
+            raise SystemExit("--market-symbols takes symbol names; use --symbols N for a number of symbols")
     options = SimulatorOptions(
         speed=args.speed, loop=args.loop, shift_to_now=args.shift_to_now, max_trades=args.max_trades,
-        symbols=tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip()), start=args.start,
+        symbols=symbols, market_symbols=market, start=args.start,
         wait_for_streams=tuple(args.wait_for), book_ticker=not args.no_book_ticker,
         kline_throttle_ms=args.kline_throttle_ms, data_dir=args.data_dir,
         exchange_info_symbols=None if args.all_symbols else DEFAULT_EXCHANGE_INFO_SYMBOLS,

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from simulator import binance
 from simulator.history import History
+from simulator.market import MarketSpot
 from simulator.recording import DEFAULT_SYMBOLS, Candle, Recording, Trade
 from simulator.spot import BinanceSpot
 from simulator.venue import FaultError, ReplayState, Venue, build_venues
@@ -58,11 +59,15 @@ class SimulatorOptions:
     venues: tuple[str, ...] = ()  # other exchanges served on the same port (simulator/venue.py)
     depth: bool = True  # replay the recorded depth diffs and serve GET /api/v3/depth (simulator/depth.py)
     rate: float | None = None  # Binance spot: this many trades a second, evenly spaced (benchmarks); None: recorded pace
+    # Binance spot: the capture of `symbols` replayed under many exchangeInfo symbols (simulator/market.py): the
+    # first N TRADING ones, or these names; `rate` is then the total over all of them. None: the recorded symbols.
+    market_symbols: int | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("symbols", "wait_for_streams", "exchange_info_symbols", "venues"):  # lists from JSON/CLI/kwargs
+        # lists from JSON/CLI/kwargs
+        for name in ("symbols", "wait_for_streams", "exchange_info_symbols", "venues", "market_symbols"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
+            if value is not None and not isinstance(value, tuple | int):
                 object.__setattr__(self, name, tuple(value))
         if self.speed < 0:
             raise ValueError(f"speed must be >= 0 (0 = as fast as possible), got {self.speed}")
@@ -79,7 +84,7 @@ class Simulator:
 
     def __init__(self, options: SimulatorOptions | None = None, recording: Recording | None = None) -> None:
         self.options = options or SimulatorOptions()
-        self.spot = BinanceSpot(self.options, recording)
+        self.spot = (MarketSpot if self.options.market_symbols is not None else BinanceSpot)(self.options, recording)
         self.venues: dict[str, Venue[Any, Any]] = {v.exchange: v for v in build_venues(self.options.venues,
                                                                                        self.options)}
         self.host = "127.0.0.1"

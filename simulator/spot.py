@@ -25,6 +25,7 @@ import heapq
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,7 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
                                                      opts.book_ticker, opts.kline_throttle_ms, opts.depth)
         # With a rate (benchmarks): trade k of a loop is due k / rate s after the loop began, every other event
         # with the trade before it, instead of at its recorded receive time.
-        self._rate_offsets = _rate_offsets(self.recording.events, opts.rate) if opts.rate else None
+        self._rate_offsets = self._rate_plan(opts.rate) if opts.rate else None
         self._recorded_info = load_exchange_info(self.data_dir)
         binance.trim_exchange_info(self._recorded_info, opts.exchange_info_symbols, 0, 0)  # fail fast on typos
         self.history = History(self.data_dir, self._history_end_ms(opts)) if opts.history else None
@@ -100,6 +101,10 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
 
     def _new_faults(self) -> SpotFaults:
         return SpotFaults()
+
+    def _rate_plan(self, rate: float) -> Sequence[float]:
+        """Seconds from a loop's start to each event at `rate` trades a second (market.py makes its own)."""
+        return _rate_offsets(self.recording.events, rate)
 
     def _event_offset_s(self, event: Any) -> float:
         if self._rate_offsets is None:
@@ -428,6 +433,9 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
             blob = archives.corrupt(blob)
         return web.Response(body=blob, content_type="application/zip")
 
+    def _trade_history_endpoints(self) -> list[tuple[str, Any, Any]]:
+        return SpotTrades(self).endpoints()  # simulator/spot_trades.py
+
     def add_routes(self, router: web.UrlDispatcher) -> None:
         endpoints: list[tuple[str, Weight, Handler]] = [
             ("ping", lambda _: binance.REST_WEIGHTS["ping"], self._ping),
@@ -435,7 +443,7 @@ class BinanceSpot(BinanceVenue[SpotFaults]):
             ("exchangeInfo", lambda _: binance.REST_WEIGHTS["exchangeInfo"], self._exchange_info_endpoint),
             ("klines", self._klines_weight, self._klines),
             ("depth", self._depth_weight, self._depth),
-            *SpotTrades(self).endpoints(),  # historicalTrades, aggTrades (simulator/spot_trades.py)
+            *self._trade_history_endpoints(),  # historicalTrades, aggTrades
         ]
         for name, weight, handler in endpoints:
             wrapped = self._rest(name, weight, handler)
