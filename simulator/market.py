@@ -34,23 +34,24 @@ recorded pace the total rate is K times the recording's; with `rate` (total trad
 t * K + k of a loop (recorded trade t, symbol k) is due (t * K + k) / rate s after the loop began, and every
 other event goes with the trade before it: each symbol gets rate / K trades a second.
 
-What is not served for the derived symbols: REST historicalTrades / aggTrades (answered with -1121 and a note),
-and the real daily kline zips (the derived history of simulator/history.py covers only recorded symbols).
+REST historicalTrades / aggTrades (spot_trades.py) serve each symbol's trades the replay has reached, ids and prices
+as on the wire; aggregates are the recording's (same times, sides and order of prices), aggregate ids from half
+the symbol's first trade id. Not served for the derived symbols: the real daily kline zips and the derived
+history before the replay (simulator/history.py covers only recorded symbols).
 Memory: the depth book of each symbol starts from the 1,000-level snapshot (about 0.3 MB a symbol).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from aiohttp import web
-
-from simulator import binance
 from simulator.depth import DepthDiff, DepthSnapshot, Level
 from simulator.recording import (
     SCALE,
@@ -69,6 +70,7 @@ from simulator.recording import (
     units_text,
 )
 from simulator.spot import BinanceSpot
+from simulator.spot_trades import SpotTrades, _SymbolHistory, histories
 
 if TYPE_CHECKING:
     from simulator.server import SimulatorOptions
@@ -76,6 +78,8 @@ if TYPE_CHECKING:
 ID_STRIDE = 10**12  # symbol k's ids: the recorded ones + k * ID_STRIDE
 PHASE_CYCLE_MS = 50  # symbol k's event times: the recorded ones + k % PHASE_CYCLE_MS ms
 SOURCE_TICK_UNITS = 10**6  # the recorded prices are whole ticks of 0.01 (BTCUSDT's PRICE_FILTER)
+_S = TypeVar("_S")
+_T = TypeVar("_T")
 
 
 class MarketSymbolError(ValueError):
@@ -415,11 +419,43 @@ class MarketSpot(BinanceSpot):
                 f"({', '.join(rec.symbols[:5])}{', ...' if len(rec.symbols) > 5 else ''}), {pace}")
 
     def _trade_history_endpoints(self) -> list[tuple[str, Any, Any]]:
-        async def not_served(request: web.Request) -> web.Response:
-            return web.json_response(binance.error_body(
-                -1121, "Invalid symbol. (the many-symbol simulator does not serve trade history; run it without "
-                       "market_symbols for historicalTrades / aggTrades)"), status=400)
-        return [("historicalTrades", lambda _: 25, not_served), ("aggTrades", lambda _: 4, not_served)]
+        """historicalTrades / aggTrades for every served symbol, over views of the source's trade history."""
+        rec = self.recording
+        source = histories(rec.source.events, rec.source.id_span)[rec.source.symbols[0]]
+        return SpotTrades(self, {s.symbol: _market_history(source, s, len(rec.shapes), rec.transform)
+                                 for s in rec.shapes}).endpoints()
+
+
+class _Mapped(Sequence[_T]):
+    """`fn` of each item of `items`, computed as read (for bisect and indexing)."""
+
+    def __init__(self, items: Sequence[_S], fn: Callable[[_S], _T]) -> None:
+        self.items = items
+        self.fn = fn
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, i: int) -> _T: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[_T]: ...
+
+    def __getitem__(self, i: int | slice) -> _T | Sequence[_T]:
+        if isinstance(i, slice):
+            return [self.fn(x) for x in self.items[i]]
+        return self.fn(self.items[i])
+
+
+def _market_history(source: _SymbolHistory, s: SymbolShape, symbols: int, transform: Transform) -> _SymbolHistory:
+    """Symbol `s`'s trade history: the source's trades mapped, ids shifted, at their places among the replay's
+    events; the aggregates are the source's (same times, sides and price order)."""
+    h = copy.copy(source)
+    h.trades = _Mapped(source.trades, functools.partial(transform.trade, s))
+    h.ids = _Mapped(source.ids, lambda i: i + s.id_shift)
+    h.event_index = _Mapped(source.event_index, lambda j: j * symbols + s.k)
+    h.agg_base = (source.ids[0] + s.id_shift) // 2
+    return h
 
 
 __all__ = ["ID_STRIDE", "MarketRecording", "MarketSpot", "MarketSymbolError", "PriceLevels", "SymbolShape",

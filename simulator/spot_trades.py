@@ -26,6 +26,7 @@ An aggregate is served once all its trades are reached.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from simulator import binance
-from simulator.recording import Trade, TradeEvent
+from simulator.recording import ReplayEvent, Trade, TradeEvent
 
 if TYPE_CHECKING:
     from simulator.spot import BinanceSpot
@@ -61,9 +62,9 @@ class _Aggregate:
 class _SymbolHistory:
     """One symbol's loop-0 trades, the replay event index of each, and their aggregates."""
 
-    def __init__(self, trades: list[Trade], event_index: list[int], id_span: int) -> None:
+    def __init__(self, trades: Sequence[Trade], event_index: Sequence[int], id_span: int) -> None:
         self.trades = trades
-        self.ids = [t.id for t in trades]
+        self.ids: Sequence[int] = [t.id for t in trades]
         self.times = [t.time for t in trades]
         self.event_index = event_index
         self.id_span = id_span
@@ -81,19 +82,25 @@ class _SymbolHistory:
         self.agg_base = trades[0].id // 2
 
 
+def histories(events: Sequence[ReplayEvent], id_span: dict[str, int]) -> dict[str, _SymbolHistory]:
+    """Each symbol's loop-0 trades and the index of each in `events`."""
+    per_symbol: dict[str, tuple[list[Trade], list[int]]] = {}
+    for i, ev in enumerate(events):
+        if isinstance(ev, TradeEvent):
+            trades, index = per_symbol.setdefault(ev.trade.symbol, ([], []))
+            trades.append(ev.trade)
+            index.append(i)
+    return {s: _SymbolHistory(t, ix, id_span[s]) for s, (t, ix) in per_symbol.items()}
+
+
 class SpotTrades:
     """The two endpoints of one `BinanceSpot`, reading its replay position."""
 
-    def __init__(self, sim: BinanceSpot) -> None:
+    def __init__(self, sim: BinanceSpot, symbols: dict[str, _SymbolHistory] | None = None) -> None:
+        """`symbols`: each symbol's history when the simulator builds its own (market.py); else read from the
+        recording's events."""
         self.sim = sim
-        rec = sim.recording
-        per_symbol: dict[str, tuple[list[Trade], list[int]]] = {}
-        for i, ev in enumerate(rec.events):
-            if isinstance(ev, TradeEvent):
-                trades, index = per_symbol.setdefault(ev.trade.symbol, ([], []))
-                trades.append(ev.trade)
-                index.append(i)
-        self.symbols = {s: _SymbolHistory(t, ix, rec.id_span[s]) for s, (t, ix) in per_symbol.items()}
+        self.symbols = symbols if symbols is not None else histories(sim.recording.events, sim.recording.id_span)
 
     # -- what the replay has reached ------------------------------------------------------------------
 

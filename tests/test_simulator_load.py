@@ -256,3 +256,28 @@ async def test_ccxt_watches_the_trades_of_fifty_symbols(made: list[Any]) -> None
     # Assert
     assert set(seen) == set(unified)
     assert len(unified) == 50
+
+
+async def test_rest_trade_history_of_a_shifted_symbol_is_what_the_wire_carried() -> None:
+    # Arrange: three symbols, 300 recorded trades each, replayed flat out to a subscriber of the third.
+    async with start_simulator(market_symbols=3, speed=0, max_trades=300, history=False, depth=False) as sim:
+        symbol = sim.recording.symbols[2]
+        wire: list[dict[str, Any]] = []
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{sim.ws_url}/stream.binance.com/ws/{symbol.lower()}@trade") as ws:
+                async with asyncio.timeout(15):
+                    while len(wire) < 300:
+                        wire.append(json.loads((await ws.receive()).data))
+            await sim.wait_finished(10)
+            # Act
+            base = f"{sim.rest_url}/api.binance.com/api/v3"
+            async with http.get(f"{base}/historicalTrades", params={"symbol": symbol, "limit": "1000"}) as r:
+                history = await r.json()
+            async with http.get(f"{base}/aggTrades", params={"symbol": symbol, "limit": "1000"}) as r:
+                aggs = await r.json()
+    # Assert: the same ids, prices and times; the aggregates cover exactly those ids.
+    assert [(t["id"], t["price"], t["qty"], t["time"]) for t in history] == \
+        [(t["t"], t["p"], t["q"], t["T"]) for t in wire]
+    assert wire[0]["t"] >= 2 * ID_STRIDE
+    assert aggs[0]["f"] == wire[0]["t"] and aggs[-1]["l"] == wire[-1]["t"]
+    assert all(a["p"] == next(t["p"] for t in wire if t["t"] == a["f"]) for a in aggs)
