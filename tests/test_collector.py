@@ -170,3 +170,29 @@ async def test_a_burst_four_times_the_trade_cache_loses_no_trade(settings: Setti
     assert [t.trade_id for t in trades] == expected, "every trade of the burst, once, in order"
     assert len(expected) == burst > 3 * limit
     assert 1 < max(taken) <= limit, f"a wake-up took {max(taken)} trades: more than one drain of aiohttp's queue"
+
+
+def test_the_collector_process_imports_only_the_ccxt_exchanges_it_uses() -> None:
+    """services/collector/lazy_ccxt.py: ccxt's packages import an exchange on first use, not all ~110 x 3 at
+    start (109 MB resident); a fresh process importing the collector and building one exchange loads only it
+    (and what it inherits from)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys
+import services.collector.service
+import ccxt, ccxt.pro
+exchange = ccxt.pro.binanceusdm()
+packages = {"ccxt": ccxt.exchanges, "ccxt.async_support": ccxt.async_support.exchanges, "ccxt.pro": ccxt.pro.exchanges}
+loaded = sorted(m for p, ids in packages.items() for m in sys.modules if m.rpartition(".")[0] == p
+                and m.rpartition(".")[2] in ids)
+print(" ".join(loaded), len(ccxt.pro.exchanges), type(exchange).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, check=True,
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    *loaded, known, name = out
+    assert name == "binanceusdm" and int(known) > 50
+    assert loaded == ["ccxt.async_support.binance", "ccxt.async_support.binanceusdm", "ccxt.pro.binance",
+                      "ccxt.pro.binanceusdm"], loaded

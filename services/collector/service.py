@@ -49,6 +49,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+# isort: off
+import services.collector.lazy_ccxt  # noqa: F401  first: ccxt then imports only the exchanges used (memory)
+# isort: on
 import ccxt
 
 from common.backoff import EQUAL, EXACT, Backoff, jittered, sleep_unless
