@@ -20,15 +20,15 @@ evenly at N a second, one per message), and each contender as its own process:
 
 One run = one contender at one offered rate: a fresh simulator and a flushed Redis, the contender started,
 `--warmup` s after its first trade a window of `--window` s, then the replay is held (`halt` fault) and the
-contender given up to 30 s to write what it holds. Measured, for the contender's process only (/proc/PID/stat):
-CPU time from the window's start to the end of that drain, divided by the trades it wrote in that time (by
-id, read back from Redis); its RSS at the end (VmRSS); the rate the simulator achieved in the window (it waits
-on the socket when a reader falls behind); loss: trade ids the simulator sent (they run on without a hole from
-the recording's first) that are not in Redis, except those after the last that arrived, counted as "held at
-end" (ccxt.pro's watch_trades returns a trade that arrived while nobody waited only with the next message, so
-bare ccxt.pro holds the last trade before the hold); the drain (seconds after the hold until Redis stopped
-growing: the backlog the contender carried). A rate is sustained when nothing was lost, at most one trade was
-held, the simulator achieved at least 97% of the rate and the drain took at most 2 s.
+contender given up to 30 s to write what it holds (the drain: until nothing more reaches Redis and the process
+is idle for 0.5 s); then a few more trades are let out and held again, because ccxt.pro's watch_trades returns
+the trades that arrived while nobody waited only with the next message. Measured, for the contender's process
+only (/proc/PID/stat): CPU time from the window's start to the end, divided by the trades it wrote in that
+time (read back from Redis); its RSS at the end (VmRSS); the rate the simulator achieved in the window (it waits
+on the socket when a reader falls behind); loss: of the trades sent before the first hold (their ids run on
+without a hole from the recording's first), those not in Redis; the drain in seconds (the backlog the contender
+carried). A rate is sustained when nothing was lost, the simulator achieved at least 97% of it and the drain
+took at most 2 s.
 Each contender runs at `--rates`, then up `--ladder` until the first rate it does not sustain.
 
 Then, if it fits: reconnects (the collector in this process, the replay at 5x real speed, `--disconnects`
@@ -267,6 +267,24 @@ url_rewrite = "host-prefix"
 """
 
 
+async def quiet(redis: Any, stream: str, pid: int, limit: float = 30.0) -> float:
+    """Seconds until the contender went quiet (nothing more written to `stream` and at most one clock tick of
+    CPU for 0.5 s: a large pipeline being built or sent counts as busy), at most `limit`."""
+    async def state() -> tuple[int, int]:
+        return (await redis.xlen(stream) if stream else 0), round(proc_cpu_s(pid) * CLK_TCK)
+
+    start = time.monotonic()
+    base, since = await state(), start
+    while time.monotonic() - start < limit:
+        await asyncio.sleep(0.05)
+        now = await state()
+        if now[0] != base[0] or now[1] - base[1] > 1:
+            base, since = now, time.monotonic()
+        elif time.monotonic() - since >= 0.5:
+            break
+    return since - start
+
+
 async def trade_ids(redis: Any, stream: str, after: str = "-") -> list[str]:
     """The trade ids in `stream` after entry id `after` (exclusive; "-": all), in stream order."""
     from schemas import Codec, Trade
@@ -306,18 +324,16 @@ class Run:
     error: str = ""
     notes: list[str] = field(default_factory=list)
 
-    held: int = 0  # of the trades sent, those after the last that arrived (still inside the contender at the end)
-
     @property
     def loss(self) -> int:
-        """Trades sent that never reached Redis, not counting those held at the end."""
-        return self.sent - self.arrived - self.held
+        """Trades sent before the first hold that are not in Redis after the release."""
+        return self.sent - self.arrived
 
     @property
     def sustained(self) -> bool:
         if self.error:
             return False
-        ok = self.achieved >= 0.97 * self.rate and self.drain_s <= 2.0 and self.held <= 1
+        ok = self.achieved >= 0.97 * self.rate and self.drain_s <= 2.0
         return ok and (self.loss == 0 if self.contender.stream else True)
 
 
@@ -347,33 +363,32 @@ async def run_one(c: Contender, rate: int, redis_url: str, tmp: Path, args: argp
         sim_post(port, "/_sim/fault", {"kind": "halt", "seconds": 3600})
         run.achieved = (sent1 - sent0) / (t1 - t0)
         run.sim_cpu = (scpu1 - scpu0) / (t1 - t0)
-        # The drain: until what the contender wrote stops growing (the null reader: until it read everything).
-        halted = time.monotonic()
-        last, still_since = -1, time.monotonic()
-        while time.monotonic() - halted < 30:
-            now_len = await redis.xlen(c.stream) if c.stream else int(proc_cpu_s(proc.pid) * CLK_TCK)
-            if now_len != last:
-                last, still_since = now_len, time.monotonic()
-            elif time.monotonic() - still_since >= 0.5:
-                break
-            await asyncio.sleep(0.05)
-        run.drain_s = max(0.0, still_since - halted)
+        run.drain_s = await quiet(redis, c.stream, proc.pid)
+        run.sent = sent_trades(port)
+        # ccxt.pro's watch_trades returns trades that arrived while nobody waited only with the next message: let
+        # a few more trades out and hold again, so that what a contender holds reaches Redis (loss is judged on
+        # the trades sent before the first hold).
+        sim_post(port, "/_sim/fault", {"kind": "clear"})
+        async with asyncio.timeout(10):
+            while sent_trades(port) < run.sent + 10:
+                await asyncio.sleep(0.005)
+        sim_post(port, "/_sim/fault", {"kind": "halt", "seconds": 3600})
+        await quiet(redis, c.stream, proc.pid)
         cpu1, run.rss_mb = proc_cpu_s(proc.pid), proc_rss_mb(proc.pid)
         if proc.poll() is not None:
             raise RuntimeError(f"{c.name} exited ({proc.returncode}) during the run; read {log}")
-        run.sent = sent_trades(port)
         if c.stream:
             ids = await trade_ids(redis, c.stream)
-            have = {int(i) for i in ids}
-            run.arrived, run.duplicates = len(have), len(ids) - len(have)
-            # The replay's trade ids run on without a hole, loop after loop: the trades sent are `sent` ids from
-            # the recording's first; one missing after the last that arrived was still held by the contender.
+            # The replay's trade ids run on without a hole, loop after loop: the trades sent before the first hold
+            # are the `sent` ids from the recording's first.
             first = int(sim_status(port)["recording"]["first_trade_id"])
-            missing = [i for i in range(first, first + run.sent) if i not in have]
-            last = max(have, default=first - 1)
-            run.held = sum(1 for i in missing if i > last)
-            if missing:
-                run.notes.append(f"missing ids e.g. {missing[:3]} (first {first}, last arrived {last})")
+            have = {int(i) for i in ids}
+            run.duplicates = len(ids) - len(have)
+            run.arrived = sum(1 for i in have if first <= i < first + run.sent)
+            if run.loss:
+                missing = [i for i in range(first, first + run.sent) if i not in have]
+                run.notes.append(f"missing ids e.g. {missing[:3]} (first sent {first}, last sent "
+                                 f"{first + run.sent - 1}, last arrived {max(have, default=0)})")
             written = len(await trade_ids(redis, c.stream, mark))
         else:
             run.arrived, written = run.sent, run.sent - sent0
@@ -385,7 +400,7 @@ async def run_one(c: Contender, rate: int, redis_url: str, tmp: Path, args: argp
         stop(sim)
         await redis.aclose()
     print(f"  {c.name} @ {rate:,}/s: achieved {run.achieved:,.0f}/s, {run.cpu_us:.1f} us/trade, "
-          f"RSS {run.rss_mb:.0f} MB, sent {run.sent:,} arrived {run.arrived:,} loss {run.loss:,} held {run.held}, drain "
+          f"RSS {run.rss_mb:.0f} MB, sent {run.sent:,} arrived {run.arrived:,} loss {run.loss:,}, drain "
           f"{run.drain_s:.1f} s, simulator {run.sim_cpu:.0%} {run.error} {'; '.join(run.notes)}", file=sys.stderr, flush=True)
     return run
 
@@ -520,16 +535,15 @@ def report(runs: list[Run], started: str, args: argparse.Namespace, reconnect_s:
     print(f"\nRun started {started}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
           f"cores (shared with other work), Python {platform.python_version()}; window {args.window:.0f} s after "
           f"{args.warmup:.0f} s warm-up.\n")
-    print("| contender | offered /s | achieved /s | CPU us/trade | RSS MB | sent | lost | held at end | drain s | "
-          "simulator CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| contender | offered /s | achieved /s | CPU us/trade | RSS MB | sent | lost | drain s | simulator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         if r.error:
-            print(f"| {r.contender.name} | {r.rate:,} | failed: {r.error} | | | | | | | |")
+            print(f"| {r.contender.name} | {r.rate:,} | failed: {r.error} | | | | | | |")
             continue
         lost = f"{r.loss:,}" if r.contender.stream else "n/a"
         print(f"| {r.contender.name} | {r.rate:,} | {r.achieved:,.0f} | {r.cpu_us:.1f} | {r.rss_mb:.0f} | "
-              f"{r.sent:,} | {lost}{f' ({r.duplicates:,} dup)' if r.duplicates else ''} | {r.held:,} | {r.drain_s:.1f} | "
+              f"{r.sent:,} | {lost}{f' ({r.duplicates:,} dup)' if r.duplicates else ''} | {r.drain_s:.1f} | "
               f"{r.sim_cpu:.0%} |")
     print("\nSummary (CPU per trade written; most sustained = highest offered rate with no loss, >= 97% achieved "
           "and <= 2 s drain):\n")
