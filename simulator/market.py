@@ -48,7 +48,7 @@ import copy
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -277,67 +277,49 @@ class Transform:
         return BookTickerEvent(ev.recv_ns, self.book(s, ev.book))
 
 
-class MarketEvents(Sequence[ReplayEvent]):
+class _Mapped(Sequence[_T]):
+    """`fn` of each item of `items`, computed as read (indexing, iteration, bisect)."""
+
+    def __init__(self, items: Sequence[_S], fn: Callable[[_S], _T]) -> None:
+        self.items = items
+        self.fn = fn
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, i: int) -> _T: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[_T]: ...
+
+    def __getitem__(self, i: int | slice) -> _T | Sequence[_T]:
+        if isinstance(i, slice):
+            return [self.fn(x) for x in self.items[i]]
+        return self.fn(self.items[i])
+
+
+def market_events(source: Sequence[ReplayEvent], shapes: list[SymbolShape],
+                  transform: Transform) -> Sequence[ReplayEvent]:
     """The replay's events, made as they are read: index j * K + k is recorded event j under symbol k."""
-
-    def __init__(self, source: list[ReplayEvent], shapes: list[SymbolShape], transform: Transform) -> None:
-        self.source = source
-        self.shapes = shapes
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.source) * len(self.shapes)
-
-    @overload
-    def __getitem__(self, i: int) -> ReplayEvent: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[ReplayEvent]: ...
-
-    def __getitem__(self, i: int | slice) -> ReplayEvent | Sequence[ReplayEvent]:
-        if isinstance(i, slice):
-            return [self[x] for x in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        j, k = divmod(i, len(self.shapes))
-        return self.transform.event(self.shapes[k], self.source[j])
-
-    def __iter__(self) -> Iterator[ReplayEvent]:
-        event, shapes = self.transform.event, self.shapes
-        for ev in self.source:
-            for s in shapes:
-                yield event(s, ev)
+    k = len(shapes)
+    return _Mapped(range(len(source) * k), lambda i: transform.event(shapes[i % k], source[i // k]))
 
 
-class MarketRateOffsets(Sequence[float]):
-    """Seconds from a loop's start to each event at `rate` trades a second in total (module docstring)."""
+def market_rate_offsets(source: Sequence[ReplayEvent], symbols: int, rate: float) -> Sequence[float]:
+    """Seconds from a loop's start to each event at `rate` trades a second in total (module docstring): trade
+    number t * K + k is due at (t * K + k) / rate; any other event goes with the trade before it."""
+    before: list[int] = []  # recorded trades before event j, times K
+    is_trade: list[bool] = []
+    n = 0
+    for ev in source:
+        before.append(n * symbols)
+        is_trade.append(isinstance(ev, TradeEvent))
+        n += isinstance(ev, TradeEvent)
 
-    def __init__(self, source: list[ReplayEvent], symbols: int, rate: float) -> None:
-        self.symbols = symbols
-        self.rate = rate
-        self.trades_before: list[int] = []  # recorded trades before event j
-        self.is_trade: list[bool] = []
-        n = 0
-        for ev in source:
-            self.trades_before.append(n)
-            self.is_trade.append(isinstance(ev, TradeEvent))
-            n += isinstance(ev, TradeEvent)
-
-    def __len__(self) -> int:
-        return len(self.trades_before) * self.symbols
-
-    @overload
-    def __getitem__(self, i: int) -> float: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[float]: ...
-
-    def __getitem__(self, i: int | slice) -> float | Sequence[float]:
-        if isinstance(i, slice):
-            return [self[x] for x in range(*i.indices(len(self)))]
-        j, k = divmod(i, self.symbols)
-        before = self.trades_before[j] * self.symbols
-        if self.is_trade[j]:
-            return (before + k) / self.rate
-        return max(0, before - 1) / self.rate
+    def offset(i: int) -> float:
+        j, k = divmod(i, symbols)
+        return (before[j] + k) / rate if is_trade[j] else max(0, before[j] - 1) / rate
+    return _Mapped(range(len(source) * symbols), offset)
 
 
 class MarketRecording(Recording):
@@ -356,7 +338,7 @@ class MarketRecording(Recording):
         self.transform = Transform(levels, _Sums(source.trades))
         src = source.symbols[0]
         self.symbols = tuple(s.symbol for s in shapes)
-        self.events = MarketEvents(source.events, shapes, self.transform)  # type: ignore[assignment]
+        self.events = market_events(source.events, shapes, self.transform)  # type: ignore[assignment]
         self.data_dir = source.data_dir
         self.snapshots = {s.symbol: self.transform.snapshot(s, snap) for s in shapes
                           for snap in source.snapshots.values()}
@@ -403,7 +385,7 @@ class MarketSpot(BinanceSpot):
         super().__init__(dataclasses.replace(options, exchange_info_symbols=served), market)
 
     def _rate_plan(self, rate: float) -> Sequence[float]:
-        return MarketRateOffsets(self.recording.source.events, len(self.recording.shapes), rate)
+        return market_rate_offsets(self.recording.source.events, len(self.recording.shapes), rate)
 
     def _loop_span_s(self) -> float:
         if self.options.rate is None:
@@ -424,27 +406,6 @@ class MarketSpot(BinanceSpot):
         source = histories(rec.source.events, rec.source.id_span)[rec.source.symbols[0]]
         return SpotTrades(self, {s.symbol: _market_history(source, s, len(rec.shapes), rec.transform)
                                  for s in rec.shapes}).endpoints()
-
-
-class _Mapped(Sequence[_T]):
-    """`fn` of each item of `items`, computed as read (for bisect and indexing)."""
-
-    def __init__(self, items: Sequence[_S], fn: Callable[[_S], _T]) -> None:
-        self.items = items
-        self.fn = fn
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @overload
-    def __getitem__(self, i: int) -> _T: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[_T]: ...
-
-    def __getitem__(self, i: int | slice) -> _T | Sequence[_T]:
-        if isinstance(i, slice):
-            return [self.fn(x) for x in self.items[i]]
-        return self.fn(self.items[i])
 
 
 def _market_history(source: _SymbolHistory, s: SymbolShape, symbols: int, transform: Transform) -> _SymbolHistory:

@@ -281,3 +281,25 @@ async def test_rest_trade_history_of_a_shifted_symbol_is_what_the_wire_carried()
     assert wire[0]["t"] >= 2 * ID_STRIDE
     assert aggs[0]["f"] == wire[0]["t"] and aggs[-1]["l"] == wire[-1]["t"]
     assert all(a["p"] == next(t["p"] for t in wire if t["t"] == a["f"]) for a in aggs)
+
+
+async def test_loops_keep_each_symbols_ids_increasing() -> None:
+    # Arrange: 100 recorded trades under 3 symbols at 1,500 trades/s in total: a loop every 0.2 s.
+    async with start_simulator(market_symbols=3, rate=1500, max_trades=100, loop=True, history=False,
+                               depth=False, book_ticker=False) as sim:
+        symbols = list(sim.recording.symbols)
+        streams = "/".join(f"{s.lower()}@trade" for s in symbols)
+        ids: dict[str, list[int]] = defaultdict(list)
+        # Act: three loops' worth.
+        async with (aiohttp.ClientSession() as http,
+                    http.ws_connect(f"{sim.ws_url}/stream.binance.com/stream?streams={streams}") as ws):
+            async with asyncio.timeout(10):
+                while sum(len(v) for v in ids.values()) < 900:
+                    data = json.loads((await ws.receive()).data)["data"]
+                    ids[data["s"]].append(data["t"])
+        expected = sim.expected_trades(1)
+    # Assert: 300 a symbol, unique and increasing across the loop boundaries; loop 1 as expected_trades says.
+    assert sorted(len(v) for v in ids.values()) == [300, 300, 300]
+    for sym, seq in ids.items():
+        assert seq == sorted(set(seq)), sym
+        assert seq[100:200] == [t.id for t in expected if t.symbol == sym]
