@@ -12,7 +12,8 @@ ConfigError naming the exchange and the channel):
   book           watch_order_book: ccxt.pro builds the book from the exchange's snapshot and diffs and
                  applies its sequence rules (Binance spot U/u, USD-M pu; on a break it raises
                  ChecksumError and re-fetches the snapshot on the next call); we publish bounded-depth
-                 snapshots, throttled, never crossed
+                 snapshots, throttled, never crossed; Binance spot and USD-M depth frames decoded and
+                 sequenced by our own code instead, by ccxt's rules (FastBookFeed, fast_book.py; `fast_path`)
   funding        watch_mark_price (Binance USD-M markPrice: mark, index, funding rate, next funding time);
                  Hyperliquid's activeAssetCtx (watch_ticker's `info`); else REST fetch_funding_rate, polled
   open_interest  Hyperliquid's activeAssetCtx; else REST fetch_open_interest, polled (Binance USD-M has no
