@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
+def options_of(args: argparse.Namespace) -> SimulatorOptions:
+    """The `SimulatorOptions` the command line asks for."""
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip())
     market: int | tuple[str, ...] | None = None
     if len(symbols) == 1 and symbols[0].isdigit():  # --symbols N: many symbols from the default capture
@@ -75,7 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
         market = tuple(s.strip().upper() for s in args.market_symbols.split(",") if s.strip())
         if market and market[0].isdigit():
             raise SystemExit("--market-symbols takes symbol names; use --symbols N for a number of symbols")
-    options = SimulatorOptions(
+    return SimulatorOptions(
         speed=args.speed, loop=args.loop, shift_to_now=args.shift_to_now, max_trades=args.max_trades,
         symbols=symbols, market_symbols=market, start=args.start,
         wait_for_streams=tuple(args.wait_for), book_ticker=not args.no_book_ticker,
@@ -84,7 +85,10 @@ async def serve(args: argparse.Namespace) -> None:
         weight_limit=args.weight_limit, weight_window_s=args.weight_window, ban_after_429s=args.ban_after,
         ban_s=args.ban_seconds, history=not args.no_history,
         venues=tuple(args.venue), rate=args.rate)
-    sim = Simulator(options)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sim = Simulator(options_of(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,7 @@ import pytest
 from common.config import ExchangeSettings
 from common.exchanges.clients import apply_endpoints
 from simulator import Recording, Simulator, real_data_dir, start_simulator
+from simulator.__main__ import options_of, parse_args
 from simulator.depth import DepthBook, load_depth
 from simulator.market import ID_STRIDE, MarketRecording, MarketSymbolError, PriceLevels, SymbolShape
 from simulator.recording import TradeEvent, _with_klines, capture_files, load_exchange_info, to_units
@@ -117,6 +118,16 @@ def test_symbols_are_chosen_in_exchange_info_order_and_bad_ones_are_named(source
         MarketRecording.build(source, INFO, 5000)
     assert levels.spans[False][1] - levels.spans[False][0] < 100_000  # the squeezed map fits tight filters
     assert SimulatorOptions(market_symbols=["ETHBTC"]).market_symbols == ("ETHBTC",)
+
+
+def test_command_line_symbols_n_and_market_symbols() -> None:
+    many = options_of(parse_args(["--symbols", "50", "--rate", "20000"]))
+    named = options_of(parse_args(["--market-symbols", "ethbtc, LTCBTC"]))
+    one = options_of(parse_args(["--symbols", "BTCUSDT,ETHUSDT"]))
+
+    assert (many.market_symbols, many.symbols, many.rate) == (50, ("BTCUSDT",), 20000)
+    assert named.market_symbols == ("ETHBTC", "LTCBTC")
+    assert (one.market_symbols, one.symbols) == (None, ("BTCUSDT", "ETHUSDT"))
 
 
 # ------------------------------------------------------------------------------------------------------------
