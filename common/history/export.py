@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from common.domain.normalize import canonical_decimal
 from common.errors import MdpError
 from common.history.api import stored_values
 from common.stores.influx import (
@@ -277,7 +278,7 @@ def _decimals(values: Sequence[Any], name: str, times: Sequence[int]) -> pa.Arra
 
 def _texts(values: Sequence[Any], name: str, times: Sequence[int]) -> pa.Array:
     """Decimals as plain text for CSV: no exponent, no padding ("61837.63", "0.0000001"), every digit kept."""
-    return pa.array([format(_decimal(v).normalize(), "f") for v in values], type=pa.string())
+    return pa.array([format(canonical_decimal(_decimal(v)), "f") for v in values], type=pa.string())
 
 
 def _times(times: Sequence[int], csv: bool) -> pa.Array:
