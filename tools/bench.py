@@ -229,6 +229,7 @@ async def bench_latency(settings: Settings, config_path: Path, trades: list[Trad
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    trades = real_trades(args.events)  # first: a missing recording must not leave servers behind
     tmp = Path(tempfile.mkdtemp(prefix="mdp-bench-"))
     redis_srv = start_redis(tmp / "redis")
     influx_srv = start_influxd(tmp / "influx")
@@ -241,7 +242,6 @@ async def main_async(args: argparse.Namespace) -> None:
     settings = msgspec.structs.replace(settings, bus=msgspec.structs.replace(
         settings.bus, stream_maxlen=1_000_000, backpressure_high_water=900_000))
     rows: list[tuple[str, float, str]] = []
-    trades = real_trades(args.events)
     try:
         redis = aioredis.Redis.from_url(redis_srv.url)
         if "bus" in args.only:
