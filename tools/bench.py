@@ -30,9 +30,10 @@ import redis.asyncio as aioredis
 from common.bus.core import Consumer, Delivery, Producer, StreamSelector
 from common.config import PROJECT_ROOT, BusSettings, Settings, load_settings
 from schemas import Codec, Event, Trade
+from simulator.recording import real_data_dir
 from tools.localstores import start_influxd, start_redis
 
-REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL = real_data_dir()  # $MDP_REAL_DATA, ../shared/data/real, or the shipped data/real
 
 
 def real_trades(n: int) -> list[Trade]:

@@ -36,11 +36,11 @@ import pandas as pd
 
 from common import cli
 from common.commands.validate import iso_ms
-from common.config import PROJECT_ROOT
 from common.domain.formats import load_candles, timeframe_ms
 from common.domain.quality_frame import FRAME_RULES, FrameParams, Report, validate_frame
+from simulator.recording import real_data_dir
 
-REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL = real_data_dir()  # $MDP_REAL_DATA, ../shared/data/real, or the shipped data/real
 
 CLEAN = {
     "BTC/USDT 1m (Binance spot via ccxt, 2024-03)": ("binance-spot-1m-ccxt/BTCUSDT-1m-2024-03.csv", "ccxt-ohlcv"),

@@ -41,12 +41,13 @@ import aiohttp
 import msgspec
 import numpy as np
 
-from common.config import PROJECT_ROOT, InfluxSettings
+from common.config import InfluxSettings
 from common.history.api import SELECT_CANDLES, history
 from common.stores.influx import OHLCV, InfluxClient, series_key
+from simulator.recording import real_data_dir
 from tools.bench_storage import settle, start_compacting_influxd
 
-REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL = real_data_dir()  # $MDP_REAL_DATA, ../shared/data/real, or the shipped data/real
 NS = 1_000_000_000
 MINUTE = 60 * NS
 HOUR = 3600 * NS

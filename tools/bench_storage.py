@@ -50,12 +50,13 @@ import redis.asyncio as aioredis
 import uvloop
 
 from common.bus.core import Producer
-from common.config import PROJECT_ROOT, BusSettings, InfluxSettings, RedisSettings, Settings
+from common.config import BusSettings, InfluxSettings, RedisSettings, Settings
 from common.stores.influx import InfluxClient, encode_candles, encode_trades
 from schemas import Candle, Codec, Event, Trade
+from simulator.recording import real_data_dir
 from tools.localstores import INFLUXD_CONFIG, LocalServer, free_port, start_influxd, start_redis, wait_influx
 
-REAL = Path(os.environ.get("MDP_REAL_DATA", PROJECT_ROOT.parent / "shared" / "data" / "real"))
+REAL = real_data_dir()  # $MDP_REAL_DATA, ../shared/data/real, or the shipped data/real
 NS = 1_000_000_000
 MINUTE_NS = 60 * NS
 GB = 1_000_000_000
