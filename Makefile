@@ -41,7 +41,7 @@ run: venv stores
 	@bash tools/supervise.sh start $(or $(CONFIG),config/live.toml)
 
 stop:
-	@bash tools/supervise.sh stop
+	-@bash tools/supervise.sh stop  # its error is printed; the stores below are stopped all the same
 	@if [ -f $(VAR)/influxdb/influxd.pid ] && kill $$(cat $(VAR)/influxdb/influxd.pid) 2>/dev/null; then \
 	  echo "stopped the private InfluxDB"; rm -f $(VAR)/influxdb/influxd.pid; fi
 	@for pidfile in $(VAR)/redis/redis-*.pid; do \

@@ -87,7 +87,7 @@ def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn
     try:
         yield pipe
     finally:
-        subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, capture_output=True, timeout=60,
+        subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, capture_output=True, timeout=120,
                        check=False)
 
 

@@ -259,7 +259,7 @@ def monitored(redis_server: LocalServer, influx_server: LocalServer, postgres_ds
                 prom.kill()
                 prom.wait(timeout=5)
         subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=env, check=False,
-                       capture_output=True, timeout=90)
+                       capture_output=True, timeout=120)
 
 
 def _wait_ready(mon: Monitored, prom: subprocess.Popen[bytes]) -> None:

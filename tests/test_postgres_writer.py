@@ -106,16 +106,22 @@ def alert(i: int, exchange: str = "binance", values: dict[str, str | None] | Non
                  ts_event=stubs.T0_NS + i * 1000, ts_recv=stubs.T0_NS + i * 1000 + 7)
 
 
-async def run_until(writer: PostgresWriter, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def run_until(writer: PostgresWriter, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Run the writer until `predicate` holds. The bound is generous: the writer first waits until PostgreSQL
+    answers (its backoff is 0.5, 1, 2, 4 s... while a loaded machine keeps it from answering at once)."""
     stop = asyncio.Event()
     task = asyncio.create_task(writer.run(stop))
     try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                if task.done():
-                    task.result()  # the run loop crashed: show why
-                    raise AssertionError("the writer's run loop returned before the condition held")
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    if task.done():
+                        task.result()  # the run loop crashed: show why
+                        raise AssertionError("the writer's run loop returned before the condition held")
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"the condition did not hold within {timeout:.0f} s: writer state "
+                                 f"{writer.state!r} ({writer.detail!r}), counters {writer.counters()}") from None
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -87,8 +87,15 @@ case "${1:-}" in
   stop)
     if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
       ctl shutdown
-      for _ in $(seq 1 150); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done
-      echo "pipeline stopped"
+      # supervisord stops the programs by priority, each group given stopwaitsecs (10 s): up to ~40 s in all.
+      stopped=false
+      for _ in $(seq 1 450); do ctl pid >/dev/null 2>&1 || { stopped=true; break; }; sleep 0.2; done
+      if $stopped; then
+        echo "pipeline stopped"
+      else
+        echo "error: supervisord ($MDP_RUN_DIR/supervisor.sock) still runs 90 s after shutdown; see its log in $MDP_RUN_DIR" >&2
+        exit 1
+      fi
     else
       echo "pipeline is not running"
     fi

@@ -246,7 +246,7 @@ class Harness:
     async def stop(self) -> None:
         if self.pipe is not None:
             await asyncio.to_thread(subprocess.run, ["bash", str(ROOT / "tools/supervise.sh"), "stop"],
-                                    env=self.pipe.env, capture_output=True, timeout=90)
+                                    env=self.pipe.env, capture_output=True, timeout=120)
         with contextlib.suppress(Exception):
             self.influx.stop()
         self.redis_store.stop()
