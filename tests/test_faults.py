@@ -335,13 +335,16 @@ async def test_clock_skew_future_trades_are_rejected_then_refetched_past_ones_fl
     """The validator's time rules on the exchange's clock: an event time beyond now + max_future_skew_s (5 s)
     is rejected (`time.future`, error alert); its trade.id_gap rule then names the rejected ids in a Gap and
     the repair fetches them over REST (where this simulator's times are not skewed). One older than
-    stale_after_s (60 s) passes flagged (`time.stale`, warning alert). The replay is shifted to now so that
-    only the injected skew moves times."""
-    async with start_simulator(speed=5, max_trades=1500, wait_for_streams=TRADES, shift_to_now=True) as sim:
+    stale_after_s (60 s) passes flagged (`time.stale`, warning alert). The replay is shifted to now (to the
+    minute: its first trade lands 0-60 s before now) and runs at real speed, so that only the injected skews
+    move times: at speed N > 1 the event times run ahead of the clock by (N-1)/N of the replayed time and
+    crossed the 5 s bound on their own before the skew (seen once in CI). +120 s puts every trade sent after it
+    60-120 s ahead; -120 s puts the later ones 120-180 s behind. 300 trades span 19 s of the recording."""
+    async with start_simulator(speed=1, max_trades=300, wait_for_streams=TRADES, shift_to_now=True) as sim:
         cfg = fault_settings(sim, redis_server, influx_server, postgres_dsn, "binance", channels=["trades"])
         async with running(cfg, "binance", REPAIR_PATH) as rig:
             await rig.until("trades flowing", rig.trades(50))
-            sim.inject("clock_skew", ms=60_000)
+            sim.inject("clock_skew", ms=120_000)
             await rig.until("skewed trades", rig.trades(50))
             sim.inject("clock_skew", ms=-120_000)
             await rig.until("trades from the past", rig.trades(50))
