@@ -15,6 +15,7 @@ identical Gaps naming the same missing trade ids.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 from collections import Counter
@@ -111,6 +112,10 @@ class StubClient:
         self.exchange, self.url = exchange, url
         self.subscriptions: dict[str, Any] = {}
         self.futures: dict[str, Any] = {}
+
+    @property
+    def asyncio_loop(self) -> asyncio.AbstractEventLoop:  # ccxt's Client holds the loop it runs on
+        return asyncio.get_running_loop()
 
     def handle_text_or_binary_message(self, data: str) -> None:
         self.exchange.handle_message(self, orjson.loads(data))

@@ -244,6 +244,8 @@ class FastTradesFeed(TradesFeed):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.decoded = []
+        self.swept_at = 0.0  # monotonic
+        self._wake_timer: asyncio.TimerHandle | None = None
         self.message_hash = f"trade::{self.symbol}"  # ccxt.pro binance's subscription and future of the symbol
 
     def on_trade(self, client: Any, raw: BinanceTrade, ts_recv: int) -> None:
@@ -252,7 +254,28 @@ class FastTradesFeed(TradesFeed):
         self.decoded.append(trade)
         self.newest = (trade.ts_event, trade.trade_id)
         self.client = client
-        client.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
+
+    def wake(self, client: Any) -> None:
+        """The wire's call at the end of a burst of frames that brought trades (once per burst, not per trade):
+        wakes watch() at once if the last sweep is at least the publisher's linger (`publish_linger_ms`) ago,
+        else once when it will be (one timer). The publisher sends at most one round per linger anyway, so
+        sweeping more often only costs wake-ups; the first trade after a quiet spell still goes at once."""
+        if self._wake_timer is not None:
+            return
+        due = self.swept_at + self.host.exchange_settings.publish_linger_ms / 1000 - time.monotonic()
+        if due <= 0:
+            client.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
+        else:
+            self._wake_timer = client.asyncio_loop.call_later(due, self._deferred_wake)
+
+    def _deferred_wake(self) -> None:
+        self._wake_timer = None
+        if self.decoded and self.client is not None:
+            self.client.resolve(WOKEN, self.message_hash)
+
+    async def sweep(self) -> None:
+        self.swept_at = time.monotonic()
+        await super().sweep()
 
     def _carrier(self) -> Any:
         """The live ccxt connection that carries the subscription, or None."""

@@ -27,6 +27,8 @@ class TradeReceiver(Protocol):
 
     def on_trade(self, client: Any, raw: BinanceTrade, ts_recv: int) -> None: ...
 
+    def wake(self, client: Any) -> None: ...
+
 
 class TradeWire:
     """Routes the decoded trade frames of one exchange object to the receiver of their symbol."""
@@ -35,7 +37,8 @@ class TradeWire:
         self.exchange = exchange
         self.receivers: dict[str, TradeReceiver] = {}  # by unified symbol
         self._routes: dict[tuple[bool, str], TradeReceiver | None] = {}  # (spot connection, exchange's id)
-        FrameTap.of(exchange).add(self.take)
+        self._woken: dict[int, TradeReceiver] = {}  # by id(): receivers given trades in the current burst
+        FrameTap.of(exchange).add(self.take, self.flush)
 
     @classmethod
     def of(cls, exchange: Any) -> TradeWire:
@@ -74,4 +77,16 @@ class TradeWire:
         if receiver is None:
             return False
         receiver.on_trade(client, raw, ts_recv)
+        if getattr(client, "mdp_reader", None) is None:  # not read by the tap's reader: no flush will come
+            receiver.wake(client)
+        else:
+            self._woken[id(receiver)] = receiver
         return True
+
+    def flush(self, client: Any) -> None:
+        """The end of a burst of frames on `client` (FrameTap's reader): wake each receiver that got trades in
+        it, once."""
+        if self._woken:
+            woken, self._woken = self._woken, {}
+            for receiver in woken.values():
+                receiver.wake(client)
