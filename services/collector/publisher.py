@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S = 0.2, 5.0  # retrying a publish while Redis is down
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 WAKE_S = 0.5  # the publisher looks at the outbox at least this often
+# A round due in less than this goes now: uvloop's timers count whole milliseconds, so a shorter wait ends at
+# once and the loop would spin until the clock reaches the due time (measured: ten wake-ups per round).
+LINGER_SLACK_S = 0.001
 
 
 class Publisher:
@@ -115,7 +118,7 @@ class Publisher:
                 await self._wait_ready(WAKE_S)
                 continue
             linger = self.linger_left()
-            if linger > 0:
+            if linger > LINGER_SLACK_S:
                 await self._wait_ready(linger)  # a full round or a stop ends it early
                 continue
             self.round_started = time.monotonic()
