@@ -85,11 +85,13 @@ case "${1:-}" in
     echo "pipeline running (config $config, logs in $MDP_RUN_DIR/logs). Try: .venv/bin/mdp status"
     ;;
   stop)
-    if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && ctl pid >/dev/null 2>&1; then
+    if [ -S "$MDP_RUN_DIR/supervisor.sock" ] && pid=$(ctl pid 2>/dev/null); then
       ctl shutdown
       # supervisord stops the programs by priority, each group given stopwaitsecs (10 s): up to ~40 s in all.
+      # Wait for its process to exit: `ctl pid` already fails while it is shutting down (SHUTDOWN_STATE), with
+      # programs still running.
       stopped=false
-      for _ in $(seq 1 450); do ctl pid >/dev/null 2>&1 || { stopped=true; break; }; sleep 0.2; done
+      for _ in $(seq 1 450); do kill -0 "$pid" 2>/dev/null || { stopped=true; break; }; sleep 0.2; done
       if $stopped; then
         echo "pipeline stopped"
       else
