@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VAR := var
 
-.PHONY: deps venv stores demo run stop status ctl init doctor test chaos soak bench lint clean
+.PHONY: deps venv stores demo run stop status ctl init doctor test chaos soak bench bench-pipeline lint clean
 
 # Debian packages the pipeline needs that a fresh machine may lack.
 deps:
@@ -91,6 +91,12 @@ bench: deps venv
 	$(BIN)/python -m tools.bench_gap_repair
 	$(BIN)/python -m tools.bench_collector
 	$(BIN)/python -m tools.bench_faults
+
+# The whole pipeline under supervisord, offered load stepped up until it no longer keeps up (docs/scaling.md;
+# about 2 minutes a rung). BENCH_PIPELINE_ARGS, e.g. "--rates 5000,10000 --symbols 50".
+bench-pipeline: deps venv
+	@bash tools/start-stores.sh --no-influx
+	$(BIN)/python -m tools.bench_pipeline $(BENCH_PIPELINE_ARGS)
 
 # ruff; mypy as configured in pyproject.toml ([tool.mypy]: strict on common/ and schemas/); and the import
 # direction (import-linter contracts in pyproject.toml [tool.importlinter], docs/architecture.md).

@@ -1,0 +1,323 @@
+"""`make bench-pipeline`: the whole pipeline under supervisord on this machine, offered load stepped up until it
+no longer keeps up (issue 13, item 4; docs/scaling.md).
+
+    python -m tools.bench_pipeline                          # 20 symbols, 2k -> 30k trades/s, 20 s windows
+    python -m tools.bench_pipeline --rates 5000,10000 --symbols 50 --window 30
+
+Every program of supervisord.conf runs (the collector of Binance spot, validator, normalizer, aggregator,
+influx_writer, postgres_writer, cache_publisher, gap_repair, metrics_exporter; the other venues' collectors idle)
+on private stores: a redis-server with AOF (`appendfsync everysec`, as docs/operations.md runs it), a private
+influxd, a scratch PostgreSQL database. The simulator (itself a supervisord program, with `--symbols`/`--rate`)
+serves the real Binance spot capture under N symbols of the recorded exchangeInfo at a total trade rate, with the
+capture's book tickers and depth diffs in their recorded proportion; the collector takes trades, book tickers
+(`ticker`) and order books (`book`) of every symbol, and 1m candles come from the aggregator.
+
+Each rung: the pipeline started fresh, a warm-up, then a window in which we measure
+- **offered / achieved**: trades the simulator sent per second;
+- **stored**: trades the InfluxDB writer wrote per second (its `trades` counter, from the heartbeats);
+- **backlog**: entries not yet acknowledged over every pipeline consumer group (lag + pending), at the window's
+  start and end; a rung is **sustained** when at least 95% of the offered rate is achieved and stored, the
+  backlog grew by less than one second of trades and the p99 latency below is under 1 s (a stage short of CPU
+  queues in its socket or its process, where the stream backlog does not show it);
+- **latency ts_recv -> cache**: receipt time of the cache publisher's tick (pub/sub `ticks:{symbol}`, three of
+  the symbols, so the listener stays a small load) minus the trade's `ts_recv` (stamped by the collector when
+  its frame arrived), p50/p99/max;
+- **CPU per trade** of every program: its CPU time in the window (/proc/PID/stat) over the trades stored.
+
+The stepping stops after the first rung that is not sustained. The report (markdown and JSON) goes to
+var/bench/pipeline-*.{md,json} and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ccxt
+import redis.asyncio as aioredis
+
+from common.status import collect
+from simulator.market import PriceLevels, select_symbols
+from simulator.recording import Recording, load_exchange_info, real_data_dir
+from tools.bench_collector import proc_cpu_s
+from tools.chaos.stores import DurableRedis, RestartableInflux, create_scratch_db, drop_scratch_db
+from tools.localstores import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENCY_SYMBOLS = 3
+# A rung whose ticks reach the cache later than this (p99) is queueing somewhere the stream backlog does not show
+# (a collector or a stage short of CPU): not sustained.
+LATENCY_BOUND_MS = 1000.0
+
+
+@dataclass
+class Rung:
+    offered: int
+    achieved: float = 0.0  # trades/s the simulator sent in the window
+    stored: float = 0.0  # trades/s the InfluxDB writer wrote in the window
+    backlog_start: int = 0
+    backlog_end: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max, n
+    cpu_us: dict[str, float] = field(default_factory=dict)  # program -> CPU us per stored trade
+    cpu_share: dict[str, float] = field(default_factory=dict)  # program -> share of one core in the window
+    sustained: bool = False
+    note: str = ""
+
+
+def symbols_for(n: int) -> tuple[list[str], list[str]]:
+    """(exchange ids, unified symbols) of the first n symbols the simulator's market mode can serve."""
+    data = real_data_dir(ROOT)
+    info = load_exchange_info(data)
+    shapes = select_symbols(info, PriceLevels(Recording.load(data)), n)
+    by_name = {s["symbol"]: s for s in info["symbols"]}
+    ids = [s.symbol for s in shapes]
+    code = ccxt.binance().safe_currency_code  # ccxt's names: YOYO is YOYOW, BCHSV is BSV, ...
+    return ids, [f"{code(by_name[i]['baseAsset'])}/{code(by_name[i]['quoteAsset'])}" for i in ids]
+
+
+def config_text(sim_port: int, symbols: list[str]) -> str:
+    """config/simulator.toml with Binance spot on the simulator's port and `symbols` (the other venues off)."""
+    text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
+    head, _, _ = text.partition("[[exchanges]]")
+    quoted = ", ".join(f'"{s}"' for s in symbols)
+    return (head + f"""[[exchanges]]
+id = "binance"
+symbols = [{quoted}]
+channels = ["trades", "ticker", "book"]
+market_types = ["spot"]
+rest_url = "http://127.0.0.1:{sim_port}"
+ws_url = "ws://127.0.0.1:{sim_port}"
+url_rewrite = "host-prefix"
+
+[bus]
+heartbeat_interval_s = 1.0
+
+# The replay keeps the recording's 2024 exchange times (at --rate the recorded minutes pass faster than real
+# ones, so times shifted to now would run ahead of the clock and fail time.future): time.stale is off here.
+[quality]
+stale_after_s = 0
+""")
+
+
+def sim_status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/status", timeout=10) as r:
+        out: dict[str, Any] = json.loads(r.read())
+        return out
+
+
+def sent_trades(port: int) -> int:
+    return sum(int(v) for k, v in sim_status(port).get("sent_by_stream", {}).items() if k.endswith("@trade"))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="mdp-bench-pipeline-"))
+        self.redis_store = DurableRedis(self.tmp / "redis")
+        self.influx = RestartableInflux(self.tmp / "influxdb")
+        self.admin_dsn = os.environ.get("MDP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+        self.db_name = f"mdp_bench_pipeline_{os.getpid()}"
+        self.ids, self.symbols = symbols_for(args.symbols)
+        self.env: dict[str, str] = {}
+
+    def ctl(self, *args: str) -> str:
+        conf = self.tmp / "run" / "supervisord.conf"
+        out = subprocess.run([str(ROOT / ".venv/bin/supervisorctl"), "-c", str(conf), *args], check=False,
+                             env=self.env, capture_output=True, text=True, timeout=60)
+        return out.stdout
+
+    def pids(self) -> dict[str, int]:
+        """Running programs -> pid (`supervisorctl status`), and the stores' servers (redis-server, influxd)."""
+        out = {"redis-server": self.redis_store.process.pid if self.redis_store.process else 0,
+               "influxd": self.influx.pid}
+        for line in self.ctl("status").splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[1] == "RUNNING" and parts[2] == "pid":
+                out[parts[0]] = int(parts[3].rstrip(","))
+        return out
+
+    async def start_pipeline(self, rate: int) -> int:
+        sim_port = free_port()
+        config = self.tmp / f"pipeline-{rate}.toml"
+        config.write_text(config_text(sim_port, self.symbols))
+        dsn = await create_scratch_db(self.admin_dsn, self.db_name)
+        redis = aioredis.Redis.from_url(self.redis_store.url)
+        await redis.flushall()
+        await redis.aclose()
+        sim_args = (f"--port {sim_port} --loop --market-symbols {','.join(self.ids)} "
+                    f"--rate {rate}")
+        self.env = dict(os.environ, MDP_RUN_DIR=str(self.tmp / "run"), MDP_REDIS_URL=self.redis_store.url,
+                        MDP_INFLUX_URL=self.influx.url, MDP_INFLUX_DATABASE=f"bench_{rate}",
+                        MDP_POSTGRES_DSN=dsn, MDP_SIMULATOR="true", MDP_SIM_ARGS=sim_args,
+                        MDP_START_TIMEOUT="150", MDP_CONFIG=str(config), MDP_LOG_LEVEL="WARNING")
+        started = await asyncio.to_thread(
+            subprocess.run, ["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=self.env,
+            capture_output=True, text=True, timeout=240)
+        if started.returncode != 0:
+            await self.stop_pipeline()
+            raise RuntimeError(f"supervise.sh start failed:\n{started.stdout}\n{started.stderr}")
+        return sim_port
+
+    async def stop_pipeline(self) -> None:
+        await asyncio.to_thread(subprocess.run, ["bash", str(ROOT / "tools/supervise.sh"), "stop"], env=self.env,
+                                capture_output=True, timeout=150)
+
+    async def counters(self, redis: aioredis.Redis) -> tuple[int, int]:
+        """(trades the InfluxDB writer wrote, pipeline backlog: lag + pending over every group)."""
+        status = await collect(redis)
+        written = sum(s.counters.get("trades", 0) for s in status.services if s.service == "influx_writer")
+        backlog = sum((g.lag or 0) + g.pending for st in status.streams for g in st.groups)
+        return written, backlog
+
+    async def rung(self, rate: int) -> Rung:
+        out = Rung(rate)
+        sim_port = await self.start_pipeline(rate)
+        redis = aioredis.Redis.from_url(self.redis_store.url)
+        latencies: list[float] = []
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(*(f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]))
+
+        async def listen() -> None:
+            async for msg in pubsub.listen():
+                if msg["type"] == "message":
+                    latencies.append((time.time_ns() - json.loads(msg["data"])["ts_recv"]) / 1e6)
+
+        listener = asyncio.create_task(listen())
+        try:
+            deadline = time.monotonic() + 120
+            while (await self.counters(redis))[0] == 0:
+                failed = [line for line in self.ctl("status").splitlines()
+                          if any(state in line for state in ("BACKOFF", "FATAL", "EXITED"))]
+                if failed:
+                    raise RuntimeError(f"at {rate}/s a program stopped: {failed}; logs in {self.tmp}/run/logs")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no trade reached InfluxDB within 120 s at {rate}/s; logs in {self.tmp}/run")
+                await asyncio.sleep(0.5)
+            # Warm-up: at least --warmup seconds, then until the stages have worked off their start-up backlog (the
+            # ticks of the last second had a median under 50 ms twice in a row), at most 60 s more.
+            await asyncio.sleep(self.args.warmup)
+            deadline, calm = time.monotonic() + 60, 0
+            while calm < 2 and time.monotonic() < deadline:
+                seen = len(latencies)
+                await asyncio.sleep(1.0)
+                recent = latencies[seen:]
+                calm = calm + 1 if recent and statistics.median(recent) < 50 else 0
+            if calm < 2:
+                out.note = "the latency did not settle under 50 ms (median) within 60 s of warm-up; "
+            pids = self.pids()
+            cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
+            sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
+            seen0, t0 = len(latencies), time.monotonic()
+            await asyncio.sleep(self.args.window)
+            dt = time.monotonic() - t0
+            now_running = set(self.pids().values())
+            cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
+            sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
+            window = latencies[seen0:]
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
+            await pubsub.aclose()
+            await redis.aclose()
+            await self.stop_pipeline()
+        out.achieved = (sent1 - sent0) / dt
+        out.stored = (stored1 - stored0) / dt
+        trades = max(stored1 - stored0, 1)
+        for program, c0 in cpu0.items():
+            if program in cpu1:
+                name = program.split(":")[0]
+                out.cpu_us[name] = round((cpu1[program] - c0) / trades * 1e6, 1)
+                out.cpu_share[name] = round((cpu1[program] - c0) / dt, 3)
+        if window:
+            q = statistics.quantiles(window, n=100)
+            out.latency_ms = {"p50": round(q[49], 1), "p99": round(q[98], 1), "max": round(max(window), 1),
+                              "n": len(window)}
+        grew = out.backlog_end - out.backlog_start
+        out.sustained = (out.achieved >= 0.95 * rate and out.stored >= 0.95 * out.achieved
+                         and grew < max(out.achieved, 1.0) and out.latency_ms.get("p99", LATENCY_BOUND_MS) < LATENCY_BOUND_MS)
+        if not out.sustained:
+            out.note += (f"achieved {out.achieved:,.0f}/s of {rate:,}/s, stored {out.stored:,.0f}/s, backlog "
+                         f"{out.backlog_start:,} -> {out.backlog_end:,}, p99 ts_recv->cache "
+                         f"{out.latency_ms.get('p99', '-')} ms")
+        return out
+
+    async def run(self) -> list[Rung]:
+        await asyncio.to_thread(self.redis_store.start)
+        await asyncio.to_thread(self.influx.start)
+        rungs: list[Rung] = []
+        try:
+            for rate in self.args.rates:
+                r = await self.rung(rate)
+                rungs.append(r)
+                print(f"{rate:>7,}/s offered: achieved {r.achieved:,.0f}/s, stored {r.stored:,.0f}/s, backlog "
+                      f"{r.backlog_start:,} -> {r.backlog_end:,}, ts_recv->cache {r.latency_ms}, "
+                      f"{'sustained' if r.sustained else 'NOT sustained'} {r.note}", flush=True)
+                if not r.sustained:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                self.influx.stop()
+            self.redis_store.stop()
+            with contextlib.suppress(Exception):
+                await drop_scratch_db(self.admin_dsn, self.db_name)
+        return rungs
+
+
+def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
+    lines = [f"# make bench-pipeline ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {head})", "",
+             (f"{args.symbols} Binance spot symbols (trades, book tickers, order books; 1m candles aggregated), "
+             f"every program under supervisord, Redis with AOF, InfluxDB and PostgreSQL on this machine "
+             f"({os.cpu_count()} cores); {args.warmup:.0f} s warm-up, {args.window:.0f} s window per rung."), "",
+             ("| offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms | "
+             "sustained |"), "|---:|---:|---:|---|---|---|"]
+    for r in rungs:
+        lat = r.latency_ms
+        lat_text = f"{lat['p50']} / {lat['p99']} / {lat['max']}" if lat else "-"
+        lines.append(f"| {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
+                     f"{r.backlog_end:,} | {lat_text} | {'yes' if r.sustained else 'no'} |")
+    programs = sorted({p for r in rungs for p in r.cpu_us})
+    lines += ["", "CPU per stored trade (us) and share of one core, per program:", "",
+              "| offered/s | " + " | ".join(programs) + " |", "|---:|" + "---:|" * len(programs)]
+    for r in rungs:
+        cells = [f"{r.cpu_us.get(p, 0):.1f} ({r.cpu_share.get(p, 0):.0%})" for p in programs]
+        lines.append(f"| {r.offered:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[2000, 4000, 6000, 8000, 10000, 15000, 20000],
+                   help="offered trades/s, total over the symbols")
+    p.add_argument("--symbols", type=int, default=20)
+    p.add_argument("--window", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=15.0)
+    args = p.parse_args(argv)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+    rungs = asyncio.run(Bench(args).run())
+    report = markdown(args, rungs, head)
+    out_dir = ROOT / "var" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    (out_dir / f"pipeline-{stamp}.md").write_text(report)
+    (out_dir / f"pipeline-{stamp}.json").write_text(json.dumps([asdict(r) for r in rungs], indent=1))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
