@@ -262,11 +262,12 @@ class FastTradesFeed(TradesFeed):
         sweeping more often only costs wake-ups; the first trade after a quiet spell still goes at once."""
         if self._wake_timer is not None:
             return
+        carrier = self.client if self.client is not None else client  # the connection of its newest trade
         due = self.swept_at + self.host.exchange_settings.publish_linger_ms / 1000 - time.monotonic()
         if due <= 0:
-            client.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
+            carrier.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
         else:
-            self._wake_timer = client.asyncio_loop.call_later(due, self._deferred_wake)
+            self._wake_timer = carrier.asyncio_loop.call_later(due, self._deferred_wake)
 
     def _deferred_wake(self) -> None:
         self._wake_timer = None

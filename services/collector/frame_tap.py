@@ -10,10 +10,11 @@ handler to the same tap (each one tests its frames by a cheap prefix first).
 
 The tap also replaces ccxt.pro's receive loop on its connections (`read_frames`). ccxt's loop creates a Task, a
 done callback and a `call_soon` for every frame; ours is one long-lived task per connection that awaits aiohttp's
-queue (an await on a non-empty queue returns without suspending, so a burst of frames is read in one wake-up)
-and hands every message to ccxt's own `handle_message` exactly as ccxt's loop does (pings, pongs, closes and
-errors included). When the queue is empty (the end of a burst) it calls the `flushers`: a fast path that
-collects decoded frames wakes its consumer once per burst instead of once per frame.
+queue (an await on a non-empty queue returns without suspending, so a burst of frames is read in one wake-up),
+gives each text frame to the handlers and, if none takes it, to ccxt's own text handler, and every other message
+(binary, ping, pong, close, error) to ccxt's `handle_message`, in order, as ccxt's loop does. When the queue is
+empty (the end of a burst) it calls the `flushers`: a fast path that collects decoded frames wakes its consumer
+once per burst instead of once per frame.
 """
 
 from __future__ import annotations
