@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 
@@ -196,7 +197,47 @@ def sim_post(port: int, path: str, body: dict[str, Any]) -> None:
 
 
 def sent_trades(port: int) -> int:
-    return int(sim_status(port)["sent_by_stream"].get("btcusdt@trade", 0))
+    """Trade messages the simulator sent, over every symbol's `@trade` stream."""
+    return sum(int(v) for k, v in sim_status(port).get("sent_by_stream", {}).items() if k.endswith("@trade"))
+
+
+class TickLatency:
+    """ms from each trade's `ts_recv` to the receipt of its tick on the cache publisher's pub/sub channels
+    (`ticks:{symbol}`), collected while the block runs: `async with TickLatency(redis, channels) as ticks:`."""
+
+    def __init__(self, redis: Any, channels: list[str]) -> None:
+        self.pubsub = redis.pubsub()
+        self.channels = channels
+        self.values: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.pubsub.subscribe(*self.channels)
+        self._task = asyncio.create_task(self._listen())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.pubsub.aclose()
+
+    async def _listen(self) -> None:
+        async for msg in self.pubsub.listen():
+            if msg["type"] == "message":
+                self.values.append((time.time_ns() - json.loads(msg["data"])["ts_recv"]) / 1e6)
+
+    async def settle(self, step_s: float, limit_s: float) -> bool:
+        """Wait until the ticks of the last `step_s` had a median under 50 ms twice in a row (the stages have
+        worked off their start-up backlog), at most `limit_s`; whether they did."""
+        deadline, calm = time.monotonic() + limit_s, 0
+        while calm < 2 and time.monotonic() < deadline:
+            seen = len(self.values)
+            await asyncio.sleep(step_s)
+            recent = self.values[seen:]
+            calm = calm + 1 if recent and statistics.median(recent) < 50 else 0
+        return calm >= 2
 
 
 def ensure_cryptofeed() -> Path:
@@ -488,41 +529,24 @@ async def pipeline_latency(redis_url: str, tmp: Path, rate: int, seconds: float)
     procs = [spawn([sys.executable, "-m", f"services.{name}", *extra], tmp / f"latency-{name}.log", env)
              for name, extra in (("validator", []), ("normalizer", []), ("cache_publisher", []),
                                  ("collector", ["--exchange", "binance"]))]
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(f"ticks:{SYMBOL}")
-    latencies: list[float] = []
-
-    async def listen() -> None:
-        async for msg in pubsub.listen():
-            if msg["type"] == "message":
-                latencies.append((time.time_ns() - json.loads(msg["data"])["ts_recv"]) / 1e6)
-
-    listener = asyncio.create_task(listen())
     try:
-        deadline = time.monotonic() + 90
-        while sent_trades(port) == 0:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"the pipeline did not start within 90 s; read {tmp}/latency-*.log")
-            await asyncio.sleep(0.2)
-        # Warm-up: the stages find their streams (~2 s each) and work off what queued meanwhile; measure once
-        # the ticks of the last half second had a median under 50 ms twice in a row (at most 40 s).
-        deadline, calm = time.monotonic() + 40, 0
-        while calm < 2 and time.monotonic() < deadline:
-            seen = len(latencies)
-            await asyncio.sleep(0.5)
-            recent = latencies[seen:]
-            calm = calm + 1 if recent and statistics.median(recent) < 50 else 0
-        start, sent0 = len(latencies), sent_trades(port)
-        await asyncio.sleep(seconds)
-        end, sent = len(latencies), sent_trades(port) - sent0
-        del latencies[end:]
-        del latencies[:start]
+        async with TickLatency(redis, [f"ticks:{SYMBOL}"]) as ticks:
+            deadline = time.monotonic() + 90
+            while sent_trades(port) == 0:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"the pipeline did not start within 90 s; read {tmp}/latency-*.log")
+                await asyncio.sleep(0.2)
+            # Warm-up: the stages find their streams (~2 s each) and work off what queued meanwhile; measure once
+            # the ticks of the last half second had a median under 50 ms twice in a row (at most 40 s).
+            await ticks.settle(0.5, 40)
+            start, sent0 = len(ticks.values), sent_trades(port)
+            await asyncio.sleep(seconds)
+            latencies = ticks.values[start:]
+            sent = sent_trades(port) - sent0
     finally:
-        listener.cancel()
         for p in procs:
             stop(p)
         stop(sim)
-        await pubsub.aclose()
         await redis.aclose()
     return latencies, f"{sent / seconds:,.0f} trades/s sent, {len(latencies):,} ticks measured over {seconds:.0f} s"
 

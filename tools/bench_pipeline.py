@@ -40,10 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import ccxt
 import redis.asyncio as aioredis
@@ -51,7 +49,7 @@ import redis.asyncio as aioredis
 from common.status import collect
 from simulator.market import PriceLevels, select_symbols
 from simulator.recording import Recording, load_exchange_info, real_data_dir
-from tools.bench_collector import proc_cpu_s
+from tools.bench_collector import TickLatency, proc_cpu_s, sent_trades
 from tools.chaos.stores import DurableRedis, RestartableInflux, create_scratch_db, drop_scratch_db
 from tools.localstores import free_port
 
@@ -109,16 +107,6 @@ heartbeat_interval_s = 1.0
 [quality]
 stale_after_s = 0
 """)
-
-
-def sim_status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_sim/status", timeout=10) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
-
-
-def sent_trades(port: int) -> int:
-    return sum(int(v) for k, v in sim_status(port).get("sent_by_stream", {}).items() if k.endswith("@trade"))
 
 
 class Bench:
@@ -185,52 +173,34 @@ class Bench:
         out = Rung(rate)
         sim_port = await self.start_pipeline(rate)
         redis = aioredis.Redis.from_url(self.redis_store.url)
-        latencies: list[float] = []
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(*(f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]))
-
-        async def listen() -> None:
-            async for msg in pubsub.listen():
-                if msg["type"] == "message":
-                    latencies.append((time.time_ns() - json.loads(msg["data"])["ts_recv"]) / 1e6)
-
-        listener = asyncio.create_task(listen())
         try:
-            deadline = time.monotonic() + 120
-            while (await self.counters(redis))[0] == 0:
-                failed = [line for line in self.ctl("status").splitlines()
-                          if any(state in line for state in ("BACKOFF", "FATAL", "EXITED"))]
-                if failed:
-                    raise RuntimeError(f"at {rate}/s a program stopped: {failed}; logs in {self.tmp}/run/logs")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no trade reached InfluxDB within 120 s at {rate}/s; logs in {self.tmp}/run")
-                await asyncio.sleep(0.5)
-            # Warm-up: at least --warmup seconds, then until the stages have worked off their start-up backlog (the
-            # ticks of the last second had a median under 50 ms twice in a row), at most 60 s more.
-            await asyncio.sleep(self.args.warmup)
-            deadline, calm = time.monotonic() + 60, 0
-            while calm < 2 and time.monotonic() < deadline:
-                seen = len(latencies)
-                await asyncio.sleep(1.0)
-                recent = latencies[seen:]
-                calm = calm + 1 if recent and statistics.median(recent) < 50 else 0
-            if calm < 2:
-                out.note = "the latency did not settle under 50 ms (median) within 60 s of warm-up; "
-            pids = self.pids()
-            cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
-            sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
-            seen0, t0 = len(latencies), time.monotonic()
-            await asyncio.sleep(self.args.window)
-            dt = time.monotonic() - t0
-            now_running = set(self.pids().values())
-            cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
-            sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
-            window = latencies[seen0:]
+            async with TickLatency(redis, [f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]]) as ticks:
+                deadline = time.monotonic() + 120
+                while (await self.counters(redis))[0] == 0:
+                    failed = [line for line in self.ctl("status").splitlines()
+                              if any(state in line for state in ("BACKOFF", "FATAL", "EXITED"))]
+                    if failed:
+                        raise RuntimeError(f"at {rate}/s a program stopped: {failed}; logs in {self.tmp}/run/logs")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no trade reached InfluxDB within 120 s at {rate}/s; logs in "
+                                           f"{self.tmp}/run")
+                    await asyncio.sleep(0.5)
+                # Warm-up: at least --warmup seconds, then until the stages have worked off their start-up backlog
+                # (the ticks of the last second had a median under 50 ms twice in a row), at most 60 s more.
+                await asyncio.sleep(self.args.warmup)
+                if not await ticks.settle(1.0, 60):
+                    out.note = "the latency did not settle under 50 ms (median) within 60 s of warm-up; "
+                pids = self.pids()
+                cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
+                sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
+                seen0, t0 = len(ticks.values), time.monotonic()
+                await asyncio.sleep(self.args.window)
+                dt = time.monotonic() - t0
+                now_running = set(self.pids().values())
+                cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
+                sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
+                window = ticks.values[seen0:]
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
-            await pubsub.aclose()
             await redis.aclose()
             await self.stop_pipeline()
         out.achieved = (sent1 - sent0) / dt
