@@ -1,0 +1,162 @@
+"""A lean RESP connection for the bus's hottest commit: one MULTI/EXEC packed here, its replies parsed by hiredis.
+
+redis-py's asyncio pipeline costs about 170-200 us of CPU per MULTI/EXEC on these machines (a task for each
+`wait_for` and `shield`, per-command packing and response callbacks, the pool's bookkeeping); this connection
+sends the same bytes for about 30 us. The collector publishes each round through it (docs/collector.md,
+"Publishing"), everything else keeps redis-py.
+
+Same guarantees as the redis-py client made by `core.without_retries`: a transaction is sent once and never
+re-sent; a connection that fails or times out is closed (the next call connects again) and the failure is
+raised as redis-py's ConnectionError or TimeoutError, so callers handle one set of exceptions; an error reply
+is raised as redis-py's ResponseError naming the command. Plain TCP and unix sockets; a TLS URL (`rediss://`)
+gets None from `lean_connection` and its caller keeps redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Arg = bytes | str | int | float
+Command = Sequence[Arg]
+
+READ_CHUNK = 65536
+
+
+def _arg(a: Arg) -> bytes:
+    if isinstance(a, bytes):
+        return a
+    if isinstance(a, str):
+        return a.encode()
+    return repr(a).encode() if isinstance(a, float) else str(a).encode()
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """The RESP bytes of `commands` (arrays of bulk strings), as redis-py's pack_command writes them."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for a in command:
+            b = _arg(a)
+            out.append(b"$%d\r\n" % len(b))
+            out.append(b)
+            out.append(b"\r\n")
+    return b"".join(out)
+
+
+class RespConnection:
+    """One connection to the server a redis-py client points at (host/port or unix path, db, credentials), for
+    `transaction`. Not shared between tasks: the caller sends one transaction at a time."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 6379, path: str = "", db: int = 0,
+                 username: str | None = None, password: str | None = None, timeout_s: float = 5.0) -> None:
+        self.host, self.port, self.path, self.db = host, port, path, db
+        self.username, self.password = username, password
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader(replyError=ResponseError)
+
+    @property
+    def where(self) -> str:
+        return f"unix://{self.path}" if self.path else f"redis://{self.host}:{self.port}/{self.db}"
+
+    async def _connect(self) -> None:
+        if self.path:
+            self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=READ_CHUNK)
+        else:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=READ_CHUNK)
+        self._parser = hiredis.Reader(replyError=ResponseError)
+        hello: list[Command] = []
+        if self.password is not None:
+            hello.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        if hello:
+            self._writer.write(pack(hello))
+            for reply in await self._replies(len(hello)):
+                if isinstance(reply, ResponseError):
+                    raise RedisConnectionError(f"{self.where} refused the connection's set-up: {reply}")
+
+    async def _replies(self, n: int) -> list[Any]:
+        assert self._reader is not None
+        parser = self._parser
+        out: list[Any] = []
+        while len(out) < n:
+            reply = parser.gets()
+            if reply is False:
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
+                    raise RedisConnectionError(f"{self.where} closed the connection")
+                parser.feed(chunk)
+                continue
+            out.append(reply)
+        return out
+
+    async def transaction(self, commands: Sequence[Command]) -> list[Any]:
+        """Run `commands` in one MULTI/EXEC; their replies, in order. Raises ResponseError for a command Redis
+        refused (naming it), ConnectionError/TimeoutError when the connection failed (it is closed; whether the
+        EXEC ran is for the caller to find out: it is never re-sent)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._writer is None:
+                    await self._connect()
+                assert self._writer is not None
+                self._writer.write(pack([("MULTI",), *commands, ("EXEC",)]))
+                replies = await self._replies(len(commands) + 2)
+        except TimeoutError:
+            self.close()
+            raise RedisTimeoutError(f"no reply from {self.where} within {self.timeout_s:g} s") from None
+        except (OSError, EOFError, asyncio.IncompleteReadError, hiredis.ProtocolError) as exc:
+            self.close()
+            raise RedisConnectionError(f"connection to {self.where} failed: {type(exc).__name__}: {exc}") from exc
+        except RedisConnectionError:
+            self.close()
+            raise
+        result = replies[-1]
+        for command, reply in zip(commands, replies[1:-1], strict=True):
+            if isinstance(reply, ResponseError):  # refused when queued: Redis answers EXECABORT for the whole
+                raise ResponseError(f"{_name(command)}: {reply}")
+        if isinstance(result, ResponseError) or result is None:
+            raise ResponseError(f"EXEC of {len(commands)} commands: {result or 'aborted'}")
+        for command, reply in zip(commands, result, strict=True):
+            if isinstance(reply, ResponseError):
+                raise ResponseError(f"{_name(command)}: {reply}")
+        return list(result)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def aclose(self) -> None:
+        writer = self._writer
+        self.close()
+        if writer is not None:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+
+def _name(command: Command) -> str:
+    return " ".join(_arg(a).decode(errors="replace") for a in command[:2])
+
+
+def lean_connection(redis: aioredis.Redis) -> RespConnection | None:
+    """A RespConnection to the server `redis` points at, or None when it cannot speak for it (TLS)."""
+    pool = redis.connection_pool
+    kw = pool.connection_kwargs
+    if "ssl" in pool.connection_class.__name__.lower() or kw.get("ssl"):
+        return None
+    timeout = kw.get("socket_timeout") or 5.0
+    return RespConnection(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), path=kw.get("path", ""),
+                          db=int(kw.get("db", 0) or 0), username=kw.get("username"), password=kw.get("password"),
+                          timeout_s=float(timeout))

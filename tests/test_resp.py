@@ -1,0 +1,90 @@
+"""The lean RESP connection (common/bus/resp.py) against a real redis-server: replies as redis-py gives them,
+error replies naming the command, and a server that is killed, frozen or restarted raising redis-py's
+ConnectionError/TimeoutError, never re-sending, and reconnecting on the next call."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from common.bus.resp import RespConnection, lean_connection, pack
+from tools.chaos.stores import DurableRedis
+
+
+def test_pack_writes_what_redis_py_writes() -> None:
+    from redis.asyncio.connection import Connection
+
+    command = ("XADD", "raw:binance", "MAXLEN", "~", 100000, "*", b"v", b"\x00\xff", "f", 1.5)
+    assert pack([command]) == b"".join(Connection().pack_command(*command))
+
+
+async def test_a_transaction_returns_every_reply_and_selects_the_clients_db(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = aioredis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + "/3")
+    await client.flushdb()
+    lean = lean_connection(client)
+    assert lean is not None and lean.db == 3
+    try:
+        replies = await lean.transaction([("SADD", "reg", "s"), ("XADD", "s", "MAXLEN", "~", 100, "*", "d", b"\x01"),
+                                          ("HSET", "pos", "a", "1", "b", "2"), ("SADD", "reg", "s")])
+        assert replies[0] == 1 and replies[2] == 2 and replies[3] == 0
+        assert replies[1].count(b"-") == 1  # the entry id
+        assert await client.xlen("s") == 1 and await client.hgetall("pos") == {b"a": b"1", b"b": b"2"}
+    finally:
+        await lean.aclose()
+        await client.flushdb()
+        await client.aclose()
+
+
+async def test_an_error_reply_names_the_command_and_the_connection_stays_usable(redis) -> None:  # type: ignore[no-untyped-def]
+    lean = lean_connection(redis)
+    assert lean is not None
+    await redis.set("k", "a string")
+    try:
+        with pytest.raises(ResponseError, match="XADD k: WRONGTYPE"):
+            await lean.transaction([("XADD", "k", "*", "d", "1")])
+        with pytest.raises(ResponseError, match="NOSUCHCOMMAND"):  # refused when queued: EXECABORT
+            await lean.transaction([("NOSUCHCOMMAND", "x"), ("SADD", "reg", "s")])
+        assert await redis.exists("reg") == 0  # nothing of an aborted transaction ran
+        assert await lean.transaction([("SADD", "reg", "s")]) == [1]
+    finally:
+        await lean.aclose()
+
+
+async def test_killed_frozen_and_restarted_redis(tmp_path: Path) -> None:
+    server = DurableRedis(tmp_path / "redis")
+    server.start()
+    lean = RespConnection(port=server.port, timeout_s=0.5)
+    try:
+        assert await lean.transaction([("INCR", "n")]) == [1]
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)  # frozen: the reply never comes
+        try:
+            with pytest.raises(RedisTimeoutError, match=f"127.0.0.1:{server.port}.*within 0.5 s"):
+                await lean.transaction([("INCR", "n")])
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # The timed-out transaction was sent once and is not re-sent: it ran once when the server woke.
+        assert await lean.transaction([("GET", "n")]) == [b"2"]
+        server.kill9()
+        with pytest.raises(RedisConnectionError, match=f"127.0.0.1:{server.port}"):
+            await lean.transaction([("INCR", "n")])
+        with pytest.raises(RedisConnectionError, match="Connect call failed|refused"):
+            await lean.transaction([("INCR", "n")])
+        server.start()  # AOF (everysec): what was acknowledged a second before the kill is back
+        assert await lean.transaction([("INCR", "n")]) == [3]
+    finally:
+        await lean.aclose()
+        server.stop()
+
+
+def test_tls_urls_keep_redis_py() -> None:
+    assert lean_connection(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+    unix = lean_connection(aioredis.Redis.from_url("unix:///tmp/redis.sock?db=2"))
+    assert unix is not None and unix.where == "unix:///tmp/redis.sock"
