@@ -154,6 +154,9 @@ class Host:
     def drop_connections(self, feed: Feed, reason: str) -> int:
         return 0
 
+    def next_round_in(self) -> float:
+        return 0.0  # no publisher: a round is always due
+
 
 @dataclass
 class Replay:

@@ -77,8 +77,8 @@ async def test_killed_frozen_and_restarted_redis(tmp_path: Path) -> None:
             await lean.transaction([("INCR", "n")])
         with pytest.raises(RedisConnectionError, match="Connect call failed|refused"):
             await lean.transaction([("INCR", "n")])
-        server.start()  # AOF (everysec): what was acknowledged a second before the kill is back
-        assert await lean.transaction([("INCR", "n")]) == [3]
+        server.start()  # the next call connects again (what the AOF kept is Redis's business, not tested here)
+        assert await lean.transaction([("SET", "after", "1"), ("INCR", "after")]) == [b"OK", 2]
     finally:
         await lean.aclose()
         server.stop()

@@ -87,6 +87,8 @@ class FeedHost(Protocol):
 
     def drop_connections(self, feed: Feed, reason: str) -> int: ...
 
+    def next_round_in(self) -> float: ...  # seconds until the publisher's next round is due (<= 0: now)
+
 
 @dataclass
 class ChannelStats:
@@ -257,14 +259,18 @@ class FastTradesFeed(TradesFeed):
 
     def wake(self, client: Any) -> None:
         """The wire's call at the end of a burst of frames that brought trades (once per burst, not per trade):
-        wakes watch() at once if the last sweep is at least the publisher's linger (`publish_linger_ms`) ago,
-        else once when it will be (one timer). The publisher sends at most one round per linger anyway, so
-        sweeping more often only costs wake-ups; the first trade after a quiet spell still goes at once."""
+        wakes watch() when the publisher's next round is due (`publish_linger_ms` after the previous one
+        started): at once if it is due now, else with one timer. So the sweep lands on the round and a trade
+        waits at most one linger (a sweep paced on its own clock and a round on the publisher's made it up to
+        two), and every feed's timer ends at the same time: one round carries them all. Never sooner than the
+        linger after this feed's last sweep (a publisher held back by a slow Redis does not make every burst a
+        sweep). The first trade after a quiet spell goes at once."""
         if self._wake_timer is not None:
             return
         carrier = self.client if self.client is not None else client  # the connection of its newest trade
-        due = self.swept_at + self.host.exchange_settings.publish_linger_ms / 1000 - time.monotonic()
-        if due <= 0:
+        linger = self.host.exchange_settings.publish_linger_ms / 1000
+        due = max(self.swept_at + linger - time.monotonic(), self.host.next_round_in())
+        if due <= WAKE_SLACK_S:
             carrier.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
         else:
             self._wake_timer = carrier.asyncio_loop.call_later(due, self._deferred_wake)
@@ -310,6 +316,9 @@ class FastTradesFeed(TradesFeed):
             return self.newest
         return held
 
+
+# A wake due in less than this goes now (uvloop's timers count whole milliseconds; the publisher's LINGER_SLACK_S).
+WAKE_SLACK_S = 0.001
 
 # What the wire resolves ccxt's future with: the resubscribing watch_trades reads it as an empty trade cache.
 WOKEN = ArrayCache(1)

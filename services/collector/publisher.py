@@ -103,6 +103,11 @@ class Publisher:
             return 0.0
         return self.round_started + self.linger_s - time.monotonic()
 
+    def next_round_in(self) -> float:
+        """Seconds until the next round is due by the linger alone (<= 0: due now). The feeds time their sweeps
+        by it, so their events are in the outbox when the round is due."""
+        return self.round_started + self.linger_s - time.monotonic()
+
     async def run(self, round_events: int) -> None:
         """Publish the outbox, oldest first, each round in one MULTI/EXEC with the feeds' new positions (so a
         position never claims more than the stream holds), at most `round_events` events a round (at least one

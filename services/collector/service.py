@@ -190,6 +190,9 @@ class Collector(Service):
         """Queue events in the outbox (Publisher.publish): never waits for Redis."""
         await self.publisher.publish(events, gaps, symbol, channel, position)
 
+    def next_round_in(self) -> float:
+        return self.publisher.next_round_in()
+
     def drop_connections(self, feed: Feed, reason: str) -> int:
         """Close the ccxt connection(s) carrying `feed` so the next watch reconnects (Connections.drop)."""
         assert self.connections is not None
