@@ -57,6 +57,25 @@ async def test_an_error_reply_names_the_command_and_the_connection_stays_usable(
         await lean.aclose()
 
 
+async def test_concurrent_and_cancelled_transactions_get_their_own_replies(redis) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    lean = lean_connection(redis)
+    assert lean is not None
+    try:
+        replies = await asyncio.gather(*(lean.transaction([("INCRBY", f"k{i}", i), ("GET", f"k{i}")])
+                                         for i in range(1, 21)))
+        assert replies == [[i, str(i).encode()] for i in range(1, 21)]
+        slow = asyncio.create_task(lean.transaction([("BLPOP", "nothing", 0.2)]))  # BLPOP in MULTI returns at once
+        await asyncio.sleep(0)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await lean.transaction([("GET", "k3")]) == [b"3"]
+    finally:
+        await lean.aclose()
+
+
 async def test_killed_frozen_and_restarted_redis(tmp_path: Path) -> None:
     server = DurableRedis(tmp_path / "redis")
     server.start()

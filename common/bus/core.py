@@ -384,7 +384,11 @@ class Producer:
                               extra: PipelineHook | None = None, lease: Lease | None = None) -> None:
         """Publish outputs and acknowledge the inputs they came from, atomically; `extra` adds commands (a
         stage's state checkpoint) to the same MULTI/EXEC. A connection error is raised as is, never re-sent:
-        the EXEC may have run (Consumer._commit finds out with XPENDING)."""
+        the EXEC may have run (Consumer._commit finds out with XPENDING). Without `extra` and `lease` the
+        commit goes over the lean connection (`publish_lean`), with them through redis-py (WATCH, hooks)."""
+        if extra is None and lease is None:  # a stage without state (the normalizer): plain commands, lean
+            await self.publish_lean(outputs, [("XACK", stream, group, *ids) for stream, ids in acks.items() if ids])
+            return
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if outputs:
             await self.wait_for_consumers(outputs.keys())

@@ -53,7 +53,7 @@ def pack(commands: Sequence[Command]) -> bytes:
 
 class RespConnection:
     """One connection to the server a redis-py client points at (host/port or unix path, db, credentials), for
-    `transaction`. Not shared between tasks: the caller sends one transaction at a time."""
+    `transaction`. Tasks that share it take turns (a lock: one transaction on the wire at a time)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 6379, path: str = "", db: int = 0,
                  username: str | None = None, password: str | None = None, timeout_s: float = 5.0) -> None:
@@ -63,6 +63,7 @@ class RespConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader(replyError=ResponseError)
+        self._lock = asyncio.Lock()
 
     @property
     def where(self) -> str:
@@ -104,6 +105,10 @@ class RespConnection:
         """Run `commands` in one MULTI/EXEC; their replies, in order. Raises ResponseError for a command Redis
         refused (naming it), ConnectionError/TimeoutError when the connection failed (it is closed; whether the
         EXEC ran is for the caller to find out: it is never re-sent)."""
+        async with self._lock:
+            return await self._transaction(commands)
+
+    async def _transaction(self, commands: Sequence[Command]) -> list[Any]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 if self._writer is None:
@@ -118,6 +123,9 @@ class RespConnection:
             self.close()
             raise RedisConnectionError(f"connection to {self.where} failed: {type(exc).__name__}: {exc}") from exc
         except RedisConnectionError:
+            self.close()
+            raise
+        except BaseException:  # cancelled with a transaction on the wire: its replies would answer the next one
             self.close()
             raise
         result = replies[-1]
