@@ -103,6 +103,53 @@ async def test_killed_frozen_and_restarted_redis(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_a_redis_loading_its_aof_is_not_there_yet(tmp_path: Path) -> None:
+    """While a restarted Redis loads its data it answers LOADING: raised as BusyLoadingError, a ConnectionError
+    (the collector retries, a stage waits), as redis-py raises it, not as a ResponseError (that would end the
+    process)."""
+    import asyncio
+    import time
+
+    from redis.exceptions import BusyLoadingError
+
+    server = DurableRedis(tmp_path / "redis")
+    server.start()
+    lean = RespConnection(port=server.port, timeout_s=5)
+    restarted: asyncio.subprocess.Process | None = None
+    try:
+        admin = aioredis.Redis(port=server.port)
+        fill = "for i = ARGV[1], ARGV[1] + 499999 do redis.call('SET', 'key:' .. i, i) end"
+        for start in range(0, 3_000_000, 500_000):  # 3 million SETs in the AOF: seconds to read back
+            await admin.eval(fill, 0, start)
+        await admin.aclose()
+        assert server.process is not None
+        args = [str(a) for a in server.process.args]  # type: ignore[union-attr]
+        server.kill9()
+        restarted = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        seen_loading = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                await lean.transaction([("INCR", "n")])
+                break
+            except BusyLoadingError as exc:
+                assert isinstance(exc, RedisConnectionError) and "loading" in str(exc)
+                seen_loading = True
+            except RedisConnectionError:
+                pass  # not listening yet
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("Redis did not come back within 60 s")
+        assert seen_loading, "Redis answered LOADING at least once while it read 3 million keys"
+    finally:
+        await lean.aclose()
+        server.stop()
+        if restarted is not None and restarted.returncode is None:
+            restarted.kill()
+            await restarted.wait()
+
+
 def test_tls_urls_keep_redis_py() -> None:
     assert lean_connection(aioredis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
     unix = lean_connection(aioredis.Redis.from_url("unix:///tmp/redis.sock?db=2"))

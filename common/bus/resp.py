@@ -2,13 +2,15 @@
 
 redis-py's asyncio pipeline costs about 170-200 us of CPU per MULTI/EXEC on these machines (a task for each
 `wait_for` and `shield`, per-command packing and response callbacks, the pool's bookkeeping); this connection
-sends the same bytes for about 30 us. The collector publishes each round through it (docs/collector.md,
-"Publishing"), everything else keeps redis-py.
+sends the same bytes for about 30 us. The collector publishes each round through it, and a stage without a lease
+or a state hook (the normalizer) commits through it (docs/collector.md, "Batching and memory"); everything else
+keeps redis-py.
 
 Same guarantees as the redis-py client made by `core.without_retries`: a transaction is sent once and never
 re-sent; a connection that fails or times out is closed (the next call connects again) and the failure is
 raised as redis-py's ConnectionError or TimeoutError, so callers handle one set of exceptions; an error reply
-is raised as redis-py's ResponseError naming the command. Plain TCP and unix sockets; a TLS URL (`rediss://`)
+is raised as redis-py's ResponseError naming the command, except LOADING (a restarted Redis reading its AOF),
+raised as redis-py's BusyLoadingError, a ConnectionError, as redis-py raises it: Redis is not there yet. Plain TCP and unix sockets; a TLS URL (`rediss://`)
 gets None from `lean_connection` and its caller keeps redis-py.
 """
 
@@ -20,8 +22,8 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int | float
@@ -129,14 +131,15 @@ class RespConnection:
             self.close()
             raise
         result = replies[-1]
-        for command, reply in zip(commands, replies[1:-1], strict=True):
-            if isinstance(reply, ResponseError):  # refused when queued: Redis answers EXECABORT for the whole
-                raise ResponseError(f"{_name(command)}: {reply}")
+        # Refused when queued (MULTI itself, or a command): Redis then answers EXECABORT for the whole.
+        for command, reply in zip([("MULTI",), *commands], replies[:-1], strict=True):
+            if isinstance(reply, ResponseError):
+                raise _error(command, reply, self.where)
         if isinstance(result, ResponseError) or result is None:
-            raise ResponseError(f"EXEC of {len(commands)} commands: {result or 'aborted'}")
+            raise _error(("EXEC", f"of {len(commands)} commands"), result or ResponseError("aborted"), self.where)
         for command, reply in zip(commands, result, strict=True):
             if isinstance(reply, ResponseError):
-                raise ResponseError(f"{_name(command)}: {reply}")
+                raise _error(command, reply, self.where)
         return list(result)
 
     def close(self) -> None:
@@ -156,6 +159,14 @@ class RespConnection:
 
 def _name(command: Command) -> str:
     return " ".join(_arg(a).decode(errors="replace") for a in command[:2])
+
+
+def _error(command: Command, reply: ResponseError, where: str) -> RedisConnectionError | ResponseError:
+    """The exception for an error reply to `command`: BusyLoadingError (a ConnectionError) while Redis loads its
+    data, as redis-py raises it; else ResponseError naming the command."""
+    if str(reply).startswith("LOADING"):
+        return BusyLoadingError(f"{where} is loading its data ({reply}); {_name(command)} not run")
+    return ResponseError(f"{_name(command)}: {reply}")
 
 
 def lean_connection(redis: aioredis.Redis) -> RespConnection | None:
