@@ -261,10 +261,10 @@ def test_codec_rejects_payloads_that_are_not_event_batches(bad: bytes) -> None:
         Codec().decode(bad)
 
 
-async def test_publish_with_extra_commits_position_with_the_entries(redis) -> None:
+async def test_commit_writes_the_position_with_the_entries(redis) -> None:
     producer = Producer(redis, Codec(), FAST, "test")
     # Act
-    await producer.publish({"s1": [stubs.trade(1)]}, extra=lambda pipe: pipe.set("pos:s1", "42"))
+    await producer.commit({"s1": [stubs.trade(1)]}, [("SET", "pos:s1", "42")])
     # Assert
     assert await redis.xlen("s1") == 1
     assert await redis.get("pos:s1") == b"42"
@@ -276,9 +276,9 @@ async def test_on_commit_checkpoint_is_written_with_outputs_and_acks(redis) -> N
     await producer.publish({"in": [stubs.trade(i) for i in range(3)]})
     seen: list[str] = []
 
-    def checkpoint(pipe, batch: list[Delivery]) -> None:
+    def checkpoint(batch: list[Delivery]) -> list[tuple[str, str]]:
         seen.extend(d.entry_id for d in batch)
-        pipe.set("ckpt", batch[-1].entry_id)
+        return [("SET", "ckpt", batch[-1].entry_id)]
 
     async def forward(batch: list[Delivery]) -> dict[str, list[object]]:
         return {"out": [e for d in batch for e in d.events]}

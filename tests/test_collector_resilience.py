@@ -549,7 +549,7 @@ async def test_publisher_batches_a_busy_stretch_into_one_round_and_flushes_at_on
     rounds: list[list[str]] = []
 
     class Producer:
-        async def publish_lean(self, outputs: dict[str, list[Trade]], extra: Any = ()) -> None:
+        async def commit(self, outputs: dict[str, list[Trade]], extra: Any = ()) -> None:
             rounds.append([t.trade_id for t in outputs[streams.raw("binance")]])
 
     class Service:

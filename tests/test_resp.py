@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.bus.resp import RespConnection, lean_connection, pack
+from common.bus.resp import RespConnection, WatchMismatch, lean_connection, pack
 from tools.chaos.stores import DurableRedis
 
 
@@ -74,6 +74,73 @@ async def test_concurrent_and_cancelled_transactions_get_their_own_replies(redis
         assert await lean.transaction([("GET", "k3")]) == [b"3"]
     finally:
         await lean.aclose()
+
+
+async def test_a_guarded_transaction_runs_only_while_its_key_holds_the_value(redis) -> None:  # type: ignore[no-untyped-def]
+    lean = lean_connection(redis)
+    assert lean is not None
+    guard = ("lease", b"me")
+    await redis.set("lease", "me")
+    try:
+        assert await lean.transaction([("INCR", "n")], watch=guard) == [1]
+        await redis.set("lease", "other")
+        with pytest.raises(WatchMismatch, match="lease holds b'other'"):
+            await lean.transaction([("INCR", "n")], watch=guard)
+        await redis.set("lease", "me")
+        # The key is written (same value) between the WATCH and the MULTI/EXEC: the EXEC aborts.
+        io, calls = lean._io, []
+
+        async def io_with_a_write_between(commands, n):  # type: ignore[no-untyped-def]
+            calls.append(commands[0][0])
+            if commands[0][0] == "MULTI":
+                await redis.set("lease", "me")
+            return await io(commands, n)
+
+        lean._io = io_with_a_write_between  # type: ignore[method-assign]
+        with pytest.raises(WatchError, match="lease changed"):
+            await lean.transaction([("INCR", "n")], watch=guard)
+        assert calls == ["WATCH", "MULTI"]
+        lean._io = io  # type: ignore[method-assign]
+        assert await redis.get("n") == b"1"  # neither refused transaction ran
+        assert await lean.transaction([("INCR", "n")], watch=guard) == [2]
+        assert await lean.transaction([("INCR", "n")]) == [3]  # no WATCH left standing
+    finally:
+        await lean.aclose()
+
+
+@pytest.mark.parametrize("client", ["lean", "redis-py"])
+async def test_a_lease_guarded_commit_retries_on_its_own_renewal_and_stops_on_a_foreign_owner(
+        redis, client: str) -> None:  # type: ignore[no-untyped-def]
+    from common.bus.core import Transactions
+    from common.bus.lease import Lease, LeaseLost
+
+    lease = Lease(redis, "mdp:lease:test", "me", ttl_ms=10_000)
+    assert await lease.try_acquire()
+    tx = Transactions(redis)
+    if client == "redis-py":
+        tx._lean = False  # as for a TLS URL
+    try:
+        assert await tx.run([("INCR", "n")], lease) == [1]
+        if client == "lean":  # our own renewal lands between the WATCH and the EXEC: retried, committed once
+            await tx.run([], None)  # connects
+            assert isinstance(tx._lean, RespConnection)
+            io, renewed = tx._lean._io, list[int]()
+
+            async def renew_between(commands, n):  # type: ignore[no-untyped-def]
+                if commands[0][0] == "MULTI" and not renewed:
+                    await lease.renew()
+                    renewed.append(1)
+                return await io(commands, n)
+
+            tx._lean._io = renew_between  # type: ignore[method-assign]
+            assert await tx.run([("INCR", "n")], lease) == [2]
+            assert renewed == [1]
+        await redis.set("mdp:lease:test", "another")
+        with pytest.raises(LeaseLost, match="at commit the key names another"):
+            await tx.run([("INCR", "n")], lease)
+        assert await redis.get("n") == (b"2" if client == "lean" else b"1")
+    finally:
+        await tx.aclose()
 
 
 async def test_killed_frozen_and_restarted_redis(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ and checkpointed in Redis in the same MULTI/EXEC as the batch's outputs and ackn
 
 `SeriesBook` holds every series' state in memory, least recently used first, at most `max_series` of them.
 A batch works on a `Staging` (a private copy of each series it touches); the bus's `on_commit` hook adds
-`Checkpoint.write(pipe, staging)` to the batch's MULTI/EXEC (HSET of each touched series, HDEL of the series
+`Checkpoint.write(staging)` to the batch's MULTI/EXEC (HSET of each touched series, HDEL of the series
 the commit evicts), and its `on_acked` hook then makes the staged copies the book's (`Staging.commit()`).
 So state, outputs and acknowledgements are durable together or not at all: a batch whose commit fails is
 judged again against the same state, and a new process (a restart, or a standby that took the lease over)
@@ -29,6 +29,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from common.bus.lease import Lease
+from common.bus.resp import Command
 from common.config import BusSettings
 from common.domain.state import SeriesBook, SeriesKey, Staging, field_of
 
@@ -86,16 +87,18 @@ class Checkpoint:
             book.series[key] = self.restore(key, state) if self.restore is not None else state
             self.loaded += 1
 
-    def write(self, pipe: aioredis.client.Pipeline, staging: Staging) -> None:
-        """Add the batch's state to its MULTI/EXEC: every touched series, minus the ones the commit evicts."""
+    def write(self, staging: Staging) -> list[Command]:
+        """The batch's state, as commands for its MULTI/EXEC: every touched series, minus the ones the commit
+        evicts."""
         evict = staging.evictions()
         gone = set(evict)
-        mapping = {field_of(k): self.encoder.encode(v) for k, v in staging.touched.items() if k not in gone}
-        if mapping:
-            # redis-py types the mapping as an invariant dict[FieldT, EncodableT], refusing dict[str, bytes].
-            pipe.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
+        commands: list[Command] = []
+        fields = [x for k, v in staging.touched.items() if k not in gone for x in (field_of(k), self.encoder.encode(v))]
+        if fields:
+            commands.append(("HSET", self.key, *fields))
         if evict:
-            pipe.hdel(self.key, *[field_of(k) for k in evict])
+            commands.append(("HDEL", self.key, *[field_of(k) for k in evict]))
+        return commands
 
 
 class SeriesState:
@@ -121,9 +124,8 @@ class SeriesState:
     def hold(self, staging: Staging) -> None:
         self._held = staging
 
-    def write(self, pipe: aioredis.client.Pipeline, batch: object) -> None:
-        if self._held is not None:
-            self.checkpoint.write(pipe, self._held)
+    def write(self, batch: object) -> list[Command]:
+        return self.checkpoint.write(self._held) if self._held is not None else []
 
     def committed(self, batch: object) -> None:
         if self._held is not None:

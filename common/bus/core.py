@@ -1,9 +1,10 @@
 """The message bus over Redis Streams. Guarantees and the faults they survive: docs/bus.md.
 
-Producing: `Producer.publish({stream: [events]})` packs up to `batch_max_events` events into one entry
-(FACTS.md: ~25x the throughput of one entry per event), pipelines every XADD of the call into one round
-trip, and trims each stream approximately at `stream_maxlen` entries. Every publish also registers the
-stream (SADD `mdp:streams`); when that SADD finds the stream new (first write, or a Redis that lost its data)
+Producing: `Producer.publish({stream: [events]})` (cold callers) and `Producer.commit(outputs, commands)` (a
+collector's round, a stage's batch: one MULTI/EXEC over the lean connection, `Transactions`) pack up to
+`batch_max_events` events into one entry (FACTS.md: ~25x the throughput of one entry per event), send every
+XADD of the call in one round trip, and trim each stream approximately at `stream_maxlen` entries. Every
+publish also registers the stream (SADD `mdp:streams`); when that SADD finds the stream new (first write, or a Redis that lost its data)
 the producer creates the pipeline's own consumer groups of the stream (`streams.own_groups`, from id 0), so
 what is written while a stage is down is kept for it and counts for backpressure. Backpressure keeps the
 trim harmless: before publishing, the producer looks (at most every 0.5 s) at the stream's own groups, and
@@ -51,7 +52,7 @@ from redis.typing import StreamIdT
 from common.backoff import Backoff, sleep_unless
 from common.bus import streams
 from common.bus.lease import Lease, LeaseLost
-from common.bus.resp import Command, RespConnection, lean_connection
+from common.bus.resp import Command, RespConnection, WatchMismatch, lean_connection
 from common.config import BusSettings
 from common.errors import StoreUnavailable
 from schemas import Alert, Codec, DecodeError, Event, Severity
@@ -79,9 +80,8 @@ StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 XReadReply = list[tuple[bytes, StreamEntries]] | dict[bytes, StreamEntries]  # RESP2 | RESP3
 Outputs = dict[str, list[Event]]
 Handler = Callable[[list[Delivery]], Awaitable[Outputs | None]]
-# Adds commands to a publish's MULTI/EXEC (a collector's position, a stage's state checkpoint).
-PipelineHook = Callable[[aioredis.client.Pipeline], None]
-CommitHook = Callable[[aioredis.client.Pipeline, list[Delivery]], None]
+# The commands a stateful stage adds to a batch's MULTI/EXEC (its state checkpoint).
+CommitHook = Callable[[list[Delivery]], Sequence[Command]]
 
 COMMIT_WATCH_RETRIES = 5
 
@@ -113,32 +113,62 @@ def without_retries(redis: aioredis.Redis) -> aioredis.Redis:
                                                    max_connections=pool.max_connections, **kwargs))
 
 
-async def commit(redis: aioredis.Redis, build: PipelineHook, lease: Lease | None = None) -> list[object]:
-    """Run the commands `build` adds in one MULTI/EXEC. With a lease: WATCH its key and compare the owner
-    before MULTI, so the EXEC aborts if the key changed; it is retried while the lease is still ours (our own
-    renewal touches the key) and raises LeaseLost when it is not. A connection error is raised as
-    redis ConnectionError (never retried here: whether the EXEC ran is for the caller to find out)."""
-    if lease is None:
-        pipe = redis.pipeline(transaction=True)
-        build(pipe)
-        return await pipe.execute()
-    async with redis.pipeline(transaction=True) as pipe:
+class Transactions:
+    """The bus's commits: one MULTI/EXEC of plain commands, sent once and never re-sent (a connection error is
+    raised as redis ConnectionError/TimeoutError and the caller finds out whether the EXEC ran). Over the lean
+    RESP connection (common/bus/resp.py: about 30 us of CPU a round against redis-py's 170-200), through a
+    redis-py client without retries where it cannot speak (TLS). With a lease: WATCH its key and compare the
+    owner before MULTI, so the EXEC aborts if the key changed; retried while the lease is still ours (our own
+    renewal touches the key), LeaseLost when it is not."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._lean: RespConnection | Literal[False] | None = None  # None: not tried yet; False: needs redis-py
+        self._redis_py: aioredis.Redis | None = None
+
+    async def run(self, commands: Sequence[Command], lease: Lease | None = None) -> list[Any]:
+        if self._lean is None:
+            self._lean = lean_connection(self.redis) or False
+        if lease is None:
+            return await self._run(commands, None)
         for _ in range(COMMIT_WATCH_RETRIES):
             try:
-                await pipe.watch(lease.key)
-                owner = await pipe.get(lease.key)
-                if owner != lease.owner.encode():
-                    holder = _s(owner) if owner else "nobody (expired)"
-                    raise lease.lost(f"at commit the key names {holder}")
-                pipe.multi()
-                build(pipe)
-                return await pipe.execute()
-            except WatchError as exc:
-                await pipe.reset()
-                if isinstance(exc.__context__, REDIS_DOWN):  # redis-py reports a dropped connection so
-                    raise RedisConnectionError(f"connection lost during a commit: {exc.__context__}") from exc
+                return await self._run(commands, (lease.key, lease.owner.encode()))
+            except WatchMismatch as exc:
+                raise lease.lost(f"at commit the key names {_s(exc.found) if exc.found else 'nobody (expired)'}") \
+                    from None
+            except WatchError:
                 continue
         raise lease.lost(f"the key changed during {COMMIT_WATCH_RETRIES} commits in a row")
+
+    async def _run(self, commands: Sequence[Command], watch: tuple[str, bytes] | None) -> list[Any]:
+        if isinstance(self._lean, RespConnection):
+            return await self._lean.transaction(commands, watch)
+        if self._redis_py is None:
+            self._redis_py = without_retries(self.redis)
+        async with self._redis_py.pipeline(transaction=True) as pipe:
+            if watch is not None:
+                await pipe.watch(watch[0])
+                found = cast(bytes | None, await pipe.get(watch[0]))  # decode_responses=False
+                if found != watch[1]:
+                    raise WatchMismatch(watch[0], found)
+                pipe.multi()
+            for command in commands:
+                pipe.execute_command(*command)
+            try:
+                return list(await pipe.execute())
+            except WatchError as exc:
+                if isinstance(exc.__context__, REDIS_DOWN):  # redis-py reports a dropped connection so
+                    raise RedisConnectionError(f"connection lost during a commit: {exc.__context__}") from exc
+                raise
+
+    async def aclose(self) -> None:
+        if self._redis_py is not None:
+            await self._redis_py.aclose()
+            self._redis_py = None
+        if isinstance(self._lean, RespConnection):
+            await self._lean.aclose()
+        self._lean = None
 
 
 async def ensure_own_groups(redis: aioredis.Redis, stream: str) -> list[str]:
@@ -268,8 +298,7 @@ class Producer:
         self.codec = codec
         self.settings = settings
         self.source = source
-        self._commit_redis: aioredis.Redis | None = None
-        self._lean: RespConnection | Literal[False] | None = None  # None: not tried yet; False: the URL needs redis-py
+        self.tx = Transactions(redis)
         self._checked_at: dict[str, float] = {}
         self._foreign_checked_at: dict[str, float] = {}
         self._foreign_first_seen: dict[tuple[str, str], float] = {}
@@ -277,22 +306,11 @@ class Producer:
         self.published_entries = 0
         self.backpressure_waits = 0
 
-    @property
-    def commit_redis(self) -> aioredis.Redis:
-        if self._commit_redis is None:
-            self._commit_redis = without_retries(self.redis)
-        return self._commit_redis
-
     async def alert(self, rule: str, severity: str, reason: str, values: dict[str, str]) -> None:
         await publish_alert(self.redis, self.codec, self.settings, self.source, rule, severity, reason, values)
 
     async def aclose(self) -> None:
-        if self._commit_redis is not None:
-            await self._commit_redis.aclose()
-            self._commit_redis = None
-        if isinstance(self._lean, RespConnection):
-            await self._lean.aclose()
-        self._lean = None
+        await self.tx.aclose()
 
     def _xadd_commands(self, outputs: Outputs) -> tuple[list[Command], int, list[tuple[int, str]]]:
         """Every entry's XADD and each stream's SADD into the registry (every time: a Redis that lost its data
@@ -312,14 +330,6 @@ class Producer:
                 entries += 1
         return commands, entries, sadds
 
-    def _xadd_all(self, pipe: aioredis.client.Pipeline, outputs: Outputs) -> tuple[int, list[tuple[int, str]]]:
-        """`_xadd_commands` queued on a redis-py pipeline (after what it holds already)."""
-        commands, entries, sadds = self._xadd_commands(outputs)
-        offset = len(pipe.command_stack)
-        for command in commands:
-            pipe.execute_command(*command)
-        return entries, [(offset + i, stream) for i, stream in sadds]
-
     async def _registered(self, results: list[object], sadds: list[tuple[int, str]]) -> None:
         """After a publish: the streams the registry did not know yet get the pipeline's own groups."""
         for index, stream in sadds:
@@ -330,81 +340,36 @@ class Producer:
         self.published_entries += entries
         self.published_events += sum(len(v) for v in outputs.values())
 
-    async def publish(self, outputs: Outputs, *, extra: PipelineHook | None = None,
-                      lease: Lease | None = None) -> None:
-        """Publish outputs; with `extra`, its commands and the XADDs go in one MULTI/EXEC."""
+    async def publish(self, outputs: Outputs) -> None:
+        """Publish outputs (the cold callers: alerts, gap repairs, strategies' events) through redis-py, which
+        re-sends the pipeline once if the connection drops: an entry may then be written twice, and readers
+        tell it by its events' ids (every writer is idempotent). The hot paths use `commit`."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
-        if not outputs and extra is None:
+        if not outputs:
             return
-        if outputs:
-            await self.wait_for_consumers(outputs.keys())
-        if extra is None and lease is None:
-            pipe = self.redis.pipeline(transaction=False)
-            entries, sadds = self._xadd_all(pipe, outputs)
-            results = await pipe.execute()
-            await self._registered(results, sadds)
-            self._count(outputs, entries)
-            return
-        queued: list[tuple[int, list[tuple[int, str]]]] = []
-
-        def build(pipe: aioredis.client.Pipeline) -> None:
-            queued[:] = [self._xadd_all(pipe, outputs)]
-            if extra is not None:
-                extra(pipe)
-
-        results = await commit(self.redis, build, lease)
-        await self._registered(results, queued[0][1])
-        self._count(outputs, queued[0][0])
-
-    async def publish_lean(self, outputs: Outputs, extra: Sequence[Command] = ()) -> None:
-        """Publish outputs and the plain commands `extra` in one MULTI/EXEC over the lean connection
-        (common/bus/resp.py: about 30 us of CPU a round against redis-py's 170-200), through redis-py where it
-        cannot speak (TLS). Never re-sent: a connection error is raised as redis ConnectionError/TimeoutError
-        and the caller finds out whether the EXEC ran (the collector: from the positions in `extra`)."""
-        outputs = {s: ev for s, ev in outputs.items() if ev}
-        if not outputs and not extra:
-            return
-        if outputs:
-            await self.wait_for_consumers(outputs.keys())
+        await self.wait_for_consumers(outputs.keys())
         commands, entries, sadds = self._xadd_commands(outputs)
-        commands.extend(extra)
-        if self._lean is None:
-            self._lean = lean_connection(self.redis) or False
-        if isinstance(self._lean, RespConnection):
-            results = await self._lean.transaction(commands)
-        else:
-            pipe = self.commit_redis.pipeline(transaction=True)
-            for command in commands:
-                pipe.execute_command(*command)
-            results = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        results = await pipe.execute()
         await self._registered(results, sadds)
         self._count(outputs, entries)
 
-    async def publish_and_ack(self, outputs: Outputs, acks: dict[str, list[str]], group: str, *,
-                              extra: PipelineHook | None = None, lease: Lease | None = None) -> None:
-        """Publish outputs and acknowledge the inputs they came from, atomically; `extra` adds commands (a
-        stage's state checkpoint) to the same MULTI/EXEC. A connection error is raised as is, never re-sent:
-        the EXEC may have run (Consumer._commit finds out with XPENDING). Without `extra` and `lease` the
-        commit goes over the lean connection (`publish_lean`), with them through redis-py (WATCH, hooks)."""
-        if extra is None and lease is None:  # a stage without state (the normalizer): plain commands, lean
-            await self.publish_lean(outputs, [("XACK", stream, group, *ids) for stream, ids in acks.items() if ids])
-            return
+    async def commit(self, outputs: Outputs, commands: Sequence[Command] = (), lease: Lease | None = None) -> None:
+        """Publish outputs and run `commands` (a collector's positions, a stage's acknowledgements and state
+        checkpoint) in one MULTI/EXEC, guarded by `lease` if given (`Transactions`). Never re-sent: a
+        connection error is raised as redis ConnectionError/TimeoutError and the caller finds out whether the
+        EXEC ran (the collector from its positions, a stage with XPENDING)."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
+        if not outputs and not commands:
+            return
         if outputs:
             await self.wait_for_consumers(outputs.keys())
-        queued: list[tuple[int, list[tuple[int, str]]]] = []
-
-        def build(pipe: aioredis.client.Pipeline) -> None:
-            queued[:] = [self._xadd_all(pipe, outputs)]
-            for stream, ids in acks.items():
-                if ids:
-                    pipe.xack(stream, group, *ids)
-            if extra is not None:
-                extra(pipe)
-
-        results = await commit(self.commit_redis, build, lease)
-        await self._registered(results, queued[0][1])
-        self._count(outputs, queued[0][0])
+        xadds, entries, sadds = self._xadd_commands(outputs)
+        results = await self.tx.run([*xadds, *commands], lease)
+        await self._registered(results, sadds)
+        self._count(outputs, entries)
 
     async def backlog(self, stream: str, groups: list[GroupState] | None = None) -> int:
         """Entries one of the pipeline's own groups of `stream` has not finished: undelivered (lag) plus
@@ -510,7 +475,8 @@ class Consumer:
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: BusSettings, group: str, name: str,
                  selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0,
                  on_acked: Callable[[list[Delivery]], None] | None = None,
-                 on_commit: CommitHook | None = None, lease: Lease | None = None) -> None:
+                 on_commit: CommitHook | None = None, lease: Lease | None = None,
+                 tx: Transactions | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
@@ -518,12 +484,14 @@ class Consumer:
         self.name = name
         self.selector = selector
         self.producer = producer
+        # Its commits; a stage passes its producer's, closed with the producer (else `aclose`).
+        self.tx = tx or (producer.tx if producer is not None else Transactions(redis))
         self.refresh_s = refresh_s
         # Called after a batch's outputs are published and its entries acknowledged: where a stateful stage
         # commits the state it staged for the batch (so a failed publish leaves the state as it was).
         self.on_acked = on_acked
-        # Called while the batch's MULTI is built, after its XADDs and XACKs: a stateful stage adds its state
-        # checkpoint there, so state, outputs and acknowledgements commit together or not at all.
+        # Called while the batch's MULTI/EXEC is built: the commands a stateful stage adds after the XADDs and
+        # XACKs (its state checkpoint), so state, outputs and acknowledgements commit together or not at all.
         self.on_commit = on_commit
         # With a lease, only its holder reads: acquired before anything is read, verified in every commit.
         self.lease = lease
@@ -539,6 +507,10 @@ class Consumer:
 
     async def alert(self, rule: str, severity: str, reason: str, values: dict[str, str]) -> None:
         await publish_alert(self.redis, self.codec, self.settings, self.group, rule, severity, reason, values)
+
+    async def aclose(self) -> None:
+        """Close the commits' connection (the producer's too, if it was given one)."""
+        await self.tx.aclose()
 
     # -- groups and streams ------------------------------------------------------------------------------
 
@@ -948,30 +920,15 @@ class Consumer:
             raise
 
     async def _ack(self, acks: dict[str, list[str]], good: list[Delivery], outputs: Outputs) -> None:
-        on_commit = self.on_commit
-        extra: PipelineHook | None = None
-        if on_commit is not None:
-            def extra(pipe: aioredis.client.Pipeline) -> None:
-                on_commit(pipe, good)
+        commands: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in acks.items() if ids]
+        if self.on_commit is not None:
+            commands.extend(self.on_commit(good))
         if self.producer is not None:
-            await self.producer.publish_and_ack(outputs, acks, self.group, extra=extra, lease=self.lease)
+            await self.producer.commit(outputs, commands, self.lease)
             return
         if outputs:
             raise RuntimeError(f"consumer {self.name} got outputs but has no producer to publish them")
-        if extra is None and self.lease is None:
-            pipe = self.redis.pipeline(transaction=False)
-            for stream, ids in acks.items():
-                pipe.xack(stream, self.group, *ids)
-            await pipe.execute()
-            return
-
-        def build(pipe: aioredis.client.Pipeline) -> None:
-            for stream, ids in acks.items():
-                pipe.xack(stream, self.group, *ids)
-            if extra is not None:
-                extra(pipe)
-
-        await commit(self.redis, build, self.lease)
+        await self.tx.run(commands, self.lease)
 
     # -- takeover and dead letters -------------------------------------------------------------------------
 

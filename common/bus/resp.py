@@ -2,9 +2,9 @@
 
 redis-py's asyncio pipeline costs about 170-200 us of CPU per MULTI/EXEC on these machines (a task for each
 `wait_for` and `shield`, per-command packing and response callbacks, the pool's bookkeeping); this connection
-sends the same bytes for about 30 us. The collector publishes each round through it, and a stage without a lease
-or a state hook (the normalizer) commits through it (docs/collector.md, "Batching and memory"); everything else
-keeps redis-py.
+sends the same bytes for about 30 us. Every commit of the bus goes through it (`core.Transactions`: the
+collector's rounds, each stage's outputs, acknowledgements and state checkpoint; docs/collector.md, "Batching
+and memory"); reads and the cold calls keep redis-py.
 
 Same guarantees as the redis-py client made by `core.without_retries`: a transaction is sent once and never
 re-sent; a connection that fails or times out is closed (the next call connects again) and the failure is
@@ -22,7 +22,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -30,6 +30,15 @@ Arg = bytes | str | int | float
 Command = Sequence[Arg]
 
 READ_CHUNK = 65536
+
+
+class WatchMismatch(Exception):
+    """A guarded transaction did not run: its watched key did not hold the expected value."""
+
+    def __init__(self, key: str, found: bytes | None) -> None:
+        super().__init__(f"{key} holds {found!r}")
+        self.key = key
+        self.found = found
 
 
 def _arg(a: Arg) -> bytes:
@@ -103,44 +112,57 @@ class RespConnection:
             out.append(reply)
         return out
 
-    async def transaction(self, commands: Sequence[Command]) -> list[Any]:
-        """Run `commands` in one MULTI/EXEC; their replies, in order. Raises ResponseError for a command Redis
-        refused (naming it), ConnectionError/TimeoutError when the connection failed (it is closed; whether the
-        EXEC ran is for the caller to find out: it is never re-sent)."""
+    async def transaction(self, commands: Sequence[Command], watch: tuple[str, bytes] | None = None) -> list[Any]:
+        """Run `commands` in one MULTI/EXEC; their replies, in order. With `watch` (key, value): first WATCH the
+        key and read it (one round trip); if it does not hold `value` nothing runs and `WatchMismatch` is
+        raised, and if it changes before the EXEC the EXEC aborts and redis-py's WatchError is raised (a lease
+        guard: core.Transactions). Raises ResponseError for a command Redis refused (naming it),
+        ConnectionError/TimeoutError when the connection failed (it is closed; whether the EXEC ran is for the
+        caller to find out: it is never re-sent)."""
         async with self._lock:
-            return await self._transaction(commands)
-
-    async def _transaction(self, commands: Sequence[Command]) -> list[Any]:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                if self._writer is None:
-                    await self._connect()
-                assert self._writer is not None
-                self._writer.write(pack([("MULTI",), *commands, ("EXEC",)]))
-                replies = await self._replies(len(commands) + 2)
-        except TimeoutError:
-            self.close()
-            raise RedisTimeoutError(f"no reply from {self.where} within {self.timeout_s:g} s") from None
-        except (OSError, EOFError, asyncio.IncompleteReadError, hiredis.ProtocolError) as exc:
-            self.close()
-            raise RedisConnectionError(f"connection to {self.where} failed: {type(exc).__name__}: {exc}") from exc
-        except RedisConnectionError:
-            self.close()
-            raise
-        except BaseException:  # cancelled with a transaction on the wire: its replies would answer the next one
-            self.close()
-            raise
+            if watch is not None:
+                key, expected = watch
+                ok, found = await self._io([("WATCH", key), ("GET", key)], 2)
+                for verb, reply in (("WATCH", ok), ("GET", found)):
+                    if isinstance(reply, ResponseError):
+                        self.close()  # the WATCH may stand: a fresh connection has none
+                        raise _error((verb, key), reply, self.where)
+                if found != expected:
+                    self.close()
+                    raise WatchMismatch(key, found)
+            replies = await self._io([("MULTI",), *commands, ("EXEC",)], len(commands) + 2)
         result = replies[-1]
         # Refused when queued (MULTI itself, or a command): Redis then answers EXECABORT for the whole.
         for command, reply in zip([("MULTI",), *commands], replies[:-1], strict=True):
             if isinstance(reply, ResponseError):
                 raise _error(command, reply, self.where)
+        if result is None and watch is not None:
+            raise WatchError(f"{watch[0]} changed between WATCH and EXEC; nothing ran")
         if isinstance(result, ResponseError) or result is None:
             raise _error(("EXEC", f"of {len(commands)} commands"), result or ResponseError("aborted"), self.where)
         for command, reply in zip(commands, result, strict=True):
             if isinstance(reply, ResponseError):
                 raise _error(command, reply, self.where)
         return list(result)
+
+    async def _io(self, commands: Sequence[Command], n: int) -> list[Any]:
+        """Send `commands` in one write and read `n` replies (connecting first if need be)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if self._writer is None:
+                    await self._connect()
+                assert self._writer is not None
+                self._writer.write(pack(commands))
+                return await self._replies(n)
+        except TimeoutError:
+            self.close()
+            raise RedisTimeoutError(f"no reply from {self.where} within {self.timeout_s:g} s") from None
+        except (OSError, EOFError, asyncio.IncompleteReadError, hiredis.ProtocolError) as exc:
+            self.close()
+            raise RedisConnectionError(f"connection to {self.where} failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # refused at set-up, closed by the server, or cancelled with commands on the
+            self.close()       # wire (their replies would answer the next call's)
+            raise
 
     def close(self) -> None:
         if self._writer is not None:

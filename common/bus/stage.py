@@ -269,7 +269,7 @@ class Stage(Service):
                         selector=StreamSelector(names=self.input_names, patterns=self.inputs),
                         producer=self.producer if self.forwards else None, lease=self.lease,
                         on_acked=series.committed if series is not None else None,
-                        on_commit=series.write if series is not None else None)
+                        on_commit=series.write if series is not None else None, tx=self.producer.tx)
 
     # -- what a stage implements ------------------------------------------------------------------------
 

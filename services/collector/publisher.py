@@ -180,7 +180,7 @@ class Publisher:
                           *(x for (c, s), p in positions.items() for x in (position_field(c, s), p.encode()))))
         outputs: dict[str, list[Event]] = {self.stream: events, streams.GAPS: gaps, streams.ALERTS: alerts}
         self.count["publish_round_trips"] += 1  # one MULTI/EXEC (the heartbeat's rate of them)
-        await self.producer.publish_lean(outputs, extra)
+        await self.producer.commit(outputs, extra)
         for b in batches:
             if b.trade_ids:
                 self.state_by_symbol[b.symbol].settle(

@@ -129,7 +129,7 @@ class InfluxWriter(Stage):
         return Consumers([
             Consumer(self.redis, WireCodec(), bus, group=GROUP,
                      name=self.consumer_name if k == 0 else f"{self.consumer_name}.{k}",
-                     selector=StreamSelector(patterns=INPUT_PATTERNS))
+                     selector=StreamSelector(patterns=INPUT_PATTERNS), tx=self.producer.tx)
             for k in range(max(1, self.settings.influx.writer_consumers))])
 
     def extra_counters(self) -> dict[str, int]:
