@@ -559,27 +559,36 @@ async def test_publisher_batches_a_busy_stretch_into_one_round_and_flushes_at_on
         return [Trade(exchange="binance", symbol="BTC/USDT", trade_id=str(i), price=None, amount=None, side=None,
                       ts_event=i * 1_000_000, ts_recv=0)]
 
+    async def rounds_reach(n: int, within_s: float) -> float:
+        """Wait (no fixed sleep) until `n` rounds went out; the seconds it took."""
+        t0 = time.monotonic()
+        while len(rounds) < n:
+            assert time.monotonic() - t0 < within_s, f"{len(rounds)} rounds after {within_s} s, expected {n}"
+            await asyncio.sleep(0.001)
+        return time.monotonic() - t0
+
+    linger_s = 1.0
     count: Counter[str] = Counter()
     publisher = Publisher(Service(), Producer(), "binance", {"BTC/USDT": SymbolState()},
-                          count, True, buffer_events=1_000, batch_events=20, linger_s=0.2)
+                          count, True, buffer_events=1_000, batch_events=20, linger_s=linger_s)
     task = asyncio.create_task(publisher.run(1_000))
     # Act, Assert: the first event after a quiet spell is not held back
     await publisher.publish(trade(1), symbol="BTC/USDT", channel="trades")
-    await asyncio.sleep(0.05)
-    assert rounds == [["1"]]
+    assert await rounds_reach(1, within_s=linger_s / 2) < linger_s / 2
+    first_round_at = time.monotonic()
     for i in range(2, 12):  # a busy stretch: ten wake-ups within the linger
         await publisher.publish(trade(i), symbol="BTC/USDT", channel="trades")
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
     assert len(rounds) == 1, "held for the linger"
-    await asyncio.sleep(0.25)
+    await rounds_reach(2, within_s=5 * linger_s)
+    assert time.monotonic() - first_round_at >= linger_s * 0.9, "the second round waited for the linger"
     assert rounds[1] == [str(i) for i in range(2, 12)], "one round for the ten wake-ups"
     for i in range(12, 32):  # a full round: published without waiting for the linger
         await publisher.publish(trade(i), symbol="BTC/USDT", channel="trades")
-    await asyncio.sleep(0.05)
+    assert await rounds_reach(3, within_s=linger_s / 2) < linger_s / 2
     assert rounds[2] == [str(i) for i in range(12, 32)]
     await publisher.publish(trade(32), symbol="BTC/USDT", channel="trades")
-    await asyncio.sleep(0.01)
-    await publisher.drain(task, 1.0)  # the stop flushes at once
+    await publisher.drain(task, linger_s / 2)  # the stop flushes at once, not after the linger
     assert rounds[3] == ["32"] and task.done()
     assert count["publish_round_trips"] == 4
 

@@ -309,17 +309,17 @@ async def test_a_failed_publish_leaves_the_state_and_the_entry_for_redelivery(re
     consumer = svc.consumer  # the bus path: handler, then publish + ack in one MULTI, then the on_acked commit
     consumer._stop, consumer._handler = asyncio.Event(), svc.handle
     assert await svc.lease.try_acquire()  # what consumer.run does first
-    publish_and_ack = svc.producer.publish_and_ack
+    commit = svc.producer.commit
 
     async def refused(*args: object, **kwargs: object) -> None:
         raise ResponseError("EXECABORT Transaction discarded (simulated)")  # the MULTI/EXEC did not run
-    svc.producer.publish_and_ack = refused  # type: ignore[method-assign]
+    svc.producer.commit = refused  # type: ignore[method-assign]
     await consumer._handle(deliveries)
     assert consumer.stats.failures >= 1 and consumer.stats.acked == 0
     assert len(svc.book) == 0  # nothing committed
     assert await redis.hlen("mdp:state:validator") == 0  # nor checkpointed
     assert int((await redis.xpending(streams.raw("binance"), "validator"))["pending"]) == len(deliveries)  # left
-    svc.producer.publish_and_ack = publish_and_ack  # type: ignore[method-assign]
+    svc.producer.commit = commit  # type: ignore[method-assign]
     await consumer._handle(deliveries)  # the bus's retry of the same entries
     assert await read(redis, streams.valid("binance")) == [stubs.candle(0), stubs.candle(1)]
     assert svc.counters()["repaired"] == 0  # the retried bar is not taken for a duplicate
