@@ -39,11 +39,14 @@ def jittered(seconds: float, spread: tuple[float, float] = SPREAD, rng: random.R
 async def sleep_unless(stop: asyncio.Event, seconds: float, spread: tuple[float, float] = SPREAD) -> bool:
     """Sleep about `seconds` (jittered by `spread`, +-20% unless told: retrying processes spread out; `EXACT`
     for a fixed period), or less if `stop` is set meanwhile; True if `stop` is set."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation of the caller that
+    # arrives as the event is set, leaving a task that was told to stop running on.
     try:
-        await asyncio.wait_for(stop.wait(), timeout=jittered(seconds, spread))
+        async with asyncio.timeout(jittered(seconds, spread)):
+            await stop.wait()
         return True
     except TimeoutError:
-        return False
+        return stop.is_set()
 
 
 class Backoff:

@@ -354,3 +354,17 @@ async def test_backoff_sleep_returns_at_once_when_stop_is_set() -> None:
     started = time.monotonic()
     assert await Backoff(30.0, 30.0).sleep(stop)
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_sleep_cancelled_as_its_stop_is_set_is_cancelled() -> None:
+    # Arrange: a task in sleep_unless
+    stop = asyncio.Event()
+    task = asyncio.create_task(sleep_unless(stop, 30.0, EXACT))
+    await asyncio.sleep(0)
+    # Act: stop is set and the task cancelled in the same turn of the loop (a consumer told to stop by
+    # both its stop event and its supervisor at once)
+    stop.set()
+    task.cancel()
+    # Assert: the cancellation wins; Python 3.11's wait_for returned True here and the task ran on
+    with pytest.raises(asyncio.CancelledError):
+        await task

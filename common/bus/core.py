@@ -342,7 +342,7 @@ class Producer:
 
     async def publish(self, outputs: Outputs) -> None:
         """Publish outputs (the cold callers: alerts, gap repairs, strategies' events) through redis-py, which
-        re-sends the pipeline once if the connection drops: an entry may then be written twice, and readers
+        re-sends the pipeline if the connection drops (its retries): an entry may then be written twice, and readers
         tell it by its events' ids (every writer is idempotent). The hot paths use `commit`."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if not outputs:
