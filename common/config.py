@@ -73,6 +73,9 @@ class InfluxSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retention: dict[str, str] = msgspec.field(default_factory=_influx_retention)
 
 
+MAX_PARTITIONS = 256  # bus.partitions at most: each is a lease, a checkpoint hash and a consumer per instance
+
+
 class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Bound of every stream, in entries (one entry = one batch of events). XADD trims approximately at it.
     stream_maxlen: int = 100_000
@@ -95,6 +98,10 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abandoned_group_s: float = 300.0
     # Destroy an abandoned group (XGROUP DESTROY, with an alert) instead of only reporting it.
     drop_abandoned_groups: bool = False
+    # Partitions of a partitioned stateful stage (the aggregator): its md:* inputs split by the base asset of
+    # their symbol, each partition under its own lease and checkpoint, shared out among the instances alive
+    # (docs/scaling.md, "Partitions"). 1: one lease for the stage, one instance works and the others stand by.
+    partitions: int = 1
 
 
 class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -340,6 +347,8 @@ def _check(settings: Settings, path: Path) -> None:
                   f"must be above 0 and below bus.stream_maxlen ({bus.stream_maxlen})")
     if bus.max_deliveries < 1:
         raise bad("bus.max_deliveries", bus.max_deliveries, "must be at least 1")
+    if not 1 <= bus.partitions <= MAX_PARTITIONS:
+        raise bad("bus.partitions", bus.partitions, f"must be from 1 to {MAX_PARTITIONS}")
     for ex in settings.exchanges:
         if not ex.symbols:
             raise bad(f"exchanges[{ex.id}].symbols", ex.symbols, "is empty; list at least one unified symbol")

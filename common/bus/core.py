@@ -438,18 +438,22 @@ class Producer:
 
 
 class StreamSelector:
-    """The streams a consumer reads: fixed names and/or glob patterns over the stream registry."""
+    """The streams a consumer reads: fixed names and/or glob patterns over the stream registry, those of the
+    patterns kept only where `where(name)` holds (a partition's share), if given."""
 
-    def __init__(self, names: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
+    def __init__(self, names: Iterable[str] = (), patterns: Iterable[str] = (),
+                 where: Callable[[str], bool] | None = None) -> None:
         self.names = list(names)
         self.patterns = list(patterns)
+        self.where = where
 
     async def resolve(self, redis: aioredis.Redis) -> list[str]:
         found = set(self.names)
         if self.patterns:
             for member in await redis.smembers(streams.REGISTRY):
                 name = _s(member)
-                if any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
+                if any(fnmatch.fnmatchcase(name, p) for p in self.patterns) and (
+                        self.where is None or self.where(name)):
                     found.add(name)
         return sorted(found)
 
@@ -476,7 +480,7 @@ class Consumer:
                  selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0,
                  on_acked: Callable[[list[Delivery]], None] | None = None,
                  on_commit: CommitHook | None = None, lease: Lease | None = None,
-                 tx: Transactions | None = None) -> None:
+                 tx: Transactions | None = None, handover: Callable[[], bool] | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
@@ -495,6 +499,10 @@ class Consumer:
         self.on_commit = on_commit
         # With a lease, only its holder reads: acquired before anything is read, verified in every commit.
         self.lease = lease
+        # Asked between batches: True when this consumer should give its lease up (its partition goes to
+        # another instance). It stops reading once nothing is pending with it, and releases the lease.
+        self.handover = handover
+        self.handed_over = False
         self.streams: list[str] = []
         self._refreshed_at = 0.0
         self._claimed_at = 0.0
@@ -581,7 +589,7 @@ class Consumer:
                         await task
                     except (asyncio.CancelledError, LeaseLost):
                         pass
-            if stop.is_set() and self.lease.held:
+            if (stop.is_set() or self.handed_over) and self.lease.held:
                 try:
                     await self.lease.release()
                 except (RedisError, OSError) as exc:
@@ -654,6 +662,12 @@ class Consumer:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.handover is not None and self.handover() and await self._nothing_pending():
+                # Between batches, nothing of ours in flight: whoever takes the lease next cannot read newer
+                # entries of these streams before older ones left pending with us.
+                self.handed_over = True
+                log.info("consumer %s hands its streams over (%d)", self.name, len(self.streams))
+                return
             await self.refresh_streams()
             if time.monotonic() - self._claimed_at >= self.settings.claim_idle_ms / 2000:
                 self._claimed_at = time.monotonic()
@@ -666,6 +680,15 @@ class Consumer:
             deliveries = self._deliveries(cast(XReadReply | None, resp))
             if deliveries:
                 await self._handle(deliveries)
+
+    async def _nothing_pending(self) -> bool:
+        """True if no entry of our streams is pending with this consumer."""
+        if not self.streams:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xpending_range(stream, self.group, min="-", max="+", count=1, consumername=self.name)
+        return not any(await pipe.execute())
 
     # -- own pending entries after a restart ----------------------------------------------------------------
 

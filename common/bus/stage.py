@@ -47,6 +47,7 @@ from common.bus.core import (
     redis_url,
 )
 from common.bus.lease import Lease
+from common.bus.partitions import Partitions
 from common.config import ConfigError, Settings, load_settings
 from common.domain.state import SeriesBook, SeriesKey, Staging
 from common.errors import StoreUnavailable
@@ -221,6 +222,10 @@ class Stage(Service):
       quality.max_series series, staged per batch and checkpointed in the batch's MULTI/EXEC; the stage then
       holds the lease mdp:lease:{name} (one instance works, another stands by) and implements
       `series_of(batch)` and `judge(batch, staging)` instead of `handle(batch)`;
+    - `partitioned`: with state_types, the stage may run partitioned: with bus.partitions = P > 1 its inputs
+      (per-symbol md:* streams) split into P partitions by base asset, each under the lease
+      mdp:lease:{name}:p{k} with its own checkpoint, shared out among the instances alive
+      (common/bus/partitions.py); with P = 1 it runs as any checkpointed stage;
     - `bus_counters`: the consumer's counters its heartbeat carries;
     - `prepare()`: what must answer before anything is read (called until it does, see `until_ready`).
     """
@@ -230,6 +235,7 @@ class Stage(Service):
     input_names: ClassVar[tuple[str, ...]] = ()
     forwards: ClassVar[bool] = False
     state_types: ClassVar[dict[str, type] | None] = None
+    partitioned: ClassVar[bool] = False
     series_noun: ClassVar[str] = "series"  # the name of the state's size in the counters
     bus_counters: ClassVar[tuple[str, ...]] = ("delivered", "acked", "dead_lettered", "failures")
 
@@ -238,11 +244,23 @@ class Stage(Service):
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.lease: Lease | None = None
         self.series: SeriesState | None = None
-        if self.state_types is not None:
+        self.partitions: Partitions | None = None
+        if self.state_types is not None and self.partitioned and settings.bus.partitions > 1:
+            self.partitions = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance,
+                                         self.group_name, self.inputs, self.producer, self.partition_state,
+                                         noun=self.series_noun)
+        elif self.state_types is not None:
             self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
             self.series = SeriesState(self.redis, self.name, self.state_types, settings.quality.max_series,
                                       restore=self.restore)
         self.consumer: Reader = self.reader()
+
+    def partition_state(self, k: int) -> SeriesState:
+        """The empty series state of partition k (checkpoint mdp:state:{name}:p{k}), made each time this
+        process takes the partition."""
+        assert self.state_types is not None
+        return SeriesState(self.redis, f"{self.name}:p{k}", self.state_types, self.settings.quality.max_series,
+                           restore=self.restore)
 
     @property
     def book(self) -> SeriesBook:
@@ -264,6 +282,8 @@ class Stage(Service):
 
     def reader(self) -> Reader:
         """The stage's consumer (a stage reading with several consumers overrides this)."""
+        if self.partitions is not None:
+            return self.partitions
         series = self.series
         return Consumer(self.redis, self.codec, self.settings.bus, group=self.group_name, name=self.consumer_name,
                         selector=StreamSelector(names=self.input_names, patterns=self.inputs),
@@ -279,8 +299,11 @@ class Stage(Service):
     async def handle(self, batch: list[Delivery]) -> Outputs | None:
         """Handle a batch durably (outputs, if it forwards). A checkpointed stage's: its state for the batch
         (loaded from the checkpoint where memory lacks it), `judge`, then the staged state is held for the
-        commit (made the memory's once the bus acknowledged the batch)."""
+        commit (made the memory's once the bus acknowledged the batch). A partitioned stage's batch comes from
+        one partition: its state is that partition's."""
         series = self.series
+        if series is None and self.partitions is not None and batch:
+            series = self.partitions.state_for(batch[0].stream)
         if series is None:
             raise NotImplementedError(f"{type(self).__name__} handles no batch: implement handle(batch)")
         staging = await series.begin(self.series_of(batch))
@@ -308,12 +331,14 @@ class Stage(Service):
 
     def counters(self) -> dict[str, int]:
         s = self.consumer.stats
-        if self.lease is not None and (s.state == "standby" or self.state == "standby"):
+        if self.state_types is not None and (s.state == "standby" or self.state == "standby"):
             # waiting for the lease, or just took it
             self.state = "standby" if s.state == "standby" else "running"
         out = dict(self.count) | self.extra_counters()
         if self.series is not None:
             out |= self.series.counters(self.series_noun)
+        if self.partitions is not None:
+            out |= self.partitions.series_counters()
         return out | {k: getattr(s, k) for k in self.bus_counters}
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import fnmatch
+import zlib
 from functools import lru_cache
 
 ALERTS = "mdp:alerts"
@@ -103,3 +104,24 @@ def own_groups(stream: str) -> tuple[str, ...]:
         if fnmatch.fnmatchcase(stream, pattern):
             found.extend(g for g in groups if g not in found)
     return tuple(found)
+
+
+def base_asset(symbol: str) -> str:
+    """The base asset of a unified symbol: BTC in BTC/USDT, BTC/USDT:USDT and BTC/USD."""
+    return symbol.split("/", 1)[0]
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The partition of a unified symbol: crc32 of its base asset modulo `partitions`, the same in every
+    process (Python's hash() of a str is salted per process), so every venue and quote of an asset meets in one
+    partition."""
+    return zlib.crc32(base_asset(symbol).encode()) % partitions if partitions > 1 else 0
+
+
+def partition_of_stream(stream: str, partitions: int) -> int:
+    """The partition of a per-symbol stream (md:{kind}:{exchange}:{symbol}, by its symbol); any other stream
+    by its whole name."""
+    parts = stream.split(":", 3)
+    if len(parts) == 4 and parts[0] == "md":
+        return partition_of(parts[3], partitions)
+    return zlib.crc32(stream.encode()) % partitions if partitions > 1 else 0

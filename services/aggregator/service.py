@@ -86,6 +86,7 @@ class Aggregator(Stage):
     inputs = INPUT_PATTERNS
     forwards = True
     state_types: ClassVar[dict[str, type] | None] = {"bars": SymbolBars}
+    partitioned = True
     series_noun = "symbols"
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
