@@ -6,8 +6,9 @@ wrong)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import pytest
@@ -15,9 +16,16 @@ import redis.asyncio as aioredis
 
 from common.bus import streams
 from common.bus.core import Delivery, Producer
-from common.config import ConfigError, load_settings
-from schemas import Event
+from common.bus.stage import Stage
+from common.config import ConfigError, ExchangeSettings, load_settings
+from schemas import Codec, Event, Market, Trade
 from services.aggregator import Aggregator
+from services.collector.service import Collector
+from services.normalizer import Normalizer
+from services.validator import Validator
+from simulator import start_simulator
+from tests.collecting import collector_settings, run_collector
+from tests.collecting import read as read_events
 from tests.test_aggregator import (
     aggregate_in_pieces,
     all_done,
@@ -27,6 +35,7 @@ from tests.test_aggregator import (
     settings,  # noqa: F401 - the fixture
     streams_of,
 )
+from tests.test_stages import read
 
 replace = msgspec.structs.replace
 # Five symbols over the four partitions (BTC and SOL share partition 2): the real BTC/USDT capture under each.
@@ -63,8 +72,9 @@ def pieces_of_five_symbols() -> list[list[Event]]:
 
 
 async def wait_until(what: str, predicate: Callable[[], bool], tasks: Sequence[asyncio.Task[None]],
-                     timeout: float = 60.0) -> None:
-    """Wait for `predicate`, failing with `what` on timeout or with a task's own exception if one ends."""
+                     timeout: float = 60.0, why: Callable[[], Awaitable[str]] | None = None) -> None:
+    """Wait for `predicate`, failing with `what` (and `why()`) on timeout or with a task's own exception if one
+    ends."""
     try:
         async with asyncio.timeout(timeout):
             while not predicate():
@@ -74,7 +84,8 @@ async def wait_until(what: str, predicate: Callable[[], bool], tasks: Sequence[a
                         raise AssertionError(f"a service stopped while waiting for {what}")
                 await asyncio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
+                             f"{await why() if why is not None else ''}") from None
 
 
 async def drained(redis: aioredis.Redis, names: list[str], tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -86,9 +97,47 @@ async def drained(redis: aioredis.Redis, names: list[str], tasks: Sequence[async
             await asyncio.sleep(0.05)
 
 
+async def finish(tasks: Sequence[asyncio.Task[None]], what: str, timeout: float = 30.0) -> None:
+    """Wait for `tasks` to end (stopped or cancelled); if one does not within `timeout`, fail with the stack of
+    every task still running (a task that swallowed its cancellation runs on with no lease)."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    if pending:
+        stacks = []
+        for t in asyncio.all_tasks():
+            out = io.StringIO()
+            t.print_stack(limit=12, file=out)
+            stacks.append(f"--- {t.get_name()} (cancelling {t.cancelling()}):\n{out.getvalue()}")
+        raise AssertionError(f"{what}: {len(pending)} task(s) did not end within {timeout} s; every task:\n"
+                             + "\n".join(stacks))
+
+
 def held(svc: Aggregator) -> set[int]:
     assert svc.partitions is not None
     return set(svc.partitions.live)
+
+
+def diagnose(redis: aioredis.Redis, *services: Aggregator) -> Callable[[], Awaitable[str]]:
+    """What each instance holds and sees, and who holds each lease in Redis (for a timeout's message)."""
+    async def why() -> str:
+        lines = []
+        for svc in services:
+            p = svc.partitions
+            assert p is not None
+            lines.append(f"{svc.instance}: live {sorted(p.live)}, share held {sorted(p.share.held)} giving "
+                         f"{sorted(p.share.giving)} quota {p.share.quota} alive {sorted(p.share.alive)}, stats "
+                         f"{p.stats.state} acked {p.stats.acked}")
+            for k, (consumer, _) in sorted(p.live.items()):
+                pending = [await redis.xpending(st, "aggregator") for st in consumer.streams]
+                lines.append(f"  p{k}: handed_over {consumer.handed_over} streams {consumer.streams} pending "
+                             f"{[(x['pending'], x['consumers']) for x in pending]}")
+        leases = [await redis.get(f"mdp:lease:aggregator:p{k}") for k in range(4)]
+        alive = sorted(k.decode() for k in await redis.keys("mdp:alive:*"))
+        stacks = [f"{t.get_name()}: {t.get_stack(limit=8)}" for t in asyncio.all_tasks()
+                  if "lease" in t.get_name() or "work" in t.get_name()]
+        return "; ".join([*lines, f"leases {leases}", f"alive keys {alive}", *stacks])
+    return why
 
 
 async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without_loss(redis, settings) -> None:  # noqa: F811
@@ -120,22 +169,24 @@ async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without
         # piece in hand (its lease still renewed) and is killed
         tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
         await wait_until("A and B holding two partitions each",
-                         lambda: len(held(a)) == 2 and len(held(b)) == 2 and not held(a) & held(b), [*tasks_a, *tasks_b])
+                         lambda: len(held(a)) == 2 and len(held(b)) == 2 and not held(a) & held(b),
+                         [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
         taken_by_b = held(b)
         await producer.publish(streams_of(pieces[1]))
-        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b])
+        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
         for t in tasks_b:
             t.cancel()
-        await asyncio.gather(*tasks_b, return_exceptions=True)
+        await finish(tasks_b, "B killed")
         # Act 3: A takes B's partitions back once B's heartbeat and leases expire, B's pending batch first
         await producer.publish(streams_of(pieces[2]))
-        await wait_until("A holding all four partitions again", lambda: held(a) == {0, 1, 2, 3}, tasks_a)
+        await wait_until("A holding all four partitions again", lambda: held(a) == {0, 1, 2, 3}, tasks_a,
+                         why=diagnose(redis, a, b))
         await drained(redis, names, tasks_a)
         counters = a.counters()
     finally:
         stop_a.set()
         stop_b.set()
-        await asyncio.gather(*tasks_a, *tasks_b, return_exceptions=True)
+        await finish([*tasks_a, *tasks_b], "stopping A and B")
         await producer.aclose()
         for svc in (a, b):
             await svc.close()
@@ -159,3 +210,162 @@ def freeze_after(svc: Aggregator, entries: int, stuck: asyncio.Event):
             await asyncio.Event().wait()
         return await handle(batch)
     return gated
+
+
+# --- every stateful stage partitioned, two instances each -------------------------------------------------
+
+async def chain_outputs(redis: aioredis.Redis) -> dict[str, list[object]]:
+    """What strategies read: each symbol's md:trade ids in stream order, and the aggregator's minutes and bars."""
+    out: dict[str, list[object]] = {}
+    for symbol in SYMBOLS:
+        name = streams.market_data("trade", "binance", symbol)
+        out[name] = [e.trade_id for e in await read(redis, name) if isinstance(e, Trade)]
+    for key, events in (await everything_published(redis)).items():
+        if key != streams.ALERTS:  # the validator's alerts are throttled by the clock, not by the data
+            out[key] = list(events)
+    return out
+
+
+async def test_validator_normalizer_and_aggregator_two_instances_each_over_two_partitions(redis, settings) -> None:  # noqa: F811
+    # Arrange: the collector's events of five symbols, and what one instance of each stage makes of them
+    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2))
+    pieces = pieces_of_five_symbols()
+    names = {"validator": set(), "normalizer": set(), "aggregator": set()}  # type: dict[str, set[str]]
+
+    async def publish(piece: list[Event], partitions: int) -> None:
+        by_stream: dict[str, list[Event]] = {}
+        for e in piece:
+            stream = streams.raw_for("binance", e.symbol, partitions)  # type: ignore[union-attr]
+            by_stream.setdefault(stream, []).append(e)
+            names["validator"].add(stream)
+            names["normalizer"].add(streams.valid("binance", int(stream[-1]) if partitions > 1 else None))
+        names["aggregator"].update(streams_of(piece))
+        await producer.publish(by_stream)
+
+    async def done(group: str, names: set[str]) -> bool:
+        for name in names:
+            if not await redis.exists(name):  # not written yet (the stage before has not got to it)
+                return False
+        return await all_done(redis, sorted(names), group)
+
+    async def all_drained(tasks: Sequence[asyncio.Task[None]]) -> None:
+        async with asyncio.timeout(90):
+            while not all([await done(g, n) for g, n in names.items()]):
+                for t in tasks:
+                    if t.done():
+                        t.result()
+                await asyncio.sleep(0.05)
+
+    producer = Producer(redis, Codec(), small.bus, "collector:binance")
+    one = [Validator(small, "x"), Normalizer(small, "x"), Aggregator(small, "x")]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(svc.run(stop)) for svc in one]
+    try:
+        for piece in pieces:
+            await publish(piece, 1)
+        await all_drained(tasks)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for svc in one:
+            await svc.close()
+    expected = await chain_outputs(redis)
+    assert all(len(expected[streams.market_data("trade", "binance", s)]) == 19_904 for s in SYMBOLS)
+    await redis.flushdb()
+    for n in names.values():
+        n.clear()
+
+    # Act: two instances of each stage over two partitions; B of each is killed in the middle of the second
+    # piece (its batches in hand, its leases left to expire); A takes its partitions over
+    two = replace(small, bus=replace(small.bus, partitions=2))
+    a = [Validator(two, "a"), Normalizer(two, "a"), Aggregator(two, "a")]
+    b = [Validator(two, "b"), Normalizer(two, "b"), Aggregator(two, "b")]
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    for svc in (*a, *b):
+        assert svc.partitions is not None
+        svc.partitions.refresh_s = 0.05
+    tasks_a = [asyncio.create_task(f(stop_a)) for svc in a for f in (svc.run, svc._heartbeats)]
+    tasks_b = [asyncio.create_task(f(stop_b)) for svc in b for f in (svc.run, svc._heartbeats)]
+    why = diagnose_all(redis, a, b)
+    try:
+        await wait_until("each instance of each stage holding one partition",
+                         lambda: all(len(parts(s)) == 1 for s in (*a, *b)), [*tasks_a, *tasks_b], why=why)
+        await publish(pieces[0], 2)
+        await all_drained([*tasks_a, *tasks_b])
+        await publish(pieces[1], 2)
+        await wait_until("B's validator in the middle of the second piece",
+                         lambda: b[0].consumer.stats.acked >= 30, [*tasks_a, *tasks_b], why=why)
+        for t in tasks_b:
+            t.cancel()
+        await finish(tasks_b, "B killed")
+        await publish(pieces[2], 2)
+        await wait_until("A holding both partitions of every stage",
+                         lambda: all(parts(s) == {0, 1} for s in a), tasks_a, why=why)
+        await all_drained(tasks_a)
+    finally:
+        stop_a.set()
+        stop_b.set()
+        await finish([*tasks_a, *tasks_b], "stopping A and B")
+        await producer.aclose()
+        for svc in (*a, *b):
+            await svc.close()
+
+    # Assert: every trade once and in order on md:trade, every minute and bar as one instance made them
+    got = await chain_outputs(redis)
+    for name, ids in expected.items():
+        assert got.get(name) == ids, f"{name} differs"
+    assert got.keys() == expected.keys()
+    assert sum(s.consumer.stats.claimed for s in a) > 0  # B's batches in hand were taken over
+
+
+def parts(svc: Stage) -> set[int]:
+    assert svc.partitions is not None
+    return set(svc.partitions.live)
+
+
+def diagnose_all(redis: aioredis.Redis, *groups: Sequence[Stage]) -> Callable[[], Awaitable[str]]:
+    async def why() -> str:
+        lines = []
+        for svc in (s for g in groups for s in g):
+            p = svc.partitions
+            assert p is not None
+            lines.append(f"{svc.name}-{svc.instance}: live {sorted(p.live)} quota {p.share.quota} alive "
+                         f"{sorted(p.share.alive)} acked {p.stats.acked}")
+        leases = {k.decode(): await redis.get(k) for k in await redis.keys("mdp:lease:*")}
+        return "; ".join([*lines, f"leases {leases}"])
+    return why
+
+
+async def test_a_collector_routes_each_symbol_to_its_partition_stream(settings) -> None:  # noqa: F811
+    # Arrange: the simulator serving four Binance symbols (the real capture under each), one per partition
+    served = {"BTC/USDT": 2, "ETH/USDT": 3, "XRP/USDT": 0, "LINK/USDT": 1}
+    async with start_simulator(market_symbols=[s.replace("/", "") for s in served], rate=800, loop=True,
+                               history=False, depth=False) as sim:
+        binance = ExchangeSettings(id="binance", symbols=list(served), channels=["trades"])
+        cfg = collector_settings(replace(settings, bus=replace(settings.bus, partitions=4), exchanges=[binance]),
+                                 sim.rest_url, sim.ws_url)
+        collector = Collector(cfg, "t", exchange="binance")
+        redis = collector.redis
+
+        async def enough() -> bool:
+            counts = [sum(isinstance(e, Trade) for e in await read_events(redis, streams.raw("binance", k)))
+                      for k in range(4)]
+            return min(counts) >= 100
+
+        # Act
+        await run_collector(collector, enough, timeout=90)
+    # Assert: partition k's stream holds its symbol's trades, in id order, and the markets of its base assets
+    client = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        assert not await client.exists(streams.raw("binance"))
+        for symbol, k in served.items():
+            events = await read_events(client, streams.raw("binance", k))
+            trades = [e for e in events if isinstance(e, Trade)]
+            assert {t.symbol for t in trades} == {symbol}
+            ids = [int(t.trade_id) for t in trades]
+            assert ids == sorted(ids) and len(ids) == len(set(ids)) >= 100
+            markets = [e for e in events if isinstance(e, Market)]
+            assert markets and all(streams.partition_of(m.symbol, 4) == k for m in markets)
+            assert symbol in {m.symbol for m in markets}
+    finally:
+        await client.aclose()

@@ -1,12 +1,16 @@
-"""A partitioned stateful stage: its inputs split into P partitions, each worked by one instance at a time under
-its own lease and checkpoint, shared out among the instances alive.
+"""A partitioned stage: its inputs split into P partitions, each worked by one instance at a time under its own
+lease (and checkpoint, for a stateful stage), shared out among the instances alive.
 
-The inputs are per-symbol streams (md:trade:binance:BTC/USDT, ...); partition k holds the streams whose
-symbol's base asset hashes to k (`streams.partition_of_stream`: crc32, the same in every process), so every
-venue and quote of an asset meets in one partition. An instance runs a slot per partition; a slot that holds
+Partition k of the inputs: the per-symbol streams (md:trade:binance:BTC/USDT, ...) whose symbol's base asset
+hashes to k, and the partition streams raw:{exchange}:p{k} / valid:{exchange}:p{k}, into which the collectors
+(and the validator) route each event by the same hash of its symbol (`streams.partition_of_stream`: crc32,
+the same in every process), so every venue and quote of an asset meets in one partition, and the events of a
+symbol stay in order through every stage. An instance runs a slot per partition; a slot that holds
 partition k runs a Consumer named `{stage}-{instance}.p{k}` over the partition's streams, guarded by the lease
-`mdp:lease:{stage}:p{k}` (verified in every commit, as a single-instance stage's), with its series state in
-`mdp:state:{stage}:p{k}` (common/bus/checkpoint.py), checkpointed with each batch.
+`mdp:lease:{stage}:p{k}` (verified in every commit, as a single-instance stage's); a stateful stage's series
+state is in `mdp:state:{stage}:p{k}` (common/bus/checkpoint.py), checkpointed with each batch. One reader
+per partition at a time is what keeps a symbol's order: two consumers sharing a stream in one group would
+publish its events in the order their commits happen to land.
 
 Sharing out: an instance holds at most ceil(P / instances alive) partitions, alive = the stage's heartbeat
 keys `mdp:alive:{stage}:*` not in state "stopping" (looked at every heartbeat interval), this instance
@@ -21,7 +25,8 @@ included.
   anything newer (`checkpoint.stage_lease`).
 - Each time a slot takes a partition it starts with a new Consumer and an empty memory: the state comes from
   the partition's checkpoint (what the previous holder committed), never from what this process remembered
-  of the partition from an earlier turn.
+  of the partition from an earlier turn; `on_take(k)` lets a stage refresh what it learns from the streams
+  (the normalizer's market catalog) first.
 A slot that loses its lease (a commit finds another owner) raises LeaseLost: the process stops, as a
 single-instance stage does, and supervisord restarts it.
 
@@ -34,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import redis.asyncio as aioredis
@@ -126,7 +131,8 @@ class Partitions:
 
     def __init__(self, redis: aioredis.Redis, codec: Codec, bus: BusSettings, stage: str, instance: str,
                  group: str, patterns: tuple[str, ...], producer: Producer,
-                 new_state: Callable[[int], SeriesState], noun: str = "series") -> None:
+                 new_state: Callable[[int], SeriesState] | None, noun: str = "series",
+                 on_take: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.bus = bus
@@ -135,12 +141,13 @@ class Partitions:
         self.group = group
         self.patterns = patterns
         self.producer = producer
-        self.new_state = new_state
+        self.new_state = new_state  # None: a stage without series state
+        self.on_take = on_take
         self.noun = noun  # the name of the series count in the counters (Stage.series_noun)
         self.count = bus.partitions
         self.share = Share(redis, codec, stage, instance, self.count)
         self.refresh_s = 2.0  # how often each consumer looks for new streams (tests shorten it)
-        self.live: dict[int, tuple[Consumer, SeriesState]] = {}
+        self.live: dict[int, tuple[Consumer, SeriesState | None]] = {}
         self.leases: dict[int, Lease] = {}
         self._retired = ConsumerStats()
         self._retired_series: dict[str, int] = {}  # keyed as SeriesState.counters, without the series in memory
@@ -158,9 +165,9 @@ class Partitions:
     def state_for(self, stream: str) -> SeriesState:
         k = self.partition_of(stream)
         held = self.live.get(k)
-        if held is None:
+        if held is None or held[1] is None:
             raise RuntimeError(f"{self.stage}: a batch of {stream} (partition {k}) arrived while partition {k} "
-                               f"is not held by {self.instance}")
+                               f"is not held by {self.instance}, or the stage keeps no series state")
         return held[1]
 
     # -- the Reader protocol -----------------------------------------------------------------------------
@@ -191,11 +198,16 @@ class Partitions:
         held, the others summed over every partition this process has held; and `partitions_held`."""
         noun = self.noun
         out = {noun: 0, f"{noun}_evicted": 0, "series_loaded": 0, "checkpoint_undecodable": 0}
-        for counters in [self._retired_series, *(s.counters(noun) for _, s in self.live.values())]:
+        for counters in [self._retired_series, *(s.counters(noun) for _, s in self.live.values() if s is not None)]:
             for k, v in counters.items():
                 out[k] += v
         out["partitions_held"] = len(self.live)
         return out
+
+    def describe(self) -> str:
+        """The partitions held, for a person: "partitions 0,2 of 4 (share 2, 2 instances alive)"."""
+        held = ",".join(map(str, sorted(self.live))) or "none"
+        return f"partitions {held} of {self.count} (share {self.share.quota}, {len(self.share.alive)} instances alive)"
 
     async def dead_letter(self, stream: str, entry_id: str, reason: str) -> None:
         held = self.live.get(self.partition_of(stream))
@@ -237,16 +249,19 @@ class Partitions:
         while not stop.is_set():
             if not await self._take(k, lease, stop):
                 return
-            series = self.new_state(k)
+            series = self.new_state(k) if self.new_state is not None else None
             consumer = Consumer(
                 self.redis, self.codec, self.bus, group=self.group, name=self.consumer_name(k),
                 selector=StreamSelector(patterns=self.patterns, where=partial(self._in_partition, k)),
-                producer=self.producer, lease=lease, on_acked=series.committed, on_commit=series.write,
-                tx=self.producer.tx, handover=partial(self.share.should_give, k), refresh_s=self.refresh_s)
+                producer=self.producer, lease=lease, on_acked=series.committed if series is not None else None,
+                on_commit=series.write if series is not None else None, tx=self.producer.tx,
+                handover=partial(self.share.should_give, k), refresh_s=self.refresh_s)
             self.live[k] = (consumer, series)
-            log.info("%s: partition %d of %d taken by %s (state from %s)", self.stage, k, self.count,
-                     self.instance, series.checkpoint.key)
+            log.info("%s: partition %d of %d taken by %s%s", self.stage, k, self.count, self.instance,
+                     f" (state from {series.checkpoint.key})" if series is not None else "")
             try:
+                if self.on_take is not None:
+                    await self.on_take(k)
                 await consumer.run(handler, stop)
             finally:
                 del self.live[k]
@@ -268,9 +283,11 @@ class Partitions:
             await sleep_unless(stop, lease.ttl_ms / 3000, SPREAD)
         return False
 
-    def _retire(self, consumer: Consumer, series: SeriesState) -> None:
+    def _retire(self, consumer: Consumer, series: SeriesState | None) -> None:
         for k in _SUMMED:
             setattr(self._retired, k, getattr(self._retired, k) + getattr(consumer.stats, k))
+        if series is None:
+            return
         gone = series.counters(self.noun)
         gone.pop(self.noun)  # the series in memory are dropped with the partition
         for k, v in gone.items():

@@ -222,10 +222,11 @@ class Stage(Service):
       quality.max_series series, staged per batch and checkpointed in the batch's MULTI/EXEC; the stage then
       holds the lease mdp:lease:{name} (one instance works, another stands by) and implements
       `series_of(batch)` and `judge(batch, staging)` instead of `handle(batch)`;
-    - `partitioned`: with state_types, the stage may run partitioned: with bus.partitions = P > 1 its inputs
-      (per-symbol md:* streams) split into P partitions by base asset, each under the lease
-      mdp:lease:{name}:p{k} with its own checkpoint, shared out among the instances alive
-      (common/bus/partitions.py); with P = 1 it runs as any checkpointed stage;
+    - `partitioned`: with bus.partitions = P > 1 its inputs (per-symbol md:* streams, or the partition
+      streams raw:{exchange}:p{k} / valid:{exchange}:p{k}) split into P partitions by base asset, each under
+      the lease mdp:lease:{name}:p{k} (and its own checkpoint, with state_types), shared out among the
+      instances alive (common/bus/partitions.py; `on_partition_taken(k)` runs as one is taken); with P = 1 it
+      runs as today (a checkpointed stage under one lease, another stage as a plain consumer group);
     - `bus_counters`: the consumer's counters its heartbeat carries;
     - `prepare()`: what must answer before anything is read (called until it does, see `until_ready`).
     """
@@ -245,10 +246,11 @@ class Stage(Service):
         self.lease: Lease | None = None
         self.series: SeriesState | None = None
         self.partitions: Partitions | None = None
-        if self.state_types is not None and self.partitioned and settings.bus.partitions > 1:
+        if self.partitioned and settings.bus.partitions > 1:
             self.partitions = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance,
-                                         self.group_name, self.inputs, self.producer, self.partition_state,
-                                         noun=self.series_noun)
+                                         self.group_name, self.inputs, self.producer,
+                                         self.partition_state if self.state_types is not None else None,
+                                         noun=self.series_noun, on_take=self.on_partition_taken)
         elif self.state_types is not None:
             self.lease = stage_lease(self.redis, self.name, self.consumer_name, settings.bus)
             self.series = SeriesState(self.redis, self.name, self.state_types, settings.quality.max_series,
@@ -319,6 +321,9 @@ class Stage(Service):
         """Handle a batch against its staged series state (a checkpointed stage)."""
         raise NotImplementedError
 
+    async def on_partition_taken(self, k: int) -> None:
+        """Called as this instance takes partition k, before it reads any of it (a partitioned stage)."""
+
     def restore(self, key: SeriesKey, state: Any) -> Any:
         """Fix what the checkpoint's encoding does not keep (a deque's bound) after decoding."""
         return state
@@ -339,6 +344,8 @@ class Stage(Service):
             out |= self.series.counters(self.series_noun)
         if self.partitions is not None:
             out |= self.partitions.series_counters()
+            if self.state == "running":  # what `mdp status` shows in DETAIL
+                self.detail = self.partitions.describe()
         return out | {k: getattr(s, k) for k in self.bus_counters}
 
     async def run(self, stop: asyncio.Event) -> None:

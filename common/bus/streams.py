@@ -2,6 +2,9 @@
 
   raw:{exchange}                    collector -> validator: everything a collector saw, as received (internal)
   valid:{exchange}                  validator -> normalizer: events that passed validation (internal)
+  raw:{exchange}:p{k}, valid:{exchange}:p{k}
+                                    the same with bus.partitions = P > 1: partition k = crc32 of the event's
+                                    symbol's base asset modulo P (partition_of), docs/scaling.md
   md:{kind}:{exchange}:{symbol}     normalized public feeds, kind in trade | candle | ticker | book | funding |
                                     open_interest (KIND_OF in schemas/events.py)
                                     e.g. md:trade:binance:BTC/USDT, md:candle:binance:BTC/USDT
@@ -27,12 +30,19 @@ GAPS = "mdp:gaps"  # Gap events: holes found in a feed (validator: candle open t
 #                    reconnects and stalls) -> the gap_repair service
 
 
-def raw(exchange: str) -> str:
-    return f"raw:{exchange}"
+def raw(exchange: str, partition: int | None = None) -> str:
+    """raw:{exchange}, or with bus.partitions > 1 partition k's raw:{exchange}:p{k}."""
+    return f"raw:{exchange}" if partition is None else f"raw:{exchange}:p{partition}"
 
 
-def valid(exchange: str) -> str:
-    return f"valid:{exchange}"
+def valid(exchange: str, partition: int | None = None) -> str:
+    """valid:{exchange}, or with bus.partitions > 1 partition k's valid:{exchange}:p{k}."""
+    return f"valid:{exchange}" if partition is None else f"valid:{exchange}:p{partition}"
+
+
+def raw_for(exchange: str, symbol: str, partitions: int) -> str:
+    """Where a collector (or a repair) publishes an event of `symbol`: raw:{exchange}, or its partition's."""
+    return raw(exchange, partition_of(symbol, partitions) if partitions > 1 else None)
 
 
 def candle_built(exchange: str, symbol: str) -> str:
@@ -119,9 +129,18 @@ def partition_of(symbol: str, partitions: int) -> int:
 
 
 def partition_of_stream(stream: str, partitions: int) -> int:
-    """The partition of a per-symbol stream (md:{kind}:{exchange}:{symbol}, by its symbol); any other stream
-    by its whole name."""
+    """The partition of a stream: a per-symbol one (md:{kind}:{exchange}:{symbol}) by its symbol, a partition's
+    raw:{exchange}:p{k} or valid:{exchange}:p{k} by its k (modulo `partitions`), any other by its whole name."""
+    if partitions <= 1:
+        return 0
     parts = stream.split(":", 3)
     if len(parts) == 4 and parts[0] == "md":
         return partition_of(parts[3], partitions)
-    return zlib.crc32(stream.encode()) % partitions if partitions > 1 else 0
+    if len(parts) == 3 and parts[0] in ("raw", "valid") and parts[2][:1] == "p" and parts[2][1:].isdigit():
+        return int(parts[2][1:]) % partitions
+    return zlib.crc32(stream.encode()) % partitions
+
+
+def exchange_of_stream(stream: str) -> str:
+    """The exchange of raw:{exchange}[:p{k}] or valid:{exchange}[:p{k}]."""
+    return stream.split(":", 2)[1] if ":" in stream else ""

@@ -51,11 +51,12 @@ class Publisher:
 
     def __init__(self, service: Service, producer: Producer, exchange_id: str,
                  state_by_symbol: dict[str, SymbolState], count: Counter[str], sequential_ids: bool,
-                 buffer_events: int, batch_events: int = 1, linger_s: float = 0.0) -> None:
+                 buffer_events: int, batch_events: int = 1, linger_s: float = 0.0, partitions: int = 1) -> None:
         self.service = service
         self.producer = producer
         self.exchange_id = exchange_id
         self.stream = streams.raw(exchange_id)
+        self.partitions = partitions  # > 1: each event to raw:{exchange}:p{k} by its symbol (streams.raw_for)
         self.state_by_symbol = state_by_symbol
         self.count = count
         self.sequential_ids = sequential_ids
@@ -178,7 +179,9 @@ class Publisher:
         if positions:
             extra.append(("HSET", position_key(self.exchange_id),
                           *(x for (c, s), p in positions.items() for x in (position_field(c, s), p.encode()))))
-        outputs: dict[str, list[Event]] = {self.stream: events, streams.GAPS: gaps, streams.ALERTS: alerts}
+        outputs: dict[str, list[Event]] = ({self.stream: events} if self.partitions == 1
+                                           else self._partitioned(batches))
+        outputs[streams.GAPS], outputs[streams.ALERTS] = gaps, alerts
         self.count["publish_round_trips"] += 1  # one MULTI/EXEC (the heartbeat's rate of them)
         await self.producer.commit(outputs, extra)
         for b in batches:
@@ -187,6 +190,19 @@ class Publisher:
                     [(e.trade_id, e.ts_event // MS) for e in b.events if isinstance(e, Trade)])
         for k, p in positions.items():
             self.published_pos[k] = p
+
+    def _partitioned(self, batches: list[Batch]) -> dict[str, list[Event]]:
+        """The round's events by partition stream: a feed's batch (one symbol) whole, the market catalog's
+        (no symbol) event by event."""
+        out: dict[str, list[Event]] = {}
+        ex, n = self.exchange_id, self.partitions
+        for b in batches:
+            if b.symbol:
+                out.setdefault(streams.raw_for(ex, b.symbol, n), []).extend(b.events)
+                continue
+            for e in b.events:
+                out.setdefault(streams.raw_for(ex, getattr(e, "symbol", ""), n), []).append(e)
+        return out
 
     def redis_down(self, exc: BaseException, delay: float) -> None:
         """Count a failed attempt and say so in the state (degraded, with how long and what is buffered)."""

@@ -136,7 +136,7 @@ class Collector(Service):
         ex = self.exchange_settings
         self.publisher = Publisher(self, self.producer, exchange, self.state_by_symbol, self.count,
                                    self.sequential_ids, ex.publish_buffer_events, ex.publish_batch_events,
-                                   ex.publish_linger_ms / 1000)
+                                   ex.publish_linger_ms / 1000, settings.bus.partitions)
         self.outbox = self.publisher.outbox
         self.pacer = Pacer(self.exchange_settings.subscribe_per_s)
         self.feeds: list[Feed] = []

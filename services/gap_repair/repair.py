@@ -38,12 +38,13 @@ NO_ID_MISSING = "no trade id missing"  # the collector's reason when the ids aro
 ALERTED_MEMORY = 10_000  # scanned holes whose unrepaired alert went out, remembered to not repeat it
 
 
-def add_outputs(outputs: Outputs, out: Outcome, alerts: list[Alert] | None = None) -> None:
-    """Add what one repair publishes: its repaired data to raw:{exchange} (flowing like live data), its alerts
-    (`alerts`, default all of the outcome's) to mdp:alerts."""
+def add_outputs(outputs: Outputs, out: Outcome, partitions: int, alerts: list[Alert] | None = None) -> None:
+    """Add what one repair publishes: its repaired data to raw:{exchange} (its symbol's partition's with
+    bus.partitions > 1; flowing like live data), its alerts (`alerts`, default all of the outcome's) to
+    mdp:alerts."""
     if out.events:
         events: list[Event] = list(out.events)
-        outputs.setdefault(streams.raw(out.where.exchange), []).extend(events)
+        outputs.setdefault(streams.raw_for(out.where.exchange, out.where.symbol, partitions), []).extend(events)
     chosen = out.alerts if alerts is None else alerts
     if chosen:
         outputs.setdefault(streams.ALERTS, []).extend(chosen)
@@ -161,7 +162,8 @@ class Repairer:
             out = await self.candles.repair(series, Span(holes[0].start, holes[-1].end), holes, now_ns,
                                             "scan of InfluxDB and the coverage ledger")
             self._count(out, "scan_")
-            add_outputs(outputs, out, [a for a in out.alerts if self._first_time(series, a)])
+            add_outputs(outputs, out, self.settings.bus.partitions,
+                        [a for a in out.alerts if self._first_time(series, a)])
         return outputs
 
     def _first_time(self, series: Series, alert: Alert) -> bool:

@@ -125,7 +125,7 @@ class GapRepair(Service):
                     out = await self.repairer.repair_gap(event)
                 except _PG_DOWN as exc:
                     raise StoreUnavailable(f"PostgreSQL (coverage ledger) is unavailable: {exc}") from exc
-                add_outputs(outputs, out)
+                add_outputs(outputs, out, self.settings.bus.partitions)
         self.alerts += len(outputs.get(streams.ALERTS, ()))
         return outputs
 

@@ -3,6 +3,14 @@ feeds md:trade|candle|ticker:{exchange}:{symbol} and md:market:{exchange}. Event
 Alerts on mdp:alerts; outputs and alerts are returned from the handler, so they are published and the inputs
 acknowledged in one MULTI/EXEC. What "canonical" means is `common.domain.normalize` (its docstring holds the
 rules); this module is the wiring: the market map learned from the streams, the handler, the counters.
+
+Scaling: the events of a symbol must reach md:* in order, so one normalizer reads a valid:* stream at a time.
+With bus.partitions = 1 several instances share the consumer group of valid:{exchange} (run one: two would
+interleave a symbol's batches in the order their commits land). With P > 1 each partition
+valid:{exchange}:p{k} is read by one instance at a time under the lease mdp:lease:normalizer:p{k}, shared out
+among the instances alive (common/bus/partitions.py). A market's catalog entry travels in its symbol's
+partition, ahead of its events; an instance that takes a partition over reloads the catalog from md:market:*
+first (what the previous holder normalized).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class Normalizer(Stage):
     group = GROUP
     inputs = (INPUT_PATTERN,)
     forwards = True
+    partitioned = True
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
@@ -93,6 +102,10 @@ class Normalizer(Stage):
             log.info("learned %d exchange ids from %d markets on md:market:*", len(self.symbols), count)
         return count
 
+    async def on_partition_taken(self, k: int) -> None:
+        """A partition taken from another instance: the markets it normalized meanwhile are on md:market:*."""
+        await self.load_markets()
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.load_markets()
         try:
@@ -106,7 +119,7 @@ class Normalizer(Stage):
         alerts: list[Alert] = []
         forwarded: list[Alert] = []
         for delivery in batch:
-            stream_exchange = delivery.stream.partition(":")[2]
+            stream_exchange = streams.exchange_of_stream(delivery.stream)
             for event in delivery.events:
                 self.events_in += 1
                 if isinstance(event, Alert):

@@ -18,10 +18,13 @@ carries the exchange of the raw stream it came from. Markets pass when exchange 
 Alerts found on raw:* are forwarded to mdp:alerts unchanged; heartbeats (not market data) are dropped and
 counted as `ignored`.
 
-Scaling: the stream rules need every event of a series in one process, so one validator works at a time:
-it holds the lease mdp:lease:validator (common/checkpoint.stage_lease), verified in every commit. A second
-instance waits as standby and takes over, from the checkpoint, when the holder dies (the lease expires) or
-stops (it releases the lease); it never publishes while the first holds it.
+Scaling: the stream rules need every event of a series in one process. With bus.partitions = 1, one
+validator works at a time: it holds the lease mdp:lease:validator (common/checkpoint.stage_lease), verified
+in every commit. A second instance waits as standby and takes over, from the checkpoint, when the holder dies
+(the lease expires) or stops (it releases the lease); it never publishes while the first holds it. With
+P > 1 the collectors write raw:{exchange}:p{k} (k from the base asset of the event's symbol), each partition
+has its own lease mdp:lease:validator:p{k} and checkpoint mdp:state:validator:p{k}, the instances alive share
+the partitions (common/bus/partitions.py), and what passes goes to valid:{exchange}:p{k}.
 
 Counters (heartbeat): events_in, passed, rejected, flagged (events forwarded with a flag), repaired (events
 dropped as duplicates), alerts (alerts published), gaps (Gap events published), forwarded_alerts, ignored,
@@ -77,10 +80,12 @@ class Validator(Stage):
     inputs = (INPUT_PATTERN,)
     forwards = True
     state_types: ClassVar[dict[str, type] | None] = {"trade": TradeSeries, "candle": CandleSeries, "venue": VenueCloses}
+    partitioned = True
 
     def __init__(self, settings: Settings, instance: str | None = None,
                  rules: tuple[quality.Rule, ...] = VALIDATOR_RULES) -> None:
         super().__init__(settings, instance)
+        self.partition_count = settings.bus.partitions
         self.rules = rules
         self.rejections = quality.RejectionLog(log)
         self.stream_rules = StreamRules(settings.quality)
@@ -101,8 +106,10 @@ class Validator(Stage):
             self.rejections.flush()
 
     def validate(self, event: Event, stream_exchange: str, ctx: quality.CheckContext, staging: Staging,
-                 out: dict[str, list[Event]], alerts: list[Alert], gaps: list[Event]) -> None:
-        """Route one event: to valid:{exchange} if it passes (flagged or not), else its alerts to `alerts`."""
+                 out: dict[str, list[Event]], alerts: list[Alert], gaps: list[Event],
+                 partition: int | None = None) -> None:
+        """Route one event: to valid:{exchange} (its partition's valid:{exchange}:p{k} with bus.partitions > 1)
+        if it passes (flagged or not), else its alerts to `alerts`."""
         findings = quality.check(event, ctx, self.rules)
         if quality.rejects(findings):
             self.count["rejected"] += 1
@@ -124,7 +131,7 @@ class Validator(Stage):
         if forwarded is not event:
             self.count["flagged"] += 1
         # A verdict forwards only the market event it judged (all have `exchange`); no cast on this hot path.
-        out.setdefault(streams.valid(forwarded.exchange), []).append(forwarded)  # type: ignore[union-attr]
+        out.setdefault(streams.valid(forwarded.exchange, partition), []).append(forwarded)  # type: ignore[union-attr]
 
     def restore(self, key: SeriesKey, state: object) -> object:
         if isinstance(state, CandleSeries):  # the encoding keeps the values, not the deques' bound
@@ -142,11 +149,14 @@ class Validator(Stage):
         forwarded: list[Alert] = []
         gaps: list[Event] = []
         for delivery in batch:
-            stream_exchange = delivery.stream.partition(":")[2]
+            stream_exchange = streams.exchange_of_stream(delivery.stream)
+            # Partitioned: what passes goes on to the same partition (the event's symbol hashed there already).
+            partition = (streams.partition_of_stream(delivery.stream, self.partition_count)
+                         if self.partition_count > 1 else None)
             for event in delivery.events:
                 self.count["events_in"] += 1
                 if isinstance(event, (Trade, Candle, Ticker, Market, OrderBook, FundingRate, OpenInterest)):
-                    self.validate(event, stream_exchange, ctx, staging, out, alerts, gaps)
+                    self.validate(event, stream_exchange, ctx, staging, out, alerts, gaps, partition)
                 elif isinstance(event, Alert):
                     forwarded.append(event)
                 else:  # a Heartbeat or a Gap: not market data
