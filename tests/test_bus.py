@@ -14,6 +14,7 @@ from common.bus import streams
 from common.bus.core import Consumer, Delivery, Producer, StreamSelector
 from common.config import BusSettings
 from common.errors import StoreUnavailable
+from common.tasks import cancel_and_wait
 from schemas import Codec, Trade
 from tests import stubs
 
@@ -368,3 +369,26 @@ async def test_a_sleep_cancelled_as_its_stop_is_set_is_cancelled() -> None:
     # Assert: the cancellation wins; Python 3.11's wait_for returned True here and the task ran on
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_cancel_and_wait_ends_a_task_whose_first_cancellation_was_lost() -> None:
+    # Arrange: a task that loses its first cancellation, as Python 3.11's wait_for (inside redis-py's send)
+    # does when the send finishes in the turn the cancellation lands
+    async def loses_one() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(30)
+
+    once, twice = asyncio.create_task(loses_one()), asyncio.create_task(loses_one())
+    await asyncio.sleep(0)
+    # Act: one cancellation, and cancel_and_wait
+    once.cancel()
+    started = time.monotonic()
+    await cancel_and_wait(twice)
+    # Assert: the plain cancellation left its task running; cancel_and_wait ended its task
+    assert time.monotonic() - started < 1.0 and twice.cancelled()
+    await asyncio.sleep(0.05)
+    assert not once.done()
+    await cancel_and_wait(once)

@@ -6,6 +6,7 @@ wrong)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +19,7 @@ from common.bus import streams
 from common.bus.core import Delivery, Producer
 from common.bus.stage import Stage
 from common.config import ConfigError, ExchangeSettings, load_settings
+from common.tasks import cancel_and_wait
 from schemas import Codec, Event, Market, Trade
 from services.aggregator import Aggregator
 from services.collector.service import Collector
@@ -97,11 +99,15 @@ async def drained(redis: aioredis.Redis, names: list[str], tasks: Sequence[async
             await asyncio.sleep(0.05)
 
 
-async def finish(tasks: Sequence[asyncio.Task[None]], what: str, timeout: float = 30.0) -> None:
-    """Wait for `tasks` to end (stopped or cancelled); if one does not within `timeout`, fail with the stack of
-    every task still running (a task that swallowed its cancellation runs on with no lease)."""
+async def finish(tasks: Sequence[asyncio.Task[None]], what: str, timeout: float = 30.0, cancel: bool = False) -> None:
+    """Wait for `tasks` to end (stopped, or cancelled: `cancel`, as often as it takes, common/tasks.py); if
+    one does not within `timeout`, fail with the stack of every task still running."""
     if not tasks:
         return
+    if cancel:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await cancel_and_wait(*tasks)
     _, pending = await asyncio.wait(tasks, timeout=timeout)
     if pending:
         stacks = []
@@ -174,9 +180,7 @@ async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without
         taken_by_b = held(b)
         await producer.publish(streams_of(pieces[1]))
         await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
-        for t in tasks_b:
-            t.cancel()
-        await finish(tasks_b, "B killed")
+        await finish(tasks_b, "B killed", cancel=True)
         # Act 3: A takes B's partitions back once B's heartbeat and leases expire, B's pending batch first
         await producer.publish(streams_of(pieces[2]))
         await wait_until("A holding all four partitions again", lambda: held(a) == {0, 1, 2, 3}, tasks_a,
@@ -295,9 +299,7 @@ async def test_validator_normalizer_and_aggregator_two_instances_each_over_two_p
         await publish(pieces[1], 2)
         await wait_until("B's validator in the middle of the second piece",
                          lambda: b[0].consumer.stats.acked >= 30, [*tasks_a, *tasks_b], why=why)
-        for t in tasks_b:
-            t.cancel()
-        await finish(tasks_b, "B killed")
+        await finish(tasks_b, "B killed", cancel=True)
         await publish(pieces[2], 2)
         await wait_until("A holding both partitions of every stage",
                          lambda: all(parts(s) == {0, 1} for s in a), tasks_a, why=why)

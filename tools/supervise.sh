@@ -5,9 +5,10 @@
 #   tools/supervise.sh ctl ARGS...    supervisorctl with this project's config, e.g. `ctl status`, `ctl restart validator:*`
 #                                     (with the default run dir, plain `supervisorctl -c supervisord.conf ARGS` is the same)
 # Environment: MDP_RUN_DIR (default var/run), MDP_SIMULATOR (true|false, default: true when CONFIG points at
-# 127.0.0.1:8765), MDP_SIM_ARGS (simulator options), MDP_START_TIMEOUT (s, default 90).
+# 127.0.0.1:8765), MDP_SIM_ARGS (simulator options), MDP_START_TIMEOUT (s, default 90), MDP_NUMPROCS (programs'
+# numprocs, e.g. "validator=2,normalizer=2,aggregator=2", for a run with [bus] partitions > 1).
 # supervisord.conf resolves its paths from its own folder and runs the simulator with its default options. When
-# the run dir, MDP_SIMULATOR or MDP_SIM_ARGS differ from that, supervisord runs from a copy rendered into
+# the run dir, MDP_SIMULATOR, MDP_SIM_ARGS or MDP_NUMPROCS differ from that, supervisord runs from a copy rendered into
 # $MDP_RUN_DIR/supervisord.conf (re-rendered by `ctl reread` / `ctl update`, so edits to supervisord.conf apply).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +25,15 @@ ctl() { .venv/bin/supervisorctl -c "$(conf)" "$@"; }
 render() {
   # shellcheck disable=SC1091
   . "$MDP_RUN_DIR/render.env"
-  .venv/bin/python - "$ROOT" "$MDP_RUN_DIR" "$RENDER_SIMULATOR" "$RENDER_SIM_ARGS" "$RENDERED" <<'PY'
+  .venv/bin/python - "$ROOT" "$MDP_RUN_DIR" "$RENDER_SIMULATOR" "$RENDER_SIM_ARGS" "$RENDERED" "${RENDER_NUMPROCS:-}" <<'PY'
 import re, sys
-root, run_dir, simulator, sim_args, out = sys.argv[1:]
+root, run_dir, simulator, sim_args, out, numprocs = sys.argv[1:]
 text = open(f"{root}/supervisord.conf").read()
+for item in filter(None, numprocs.split(",")):
+    program, _, n = item.partition("=")
+    text, found = re.subn(rf"(\[program:{re.escape(program.strip())}\][^\[]*?\nnumprocs=)\d+", rf"\g<1>{int(n)}", text)
+    if not found:
+        sys.exit(f"error: MDP_NUMPROCS names {program!r}, which has no numprocs line in supervisord.conf")
 default_args = re.search(r"^command=%\(here\)s/\.venv/bin/python -m simulator (.*)$", text, re.M)
 if default_args is None:
     sys.exit("error: supervisord.conf has no [program:simulator] command line to render; restore it")
@@ -52,9 +58,11 @@ case "${1:-}" in
       ctl shutdown >/dev/null; for _ in $(seq 1 100); do ctl pid >/dev/null 2>&1 || break; sleep 0.2; done
     fi
     rm -f "$RENDERED" "$MDP_RUN_DIR/render.env"
-    if [ "$MDP_RUN_DIR" != "$DEFAULT_RUN_DIR" ] || [ "$MDP_SIMULATOR" != true ] || [ -n "${MDP_SIM_ARGS:-}" ]; then
+    if [ "$MDP_RUN_DIR" != "$DEFAULT_RUN_DIR" ] || [ "$MDP_SIMULATOR" != true ] || [ -n "${MDP_SIM_ARGS:-}" ] \
+        || [ -n "${MDP_NUMPROCS:-}" ]; then
       sim_args="${MDP_SIM_ARGS:-$(sed -n 's|^command=%(here)s/.venv/bin/python -m simulator ||p' supervisord.conf)}"
-      printf 'RENDER_SIMULATOR=%q\nRENDER_SIM_ARGS=%q\n' "$MDP_SIMULATOR" "$sim_args" > "$MDP_RUN_DIR/render.env"
+      printf 'RENDER_SIMULATOR=%q\nRENDER_SIM_ARGS=%q\nRENDER_NUMPROCS=%q\n' "$MDP_SIMULATOR" "$sim_args" \
+        "${MDP_NUMPROCS:-}" > "$MDP_RUN_DIR/render.env"
       render
     fi
     .venv/bin/supervisord -c "$(conf)"

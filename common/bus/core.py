@@ -49,12 +49,13 @@ from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
-from common.backoff import Backoff, sleep_unless
+from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
 from common.bus.lease import Lease, LeaseLost
 from common.bus.resp import Command, RespConnection, WatchMismatch, lean_connection
 from common.config import BusSettings
 from common.errors import StoreUnavailable
+from common.tasks import cancel_and_wait
 from schemas import Alert, Codec, DecodeError, Event, Severity
 
 log = logging.getLogger(__name__)
@@ -573,7 +574,9 @@ class Consumer:
         if not await self.lease.acquire(stop):
             self.stats.state = "stopping"
             return
-        renewal = asyncio.create_task(self.lease.run_renewal(stop), name=f"{self.name}-lease")
+        lead_over = asyncio.Event()  # set when this consumer stops leading: the renewal ends even if its
+        #                              cancellation is lost (common/tasks.py)
+        renewal = asyncio.create_task(self.lease.run_renewal(stop, until=lead_over), name=f"{self.name}-lease")
         work = asyncio.create_task(self._run_work(stop), name=f"{self.name}-work")
         try:
             done, _ = await asyncio.wait({renewal, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -582,13 +585,8 @@ class Consumer:
             if renewal in done and not work.done():
                 await work  # renewal ended because stop was set
         finally:
-            for task in (renewal, work):
-                if not task.done():
-                    task.cancel()
-                    try:
-                        await task
-                    except (asyncio.CancelledError, LeaseLost):
-                        pass
+            lead_over.set()
+            await cancel_and_wait(renewal, work)
             if (stop.is_set() or self.handed_over) and self.lease.held:
                 try:
                     await self.lease.release()
@@ -775,10 +773,11 @@ class Consumer:
         # Keeps the entries ours during all handling (a slow batch, a store retried in place): without it a
         # sibling's XAUTOCLAIM would take them over after claim_idle_ms and process them a second time.
         hold: asyncio.Task[None] | None = None
+        handled = asyncio.Event()  # ends the hold even if its cancellation is lost (common/tasks.py)
 
         def start_hold() -> None:
             nonlocal hold
-            hold = asyncio.create_task(self._hold(good), name=f"{self.name}-hold")
+            hold = asyncio.create_task(self._hold(good, handled), name=f"{self.name}-hold")
 
         timer = asyncio.get_running_loop().call_later(self.settings.claim_idle_ms / 3000, start_hold)
         try:
@@ -822,23 +821,25 @@ class Consumer:
                     return
         finally:
             timer.cancel()
+            handled.set()
             if hold is not None:
                 hold.cancel()
 
-    async def _hold(self, deliveries: list[Delivery]) -> None:
-        """Claim the batch's entries for this consumer again every third of `claim_idle_ms` while it is
-        handled: they are not abandoned but busy."""
+    async def _hold(self, deliveries: list[Delivery], handled: asyncio.Event) -> None:
+        """Claim the batch's entries for this consumer again every third of `claim_idle_ms` until `handled`:
+        they are not abandoned but busy. (A hold that ran on would keep entries from whoever takes the
+        partition or the stage over: XAUTOCLAIM never finds them idle.)"""
         by_stream: dict[str, list[StreamIdT]] = {}
         for d in deliveries:
             by_stream.setdefault(d.stream, []).append(d.entry_id)
-        while True:
+        while not handled.is_set():
             for stream, ids in by_stream.items():
                 try:
                     await self.redis.xclaim(stream, self.group, self.name, 0, ids, justid=True)
                 except (RedisError, OSError) as exc:
                     log.warning("could not renew this consumer's claim on %d entries of %s (%s); after "
                                 "claim_idle_ms another consumer may take them over", len(ids), stream, exc)
-            await asyncio.sleep(self.settings.claim_idle_ms / 3000)
+            await sleep_unless(handled, self.settings.claim_idle_ms / 3000, EXACT)
 
     async def _store_unavailable(self, exc: StoreUnavailable) -> None:
         """State "degraded" naming the store and the error; one `store.unavailable` alert per outage (across

@@ -107,11 +107,12 @@ class Lease:
             return
         raise self.lost("the key expired or names another owner")
 
-    async def run_renewal(self, stop: asyncio.Event) -> None:
-        """Renew every ttl/3 until `stop`; raises LeaseLost when the lease is gone or could not be renewed
-        for a whole ttl (Redis unreachable: another process may have taken it meanwhile)."""
-        while not stop.is_set():
-            if await sleep_unless(stop, self.ttl_ms / 3000, EXACT):
+    async def run_renewal(self, stop: asyncio.Event, until: asyncio.Event | None = None) -> None:
+        """Renew every ttl/3 until `stop` (or `until`, at the latest at the next renewal); raises LeaseLost when
+        the lease is gone or could not be renewed for a whole ttl (Redis unreachable: another process may have
+        taken it meanwhile)."""
+        while not stop.is_set() and not (until is not None and until.is_set()):
+            if await sleep_unless(stop, self.ttl_ms / 3000, EXACT) or (until is not None and until.is_set()):
                 return
             try:
                 await self.renew()

@@ -51,6 +51,7 @@ from common.bus.checkpoint import SeriesState, stage_lease
 from common.bus.core import Consumer, ConsumerStats, Handler, Producer, StreamSelector
 from common.bus.lease import Lease
 from common.config import BusSettings
+from common.tasks import cancel_and_wait
 from schemas import Codec, DecodeError, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Partitions:
         self._retired = ConsumerStats()
         self._retired_series: dict[str, int] = {}  # keyed as SeriesState.counters, without the series in memory
         self._state = "starting"
+        self._closing = False
 
     def consumer_name(self, k: int) -> str:
         return f"{self.stage}-{self.instance}.p{k}"
@@ -228,9 +230,8 @@ class Partitions:
             for task in done:
                 task.result()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._closing = True  # a slot whose cancellation is lost takes nothing more (common/tasks.py)
+            await cancel_and_wait(*tasks)
             self._state = "stopping"
 
     # -- slots ---------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class Partitions:
     async def _slot(self, k: int, handler: Handler, stop: asyncio.Event) -> None:
         lease = stage_lease(self.redis, f"{self.stage}:p{k}", self.consumer_name(k), self.bus)
         self.leases[k] = lease
-        while not stop.is_set():
+        while not stop.is_set() and not self._closing:
             if not await self._take(k, lease, stop):
                 return
             series = self.new_state(k) if self.new_state is not None else None
@@ -272,7 +273,7 @@ class Partitions:
 
     async def _take(self, k: int, lease: Lease, stop: asyncio.Event) -> bool:
         """Wait until this instance's share allows partition k and its lease is ours (True), or `stop`."""
-        while not stop.is_set():
+        while not stop.is_set() and not self._closing:
             if self.share.reserve(k):
                 try:
                     if await lease.try_acquire():

@@ -51,6 +51,7 @@ from common.bus.partitions import Partitions
 from common.config import ConfigError, Settings, load_settings
 from common.domain.state import SeriesBook, SeriesKey, Staging
 from common.errors import StoreUnavailable
+from common.tasks import cancel_and_wait
 from schemas import Codec, Heartbeat
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,9 @@ class Service:
             stop.set()
             self.state = "stopping"
             for task in (work, beats):
-                if not task.done():
-                    try:
-                        await asyncio.wait_for(task, timeout=10)
-                    except TimeoutError:
-                        log.error("%s did not stop within 10 s; cancelling", self.name)
-                        task.cancel()
+                if not task.done() and not (await asyncio.wait({task}, timeout=10))[0]:
+                    log.error("%s did not stop within 10 s; cancelling", self.name)
+                    await cancel_and_wait(task)
             try:
                 await self.heartbeat_once()  # the "stopping" heartbeat, so mdp status shows a clean stop
             except Exception as exc:  # noqa: BLE001 - the store may be what stopped us; stopping goes on

@@ -68,6 +68,9 @@ class Options:
     # kill9, redis_kill9_restart, influx_freeze, influx_kill9_restart, postgres_unreachable, abandoned_groups,
     # slow_group. To tell one defect from another; a full run skips nothing.
     skip: tuple[str, ...] = ()
+    # bus.partitions for the run; > 1 also runs that many instances of the validator, the normalizer and the
+    # aggregator (supervisord numprocs), each killed in its turn: the partitions move between them.
+    partitions: int = 1
 
 
 @dataclass
@@ -139,9 +142,13 @@ def tree_state() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-def chaos_config(sim_port: int, high_water: int) -> str:
+PARTITIONED = ("validator", "normalizer", "aggregator")  # the stages that run partitions x instances
+
+
+def chaos_config(sim_port: int, high_water: int, partitions: int = 1) -> str:
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
-    bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n")
+    bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n"
+           f"partitions = {partitions}\n")
     if "\n[bus]\n" in text:  # someone gave simulator.toml a [bus] table: ours go first in it
         return text.replace("\n[bus]\n", "\n[bus]\n" + bus, 1)
     return text + "\n[bus]\n" + bus
@@ -226,13 +233,14 @@ class Harness:
         u = urllib.parse.urlsplit(dsn)
         via_proxy = urllib.parse.urlunsplit(u._replace(netloc=f"{u.username or 'postgres'}@127.0.0.1:{self.proxy.port}"))
         config = run.tmp / "chaos.toml"
-        config.write_text(chaos_config(self.sim_port, o.high_water))
+        config.write_text(chaos_config(self.sim_port, o.high_water, o.partitions))
         sim_args = (f"--port {self.sim_port} --speed {o.speed} {'--loop ' if o.soak_s else ''}"
                     "--wait-for btcusdt@trade --wait-for btcusdt@kline_1m "
                     "--venue binanceusdm --venue coinbase --venue hyperliquid")
         env = dict(os.environ, MDP_RUN_DIR=str(run.tmp / "run"), MDP_REDIS_URL=self.redis_store.url,
                    MDP_INFLUX_URL=self.influx.url, MDP_POSTGRES_DSN=via_proxy, MDP_SIMULATOR="true",
-                   MDP_SIM_ARGS=sim_args, MDP_START_TIMEOUT="150", MDP_CONFIG=str(config))
+                   MDP_SIM_ARGS=sim_args, MDP_START_TIMEOUT="150", MDP_CONFIG=str(config),
+                   MDP_NUMPROCS=",".join(f"{p}={o.partitions}" for p in PARTITIONED) if o.partitions > 1 else "")
         self.pipe = Pipeline(env, run.tmp / "run")
         print(f"chaos seed {o.seed}: stores in {run.tmp}; Redis {self.redis_store.url} (AOF), InfluxDB "
               f"{self.influx.url}, PostgreSQL {self.db_name} via proxy :{self.proxy.port}, simulator :{self.sim_port} "
@@ -440,7 +448,7 @@ class Harness:
     async def execute(self) -> dict[str, Any]:
         o, run = self.opts, self.run
         report: dict[str, Any] = {"seed": o.seed, "mode": "soak" if o.soak_s else "short", "speed": o.speed,
-                                  "skipped": list(o.skip),
+                                  "skipped": list(o.skip), "partitions": o.partitions,
                                   "backpressure_high_water": o.high_water, "tmp": str(run.tmp),
                                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report["tree"] = tree_state()
@@ -455,6 +463,7 @@ class Harness:
             window = o.soak_s or RECORDING_S / o.speed
             programs = tuple(sorted(line.split()[0] for line in (await self.pipe.actl("status")).splitlines()
                                     if line.strip() and not line.startswith("simulator")))
+            report["programs"] = list(programs)
             run.faults = (soak_schedule(o.seed, window, programs=programs) if o.soak_s
                           else short_schedule(o.seed, window, programs))
             run.faults = [f for f in run.faults if f.kind not in o.skip]
@@ -608,8 +617,11 @@ def markdown(report: dict[str, Any]) -> str:
     rerun = (f"python -m tools.chaos.run --seed {report['seed']} --speed {report['speed']}"
              + (f" --soak {report.get('soak_s', 0):.0f}" if report["mode"] == "soak" else "")
              + (f" --high-water {report['backpressure_high_water']}" if report["backpressure_high_water"] != 300 else "")
+             + (f" --partitions {report['partitions']}" if report.get("partitions", 1) > 1 else "")
              + "".join(f" --skip {k}" for k in report.get("skipped", [])))
-    lines = [f"# Chaos run, seed {report['seed']} ({report['mode']}): {verdict}", "",
+    parts = report.get("partitions", 1)
+    mode = report["mode"] + (f", {parts} partitions x {parts} instances of {', '.join(PARTITIONED)}" if parts > 1 else "")
+    lines = [f"# Chaos run, seed {report['seed']} ({mode}): {verdict}", "",
              (f"Started {report['started_utc']}, wall time {report['wall_s']} s, simulator speed {report['speed']}, "
              f"`bus.backpressure_high_water` {report['backpressure_high_water']}. Re-run: `{rerun}`. "
              f"Tree: {report.get('tree', 'not recorded')}."),
@@ -661,7 +673,8 @@ async def run_one(opts: Options) -> dict[str, Any]:
         await h.stop()
     if opts.soak_s:
         report["soak_s"] = opts.soak_s
-    out = opts.out_dir / f"seed-{opts.seed}{'-soak' if opts.soak_s else ''}"
+    out = opts.out_dir / (f"seed-{opts.seed}{'-soak' if opts.soak_s else ''}"
+                          f"{f'-p{opts.partitions}' if opts.partitions > 1 else ''}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "report.md").write_text(markdown(report))
@@ -681,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=float, default=None, help="replay speed (short: 6, soak: 5)")
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak for this long (1800)")
     p.add_argument("--high-water", type=int, default=300, help="bus.backpressure_high_water for the run")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="bus.partitions, and that many instances of the validator, normalizer and aggregator")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "chaos")
     p.add_argument("--soak-report", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the stores' temp dir and copy the logs")
@@ -694,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         speed = args.speed or (5.0 if args.soak else 6.0)
         opts = Options(seed=seed, speed=speed, soak_s=args.soak, high_water=args.high_water, out_dir=args.out,
-                       keep=args.keep, drain_s=90.0, skip=tuple(args.skip))
+                       keep=args.keep, drain_s=90.0, skip=tuple(args.skip), partitions=args.partitions)
         report = asyncio.run(run_one(opts))
         md = markdown(report)
         if args.soak_report:
