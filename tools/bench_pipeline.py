@@ -3,6 +3,7 @@ no longer keeps up (issue 13, item 4; docs/scaling.md).
 
     python -m tools.bench_pipeline                          # 20 symbols, 2k -> 30k trades/s, 20 s windows
     python -m tools.bench_pipeline --rates 5000,10000 --symbols 50 --window 30
+    python -m tools.bench_pipeline --rates 2000,4000,6000 --partitions 2       # only the 2-partition ladder (default: 1, then 2)
 
 Every program of supervisord.conf runs (the collector of Binance spot, validator, normalizer, aggregator,
 influx_writer, postgres_writer, cache_publisher, gap_repair, metrics_exporter; the other venues' collectors idle)
@@ -63,6 +64,7 @@ LATENCY_BOUND_MS = 1000.0
 @dataclass
 class Rung:
     offered: int
+    partitions: int = 1  # bus.partitions, and instances of the validator, normalizer and aggregator
     achieved: float = 0.0  # trades/s the simulator sent in the window
     stored: float = 0.0  # trades/s the InfluxDB writer wrote in the window
     backlog_start: int = 0
@@ -85,7 +87,10 @@ def symbols_for(n: int) -> tuple[list[str], list[str]]:
     return ids, [f"{code(by_name[i]['baseAsset'])}/{code(by_name[i]['quoteAsset'])}" for i in ids]
 
 
-def config_text(sim_port: int, symbols: list[str]) -> str:
+PARTITIONED = ("validator", "normalizer", "aggregator")
+
+
+def config_text(sim_port: int, symbols: list[str], partitions: int = 1) -> str:
     """config/simulator.toml with Binance spot on the simulator's port and `symbols` (the other venues off)."""
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     head, _, _ = text.partition("[[exchanges]]")
@@ -101,6 +106,7 @@ url_rewrite = "host-prefix"
 
 [bus]
 heartbeat_interval_s = 1.0
+partitions = {partitions}
 
 # The replay keeps the recording's 2024 exchange times (at --rate the recorded minutes pass faster than real
 # ones, so times shifted to now would run ahead of the clock and fail time.future): time.stale is off here.
@@ -136,10 +142,10 @@ class Bench:
                 out[parts[0]] = int(parts[3].rstrip(","))
         return out
 
-    async def start_pipeline(self, rate: int) -> int:
+    async def start_pipeline(self, rate: int, partitions: int) -> int:
         sim_port = free_port()
-        config = self.tmp / f"pipeline-{rate}.toml"
-        config.write_text(config_text(sim_port, self.symbols))
+        config = self.tmp / f"pipeline-{rate}-p{partitions}.toml"
+        config.write_text(config_text(sim_port, self.symbols, partitions))
         dsn = await create_scratch_db(self.admin_dsn, self.db_name)
         redis = aioredis.Redis.from_url(self.redis_store.url)
         await redis.flushall()
@@ -149,7 +155,8 @@ class Bench:
         self.env = dict(os.environ, MDP_RUN_DIR=str(self.tmp / "run"), MDP_REDIS_URL=self.redis_store.url,
                         MDP_INFLUX_URL=self.influx.url, MDP_INFLUX_DATABASE=f"bench_{rate}",
                         MDP_POSTGRES_DSN=dsn, MDP_SIMULATOR="true", MDP_SIM_ARGS=sim_args,
-                        MDP_START_TIMEOUT="150", MDP_CONFIG=str(config), MDP_LOG_LEVEL="WARNING")
+                        MDP_START_TIMEOUT="150", MDP_CONFIG=str(config), MDP_LOG_LEVEL="WARNING",
+                        MDP_NUMPROCS=",".join(f"{p}={partitions}" for p in PARTITIONED) if partitions > 1 else "")
         started = await asyncio.to_thread(
             subprocess.run, ["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=self.env,
             capture_output=True, text=True, timeout=240)
@@ -169,9 +176,9 @@ class Bench:
         backlog = sum((g.lag or 0) + g.pending for st in status.streams for g in st.groups)
         return written, backlog
 
-    async def rung(self, rate: int) -> Rung:
+    async def rung(self, rate: int, partitions: int = 1) -> Rung:
         out = Rung(rate)
-        sim_port = await self.start_pipeline(rate)
+        sim_port = await self.start_pipeline(rate, partitions)
         redis = aioredis.Redis.from_url(self.redis_store.url)
         try:
             async with TickLatency(redis, [f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]]) as ticks:
@@ -207,10 +214,10 @@ class Bench:
         out.stored = (stored1 - stored0) / dt
         trades = max(stored1 - stored0, 1)
         for program, c0 in cpu0.items():
-            if program in cpu1:
+            if program in cpu1:  # a program's instances summed (validator:validator-0 and -1)
                 name = program.split(":")[0]
-                out.cpu_us[name] = round((cpu1[program] - c0) / trades * 1e6, 1)
-                out.cpu_share[name] = round((cpu1[program] - c0) / dt, 3)
+                out.cpu_us[name] = round(out.cpu_us.get(name, 0.0) + (cpu1[program] - c0) / trades * 1e6, 1)
+                out.cpu_share[name] = round(out.cpu_share.get(name, 0.0) + (cpu1[program] - c0) / dt, 3)
         if window:
             q = statistics.quantiles(window, n=100)
             out.latency_ms = {"p50": round(q[49], 1), "p99": round(q[98], 1), "max": round(max(window), 1),
@@ -229,14 +236,16 @@ class Bench:
         await asyncio.to_thread(self.influx.start)
         rungs: list[Rung] = []
         try:
-            for rate in self.args.rates:
-                r = await self.rung(rate)
-                rungs.append(r)
-                print(f"{rate:>7,}/s offered: achieved {r.achieved:,.0f}/s, stored {r.stored:,.0f}/s, backlog "
-                      f"{r.backlog_start:,} -> {r.backlog_end:,}, ts_recv->cache {r.latency_ms}, "
-                      f"{'sustained' if r.sustained else 'NOT sustained'} {r.note}", flush=True)
-                if not r.sustained:
-                    break
+            for partitions in self.args.partitions:
+                for rate in self.args.rates:
+                    r = await self.rung(rate, partitions)
+                    r.partitions = partitions
+                    rungs.append(r)
+                    print(f"P={partitions} {rate:>7,}/s offered: achieved {r.achieved:,.0f}/s, stored {r.stored:,.0f}/s, "
+                          f"backlog {r.backlog_start:,} -> {r.backlog_end:,}, ts_recv->cache {r.latency_ms}, "
+                          f"{'sustained' if r.sustained else 'NOT sustained'} {r.note}", flush=True)
+                    if not r.sustained:
+                        break
         finally:
             with contextlib.suppress(Exception):
                 self.influx.stop()
@@ -251,19 +260,20 @@ def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
              (f"{args.symbols} Binance spot symbols (trades, book tickers, order books; 1m candles aggregated), "
              f"every program under supervisord, Redis with AOF, InfluxDB and PostgreSQL on this machine "
              f"({os.cpu_count()} cores); {args.warmup:.0f} s warm-up, {args.window:.0f} s window per rung."), "",
-             ("| offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms | "
-             "sustained |"), "|---:|---:|---:|---|---|---|"]
+             "P: `bus.partitions`, and as many instances of the validator, the normalizer and the aggregator.", "",
+             ("| P | offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms | "
+             "sustained |"), "|---:|---:|---:|---:|---|---|---|"]
     for r in rungs:
         lat = r.latency_ms
         lat_text = f"{lat['p50']} / {lat['p99']} / {lat['max']}" if lat else "-"
-        lines.append(f"| {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
+        lines.append(f"| {r.partitions} | {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
                      f"{r.backlog_end:,} | {lat_text} | {'yes' if r.sustained else 'no'} |")
     programs = sorted({p for r in rungs for p in r.cpu_us})
-    lines += ["", "CPU per stored trade (us) and share of one core, per program:", "",
-              "| offered/s | " + " | ".join(programs) + " |", "|---:|" + "---:|" * len(programs)]
+    lines += ["", "CPU per stored trade (us) and share of one core, per program (its instances summed):", "",
+              "| P | offered/s | " + " | ".join(programs) + " |", "|---:|---:|" + "---:|" * len(programs)]
     for r in rungs:
         cells = [f"{r.cpu_us.get(p, 0):.1f} ({r.cpu_share.get(p, 0):.0%})" for p in programs]
-        lines.append(f"| {r.offered:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.partitions} | {r.offered:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                    default=[2000, 4000, 6000, 8000, 10000, 15000, 20000],
                    help="offered trades/s, total over the symbols")
     p.add_argument("--symbols", type=int, default=20)
+    p.add_argument("--partitions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                   help="bus.partitions of each ladder, e.g. 1,2 (P > 1 runs P instances of the validator, "
+                        "normalizer and aggregator)")
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=15.0)
     args = p.parse_args(argv)
