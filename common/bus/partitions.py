@@ -149,7 +149,6 @@ class Partitions:
         self.share = Share(redis, codec, stage, instance, self.count)
         self.refresh_s = 2.0  # how often each consumer looks for new streams (tests shorten it)
         self.live: dict[int, tuple[Consumer, SeriesState | None]] = {}
-        self.leases: dict[int, Lease] = {}
         self._retired = ConsumerStats()
         self._retired_series: dict[str, int] = {}  # keyed as SeriesState.counters, without the series in memory
         self._state = "starting"
@@ -246,7 +245,6 @@ class Partitions:
 
     async def _slot(self, k: int, handler: Handler, stop: asyncio.Event) -> None:
         lease = stage_lease(self.redis, f"{self.stage}:p{k}", self.consumer_name(k), self.bus)
-        self.leases[k] = lease
         while not stop.is_set() and not self._closing:
             if not await self._take(k, lease, stop):
                 return

@@ -201,7 +201,7 @@ class Publisher:
                 out.setdefault(streams.raw_for(ex, b.symbol, n), []).extend(b.events)
                 continue
             for e in b.events:
-                out.setdefault(streams.raw_for(ex, getattr(e, "symbol", ""), n), []).append(e)
+                out.setdefault(streams.raw_for(ex, getattr(e, "symbol", None) or "", n), []).append(e)
         return out
 
     def redis_down(self, exc: BaseException, delay: float) -> None:
