@@ -35,7 +35,7 @@ async def test_nothing_lost_nothing_doubled_under_infrastructure_faults(seed: in
 @pytest.mark.timeout(900)
 async def test_two_instances_of_every_partitioned_stage_lose_and_double_nothing_under_the_same_faults() -> None:
     # Arrange + Act: seed 1 with bus.partitions = 2 and two instances each of the validator, the normalizer and
-    # the aggregator (each instance killed in its turn: its partition moves to the other and back).
+    # the aggregator, each instance killed in its turn (restarted, it takes its own partition back).
     report = await run_one(Options(seed=SEEDS[0], partitions=2))
 
     # Assert
