@@ -39,7 +39,7 @@ STORE_FAULTS: dict[str, tuple[str, tuple[float, float]]] = {
 
 @dataclass
 class Fault:
-    kind: str  # "kill9" or a STORE_FAULTS key
+    kind: str  # "kill9", "freeze" (a program SIGSTOPped, then SIGCONT) or a STORE_FAULTS key
     target: str
     at_s: float  # planned, seconds after the replay started
     duration_s: float = 0.0
@@ -55,16 +55,26 @@ class Fault:
         return f"{self.kind}({self.target})" + (f" for {self.duration_s:.1f}s" if self.duration_s else "")
 
 
-def short_schedule(seed: int, window_s: float, programs: tuple[str, ...] = PROGRAMS) -> list[Fault]:
+PROGRAM_FREEZE_S = (12.0, 16.0)  # longer than a partition lease (7.5 s in the chaos config) plus a heartbeat key (5 s)
+
+
+def short_schedule(seed: int, window_s: float, programs: tuple[str, ...] = PROGRAMS,
+                   freezes: tuple[str, ...] = ()) -> list[Fault]:
     """Each fault once: kill -9 of every program and every store fault, at uniform random moments in the
-    middle of the replay ([8%, 85%] of `window_s`), so each lands while data flows."""
+    middle of the replay ([8%, 85%] of `window_s`), so each lands while data flows. `freezes`: programs also
+    frozen once (SIGSTOP for PROGRAM_FREEZE_S, then SIGCONT), drawn after the others so they keep their times:
+    a partitioned stage's instance frozen long enough that the other takes its partitions, then thawed to
+    find its leases gone (it exits, restarts and gets its share back)."""
     rng = random.Random(seed)
     faults = [Fault("kill9", p, 0.0) for p in programs]
     for kind, (target, (lo, hi)) in STORE_FAULTS.items():
         faults.append(Fault(kind, target, 0.0, round(rng.uniform(lo, hi), 2)))
+    frozen = [Fault("freeze", p, 0.0, round(rng.uniform(*PROGRAM_FREEZE_S), 2)) for p in freezes]
     for f in faults:
         f.at_s = round(rng.uniform(0.08 * window_s, 0.85 * window_s), 2)
-    return sorted(faults, key=lambda f: f.at_s)
+    for f in frozen:
+        f.at_s = round(rng.uniform(0.08 * window_s, 0.6 * window_s), 2)
+    return sorted([*faults, *frozen], key=lambda f: f.at_s)
 
 
 def soak_schedule(seed: int, duration_s: float, every_s: tuple[float, float] = (3.0, 8.0),

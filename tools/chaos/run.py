@@ -347,6 +347,17 @@ class Harness:
             os.kill(pid, signal.SIGKILL)
             f.ended_s = self.run.now()
             f.detail = f"SIGKILL pid {pid}"
+        elif f.kind == "freeze":
+            out = (await self.pipe.actl("pid", f.target)).strip()
+            pid = int(out) if out.isdigit() else 0
+            if pid <= 0:
+                f.detail = f"not running, nothing to freeze ({(await self.pipe.actl('status', f.target)).strip()})"
+                return
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(f.duration_s)
+            os.kill(pid, signal.SIGCONT)
+            f.ended_s = self.run.now()
+            f.detail = f"SIGSTOP pid {pid}, SIGCONT after {f.duration_s}s"
         elif f.kind == "redis_kill9_restart":
             self.redis_down.set()
             await asyncio.to_thread(self.redis_store.kill9)
@@ -465,8 +476,10 @@ class Harness:
             programs = tuple(sorted(line.split()[0] for line in (await self.pipe.actl("status")).splitlines()
                                     if line.strip() and not line.startswith("simulator")))
             report["programs"] = list(programs)
+            freezes = tuple(p for p in programs if o.partitions > 1 and p.endswith("-0")
+                            and p.split(":")[0] in PARTITIONED)
             run.faults = (soak_schedule(o.seed, window, programs=programs) if o.soak_s
-                          else short_schedule(o.seed, window, programs))
+                          else short_schedule(o.seed, window, programs, freezes))
             run.faults = [f for f in run.faults if f.kind not in o.skip]
             if o.skip:
                 run.note(f"SKIPPED fault kinds (not a full chaos run): {', '.join(o.skip)}")
