@@ -98,9 +98,10 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abandoned_group_s: float = 300.0
     # Destroy an abandoned group (XGROUP DESTROY, with an alert) instead of only reporting it.
     drop_abandoned_groups: bool = False
-    # Partitions of a partitioned stateful stage (the aggregator): its md:* inputs split by the base asset of
-    # their symbol, each partition under its own lease and checkpoint, shared out among the instances alive
-    # (docs/scaling.md, "Partitions"). 1: one lease for the stage, one instance works and the others stand by.
+    # Partitions of the validator, the normalizer and the aggregator: the events split by the base asset of
+    # their symbol (raw:{exchange}:p{k}, valid:{exchange}:p{k}; md:* keeps its names), each partition under
+    # its own lease (and checkpoint) in each stage, shared out among the instances alive (docs/scaling.md,
+    # "Partitions"). 1: one lease per stateful stage, one instance works and the others stand by.
     partitions: int = 1
 
 
