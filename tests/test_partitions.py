@@ -341,7 +341,7 @@ def diagnose_all(redis: aioredis.Redis, *groups: Sequence[Stage]) -> Callable[[]
     return why
 
 
-async def test_a_collector_routes_each_symbol_to_its_partition_stream(settings) -> None:  # noqa: F811
+async def test_a_collector_routes_each_symbol_to_its_partition_stream(redis, settings) -> None:  # noqa: F811
     # Arrange: the simulator serving four Binance symbols (the real capture under each), one per partition
     served = {"BTC/USDT": 2, "ETH/USDT": 3, "XRP/USDT": 0, "LINK/USDT": 1}
     async with start_simulator(market_symbols=[s.replace("/", "") for s in served], rate=800, loop=True,
@@ -350,7 +350,6 @@ async def test_a_collector_routes_each_symbol_to_its_partition_stream(settings) 
         cfg = collector_settings(replace(settings, bus=replace(settings.bus, partitions=4), exchanges=[binance]),
                                  sim.rest_url, sim.ws_url)
         collector = Collector(cfg, "t", exchange="binance")
-        redis = collector.redis
 
         async def enough() -> bool:
             counts = [sum(isinstance(e, Trade) for e in await read_events(redis, streams.raw("binance", k)))
@@ -360,17 +359,13 @@ async def test_a_collector_routes_each_symbol_to_its_partition_stream(settings) 
         # Act
         await run_collector(collector, enough, timeout=90)
     # Assert: partition k's stream holds its symbol's trades, in id order, and the markets of its base assets
-    client = aioredis.Redis.from_url(settings.redis.url)
-    try:
-        assert not await client.exists(streams.raw("binance"))
-        for symbol, k in served.items():
-            events = await read_events(client, streams.raw("binance", k))
-            trades = [e for e in events if isinstance(e, Trade)]
-            assert {t.symbol for t in trades} == {symbol}
-            ids = [int(t.trade_id) for t in trades]
-            assert ids == sorted(ids) and len(ids) == len(set(ids)) >= 100
-            markets = [e for e in events if isinstance(e, Market)]
-            assert markets and all(streams.partition_of(m.symbol, 4) == k for m in markets)
-            assert symbol in {m.symbol for m in markets}
-    finally:
-        await client.aclose()
+    assert not await redis.exists(streams.raw("binance"))
+    for symbol, k in served.items():
+        events = await read_events(redis, streams.raw("binance", k))
+        trades = [e for e in events if isinstance(e, Trade)]
+        assert {t.symbol for t in trades} == {symbol}
+        ids = [int(t.trade_id) for t in trades]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)) >= 100
+        markets = [e for e in events if isinstance(e, Market)]
+        assert markets and all(streams.partition_of(m.symbol, 4) == k for m in markets)
+        assert symbol in {m.symbol for m in markets}
