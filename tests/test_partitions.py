@@ -1,7 +1,9 @@
-"""A partitioned aggregator (bus.partitions = 4) on the real Redis with the real capture: partitions by base
-asset, shared out between two instances, handed over when one joins and taken back when one dies with a batch
-in hand; the outputs equal those of one aggregator without partitions (no minute or bar lost, doubled or
-wrong)."""
+"""Partitioned stages on the real Redis with the real capture (docs/scaling.md, "Partitions"): partitions by
+base asset; two aggregators over four partitions sharing them, handing two over when one joins and taking them
+back when it dies with a batch in hand; two instances each of the validator, the normalizer and the aggregator
+over two partitions, one of each killed mid-piece; the outputs equal those of one instance without partitions
+(no trade lost, doubled or out of order, no minute or bar wrong). And a collector routing each symbol to its
+partition's raw stream."""
 
 from __future__ import annotations
 
