@@ -121,11 +121,6 @@ async def finish(tasks: Sequence[asyncio.Task[None]], what: str, timeout: float 
                              + "\n".join(stacks))
 
 
-def held(svc: Aggregator) -> set[int]:
-    assert svc.partitions is not None
-    return set(svc.partitions.live)
-
-
 def diagnose(redis: aioredis.Redis, *services: Aggregator) -> Callable[[], Awaitable[str]]:
     """What each instance holds and sees, and who holds each lease in Redis (for a timeout's message)."""
     async def why() -> str:
@@ -170,22 +165,22 @@ async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without
     producer = Producer(redis, a.codec, small.bus, "test")
     try:
         # Act 1: A alone takes the four partitions and aggregates the first piece
-        await wait_until("A holding all four partitions", lambda: held(a) == {0, 1, 2, 3}, tasks_a)
+        await wait_until("A holding all four partitions", lambda: parts(a) == {0, 1, 2, 3}, tasks_a)
         await producer.publish(streams_of(pieces[0]))
         await drained(redis, names, tasks_a)
         # Act 2: B joins; A hands two partitions over between batches; B freezes with a batch of the second
         # piece in hand (its lease still renewed) and is killed
         tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
         await wait_until("A and B holding two partitions each",
-                         lambda: len(held(a)) == 2 and len(held(b)) == 2 and not held(a) & held(b),
+                         lambda: len(parts(a)) == 2 and len(parts(b)) == 2 and not parts(a) & parts(b),
                          [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
-        taken_by_b = held(b)
+        taken_by_b = parts(b)
         await producer.publish(streams_of(pieces[1]))
         await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
         await finish(tasks_b, "B killed", cancel=True)
         # Act 3: A takes B's partitions back once B's heartbeat and leases expire, B's pending batch first
         await producer.publish(streams_of(pieces[2]))
-        await wait_until("A holding all four partitions again", lambda: held(a) == {0, 1, 2, 3}, tasks_a,
+        await wait_until("A holding all four partitions again", lambda: parts(a) == {0, 1, 2, 3}, tasks_a,
                          why=diagnose(redis, a, b))
         await drained(redis, names, tasks_a)
         counters = a.counters()

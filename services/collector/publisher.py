@@ -215,7 +215,8 @@ class Publisher:
             f"Redis unreachable for {now - self.redis_down_since:.0f} s ({type(exc).__name__}: {exc}); "
             f"{self.outbox.events} events buffered (bound publish_buffer_events={self.outbox.limit}), "
             f"{self.outbox.dropped_events} dropped so far as Gaps")
-        log.error("cannot publish to %s: %s; retrying in %.1f s", self.stream, self.service.detail, delay)
+        where = self.stream if self.partitions == 1 else f"{self.stream}:p*"
+        log.error("cannot publish to %s: %s; retrying in %.1f s", where, self.service.detail, delay)
 
     async def _lost_while_down(self) -> list[Event]:
         """Gaps for what Redis lost of what we had published (it restarted from an older AOF or snapshot, or

@@ -335,23 +335,27 @@ class Harness:
                 f.ended_s = run.now()
             run.note(f"fault {f.label()}: {f.detail.strip()}")
 
+    async def _running_pid(self, f: Fault, verb: str) -> int:
+        """The pid of the program `f` targets, or 0 with the fault's detail saying it was not running."""
+        assert self.pipe is not None
+        out = (await self.pipe.actl("pid", f.target)).strip()
+        pid = int(out) if out.isdigit() else 0
+        if pid <= 0:
+            f.detail = f"not running, nothing to {verb} ({(await self.pipe.actl('status', f.target)).strip()})"
+        return pid
+
     async def _inject(self, f: Fault) -> None:
         assert self.pipe is not None
         if f.kind == "kill9":
-            out = (await self.pipe.actl("pid", f.target)).strip()
-            pid = int(out) if out.isdigit() else 0
-            if pid <= 0:
-                status = (await self.pipe.actl("status", f.target)).strip()
-                f.detail = f"not running, nothing to kill ({status})"
+            pid = await self._running_pid(f, "kill")
+            if not pid:
                 return
             os.kill(pid, signal.SIGKILL)
             f.ended_s = self.run.now()
             f.detail = f"SIGKILL pid {pid}"
         elif f.kind == "freeze":
-            out = (await self.pipe.actl("pid", f.target)).strip()
-            pid = int(out) if out.isdigit() else 0
-            if pid <= 0:
-                f.detail = f"not running, nothing to freeze ({(await self.pipe.actl('status', f.target)).strip()})"
+            pid = await self._running_pid(f, "freeze")
+            if not pid:
                 return
             os.kill(pid, signal.SIGSTOP)
             await asyncio.sleep(f.duration_s)
