@@ -330,6 +330,37 @@ async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Set
     assert len(logged) == 1 and "binance BTC/USDT trades" in logged[0] and "trade ids " in logged[0], logged
 
 
+async def test_sigterm_publishes_past_a_consumer_that_holds_the_stream_back(settings: Settings, redis) -> None:
+    """The validator's group on raw:binance is far behind (nobody reads it), so backpressure holds the publisher
+    (for up to backpressure_max_wait_s, here longer than the drain bound). At the stop the collector publishes
+    what it took anyway: every trade taken from ccxt is in the stream, once and in order, within the bound.
+    Before the fix the drain waited on the consumer, timed out, and logged the trades as a Gap that a
+    restarted collector opens only when the next trade arrives (the partitioned chaos run's loss)."""
+    from services.collector import service
+
+    bus = msgspec.structs.replace(settings.bus, backpressure_high_water=5, backpressure_max_wait_s=120.0)
+    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(msgspec.structs.replace(settings, bus=bus), sim.rest_url, sim.ws_url,
+                                 channels=["trades"])
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def held_back() -> bool:
+            return collector.publisher.producer.backpressure_waits >= 1 and collector.publisher.outbox.events >= 20
+
+        await wait_for(held_back, task)  # the group has more than 5 entries unread: trades wait in the outbox
+        stop.set()
+        started_at = time.monotonic()
+        await asyncio.wait_for(task, service.DRAIN_S + 5)  # raises if run() failed
+        stopped_in = time.monotonic() - started_at
+        await collector.close()
+    ids = trade_ids(await read(redis, streams.raw("binance")))
+    assert stopped_in < service.DRAIN_S, f"published past the backpressure at once, not at the bound ({stopped_in:.1f} s)"
+    assert len(ids) == collector.count["trades"], "every trade taken from ccxt was published before the exit"
+    assert ids == list(range(ids[0], ids[0] + len(ids))), "once each, in order, none skipped"
+
+
 def test_a_trade_counts_as_published_only_after_its_xadd() -> None:
     """Taken trades are not handed out twice, nor remembered as published, until their publish succeeded."""
     from services.collector.service import SymbolState

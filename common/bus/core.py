@@ -306,6 +306,13 @@ class Producer:
         self.published_events = 0
         self.published_entries = 0
         self.backpressure_waits = 0
+        self.hurried = False  # set by `hurry`: publish without waiting for slow consumers
+
+    def hurry(self) -> None:
+        """From now on publish without waiting for consumers (a wait under way ends within 0.1 s). A collector
+        calls it at stop: what it took from the exchange is kept in the stream (MAXLEN is far above the high
+        water) rather than left unpublished, which would be a Gap."""
+        self.hurried = True
 
     async def alert(self, rule: str, severity: str, reason: str, values: dict[str, str]) -> None:
         await publish_alert(self.redis, self.codec, self.settings, self.source, rule, severity, reason, values)
@@ -383,6 +390,8 @@ class Producer:
         return max((g.backlog for g in groups if g.name in own), default=0)
 
     async def wait_for_consumers(self, names: Iterable[str]) -> None:
+        if self.hurried:
+            return
         now = time.monotonic()
         due = [s for s in names if now - self._checked_at.get(s, 0.0) >= 0.5]
         for stream in due:
@@ -399,9 +408,14 @@ class Producer:
             log.warning("backpressure: stream %s has %d entries unfinished by one of its groups (high water %d); "
                         "waiting up to %.0f s", stream, backlog, self.settings.backpressure_high_water,
                         self.settings.backpressure_max_wait_s)
-            while backlog > self.settings.backpressure_high_water and time.monotonic() < deadline:
+            while (backlog > self.settings.backpressure_high_water and time.monotonic() < deadline
+                   and not self.hurried):
                 await asyncio.sleep(0.1)
                 backlog = await self.backlog(stream)
+            if self.hurried:
+                log.warning("backpressure: stopping, so publishing to %s without waiting (%d entries unfinished)",
+                            stream, backlog)
+                return
             if backlog > self.settings.backpressure_high_water:
                 reason = (f"consumers of {stream} are {backlog} entries behind after "
                           f"{self.settings.backpressure_max_wait_s:.0f} s; publishing anyway: entries beyond "

@@ -28,6 +28,7 @@ from common.bus.core import Producer
 from common.bus.resp import Command
 from common.bus.stage import Service
 from common.domain.timeframe import MS
+from common.tasks import cancel_and_wait
 from schemas import Event, Trade
 from services.collector.gaps import dropped_gap, lost_gap
 from services.collector.outbox import Batch, Dropped, Outbox, Position, position_field, position_key
@@ -254,27 +255,34 @@ class Publisher:
                     return None
 
     async def drain(self, task: asyncio.Task[None], bound_s: float) -> None:
-        """At stop: let `task` (running `run`) publish what the outbox holds, for at most `bound_s`; what is
-        left then is logged as the Gap it leaves (the next start opens it from the stored positions anyway)."""
+        """At stop: let `task` (running `run`) publish what the outbox holds, for at most `bound_s`, without
+        waiting for slow consumers (`Producer.hurry`: backpressure must not turn taken events into a Gap); what
+        is left then, or what a publisher that crashed left, is logged as the Gap it leaves (the next start opens
+        it from the stored positions)."""
         self.draining.set()
         self.ready.set()
-        if task.done():
-            return
+        self.producer.hurry()
         started = time.monotonic()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), bound_s)
-            log.info("stopped collecting; the outbox was published in %.2f s", time.monotonic() - started)
-            return
-        except TimeoutError:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), bound_s)
+                log.info("stopped collecting; the outbox was published in %.2f s", time.monotonic() - started)
+                return
+            except TimeoutError:
+                await cancel_and_wait(task)
+            except Exception:  # noqa: BLE001, S110 - the publisher's own error: the collector re-raises it after us
+                pass
+            why = f"could not publish within {bound_s:.0f} s of the stop"
+        else:
+            why = "the publisher had stopped"
         self.settle_dropped()
+        if not self.outbox.events:
+            return
         runs: dict[tuple[str, str], list[Event]] = {}
         for batch in self.outbox.queued:
             runs.setdefault((batch.symbol, batch.channel), []).extend(batch.events)
-        log.error("could not publish within %.0f s of the stop (%s): %d events of %d batches not published",
-                  bound_s, self.service.detail or "Redis slow or unreachable", self.outbox.events,
-                  len(self.outbox))
+        log.error("%s (%s): %d events of %d batches not published", why,
+                  self.service.detail or "Redis slow or unreachable", self.outbox.events, len(self.outbox))
         for (symbol, channel), events in runs.items():
             times = [int(getattr(e, "ts_event", 0)) for e in events]
             ids = [e.trade_id for e in events if isinstance(e, Trade)]

@@ -62,6 +62,7 @@ from common.domain.timeframe import MS
 from common.exchanges.clients import make_pro_exchange
 from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned, RateBudget, limit_for
 from common.exchanges.venues import Venue, venue
+from common.tasks import cancel_and_wait
 from schemas import Event
 from services.collector.connections import Connections
 from services.collector.events import market_event
@@ -228,9 +229,8 @@ class Collector(Service):
                 publisher.result()  # a Redis error other than unreachable: exit non-zero, supervisord restarts
         finally:
             # Stop reading the sockets; publish what was taken from ccxt (bounded), then close the connections.
-            for t in tasks:
-                t.cancel()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(*tasks)  # a plain cancel can be lost on 3.11 (common/tasks.py)
+            results = [None if t.cancelled() else t.exception() for t in tasks]
             for feed in self.feeds:
                 if isinstance(feed, TradesFeed):
                     await feed.sweep()  # trades received between the last wake-up and the stop
