@@ -19,10 +19,11 @@ import redis.asyncio as aioredis
 
 from common.bus import streams
 from common.bus.core import Delivery, Producer
+from common.bus.partitions import Share
 from common.bus.stage import Stage
 from common.config import ConfigError, ExchangeSettings, load_settings
 from common.tasks import cancel_and_wait
-from schemas import Codec, Event, Market, Trade
+from schemas import Codec, Event, Heartbeat, Market, Trade
 from services.aggregator import Aggregator
 from services.collector.service import Collector
 from services.normalizer import Normalizer
@@ -141,6 +142,28 @@ def diagnose(redis: aioredis.Redis, *services: Aggregator) -> Callable[[], Await
                   if "lease" in t.get_name() or "work" in t.get_name()]
         return "; ".join([*lines, f"leases {leases}", f"alive keys {alive}", *stacks])
     return why
+
+
+async def test_the_share_counts_the_instances_alive_from_the_instance_set(redis) -> None:
+    """Share.refresh looks only at the stage's instance set (no keyspace SCAN): a member with a live heartbeat
+    counts, one whose last heartbeat says "stopping" does not, one whose key expired does not and leaves the
+    set. 8 partitions over 2 alive: a share of 4."""
+    codec = Codec()
+
+    def beat(instance: str, state: str) -> bytes:
+        return codec.encode([Heartbeat(service="aggregator", instance=instance, pid=1, started_at=0, counters={},
+                                       state=state, detail="", ts_event=0, ts_recv=0)])  # type: ignore[arg-type]
+
+    await redis.sadd(streams.instances_key("aggregator"), "a", "b", "c", "d")
+    for instance in ("a", "b"):
+        await redis.set(streams.alive_key("aggregator", instance), beat(instance, "running"), ex=30)
+    await redis.set(streams.alive_key("aggregator", "c"), beat("c", "stopping"), ex=30)  # d: expired, no key
+    share = Share(redis, codec, "aggregator", "a", 8)
+
+    await share.refresh()
+
+    assert share.alive == {"a", "b"} and share.quota == 4
+    assert await redis.smembers(streams.instances_key("aggregator")) == {b"a", b"b", b"c"}, "d is gone"
 
 
 async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without_loss(redis, settings) -> None:  # noqa: F811

@@ -102,13 +102,17 @@ class Share:
         return False
 
     async def refresh(self) -> None:
-        """The instances alive: heartbeat keys of the stage whose last heartbeat is not "stopping"."""
-        prefix = streams.alive_key(self.stage, "")
-        keys = [k async for k in self.redis.scan_iter(match=prefix + "*", count=1000)]
-        alive = {self.instance}
-        for key, payload in zip(keys, await self.redis.mget(keys) if keys else [], strict=True):
+        """The instances alive: members of the stage's instance set (`streams.instances_key`) whose heartbeat
+        key exists and whose last heartbeat is not "stopping". Members whose key has expired are removed (O(the
+        stage's instances) a refresh, not O(keys) as a SCAN would be)."""
+        names = sorted(m.decode() if isinstance(m, bytes) else str(m)
+                       for m in await self.redis.smembers(streams.instances_key(self.stage)))
+        payloads = await self.redis.mget([streams.alive_key(self.stage, n) for n in names]) if names else []
+        alive, gone = {self.instance}, []
+        for name, payload in zip(names, payloads, strict=True):
             if payload is None:
-                continue  # expired between SCAN and MGET
+                gone.append(name)  # its heartbeats stopped 5 intervals ago (or it never beat)
+                continue
             try:
                 beats = self.codec.decode(payload if isinstance(payload, bytes) else payload.encode())
             except DecodeError:
@@ -116,7 +120,9 @@ class Share:
             beat = beats[0] if beats else None
             if isinstance(beat, Heartbeat) and beat.state == "stopping":
                 continue
-            alive.add((key.decode() if isinstance(key, bytes) else str(key))[len(prefix):])
+            alive.add(name)
+        if gone:
+            await self.redis.srem(streams.instances_key(self.stage), *gone)
         if alive != self.alive:
             log.info("%s: instances alive %s -> %s; share %d -> %d of %d partitions", self.stage,
                      ",".join(sorted(self.alive)), ",".join(sorted(alive)), self.quota,

@@ -155,6 +155,7 @@ class Service:
         ttl = max(5, int(self.settings.bus.heartbeat_interval_s * 5))
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(streams.alive_key(self.name, self.instance), payload, ex=ttl)
+        pipe.sadd(streams.instances_key(self.name), self.instance)  # after the SET: a member has a key
         # redis-py types xadd's fields as dict[FieldT, EncodableT], which (invariant) refuses dict[bytes, bytes].
         pipe.xadd(streams.HEARTBEATS, self.codec.entry([beat]), maxlen=10_000, approximate=True)  # type: ignore[arg-type]
         await pipe.execute()

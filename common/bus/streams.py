@@ -75,6 +75,13 @@ def alive_key(service: str, instance: str) -> str:
     return f"{ALIVE_PREFIX}{service}:{instance}"
 
 
+def instances_key(service: str) -> str:
+    """The set of a service's instance names, added to by each heartbeat: whose alive keys to look at (a
+    partitioned stage's share), without scanning the keyspace. A member whose alive key has expired is removed
+    by whoever finds it so; a live one adds itself again at its next heartbeat."""
+    return f"mdp:instances:{service}"
+
+
 def outage_key(group: str, store: str) -> str:
     """Set while `group`'s store is down (value: since when, ns): one store.unavailable alert per outage."""
     return f"mdp:outage:{group}:{store}"
