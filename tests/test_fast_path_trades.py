@@ -40,7 +40,7 @@ from services.collector.frame_tap import FrameTap
 from services.collector.outbox import Position
 from services.collector.service import Collector
 from services.collector.symbols import SymbolState
-from services.collector.trade_wire import FAST_TRADES, TradeWire
+from services.collector.wires import FAST_TRADES, TradeWire
 from simulator import start_simulator, usdm
 from simulator.recording import SHIPPED_DATA, load_exchange_info, real_data_dir
 from tests.collecting import collector_settings, read, run_collector
@@ -371,7 +371,7 @@ def test_fast_path_switch_and_its_keys() -> None:
     with pytest.raises(ConfigError) as err:
         plan(fast_path={"trade": True})
     assert "exchanges[binance].fast_path" in str(err.value) and "'trade'" in str(err.value)
-    assert "trades, book" in str(err.value)
+    assert "trades, ticker, book" in str(err.value)
 
 
 # -- the whole collector against the simulator ------------------------------------------------------------------

@@ -4,10 +4,11 @@ How each channel is fetched (checked against `exchange.has` at start, `plan_feed
 ConfigError naming the exchange and the channel):
 
   trades         watch_trades                               every exchange we test; Binance spot and USD-M frames
-                 decoded by our own msgspec decoder instead (FastTradesFeed, trade_wire.py; `fast_path`)
+                 decoded by our own msgspec decoder instead (FastTradesFeed, wires.py; `fast_path`)
   candles        watch_ohlcv (+ REST fetch_ohlcv while the socket is quiet or down)
   ticker         watch_bids_asks where it exists (Binance: the bookTicker stream, best bid/ask with sizes,
-                 no last), else watch_ticker (Coinbase ticker; Hyperliquid activeAssetCtx, whose bid/ask
+                 no last; spot and USD-M frames decoded by our own msgspec decoder instead, FastTickerFeed,
+                 wires.py; `fast_path`), else watch_ticker (Coinbase ticker; Hyperliquid activeAssetCtx, whose bid/ask
                  are ccxt's impact prices)
   book           watch_order_book: ccxt.pro builds the book from the exchange's snapshot and diffs and
                  applies its sequence rules (Binance spot U/u, USD-M pu; on a break it raises
@@ -32,9 +33,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import ccxt
 from ccxt.async_support.base.ws.cache import ArrayCache
@@ -44,19 +45,20 @@ from common.domain.timeframe import MS
 from common.exchanges.events import candle_event, length_ms, trade_event
 from common.exchanges.ratelimit import BudgetedExchange, ExchangeBanned
 from common.exchanges.venues import venue
+from common.exchanges.wire.binance_book_ticker import BinanceBookTicker, to_ticker
 from common.exchanges.wire.binance_trades import BinanceTrade, to_trade
-from schemas import Alert, Candle, Event, OrderBook, Trade
+from schemas import Alert, Candle, Event, OrderBook, Ticker, Trade
 from services.collector import events as ev
 from services.collector.gaps import Outage, outage_gap
 from services.collector.outbox import Position
 from services.collector.symbols import SymbolState
-from services.collector.trade_wire import FAST_TRADES, TradeWire
+from services.collector.wires import FAST_TICKERS, FAST_TRADES, BookTickerWire, TradeWire
 
 log = logging.getLogger(__name__)
 
 CHANNELS = ("trades", "candles", "ticker", "book", "funding", "open_interest")
 # Channels with a decode fast path on some exchange: the keys `[[exchanges]] fast_path` accepts.
-FAST_PATH_CHANNELS = ("trades", "book")
+FAST_PATH_CHANNELS = ("trades", "ticker", "book")
 # OperationFailed (NetworkError's parent): Binance's -1001 "Internal error; try again", sent with a 5xx, maps
 # there in ccxt 4.5.90; it is transient like a NetworkError and must be retried, not crash the feed.
 ERRORS = (ccxt.OperationFailed, ccxt.ExchangeError, ExchangeBanned)
@@ -143,7 +145,7 @@ class Feed:
             stats.outage = None
             stats.gaps += 1
             host.count["gaps"] += 1
-        stats.messages += 1
+        stats.messages += max(1, len(events))  # events, not wake-ups: a fast path hands a burst at once
         stats.last_recv_ms = time.time_ns() // MS
         stats.last_event_ns = max(stats.last_event_ns, last_ns)
         if last_id:
@@ -229,56 +231,50 @@ class TradesFeed(Feed):
         return int(last.get("timestamp") or 0) * MS, str(last.get("id"))
 
 
-class FastTradesFeed(TradesFeed):
-    """The decode fast path of trades (docs/collector.md, "Decode fast path: trades"): trade_wire.TradeWire takes
-    this symbol's trade frames off ccxt.pro's connection, decodes them with msgspec and hands them to `on_trade`;
-    they wait in `decoded` until the feed sweeps them, through the same dedup, outbox and Gaps as TradesFeed.
+class WireFed(Feed):
+    """What the feeds of a decode fast path share (docs/collector.md, "Decode fast path"): a wire (wires.py)
+    takes this symbol's frames off ccxt.pro's connection, decodes them with msgspec and hands them to
+    `on_decoded`; they wait in `decoded` until the feed sweeps them.
 
-    The feed waits on ccxt's own future of its subscription (`trade::{symbol}`): the wire resolves it for each
-    trade and ccxt rejects it when the connection fails, so failures reach the feed loop as before. ccxt's
-    watch_trades is called only when no live connection carries the subscription: it (re)connects and
-    subscribes. A trade ccxt parsed itself (a frame the decoder refused) is still read from ccxt's cache."""
+    The feed waits on ccxt's own future of its subscription (`message_hash`): the wire resolves it once per
+    burst of frames and ccxt rejects it when the connection fails, so failures reach the feed loop as before.
+    ccxt's watch_* is called only when no live connection carries the subscription: it (re)connects and
+    subscribes."""
 
-    decoded: list[Trade]
-    newest: tuple[int, str] | None = None  # exchange time (ns) and id of the newest trade decoded
-    client: Any = None  # the ccxt connection carrying the subscription (the last trade came on it)
+    hash_prefix: ClassVar[str]  # ccxt.pro binance's subscription and future of a symbol: prefix + symbol
+    woken: ClassVar[Any]  # what the wire resolves ccxt's future with: read by ccxt's watch_* as "nothing new"
+    decoded: list[Any]
+    client: Any = None  # the ccxt connection carrying the subscription (the last frame came on it)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.decoded = []
         self.swept_at = 0.0  # monotonic
         self._wake_timer: asyncio.TimerHandle | None = None
-        self.message_hash = f"trade::{self.symbol}"  # ccxt.pro binance's subscription and future of the symbol
-
-    def on_trade(self, client: Any, raw: BinanceTrade, ts_recv: int) -> None:
-        """A trade frame of this symbol arrived on `client` (called inside ccxt's receive loop)."""
-        trade = to_trade(self.host.exchange_id, self.symbol, raw, ts_recv)
-        self.decoded.append(trade)
-        self.newest = (trade.ts_event, trade.trade_id)
-        self.client = client
+        self.message_hash = self.hash_prefix + self.symbol
 
     def wake(self, client: Any) -> None:
-        """The wire's call at the end of a burst of frames that brought trades (once per burst, not per trade):
-        wakes watch() when the publisher's next round is due (`publish_linger_ms` after the previous one
-        started): at once if it is due now, else with one timer. So the sweep lands on the round and a trade
+        """The wire's call at the end of a burst of frames that brought this feed some (once per burst, not per
+        frame): wakes watch() when the publisher's next round is due (`publish_linger_ms` after the previous one
+        started): at once if it is due now, else with one timer. So the sweep lands on the round and a frame
         waits at most one linger (a sweep paced on its own clock and a round on the publisher's made it up to
         two), and every feed's timer ends at the same time: one round carries them all. Never sooner than the
         linger after this feed's last sweep (a publisher held back by a slow Redis does not make every burst a
-        sweep). The first trade after a quiet spell goes at once."""
+        sweep). The first frame after a quiet spell goes at once."""
         if self._wake_timer is not None:
             return
-        carrier = self.client if self.client is not None else client  # the connection of its newest trade
+        carrier = self.client if self.client is not None else client  # the connection of its newest frame
         linger = self.host.exchange_settings.publish_linger_ms / 1000
         due = max(self.swept_at + linger - time.monotonic(), self.host.next_round_in())
         if due <= WAKE_SLACK_S:
-            carrier.resolve(WOKEN, self.message_hash)  # wakes watch(); nothing when nobody waits
+            carrier.resolve(self.woken, self.message_hash)  # wakes watch(); nothing when nobody waits
         else:
             self._wake_timer = carrier.asyncio_loop.call_later(due, self._deferred_wake)
 
     def _deferred_wake(self) -> None:
         self._wake_timer = None
         if self.decoded and self.client is not None:
-            self.client.resolve(WOKEN, self.message_hash)
+            self.client.resolve(self.woken, self.message_hash)
 
     async def sweep(self) -> None:
         self.swept_at = time.monotonic()
@@ -297,13 +293,36 @@ class FastTradesFeed(TradesFeed):
                 return client
         return None
 
-    async def watch(self) -> Any:
+    async def wait_fed(self, subscribe: Callable[[], Awaitable[Any]]) -> Any:
+        """None at once if frames wait in `decoded`; else ccxt's future of the subscription on its live
+        connection, or `subscribe()` (ccxt's watch_*) when none carries it."""
         if self.decoded:
             return None
         client = self._carrier()
         if client is None:  # ccxt (re)connects and subscribes; the wire's resolve or ccxt's reject ends the wait
-            return await self.exchange.watch_trades(self.symbol)
+            return await subscribe()
         return await client.future(self.message_hash)
+
+
+class FastTradesFeed(WireFed, TradesFeed):
+    """The decode fast path of trades (docs/collector.md, "Decode fast path: trades"): wires.TradeWire hands
+    this symbol's decoded trade frames to `on_decoded`; they go through the same dedup, outbox and Gaps as
+    TradesFeed's. A trade ccxt parsed itself (a frame the decoder refused) is still read from ccxt's cache."""
+
+    hash_prefix = "trade::"
+    woken = ArrayCache(1)  # the resubscribing watch_trades reads it as an empty trade cache
+    decoded: list[Trade]
+    newest: tuple[int, str] | None = None  # exchange time (ns) and id of the newest trade decoded
+
+    def on_decoded(self, client: Any, raw: BinanceTrade, ts_recv: int) -> None:
+        """A trade frame of this symbol arrived on `client` (called inside ccxt's receive loop)."""
+        trade = to_trade(self.host.exchange_id, self.symbol, raw, ts_recv)
+        self.decoded.append(trade)
+        self.newest = (trade.ts_event, trade.trade_id)
+        self.client = client
+
+    async def watch(self) -> Any:
+        return await self.wait_fed(lambda: self.exchange.watch_trades(self.symbol))
 
     def take(self, state: SymbolState) -> list[Trade]:
         decoded, self.decoded = self.decoded, []
@@ -319,9 +338,6 @@ class FastTradesFeed(TradesFeed):
 
 # A wake due in less than this goes now (uvloop's timers count whole milliseconds; the publisher's LINGER_SLACK_S).
 WAKE_SLACK_S = 0.001
-
-# What the wire resolves ccxt's future with: the resubscribing watch_trades reads it as an empty trade cache.
-WOKEN = ArrayCache(1)
 
 
 def cache_tail(cache: list[dict[str, Any]] | None, seen: Container[str]) -> list[dict[str, Any]]:
@@ -475,6 +491,40 @@ class TickerFeed(Feed):
     async def on_update(self, result: Any) -> None:
         t = ev.ticker_event(self.host.exchange_id, self.symbol, result, time.time_ns())
         await self.emit("ticker", [t], t.ts_event, t.ts_event)
+
+
+class FastTickerFeed(WireFed, TickerFeed):
+    """The decode fast path of Binance's bookTicker (docs/collector.md, "Decode fast path: tickers"):
+    wires.BookTickerWire hands this symbol's decoded frames to `on_decoded`, and a sweep publishes every
+    ticker of the burst in one batch, in arrival order, instead of one ccxt parse, future and outbox batch per
+    frame. A frame the decoder refused goes to ccxt, whose parsed ticker resolves the same future: it is
+    published with the next sweep, after those decoded before the feed woke."""
+
+    hash_prefix = "bidask:bookTicker@"
+    woken: ClassVar[dict[str, Any]] = {}  # watch_bids_asks([symbol]) reads a ticker without a symbol: {}
+    decoded: list[Ticker]
+    bids_asks = True
+
+    def on_decoded(self, client: Any, raw: BinanceBookTicker, ts_recv: int) -> None:
+        """A bookTicker frame of this symbol arrived on `client` (called inside ccxt's receive loop)."""
+        self.decoded.append(to_ticker(self.host.exchange_id, self.symbol, raw, ts_recv))
+        self.client = client
+
+    async def watch(self) -> Any:
+        return await self.wait_fed(lambda: self.exchange.watch_bids_asks([self.symbol]))
+
+    async def on_update(self, result: Any) -> None:
+        if isinstance(result, dict) and result is not self.woken:
+            parsed = result if result.get("symbol") == self.symbol else result.get(self.symbol)
+            if isinstance(parsed, dict):  # ccxt parsed a frame itself
+                self.decoded.append(ev.ticker_event(self.host.exchange_id, self.symbol, parsed, time.time_ns()))
+        await self.sweep()
+
+    async def sweep(self) -> None:
+        await super().sweep()
+        tickers, self.decoded = self.decoded, []
+        if tickers:
+            await self.emit("ticker", tickers, tickers[0].ts_event, tickers[-1].ts_event)
 
 
 class BookFeed(Feed):
@@ -659,7 +709,11 @@ def plan_feeds(host: FeedHost, exchange: Any, settings: ExchangeSettings,
                 raise unsupported(context[0], "has['watchTicker']")
             feeds.append(AssetContextFeed(host, symbol, context, min(stall(c) for c in context)))
         if "ticker" in wanted and not asset_ctx:
-            if has.get("watchBidsAsks"):
+            if has.get("watchBidsAsks") and fast_path(settings, "ticker", FAST_TICKERS):
+                fast_ticker = FastTickerFeed(host, symbol, ("ticker",), stall("ticker"))
+                BookTickerWire.of(exchange).add(fast_ticker)
+                feeds.append(fast_ticker)
+            elif has.get("watchBidsAsks"):
                 feed = TickerFeed(host, symbol, ("ticker",), stall("ticker"))
                 feed.bids_asks = True
                 feeds.append(feed)
