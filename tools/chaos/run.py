@@ -132,6 +132,17 @@ class Pipeline:
                     out.append(line)
         return out
 
+    def own_exits(self) -> list[str]:
+        """supervisord's lines for programs that exited by themselves (not the harness's SIGKILL): a crash, a
+        LeaseLost after a freeze (expected), a stop nobody asked for. The report lists them, so a failure shows
+        which program left on its own and when (then its log says why)."""
+        out = []
+        for log in sorted((self.run_dir / "logs").glob("supervisord.log*")):
+            for line in log.read_text(errors="replace").splitlines():
+                if "exited: " in line and "terminated by SIGKILL" not in line:
+                    out.append(line)
+        return out
+
 
 def tree_state() -> str:
     """The commit the run judged, and the files changed in the work tree beside it (engineers share it)."""
@@ -505,6 +516,7 @@ class Harness:
                 await asyncio.gather(*observers, *fault_tasks, return_exceptions=True)
             report["checks"] = [c.as_dict() for c in await self.check(http, r, expected)]
         report["supervisor_fatal_history"] = self.pipe.fatal_history()
+        report["own_exits"] = self.pipe.own_exits()
         report["alerts"] = await checks.alert_counts(r)
         report["dead_letters"] = await checks.dead_letters(r)
         await r.aclose()
@@ -681,6 +693,10 @@ def markdown(report: dict[str, Any]) -> str:
               "", f"Dead-letter streams: {report['dead_letters'] or 'none'}.", ""]
     if report["supervisor_fatal_history"]:
         lines += ["supervisord gave up on:", ""] + [f"- `{x}`" for x in report["supervisor_fatal_history"][:20]]
+    if report.get("own_exits"):
+        head = ("Programs that exited by themselves (not killed by the harness; a frozen instance's LeaseLost "
+                "is expected):")
+        lines += ["", head, ""] + [f"- `{x}`" for x in report["own_exits"][:30]]
     return "\n".join(lines) + "\n"
 
 
