@@ -129,3 +129,42 @@ async def test_status_shows_a_standby_instance_as_standby(settings: Settings, re
     assert row is not None, "the standby instance's heartbeat was not decoded"
     assert (row.alive, row.state) == (True, "standby") and "lease" in row.detail
     await svc.close()
+
+
+async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(settings: Settings, tmp_path: Path) -> None:
+    """A real redis-server in cluster mode (Debian's, on a loopback port): a service stops at start with a
+    ConfigError naming the URL, why (the bus's commits span hash slots) and what to do, instead of failing later
+    with CROSSSLOT or MOVED in the middle of a commit."""
+    import subprocess
+
+    import msgspec
+
+    from tools.localstores import free_port, port_open
+
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
+                               "--cluster-config-file", str(tmp_path / "nodes.conf")], stdout=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(10):
+            while not port_open(port):
+                await asyncio.sleep(0.05)
+        url = f"redis://127.0.0.1:{port}/0"
+        svc = Ticking(msgspec.structs.replace(settings, redis=msgspec.structs.replace(settings.redis, url=url)))
+
+        with pytest.raises(ConfigError) as err:
+            await svc.wait_for_redis(asyncio.Event())
+
+        message = str(err.value)
+        assert f"127.0.0.1:{port}" in message and "cluster_enabled:1" in message
+        assert "MDP_REDIS_URL or [redis] url" in message and "standalone" in message
+        await svc.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def test_a_standalone_redis_is_accepted(settings: Settings, redis) -> None:
+    svc = Ticking(settings)
+    assert await svc.wait_for_redis(asyncio.Event()) is True
+    await svc.close()

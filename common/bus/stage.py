@@ -67,6 +67,19 @@ def setup_logging(service: str) -> None:
     )
 
 
+async def refuse_cluster(redis: aioredis.Redis) -> None:
+    """ConfigError if `redis` is a Redis Cluster node: the bus's commits put several keys (a stage's inputs,
+    outputs, checkpoint and lease; a collector's partition streams and positions) in one MULTI/EXEC, which a
+    cluster refuses across hash slots (CROSSSLOT), and its reads span many streams."""
+    info = await redis.info("cluster")
+    if str(info.get("cluster_enabled", 0)) == "1":
+        raise ConfigError(
+            f"redis.url: Redis at {redis_url(redis)} runs in cluster mode (INFO cluster: cluster_enabled:1), and "
+            f"the bus needs a standalone Redis (a primary, with replicas if you like): its commits span keys of "
+            f"several hash slots, which a cluster refuses (docs/scaling.md, 'Redis Cluster'). Point "
+            f"MDP_REDIS_URL or [redis] url at a standalone Redis")
+
+
 class Service:
     name: ClassVar[str] = "service"
 
@@ -108,6 +121,7 @@ class Service:
         while True:
             try:
                 await self.redis.ping()
+                await refuse_cluster(self.redis)
                 if time.monotonic() - waited_since > 1:
                     log.info("%s: Redis at %s answers after %.1f s", self.name, redis_url(self.redis),
                              time.monotonic() - waited_since)
@@ -370,4 +384,8 @@ def service_main(cls: type[Service], argv: list[str] | None = None,
         raise SystemExit(2) from None
     kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "instance")}
     service = cls(settings, args.instance, **kwargs) if kwargs else cls(settings, args.instance)
-    uvloop.run(service.main())
+    try:
+        uvloop.run(service.main())
+    except ConfigError as exc:  # found once running (e.g. the Redis it reached is a cluster node)
+        log.error("%s", exc)
+        raise SystemExit(2) from None
