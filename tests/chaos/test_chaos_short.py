@@ -7,6 +7,10 @@ from the raw capture, every Gap answered, every program RUNNING.
 Seeds: $CHAOS_SEEDS (comma-separated), default 1. A failure prints the report: which trade ids were lost or
 doubled and where, which bar is wrong, which Gap went unanswered, which program is down, and the faults with
 their seeded times. The run takes about 4 minutes.
+
+The same seed again with bus.partitions = 2 and two instances each of the validator, the normalizer and the
+aggregator: each instance killed in its turn, instance 0 of each frozen long enough to lose its partitions to
+the other. About 3 minutes more.
 """
 
 from __future__ import annotations
@@ -30,3 +34,17 @@ async def test_nothing_lost_nothing_doubled_under_infrastructure_faults(seed: in
     # Assert: every check against the ground truth passed; if not, the report says what and where.
     failed = [c["name"] for c in report["checks"] if not c["passed"]]
     assert not failed, f"chaos seed {seed}: failed checks {failed}\n\n{markdown(report)}"
+
+
+@pytest.mark.timeout(900)
+async def test_two_instances_of_every_partitioned_stage_lose_and_double_nothing_under_the_same_faults() -> None:
+    # Arrange + Act: seed 1 with bus.partitions = 2 and two instances each of the validator, the normalizer and
+    # the aggregator, each instance killed in its turn (restarted, it takes its own partition back).
+    report = await run_one(Options(seed=SEEDS[0], partitions=2))
+
+    # Assert
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert not failed, f"chaos seed {SEEDS[0]}, 2 partitions: failed checks {failed}\n\n{markdown(report)}"
+    assert sum(p.startswith(("validator", "normalizer", "aggregator")) for p in report["programs"]) == 6
+    frozen = [f for f in report["faults"] if f["kind"] == "freeze"]
+    assert len(frozen) == 3 and all(f["injected_s"] is not None for f in frozen), "each stage's instance 0 froze"
