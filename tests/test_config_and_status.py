@@ -142,9 +142,10 @@ async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(setti
     from tools.localstores import free_port, port_open
 
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
-                               "--cluster-config-file", str(tmp_path / "nodes.conf")], stdout=subprocess.DEVNULL)
+    server = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--cluster-enabled", "yes", "--dir", str(tmp_path), "--cluster-config-file", str(tmp_path / "nodes.conf"),
+        stdout=subprocess.DEVNULL)
     try:
         async with asyncio.timeout(10):
             while not port_open(port):
@@ -161,7 +162,7 @@ async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(setti
         await svc.close()
     finally:
         server.terminate()
-        server.wait(10)
+        await asyncio.wait_for(server.wait(), 10)
 
 
 async def test_a_standalone_redis_is_accepted(settings: Settings, redis) -> None:
