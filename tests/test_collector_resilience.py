@@ -583,6 +583,9 @@ async def test_publisher_batches_a_busy_stretch_into_one_round_and_flushes_at_on
         async def commit(self, outputs: dict[str, list[Trade]], extra: Any = ()) -> None:
             rounds.append([t.trade_id for t in outputs[streams.raw("binance")]])
 
+        def hurry(self) -> None:  # the stop: no backpressure to skip here
+            pass
+
     class Service:
         state, detail, started_at = "running", "", 0
 

@@ -480,7 +480,13 @@ async def test_418_at_start_holds_every_rest_call_for_the_ban_then_the_collector
         cfg = fault_settings(sim, redis_server, influx_server, postgres_dsn, "binance", channels=["trades"])
         async with running(cfg, "binance") as rig:
             await rig.until("the ban seen", lambda: sim.status()["rest"]["status"].get("418"))
-            state = await RateBudget(rig.redis, "binance", limit_for("binance")).state()
+            budget = RateBudget(rig.redis, "binance", limit_for("binance"))
+
+            async def held() -> Any:  # the simulator counts the 418 as it sends it, the budget once it arrived
+                found = await budget.state()
+                return found if found.hold_kind == "ban" else None
+
+            state = await rig.until("the ban held in the shared budget", held, timeout=5)
             during = sum(sim.status()["rest"]["requests"].values())
             while time.time() * 1000 < state.hold_until_ms - 50:
                 assert sum(sim.status()["rest"]["requests"].values()) == during, "a REST call during the ban"

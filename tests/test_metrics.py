@@ -335,7 +335,12 @@ async def test_every_dashboard_query_returns_data_from_prometheus_scraping_the_p
         assert [r["value"][1] for r in target] == ["1"]
         template = json.loads(DASHBOARD.read_text())["templating"]["list"][0]["definition"]
         assert template == "label_values(mdp_channel_messages_total, exchange)"
-        exchanges = {r["metric"]["exchange"] for r in await _query(http, mon, "mdp_channel_messages_total")}
+
+        async def every_exchange() -> set[str]:  # a collector's channels exist once its markets have loaded
+            found = {r["metric"]["exchange"] for r in await _query(http, mon, "mdp_channel_messages_total")}
+            return found if found >= EXCHANGES else set()
+
+        exchanges = await _wait("every exchange's channels in Prometheus", mon, every_exchange, 60)
         assert exchanges == EXCHANGES
 
         # Act / Assert: each query, as Grafana would send it, returns at least one finite value.
