@@ -66,7 +66,7 @@ from common.tasks import cancel_and_wait
 from schemas import Event
 from services.collector.connections import Connections
 from services.collector.events import market_event
-from services.collector.feeds import ERRORS, ChannelStats, Feed, PolledFeed, TradesFeed, plan_feeds
+from services.collector.feeds import ERRORS, ChannelStats, Feed, PolledFeed, TradesFeed, WireFed, plan_feeds
 from services.collector.gaps import Outage
 from services.collector.outbox import Position
 from services.collector.publisher import Publisher
@@ -232,8 +232,8 @@ class Collector(Service):
             await cancel_and_wait(*tasks)  # a plain cancel can be lost on 3.11 (common/tasks.py)
             results = [None if t.cancelled() else t.exception() for t in tasks]
             for feed in self.feeds:
-                if isinstance(feed, TradesFeed):
-                    await feed.sweep()  # trades received between the last wake-up and the stop
+                if isinstance(feed, TradesFeed | WireFed):
+                    await feed.sweep()  # trades (and decoded tickers) received since the last wake-up
             await self.publisher.drain(publisher, DRAIN_S)
             await self.exchange.close()
         for r in results:
