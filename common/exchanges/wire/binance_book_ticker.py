@@ -23,13 +23,13 @@ import msgspec
 
 from common.domain.timeframe import MS
 from common.exchanges.events import dec
+from common.exchanges.wire import ENVELOPE, decode_binance
 from schemas import Ticker
 
 RAW_SPOT = '{"u":'  # a spot bookTicker sent raw starts so (no event type)
 MARK = '"e":"bookTicker"'  # USD-M's event type, first
 STREAM = '@bookTicker"'  # the envelope's stream name
 MARK_WITHIN = 64
-ENVELOPE = '{"stream"'
 
 
 class BinanceBookTicker(msgspec.Struct):
@@ -66,12 +66,8 @@ def is_book_ticker_frame(frame: object) -> bool:
 
 def decode(frame: str) -> BinanceBookTicker | None:
     """The bookTicker a text frame carries, or None when it is not a well-formed Binance bookTicker frame."""
-    try:
-        if frame.startswith(ENVELOPE):
-            return _COMBINED.decode(frame).data
-        return _RAW.decode(frame)
-    except msgspec.DecodeError:  # ValidationError (a field missing or mistyped) is a DecodeError too
-        return None
+    found: BinanceBookTicker | None = decode_binance(frame, _RAW, _COMBINED)
+    return found
 
 
 def to_ticker(exchange: str, symbol: str, raw: BinanceBookTicker, ts_recv: int) -> Ticker:

@@ -22,12 +22,12 @@ import msgspec
 
 from common.domain.timeframe import MS
 from common.exchanges.events import dec
+from common.exchanges.wire import decode_binance
 from schemas import Trade
 
 # Binance writes the event type first: found in a frame's first bytes (the envelope's stream name comes before it).
 MARK = '"e":"trade"'
 MARK_WITHIN = 96
-ENVELOPE = '{"stream"'
 
 
 class BinanceTrade(msgspec.Struct, tag_field="e", tag="trade"):
@@ -59,12 +59,8 @@ def is_trade_frame(frame: object) -> bool:
 
 def decode(frame: str) -> BinanceTrade | None:
     """The trade a text frame carries, or None when it is not a well-formed Binance trade frame."""
-    try:
-        if frame.startswith(ENVELOPE):
-            return _COMBINED.decode(frame).data
-        return _RAW.decode(frame)
-    except msgspec.DecodeError:  # ValidationError (a field missing or mistyped) is a DecodeError too
-        return None
+    found: BinanceTrade | None = decode_binance(frame, _RAW, _COMBINED)
+    return found
 
 
 def to_trade(exchange: str, symbol: str, raw: BinanceTrade, ts_recv: int) -> Trade:
