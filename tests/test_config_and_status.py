@@ -141,14 +141,19 @@ async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(setti
 
     from tools.localstores import free_port, port_open
 
-    port = free_port()
+    # The cluster bus port is given too: by default it is the port + 10,000, which a free port above 55,535 cannot
+    # have (redis-server then refuses to start).
+    port, bus_port = free_port(), free_port()
     server = await asyncio.create_subprocess_exec(
         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--cluster-enabled", "yes", "--dir", str(tmp_path), "--cluster-config-file", str(tmp_path / "nodes.conf"),
-        stdout=subprocess.DEVNULL)
+        "--cluster-enabled", "yes", "--cluster-port", str(bus_port), "--dir", str(tmp_path),
+        "--cluster-config-file", str(tmp_path / "nodes.conf"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         async with asyncio.timeout(10):
             while not port_open(port):
+                if server.returncode is not None:
+                    out = await server.stdout.read() if server.stdout else b""
+                    raise AssertionError(f"redis-server in cluster mode did not start: {out.decode()[-2000:]}")
                 await asyncio.sleep(0.05)
         url = f"redis://127.0.0.1:{port}/0"
         svc = Ticking(msgspec.structs.replace(settings, redis=msgspec.structs.replace(settings.redis, url=url)))
@@ -161,8 +166,9 @@ async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(setti
         assert "MDP_REDIS_URL or [redis] url" in message and "standalone" in message
         await svc.close()
     finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 10)
+        if server.returncode is None:
+            server.terminate()
+        await asyncio.wait_for(server.communicate(), 10)
 
 
 async def test_a_standalone_redis_is_accepted(settings: Settings, redis) -> None:
