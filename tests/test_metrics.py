@@ -353,11 +353,21 @@ async def test_every_dashboard_query_returns_data_from_prometheus_scraping_the_p
             await _wait(f"data for the dashboard query {raw!r}", mon, answered, 45)
 
         # What the panels show is the pipeline's: the four markets' message rates, the cache latency of Binance.
-        rates = _finite(await _query(http, mon, 'sum by (exchange) (rate(mdp_channel_messages_total[10s]))'))
-        assert {r["metric"]["exchange"] for r in rates} == EXCHANGES
-        p50 = _finite(await _query(http, mon, 'histogram_quantile(0.5, sum by (le) '
-                                              '(rate(mdp_cache_latency_seconds_bucket{exchange="binance"}[30s])))'))
-        assert p50 and 0 < float(p50[0]["value"][1]) < 60, p50
+        # Both are rates over a recent window, so the test waits for them (a window can fall between two
+        # samples, or on a pause of the feed) rather than sampling one moment.
+        async def every_rate() -> set[str]:
+            rates = _finite(await _query(http, mon, 'sum by (exchange) (rate(mdp_channel_messages_total[10s]))'))
+            found = {r["metric"]["exchange"] for r in rates}
+            return found if found >= EXCHANGES else set()
+
+        assert await _wait("a message rate for every exchange", mon, every_rate, 45) == EXCHANGES
+
+        async def binance_p50() -> list[dict[str, Any]]:
+            return _finite(await _query(http, mon, 'histogram_quantile(0.5, sum by (le) '
+                                                   '(rate(mdp_cache_latency_seconds_bucket{exchange="binance"}[30s])))'))
+
+        p50 = await _wait("Binance's p50 cache latency", mon, binance_p50, 45)
+        assert 0 < float(p50[0]["value"][1]) < 60, p50
 
 
 async def _firing(http: aiohttp.ClientSession, mon: Monitored) -> list[dict[str, Any]]:
