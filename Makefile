@@ -12,6 +12,7 @@ deps:
 	@missing=""; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v pg_ctlcluster >/dev/null || missing="$$missing postgresql"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \

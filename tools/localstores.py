@@ -1,4 +1,5 @@
-"""Start private store servers from Debian's binaries: InfluxDB 1.x (`influxd`), Redis (`redis-server`).
+"""Start private store servers from Debian's binaries: InfluxDB 1.x (`influxd`), Redis (`redis-server`), and a
+Redis Cluster of three masters (`start_redis_cluster`).
 
 Used by `make demo` (InfluxDB under var/ on 8086 when none answers there) and by the tests (private
 instances on free ports, so a test never touches a user's data). Every wait is bounded; a server that
@@ -148,6 +149,119 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 10.0) 
         time.sleep(0.05)
     proc.kill()
     raise StoreStartError(f"redis-server did not listen on 127.0.0.1:{port} within {timeout:.0f} s; read {log_path}")
+
+
+@dataclass
+class ClusterNode:
+    """One master of a `LocalCluster`: its own port, cluster bus port, directory (AOF, nodes.conf) and log."""
+
+    port: int
+    bus_port: int
+    data_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "redis.log"
+
+    def start(self, binary: str, timeout: float = 10.0) -> None:
+        """Start (or restart: the same nodes.conf and AOF, so it rejoins with its slots and its data)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-port", str(self.bus_port), "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000", "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--dir", str(self.data_dir), "--logfile", str(self.log_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_open(self.port):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill()
+        raise StoreStartError(f"redis-server (cluster mode) did not listen on 127.0.0.1:{self.port} within "
+                              f"{timeout:.0f} s; read {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: what the AOF (appendfsync always) holds is what comes back."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class LocalCluster:
+    """A real Redis Cluster of `len(nodes)` masters and no replicas on loopback ports (Debian's redis-server in
+    cluster mode, joined with `redis-cli --cluster create`), every node with AOF, so a master killed and started
+    again comes back with its slots and its data."""
+
+    nodes: list[ClusterNode]
+    binary: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def cli(self, node: ClusterNode, *args: str, timeout: float = 30.0) -> str:
+        done = subprocess.run([_require("redis-cli", "redis-tools"), "-p", str(node.port), *args], check=False,
+                              capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise StoreStartError(f"redis-cli -p {node.port} {' '.join(args)} failed ({done.returncode}): "
+                                  f"{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def state(self, node: ClusterNode) -> str:
+        """cluster_state of CLUSTER INFO on `node`: "ok" once every slot is served."""
+        for line in self.cli(node, "cluster", "info").splitlines():
+            if line.startswith("cluster_state:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node says cluster_state:ok (bounded; raises StoreStartError naming the logs)."""
+        deadline = time.monotonic() + timeout
+        states: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                states = [self.state(n) for n in self.nodes]
+            except (StoreStartError, subprocess.TimeoutExpired):
+                states = []
+            if states and all(s == "ok" for s in states):
+                return
+            time.sleep(0.1)
+        raise StoreStartError(f"the local Redis Cluster on ports {[n.port for n in self.nodes]} did not reach "
+                              f"cluster_state:ok within {timeout:.0f} s (states {states}); read "
+                              f"{', '.join(str(n.log_path) for n in self.nodes)}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
+                try:
+                    node.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+
+
+def start_redis_cluster(data_dir: Path, masters: int = 3, timeout: float = 30.0) -> LocalCluster:
+    """Start `masters` cluster-mode redis-servers (each on a free port with its cluster bus on another: the
+    default port + 10,000 does not exist above 55,535) and create the cluster over them."""
+    binary = _require("redis-server", "redis-server")
+    data_dir = data_dir.resolve()
+    cluster = LocalCluster([ClusterNode(free_port(), free_port(), data_dir / f"node{i}") for i in range(masters)],
+                           binary)
+    try:
+        for node in cluster.nodes:
+            node.start(binary)
+        cluster.cli(cluster.nodes[0], "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in cluster.nodes),
+                    "--cluster-replicas", "0", "--cluster-yes", timeout=timeout)
+        cluster.wait_ok(timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def main(argv: list[str] | None = None) -> int:
