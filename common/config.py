@@ -98,10 +98,11 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abandoned_group_s: float = 300.0
     # Destroy an abandoned group (XGROUP DESTROY, with an alert) instead of only reporting it.
     drop_abandoned_groups: bool = False
-    # Partitions of the validator, the normalizer and the aggregator: the events split by the base asset of
-    # their symbol (raw:{exchange}:p{k}, valid:{exchange}:p{k}; md:* keeps its names), each partition under
-    # its own lease (and checkpoint) in each stage, shared out among the instances alive (docs/scaling.md,
-    # "Partitions"). 1: one lease per stateful stage, one instance works and the others stand by.
+    # Partitions of the validator, the normalizer, the aggregator and the cache publisher: the events split by
+    # the base asset of their symbol (raw:{exchange}:p{k}, valid:{exchange}:p{k}; md:* keeps its names), each
+    # partition under its own lease (and checkpoint) in each stage, shared out among the instances alive
+    # (docs/scaling.md, "Partitions"). 1: one lease per stateful stage, one instance works and the others
+    # stand by (the cache publisher: run one).
     partitions: int = 1
 
 

@@ -22,9 +22,11 @@ from common.bus.core import Delivery, Producer
 from common.bus.partitions import Share
 from common.bus.stage import Stage
 from common.config import ConfigError, ExchangeSettings, load_settings
+from common.stores.cache import price_key, recent_trades_hw_key, recent_trades_key
 from common.tasks import cancel_and_wait
 from schemas import Codec, Event, Heartbeat, Market, Trade
 from services.aggregator import Aggregator
+from services.cache_publisher.service import CachePublisher, order_key
 from services.collector.service import Collector
 from services.normalizer import Normalizer
 from services.validator import Validator
@@ -55,6 +57,17 @@ def test_a_symbol_s_partition_is_the_crc32_of_its_base_asset() -> None:
         streams.partition_of("BTC/EUR", 7)}
     assert streams.partition_of_stream("md:trade:binanceusdm:ETH/USDT:USDT", 4) == 3
     assert streams.partition_of("ETH/USDT", 1) == 0
+
+
+def test_the_tools_run_instances_of_exactly_the_partitioned_stages() -> None:
+    """tools.PARTITIONED (what the chaos suite and the pipeline benchmark scale with P) is every service whose
+    class is partitioned, by its supervisord program name."""
+    from services.influx_writer.service import InfluxWriter
+    from services.postgres_writer.service import PostgresWriter
+    from tools import PARTITIONED
+
+    stages = (Validator, Normalizer, Aggregator, CachePublisher, InfluxWriter, PostgresWriter)
+    assert {cls.name for cls in stages if cls.partitioned} == set(PARTITIONED)
 
 
 def test_partitions_out_of_bounds_is_a_config_error(tmp_path) -> None:
@@ -389,3 +402,107 @@ async def test_a_collector_routes_each_symbol_to_its_partition_stream(redis, set
         markets = [e for e in events if isinstance(e, Market)]
         assert markets and all(streams.partition_of(m.symbol, 4) == k for m in markets)
         assert symbol in {m.symbol for m in markets}
+
+
+# --- the cache publisher partitioned ----------------------------------------------------------------------
+
+async def cache_view(redis: aioredis.Redis) -> dict[str, object]:
+    """What strategies read from the cache for the five markets: the price JSON, the recent trades' ids
+    (newest first) and the list's high-water mark."""
+    out: dict[str, object] = {}
+    for symbol in SYMBOLS:
+        out[f"price {symbol}"] = await redis.get(price_key("binance", symbol))
+        listed = await redis.lrange(recent_trades_key("binance", symbol), 0, -1)
+        out[f"recent {symbol}"] = [msgspec.json.decode(t)["trade_id"] for t in listed]
+        out[f"hw {symbol}"] = await redis.get(recent_trades_hw_key("binance", symbol))
+    return out
+
+
+async def drained_for(redis: aioredis.Redis, group: str, names: list[str], tasks: Sequence[asyncio.Task[None]],
+                      why: Callable[[], Awaitable[str]] | None = None) -> None:
+    """Until `group` has read and acknowledged every entry of `names` (or a task ends: its error)."""
+    try:
+        async with asyncio.timeout(90):
+            while not await all_done(redis, names, group):
+                for t in tasks:
+                    if t.done():
+                        t.result()
+                        raise AssertionError(f"a {group} stopped before the streams were drained")
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{group} did not drain {names} within 90 s; {await why() if why else ''}") from None
+
+
+async def test_two_partitioned_cache_publishers_keep_every_trade_of_each_market_once_and_in_order(
+        redis, settings) -> None:  # noqa: F811
+    """Two cache publishers over four partitions: A alone, then B joins and takes two, freezes with a batch in
+    hand and is killed, and A takes them back. The cache (price, every trade in the recent list, its
+    high-water mark) is the one a single publisher leaves, and each list holds the market's every trade once,
+    newest first: computed here from the capture."""
+    # Arrange: lists long enough for every trade of the capture, so a trade dropped anywhere shows
+    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2),
+                    cache=replace(settings.cache, recent_trades=20_000))
+    pieces = pieces_of_five_symbols()
+    names = sorted({s for piece in pieces for s in streams_of(piece)})
+    truth = {symbol: [t.trade_id for t in sorted((e for piece in pieces for e in piece
+                                                  if isinstance(e, Trade) and e.symbol == symbol),
+                                                 key=order_key, reverse=True)]
+             for symbol in SYMBOLS}
+    assert all(len(ids) > 9000 and len(set(ids)) == len(ids) for ids in truth.values())
+    producer = Producer(redis, Codec(), small.bus, "test")
+    one = CachePublisher(small, instance="one")
+    stop_one = asyncio.Event()
+    task_one = asyncio.create_task(one.run(stop_one))
+    try:
+        for piece in pieces:
+            await producer.publish(streams_of(piece))
+        await drained_for(redis, "cache_publisher", names, [task_one])
+    finally:
+        stop_one.set()
+        await finish([task_one], "stopping the single publisher")
+        await one.close()
+    expected = await cache_view(redis)
+    assert all(expected[f"recent {s}"] == truth[s] for s in SYMBOLS)
+    await redis.flushdb()
+
+    four = replace(small, bus=replace(small.bus, partitions=4))
+    a, b = CachePublisher(four, instance="a"), CachePublisher(four, instance="b")
+    stuck = asyncio.Event()
+    for svc in (a, b):
+        assert svc.partitions is not None
+        svc.partitions.refresh_s = 0.05
+    b.handle = freeze_after(b, 5, stuck)  # type: ignore[method-assign]
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    tasks_a = [asyncio.create_task(a.run(stop_a)), asyncio.create_task(a._heartbeats(stop_a))]
+    tasks_b: list[asyncio.Task[None]] = []
+    why = diagnose_all(redis, [a, b])
+    try:
+        # Act 1: A alone holds the four partitions and publishes the first piece to the cache
+        await wait_until("A holding all four partitions", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
+        await producer.publish(streams_of(pieces[0]))
+        await drained_for(redis, "cache_publisher", names, tasks_a, why)
+        # Act 2: B joins and takes two partitions; it freezes with a batch of the second piece and is killed
+        tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
+        await wait_until("A and B holding two partitions each",
+                         lambda: len(parts(a)) == 2 and len(parts(b)) == 2 and not parts(a) & parts(b),
+                         [*tasks_a, *tasks_b], why=why)
+        await producer.publish(streams_of(pieces[1]))
+        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=why)
+        await finish(tasks_b, "B killed", cancel=True)
+        # Act 3: A takes B's partitions back after B's lease expires, B's pending batch first
+        await producer.publish(streams_of(pieces[2]))
+        await wait_until("A holding all four partitions again", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
+        await drained_for(redis, "cache_publisher", names, tasks_a, why)
+        claimed = a.consumer.stats.claimed
+    finally:
+        stop_a.set()
+        stop_b.set()
+        await finish([*tasks_a, *tasks_b], "stopping A and B")
+        await producer.aclose()
+        for svc in (a, b):
+            await svc.close()
+    # Assert: the single publisher's cache, every trade once and in order; B's batch was taken over
+    got = await cache_view(redis)
+    assert {s: got[f"recent {s}"] == truth[s] for s in SYMBOLS} == dict.fromkeys(SYMBOLS, True)
+    assert got == expected
+    assert claimed > 0

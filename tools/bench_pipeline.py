@@ -50,6 +50,7 @@ import redis.asyncio as aioredis
 from common.status import collect
 from simulator.market import PriceLevels, select_symbols
 from simulator.recording import Recording, load_exchange_info, real_data_dir
+from tools import PARTITIONED
 from tools.bench_collector import TickLatency, proc_cpu_s, sent_trades
 from tools.chaos.stores import DurableRedis, RestartableInflux, create_scratch_db, drop_scratch_db
 from tools.localstores import free_port
@@ -64,7 +65,7 @@ LATENCY_BOUND_MS = 1000.0
 @dataclass
 class Rung:
     offered: int
-    partitions: int = 1  # bus.partitions, and instances of the validator, normalizer and aggregator
+    partitions: int = 1  # bus.partitions, and instances of each partitioned stage (tools.PARTITIONED)
     achieved: float = 0.0  # trades/s the simulator sent in the window
     stored: float = 0.0  # trades/s the InfluxDB writer wrote in the window
     backlog_start: int = 0
@@ -87,7 +88,6 @@ def symbols_for(n: int) -> tuple[list[str], list[str]]:
     return ids, [f"{code(by_name[i]['baseAsset'])}/{code(by_name[i]['quoteAsset'])}" for i in ids]
 
 
-PARTITIONED = ("validator", "normalizer", "aggregator")
 
 
 def config_text(sim_port: int, symbols: list[str], partitions: int = 1) -> str:
@@ -260,7 +260,7 @@ def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
              (f"{args.symbols} Binance spot symbols (trades, book tickers, order books; 1m candles aggregated), "
              f"every program under supervisord, Redis with AOF, InfluxDB and PostgreSQL on this machine "
              f"({os.cpu_count()} cores); {args.warmup:.0f} s warm-up, {args.window:.0f} s window per rung."), "",
-             "P: `bus.partitions`, and as many instances of the validator, the normalizer and the aggregator.", "",
+             "P: `bus.partitions`, and as many instances of each of " + ", ".join(PARTITIONED) + ".", "",
              ("| P | offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms | "
              "sustained |"), "|---:|---:|---:|---:|---|---|---|"]
     for r in rungs:
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="offered trades/s, total over the symbols")
     p.add_argument("--symbols", type=int, default=20)
     p.add_argument("--partitions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
-                   help="bus.partitions of each ladder, e.g. 1,2 (P > 1 runs P instances of the validator, "
-                        "normalizer and aggregator)")
+                   help="bus.partitions of each ladder, e.g. 1,2 (P > 1 runs P instances of each partitioned "
+                        "stage: tools.PARTITIONED)")
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=15.0)
     args = p.parse_args(argv)

@@ -24,6 +24,12 @@ common/stores/cache.py's (the plan's cache); strategies read it with common.stor
 Every write of a batch goes in one MULTI/EXEC pipeline, so readers never see half a batch; the inputs are
 acknowledged after it (by the bus), so a crash in between redelivers the batch.
 
+Instances: with bus.partitions = P > 1 it is a partitioned stage (common/bus/partitions.py): a market's
+streams belong to its base asset's partition, held by one instance at a time under mdp:lease:cache_publisher:p{k},
+so one market's writes never race (the recent-trades list refuses a trade older than its newest: two
+instances writing one market concurrently would drop trades from it). Run up to P instances (supervisord
+numprocs). With P = 1 run one: a second would share the consumer group without a lease.
+
 Idempotence on redelivery:
   * price: yes - an older or equal event rewrites nothing newer (an equal-ts redelivery rewrites the same
     or a same-millisecond value and refreshes the TTL).
@@ -144,6 +150,7 @@ class CachePublisher(Stage):
     name = "cache_publisher"
     group = GROUP
     inputs = INPUT_PATTERNS
+    partitioned = True  # with P > 1: one instance at a time per market (the module's docstring)
     bus_counters = ("delivered", "acked", "dead_lettered", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:

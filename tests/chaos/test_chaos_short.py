@@ -1,16 +1,17 @@
 """The seeded short chaos run (tools/chaos, docs/chaos.md): the whole pipeline under supervisord on private
 stores, the real Binance spot capture replayed, every program killed with SIGKILL once, Redis killed and
 restarted on its AOF, InfluxDB frozen and killed, PostgreSQL unreachable, an abandoned and a slow consumer
-group; then every trade exactly once in InfluxDB and on md:trade, every 1m/5m bar equal to the one computed
-from the raw capture, every Gap answered, every program RUNNING.
+group; then every trade exactly once in InfluxDB and on md:trade, the cache's newest 1,000 trades with none
+missing or doubled, every 1m/5m bar equal to the one computed from the raw capture, every Gap answered, every
+program RUNNING.
 
 Seeds: $CHAOS_SEEDS (comma-separated), default 1. A failure prints the report: which trade ids were lost or
 doubled and where, which bar is wrong, which Gap went unanswered, which program is down, and the faults with
 their seeded times. The run takes about 4 minutes.
 
-The same seed again with bus.partitions = 2 and two instances each of the validator, the normalizer and the
-aggregator: each instance killed in its turn, instance 0 of each frozen long enough to lose its partitions to
-the other. About 3 minutes more.
+The same seed again with bus.partitions = 2 and two instances each of the validator, the normalizer, the
+aggregator and the cache publisher: each instance killed in its turn, instance 0 of each frozen long enough to
+lose its partitions to the other. About 3 minutes more.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 
 import pytest
 
+from tools import PARTITIONED
 from tools.chaos.run import Options, markdown, run_one
 
 SEEDS = [int(s) for s in os.environ.get("CHAOS_SEEDS", "1").replace(" ", "").split(",") if s]
@@ -38,13 +40,14 @@ async def test_nothing_lost_nothing_doubled_under_infrastructure_faults(seed: in
 
 @pytest.mark.timeout(900)
 async def test_two_instances_of_every_partitioned_stage_lose_and_double_nothing_under_the_same_faults() -> None:
-    # Arrange + Act: seed 1 with bus.partitions = 2 and two instances each of the validator, the normalizer and
-    # the aggregator, each instance killed in its turn (restarted, it takes its own partition back).
+    # Arrange + Act: seed 1 with bus.partitions = 2 and two instances of each partitioned stage (tools.PARTITIONED),
+    # each instance killed in its turn (restarted, it takes its own partition back).
     report = await run_one(Options(seed=SEEDS[0], partitions=2))
 
     # Assert
     failed = [c["name"] for c in report["checks"] if not c["passed"]]
     assert not failed, f"chaos seed {SEEDS[0]}, 2 partitions: failed checks {failed}\n\n{markdown(report)}"
-    assert sum(p.startswith(("validator", "normalizer", "aggregator")) for p in report["programs"]) == 6
+    assert sum(p.startswith(PARTITIONED) for p in report["programs"]) == 2 * len(PARTITIONED)
     frozen = [f for f in report["faults"] if f["kind"] == "freeze"]
-    assert len(frozen) == 3 and all(f["injected_s"] is not None for f in frozen), "each stage's instance 0 froze"
+    assert len(frozen) == len(PARTITIONED) and all(f["injected_s"] is not None for f in frozen), \
+        "each stage's instance 0 froze"

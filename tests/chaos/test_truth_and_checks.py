@@ -3,11 +3,12 @@ what the pipeline stored with it (they must see a lost, a doubled, a wrong trade
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
 
-from tools.chaos.checks import compare_bars, compare_trades, id_ranges
+from tools.chaos.checks import Check, check_recent_trades, compare_bars, compare_trades, id_ranges
 from tools.chaos.faults import PROGRAMS, short_schedule, soak_schedule
 from tools.chaos.truth import Truth
 
@@ -82,3 +83,41 @@ def test_schedules_are_a_function_of_the_seed() -> None:
     soak = soak_schedule(5, 1800)
     assert len(soak) > 150 and all(x.at_s < y.at_s for x, y in pairwise(soak))
     assert id_ranges([5, 1, 2, 3, 9]) == "1..3, 5, 9"
+
+
+async def test_the_cache_check_passes_the_rule_s_list_and_names_what_is_missing_or_doubled(real_data: Path,
+                                                                                          redis) -> None:
+    """check_recent_trades on a real Redis list: the list the cache publisher's rule makes passes, with a trade
+    that reached md:trade late (a repair) left out; a trade md:trade carried in order missing, a trade twice,
+    a wrong price or a stale head each fail it, named."""
+    truth = Truth.load(real_data)
+    trades = truth.trades[:40]
+    as_stream = [(str(t.id), str(t.price), str(t.qty), t.time_ms) for t in trades]
+    late = as_stream.pop(10)
+    stream = [*as_stream[:30], late, *as_stream[30:]]  # trade 10 reached md:trade after 30 newer ones
+    key = "recent_trades:binance:BTC/USDT"
+
+    def tick(row: tuple[str, str, str, int], price: str | None = None) -> bytes:
+        return json.dumps({"exchange": "binance", "symbol": "BTC/USDT", "trade_id": row[0], "price": price or row[1],
+                           "amount": row[2], "side": "buy", "ts": row[3] * 1_000_000, "ts_recv": 0}).encode()
+
+    async def check(rows: list[bytes], size: int = 20) -> Check:
+        await redis.delete(key)
+        if rows:
+            await redis.rpush(key, *rows)
+        return await check_recent_trades(redis, key, stream, trades, size)
+
+    newest_first = [tick(r) for r in reversed(as_stream)]
+    good = await check(newest_first[:20])
+    whole = await check(newest_first, size=50)
+    missing = await check([*newest_first[:5], *newest_first[6:21]])
+    doubled = await check([*newest_first[:10], *newest_first[9:19]])
+    wrong = await check([tick(as_stream[-1], "1.5"), *newest_first[1:20]])
+    stale = await check(newest_first[1:21])
+
+    assert good.passed and whole.passed, (good.evidence, whole.evidence)  # trade 10 (late) not listed: right
+    assert whole.counts["listed"] == 39
+    assert not missing.passed and missing.counts["missing"] == 1 and as_stream[-6][0] in missing.evidence[0]
+    assert not doubled.passed and doubled.counts["doubled"] == 1
+    assert not wrong.passed and wrong.counts["wrong_values"] == 1 and "cached 1.5 x" in wrong.evidence[-1]
+    assert not stale.passed and "the head is" in stale.evidence[0]

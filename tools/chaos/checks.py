@@ -201,6 +201,68 @@ async def stream_trades(redis: aioredis.Redis, stream: str) -> list[tuple[str, A
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def in_order(stream: list[tuple[str, Any, Any, int]]) -> list[tuple[tuple[int, int], str]]:
+    """The trades of md:trade (stream order) newer, by (exchange time, id), than every trade before them: the
+    ones the cache publisher must list (services/cache_publisher: a trade older than the newest listed is
+    not pushed, so one that reached md:trade late, a repair, may be missing; these may not)."""
+    out: list[tuple[tuple[int, int], str]] = []
+    for trade_id, _, _, ms in stream:
+        key = (ms, int(trade_id))
+        if not out or key > out[-1][0]:
+            out.append((key, trade_id))
+    return out
+
+
+async def check_recent_trades(redis: aioredis.Redis, key: str, stream: list[tuple[str, Any, Any, int]],
+                              expected: list[TrueTrade], size: int) -> Check:
+    """The cache's recent-trades list (tick JSON, newest first) after the run: `size` trades (or all), the
+    newest of md:trade at its head, none twice, newest first by time, each one of md:trade with the
+    recording's price, amount and time, and none missing of the trades md:trade carried in order
+    (`in_order`) since the oldest listed."""
+    listed = [msgspec.json.decode(raw) for raw in await redis.lrange(key, 0, -1)]
+    got = [str(t["trade_id"]) for t in listed]
+    truth = {str(t.id): t for t in expected}
+    on_stream = {t[0] for t in stream}
+    ordered = in_order(stream)
+    wrong = []
+    for t in listed:
+        want = truth.get(str(t["trade_id"]))
+        seen = (Decimal(str(t["price"])), Decimal(str(t["amount"])), int(t["ts"]) // 1_000_000)
+        if want is None or seen != (want.price, want.qty, want.time_ms):
+            wrong.append(f"{t['trade_id']}: cached {seen[0]} x {seen[1]} at {seen[2]} ms, recorded "
+                         + (f"{want.price} x {want.qty} at {want.time_ms} ms" if want else "no such trade"))
+    doubled = [int(i) for i, n in Counter(got).items() if n > 1]
+    foreign = [int(i) for i in got if i not in on_stream]
+    keys = [(int(t["ts"]) // 1_000_000, int(t["trade_id"])) for t in listed]
+    backwards = [got[i + 1] for i in range(len(keys) - 1) if keys[i + 1][0] > keys[i][0]]
+    oldest = min(keys) if keys else None
+    missing = [int(tid) for k, tid in ordered if oldest is not None and k > oldest and tid not in set(got)]
+    head_ok = bool(got) and bool(ordered) and got[0] == ordered[-1][1]
+    full = min(size, len(ordered)) <= len(got) <= size
+    ev = []
+    if not head_ok:
+        ev.append(f"{key}: the head is {got[0] if got else 'nothing'}, md:trade's newest is "
+                  f"{ordered[-1][1] if ordered else 'nothing'}")
+    if missing:
+        ev.append(f"{len(missing)} trade(s) md:trade carried in order are not listed: ids {id_ranges(missing)}")
+    if doubled or foreign or backwards:
+        ev.append(f"doubled ids {id_ranges(doubled)}; not on md:trade {id_ranges(foreign)}; listed after a "
+                  f"newer one {', '.join(backwards[:SHOW]) or '-'}")
+    if not full:
+        ev.append(f"{len(got)} listed, {min(size, len(ordered))} expected (cache.recent_trades = {size})")
+    if wrong:
+        ev.append(f"{len(wrong)} listed trade(s) differ from the recording: " + "; ".join(wrong[:SHOW]))
+    passed = head_ok and full and not (missing or doubled or foreign or backwards or wrong)
+    return Check(f"the cache's {key}: md:trade's newest {size}, each once, none missing, values as recorded",
+                 passed, {"listed": len(got), "missing": len(missing), "doubled": len(doubled),
+                          "not_on_stream": len(foreign), "out_of_order": len(backwards), "wrong_values": len(wrong)},
+                 ev, "cache_publisher")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Gaps
 
 

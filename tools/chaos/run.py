@@ -34,6 +34,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from tools import PARTITIONED
 from tools.chaos import checks
 from tools.chaos.faults import Fault, short_schedule, soak_schedule
 from tools.chaos.stores import DurableRedis, PgProxy, RestartableInflux, create_scratch_db, drop_scratch_db
@@ -42,6 +43,8 @@ from tools.localstores import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRADE_STREAM = "md:trade:binance:BTC/USDT"
+RECENT_TRADES_KEY = "recent_trades:binance:BTC/USDT"  # the cache publisher's list (README, "The cache")
+RECENT_TRADES = 1000  # [cache] recent_trades of the chaos config
 ABANDONED = "chaos-abandoned"  # the README's `my-strategy`: created, read once, never again
 SLOW = "chaos-slow"  # reads and acknowledges a few entries a second
 OUR_GROUPS = (ABANDONED, SLOW)
@@ -154,16 +157,19 @@ def tree_state() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-PARTITIONED = ("validator", "normalizer", "aggregator")  # the stages that run partitions x instances
 
 
 def chaos_config(sim_port: int, high_water: int, partitions: int = 1) -> str:
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n"
            f"partitions = {partitions}\n")
-    if "\n[bus]\n" in text:  # someone gave simulator.toml a [bus] table: ours go first in it
-        return text.replace("\n[bus]\n", "\n[bus]\n" + bus, 1)
-    return text + "\n[bus]\n" + bus
+    cache = f"recent_trades = {RECENT_TRADES}\n"
+    for table, ours in (("bus", bus), ("cache", cache)):
+        if f"\n[{table}]\n" in text:  # someone gave simulator.toml this table: ours go first in it
+            text = text.replace(f"\n[{table}]\n", f"\n[{table}]\n" + ours, 1)
+        else:
+            text += f"\n[{table}]\n" + ours
+    return text
 
 
 async def pipeline_groups(redis: aioredis.Redis) -> dict[str, list[dict[str, Any]]]:
@@ -556,12 +562,14 @@ class Harness:
                     expected: list[TrueTrade]) -> list[checks.Check]:
         assert self.pipe is not None
         first, last = expected[0].time_ms, max(t.time_ms for t in expected)
+        on_stream = await checks.stream_trades(r, TRADE_STREAM)
         out = [checks.compare_trades("InfluxDB ticks.trades", expected,
                                      await checks.stored_trades(http, self.influx.url, first, last),
                                      "influx_writer (or upstream: normalizer/validator/collector/gap_repair)"),
-               checks.compare_trades(TRADE_STREAM, expected, await checks.stream_trades(r, TRADE_STREAM),
+               checks.compare_trades(TRADE_STREAM, expected, on_stream,
                                      "normalizer (or upstream: validator/collector/gap_repair)")]
         await self.locate_lost(r, expected, out[1])
+        out.append(await checks.check_recent_trades(r, RECENT_TRADES_KEY, on_stream, expected, RECENT_TRADES))
         for tf in ("1m", "5m", "15m", "1h"):
             want = Truth.expected_bars(expected, tf)
             lo = (first // 60_000 + 1) * 60_000
@@ -734,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak for this long (1800)")
     p.add_argument("--high-water", type=int, default=300, help="bus.backpressure_high_water for the run")
     p.add_argument("--partitions", type=int, default=1,
-                   help="bus.partitions, and that many instances of the validator, normalizer and aggregator")
+                   help="bus.partitions, and that many instances of each partitioned stage (tools.PARTITIONED)")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "chaos")
     p.add_argument("--soak-report", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the stores' temp dir and copy the logs")
