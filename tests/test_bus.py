@@ -392,3 +392,22 @@ async def test_cancel_and_wait_ends_a_task_whose_first_cancellation_was_lost() -
     await asyncio.sleep(0.05)
     assert not once.done()
     await cancel_and_wait(once)
+
+
+async def test_a_consumer_closes_its_own_commit_connection_never_its_producer_s(redis) -> None:
+    """Consumer.aclose closes the commits' connection it made; one it shares with a producer (a stage's) stays
+    open for the producer, which closes it."""
+    producer = Producer(redis, Codec(), FAST, "test")
+    shared = Consumer(redis, Codec(), FAST, "g", "c1", StreamSelector(names=["s1"]), producer=producer)
+    own = Consumer(redis, Codec(), FAST, "g", "c2", StreamSelector(names=["s1"]))
+    for c in (shared, own):
+        await c.tx.run([("SET", f"k:{c.name}", "1")])  # opens the commits' connection
+    assert producer.tx._lean and own.tx._lean
+
+    await shared.aclose()
+    await own.aclose()
+
+    assert producer.tx._lean, "the producer's connection was closed by a consumer sharing it"
+    await producer.tx.run([("SET", "k:after", "1")])
+    assert own.tx._lean is None
+    await producer.aclose()

@@ -503,8 +503,9 @@ class Consumer:
         self.name = name
         self.selector = selector
         self.producer = producer
-        # Its commits; a stage passes its producer's, closed with the producer (else `aclose`).
+        # Its commits; a stage passes its producer's, closed with the producer (else `aclose` closes its own).
         self.tx = tx or (producer.tx if producer is not None else Transactions(redis))
+        self._owns_tx = tx is None and producer is None
         self.refresh_s = refresh_s
         # Called after a batch's outputs are published and its entries acknowledged: where a stateful stage
         # commits the state it staged for the batch (so a failed publish leaves the state as it was).
@@ -532,8 +533,10 @@ class Consumer:
         await publish_alert(self.redis, self.codec, self.settings, self.group, rule, severity, reason, values)
 
     async def aclose(self) -> None:
-        """Close the commits' connection (the producer's too, if it was given one)."""
-        await self.tx.aclose()
+        """Close the commits' connection if it is this consumer's own (one shared with a producer is closed with
+        the producer)."""
+        if self._owns_tx:
+            await self.tx.aclose()
 
     # -- groups and streams ------------------------------------------------------------------------------
 
