@@ -106,15 +106,6 @@ async def wait_until(what: str, predicate: Callable[[], bool], tasks: Sequence[a
                              f"{await why() if why is not None else ''}") from None
 
 
-async def drained(redis: aioredis.Redis, names: list[str], tasks: Sequence[asyncio.Task[None]]) -> None:
-    async with asyncio.timeout(90):
-        while not await all_done(redis, names, "aggregator"):
-            for t in tasks:
-                if t.done():
-                    t.result()
-            await asyncio.sleep(0.05)
-
-
 async def finish(tasks: Sequence[asyncio.Task[None]], what: str, timeout: float = 30.0, cancel: bool = False) -> None:
     """Wait for `tasks` to end (stopped, or cancelled: `cancel`, as often as it takes, common/tasks.py); if
     one does not within `timeout`, fail with the stack of every task still running."""
@@ -179,6 +170,63 @@ async def test_the_share_counts_the_instances_alive_from_the_instance_set(redis)
     assert await redis.smembers(streams.instances_key("aggregator")) == {b"a", b"b", b"c"}, "d is gone"
 
 
+async def join_freeze_and_take_back(redis: aioredis.Redis, a: Stage, b: Stage, pieces: list[list[Event]],
+                                    why: Callable[[], Awaitable[str]]) -> tuple[set[int], dict[str, int]]:
+    """Two instances of a partitioned stage over four partitions, the three pieces published to md:* in turn:
+    A alone takes the four and handles the first piece; B joins, A hands two over between batches; B freezes
+    with a batch of the second piece in hand (its lease still renewed) and is killed; A takes B's partitions
+    back once B's heartbeat and leases expire, B's pending batch first, and handles the third piece. Returns
+    the partitions B held and A's counters at the end; A and B are stopped and closed."""
+    names = sorted({s for piece in pieces for s in streams_of(piece)})
+    stuck = asyncio.Event()
+    for svc in (a, b):
+        assert svc.partitions is not None
+        svc.partitions.refresh_s = 0.05
+    b.handle = freeze_after(b, 5, stuck)  # type: ignore[method-assign]
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    tasks_a = [asyncio.create_task(a.run(stop_a)), asyncio.create_task(a._heartbeats(stop_a))]
+    tasks_b: list[asyncio.Task[None]] = []
+    producer = Producer(redis, a.codec, a.settings.bus, "test")
+    try:
+        await wait_until("A holding all four partitions", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
+        await producer.publish(streams_of(pieces[0]))
+        await drained_for(redis, a.group_name, names, tasks_a, why)
+        tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
+        await wait_until("A and B holding two partitions each",
+                         lambda: len(parts(a)) == 2 and len(parts(b)) == 2 and not parts(a) & parts(b),
+                         [*tasks_a, *tasks_b], why=why)
+        taken_by_b = parts(b)
+        await producer.publish(streams_of(pieces[1]))
+        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=why)
+        await finish(tasks_b, "B killed", cancel=True)
+        await producer.publish(streams_of(pieces[2]))
+        await wait_until("A holding all four partitions again", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
+        await drained_for(redis, a.group_name, names, tasks_a, why)
+        return taken_by_b, a.counters()
+    finally:
+        stop_a.set()
+        stop_b.set()
+        await finish([*tasks_a, *tasks_b], "stopping A and B")
+        await producer.aclose()
+        for svc in (a, b):
+            await svc.close()
+
+
+async def drained_for(redis: aioredis.Redis, group: str, names: list[str], tasks: Sequence[asyncio.Task[None]],
+                      why: Callable[[], Awaitable[str]] | None = None) -> None:
+    """Until `group` has read and acknowledged every entry of `names` (or a task ends: its error)."""
+    try:
+        async with asyncio.timeout(90):
+            while not await all_done(redis, names, group):
+                for t in tasks:
+                    if t.done():
+                        t.result()
+                        raise AssertionError(f"a {group} stopped before the streams were drained")
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{group} did not drain {names} within 90 s; {await why() if why else ''}") from None
+
+
 async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without_loss(redis, settings) -> None:  # noqa: F811
     # Arrange: what one aggregator without partitions publishes from the three pieces (many small batches)
     small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2))
@@ -188,45 +236,9 @@ async def test_two_partitioned_aggregators_share_hand_over_and_take_back_without
     assert all(len(expected[streams.candle_built("binance", s)]) >= 9 for s in SYMBOLS)  # every symbol's minutes
     await redis.flushdb()
     four = replace(small, bus=replace(small.bus, partitions=4))
-    names = sorted({s for piece in pieces for s in streams_of(piece)})
     a, b = Aggregator(four, instance="a"), Aggregator(four, instance="b")
-    stuck = asyncio.Event()
-    for svc in (a, b):
-        assert svc.partitions is not None
-        svc.partitions.refresh_s = 0.05
-    b.handle = freeze_after(b, 5, stuck)  # type: ignore[method-assign]
-    stop_a, stop_b = asyncio.Event(), asyncio.Event()
-    tasks_a = [asyncio.create_task(a.run(stop_a)), asyncio.create_task(a._heartbeats(stop_a))]
-    tasks_b: list[asyncio.Task[None]] = []
-    producer = Producer(redis, a.codec, small.bus, "test")
-    try:
-        # Act 1: A alone takes the four partitions and aggregates the first piece
-        await wait_until("A holding all four partitions", lambda: parts(a) == {0, 1, 2, 3}, tasks_a)
-        await producer.publish(streams_of(pieces[0]))
-        await drained(redis, names, tasks_a)
-        # Act 2: B joins; A hands two partitions over between batches; B freezes with a batch of the second
-        # piece in hand (its lease still renewed) and is killed
-        tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
-        await wait_until("A and B holding two partitions each",
-                         lambda: len(parts(a)) == 2 and len(parts(b)) == 2 and not parts(a) & parts(b),
-                         [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
-        taken_by_b = parts(b)
-        await producer.publish(streams_of(pieces[1]))
-        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=diagnose(redis, a, b))
-        await finish(tasks_b, "B killed", cancel=True)
-        # Act 3: A takes B's partitions back once B's heartbeat and leases expire, B's pending batch first
-        await producer.publish(streams_of(pieces[2]))
-        await wait_until("A holding all four partitions again", lambda: parts(a) == {0, 1, 2, 3}, tasks_a,
-                         why=diagnose(redis, a, b))
-        await drained(redis, names, tasks_a)
-        counters = a.counters()
-    finally:
-        stop_a.set()
-        stop_b.set()
-        await finish([*tasks_a, *tasks_b], "stopping A and B")
-        await producer.aclose()
-        for svc in (a, b):
-            await svc.close()
+    # Act: A alone, then B joins, freezes with a batch in hand and is killed, and A takes B's partitions back
+    taken_by_b, counters = await join_freeze_and_take_back(redis, a, b, pieces, diagnose(redis, a, b))
     # Assert: one process's outputs, nothing lost, doubled or wrong; B's pending batch was taken over
     assert await everything_published(redis) == expected
     assert len(taken_by_b) == 2
@@ -418,21 +430,6 @@ async def cache_view(redis: aioredis.Redis) -> dict[str, object]:
     return out
 
 
-async def drained_for(redis: aioredis.Redis, group: str, names: list[str], tasks: Sequence[asyncio.Task[None]],
-                      why: Callable[[], Awaitable[str]] | None = None) -> None:
-    """Until `group` has read and acknowledged every entry of `names` (or a task ends: its error)."""
-    try:
-        async with asyncio.timeout(90):
-            while not await all_done(redis, names, group):
-                for t in tasks:
-                    if t.done():
-                        t.result()
-                        raise AssertionError(f"a {group} stopped before the streams were drained")
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{group} did not drain {names} within 90 s; {await why() if why else ''}") from None
-
-
 async def test_two_partitioned_cache_publishers_keep_every_trade_of_each_market_once_and_in_order(
         redis, settings) -> None:  # noqa: F811
     """Two cache publishers over four partitions: A alone, then B joins and takes two, freezes with a batch in
@@ -467,42 +464,11 @@ async def test_two_partitioned_cache_publishers_keep_every_trade_of_each_market_
 
     four = replace(small, bus=replace(small.bus, partitions=4))
     a, b = CachePublisher(four, instance="a"), CachePublisher(four, instance="b")
-    stuck = asyncio.Event()
-    for svc in (a, b):
-        assert svc.partitions is not None
-        svc.partitions.refresh_s = 0.05
-    b.handle = freeze_after(b, 5, stuck)  # type: ignore[method-assign]
-    stop_a, stop_b = asyncio.Event(), asyncio.Event()
-    tasks_a = [asyncio.create_task(a.run(stop_a)), asyncio.create_task(a._heartbeats(stop_a))]
-    tasks_b: list[asyncio.Task[None]] = []
-    why = diagnose_all(redis, [a, b])
-    try:
-        # Act 1: A alone holds the four partitions and publishes the first piece to the cache
-        await wait_until("A holding all four partitions", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
-        await producer.publish(streams_of(pieces[0]))
-        await drained_for(redis, "cache_publisher", names, tasks_a, why)
-        # Act 2: B joins and takes two partitions; it freezes with a batch of the second piece and is killed
-        tasks_b = [asyncio.create_task(b.run(stop_b)), asyncio.create_task(b._heartbeats(stop_b))]
-        await wait_until("A and B holding two partitions each",
-                         lambda: len(parts(a)) == 2 and len(parts(b)) == 2 and not parts(a) & parts(b),
-                         [*tasks_a, *tasks_b], why=why)
-        await producer.publish(streams_of(pieces[1]))
-        await wait_until("B frozen with a batch in hand", stuck.is_set, [*tasks_a, *tasks_b], why=why)
-        await finish(tasks_b, "B killed", cancel=True)
-        # Act 3: A takes B's partitions back after B's lease expires, B's pending batch first
-        await producer.publish(streams_of(pieces[2]))
-        await wait_until("A holding all four partitions again", lambda: parts(a) == {0, 1, 2, 3}, tasks_a, why=why)
-        await drained_for(redis, "cache_publisher", names, tasks_a, why)
-        claimed = a.consumer.stats.claimed
-    finally:
-        stop_a.set()
-        stop_b.set()
-        await finish([*tasks_a, *tasks_b], "stopping A and B")
-        await producer.aclose()
-        for svc in (a, b):
-            await svc.close()
+    # Act: A alone, then B joins, freezes with a batch in hand and is killed, and A takes B's partitions back
+    taken_by_b, counters = await join_freeze_and_take_back(redis, a, b, pieces, diagnose_all(redis, [a, b]))
     # Assert: the single publisher's cache, every trade once and in order; B's batch was taken over
     got = await cache_view(redis)
     assert {s: got[f"recent {s}"] == truth[s] for s in SYMBOLS} == dict.fromkeys(SYMBOLS, True)
     assert got == expected
-    assert claimed > 0
+    assert len(taken_by_b) == 2 and a.consumer.stats.claimed > 0
+    assert counters["partitions_held"] == 4

@@ -23,7 +23,9 @@ Each rung: the pipeline started fresh, a warm-up, then a window in which we meas
 - **latency ts_recv -> cache**: receipt time of the cache publisher's tick (pub/sub `ticks:{symbol}`, three of
   the symbols, so the listener stays a small load) minus the trade's `ts_recv` (stamped by the collector when
   its frame arrived), p50/p99/max;
-- **CPU per trade** of every program: its CPU time in the window (/proc/PID/stat) over the trades stored.
+- **CPU per trade** of every program: its CPU time in the window (/proc/PID/stat) over the trades stored;
+- **Redis commands per trade**: calls and microseconds of execution of each command in the window (INFO
+  commandstats), over the trades stored.
 
 The stepping stops after the first rung that is not sustained. The report (markdown and JSON) goes to
 var/bench/pipeline-*.{md,json} and stdout.
@@ -43,6 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ccxt
 import redis.asyncio as aioredis
@@ -73,6 +76,8 @@ class Rung:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max, n
     cpu_us: dict[str, float] = field(default_factory=dict)  # program -> CPU us per stored trade
     cpu_share: dict[str, float] = field(default_factory=dict)  # program -> share of one core in the window
+    # Redis command -> (calls, usec of execution) per stored trade in the window (INFO commandstats)
+    redis_commands: dict[str, tuple[float, float]] = field(default_factory=dict)
     sustained: bool = False
     note: str = ""
 
@@ -200,12 +205,14 @@ class Bench:
                 pids = self.pids()
                 cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
                 sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
+                commands0 = await redis.info("commandstats")
                 seen0, t0 = len(ticks.values), time.monotonic()
                 await asyncio.sleep(self.args.window)
                 dt = time.monotonic() - t0
                 now_running = set(self.pids().values())
                 cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
                 sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
+                commands1 = await redis.info("commandstats")
                 window = ticks.values[seen0:]
         finally:
             await redis.aclose()
@@ -218,6 +225,7 @@ class Bench:
                 name = program.split(":")[0]
                 out.cpu_us[name] = round(out.cpu_us.get(name, 0.0) + (cpu1[program] - c0) / trades * 1e6, 1)
                 out.cpu_share[name] = round(out.cpu_share.get(name, 0.0) + (cpu1[program] - c0) / dt, 3)
+        out.redis_commands = command_costs(commands0, commands1, trades)
         if window:
             q = statistics.quantiles(window, n=100)
             out.latency_ms = {"p50": round(q[49], 1), "p99": round(q[98], 1), "max": round(max(window), 1),
@@ -255,6 +263,21 @@ class Bench:
         return rungs
 
 
+def command_costs(before: dict[str, Any], after: dict[str, Any], trades: int) -> dict[str, tuple[float, float]]:
+    """Per Redis command, its calls and microseconds of execution per stored trade between two INFO
+    commandstats (execution only: reading, parsing and replying are not in Redis's usec)."""
+    out: dict[str, tuple[float, float]] = {}
+    for key, stats in after.items():
+        if not isinstance(stats, dict) or "calls" not in stats:
+            continue
+        was = before.get(key) or {}
+        calls = int(stats["calls"]) - int(was.get("calls", 0))
+        usec = int(stats["usec"]) - int(was.get("usec", 0))
+        if calls > 0:
+            out[key.removeprefix("cmdstat_")] = (round(calls / trades, 3), round(usec / trades, 2))
+    return out
+
+
 def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
     lines = [f"# make bench-pipeline ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {head})", "",
              (f"{args.symbols} Binance spot symbols (trades, book tickers, order books; 1m candles aggregated), "
@@ -274,6 +297,18 @@ def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
     for r in rungs:
         cells = [f"{r.cpu_us.get(p, 0):.1f} ({r.cpu_share.get(p, 0):.0%})" for p in programs]
         lines.append(f"| {r.partitions} | {r.offered:,} | " + " | ".join(cells) + " |")
+    top = sorted({c for r in rungs for c, (_, us) in r.redis_commands.items() if us >= 0.5},
+                 key=lambda c: -max(r.redis_commands.get(c, (0, 0))[1] for r in rungs))
+    if top:
+        lines += ["", ("Redis commands per stored trade: calls / us of execution (INFO commandstats; commands "
+                  "taking at least 0.5 us a trade in some rung):"), "",
+                  "| P | offered/s | " + " | ".join(top) + " | all: calls / us |", "|---:|---:|" + "---:|" * (len(top) + 1)]
+        for r in rungs:
+            cells = [f"{r.redis_commands[c][0]:.2f} / {r.redis_commands[c][1]:.1f}" if c in r.redis_commands else "-"
+                     for c in top]
+            total = (sum(v[0] for v in r.redis_commands.values()), sum(v[1] for v in r.redis_commands.values()))
+            lines.append(f"| {r.partitions} | {r.offered:,} | " + " | ".join(cells)
+                         + f" | {total[0]:.2f} / {total[1]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
