@@ -157,8 +157,6 @@ def tree_state() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-
-
 def chaos_config(sim_port: int, high_water: int, partitions: int = 1) -> str:
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n"
