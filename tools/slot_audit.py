@@ -1,7 +1,7 @@
 """Which keys each MULTI/EXEC of a running pipeline touches, and in how many Redis Cluster hash slots.
 
 The bus can run on a Redis Cluster only if every atomic commit touches one slot (docs/scaling.md, "Redis
-Cluster: the plan"). This watches a running pipeline's Redis with MONITOR for a while, groups the commands of
+Cluster (item 2)"). This watches a running pipeline's Redis with MONITOR for a while, groups the commands of
 each transaction (by client, from MULTI to EXEC), names each key by its pattern (numbers, symbols and
 partitions replaced by placeholders) and prints, per shape of transaction: how many ran, the key patterns, and
 the most slots one of them spanned (CRC16 as Redis Cluster computes it, hash tags included).
