@@ -660,3 +660,47 @@ async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stal
         want = truth[c.open_time // 1_000_000]
         assert (c.open, c.high, c.low, c.close) == (Decimal(want.open), Decimal(want.high), Decimal(want.low),
                                                     Decimal(want.close)), (c, want)
+
+
+async def test_a_round_whose_exec_reply_is_lost_is_not_published_again(settings: Settings, own_redis) -> None:
+    """Redis runs a publish round's MULTI/EXEC but the reply never arrives (the connection drops right after,
+    as when Redis stops at that moment): the collector holds the round aside, asks Redis when it answers
+    again (the feeds' positions are written in the same EXEC), finds it ran and does not publish it again;
+    no trade twice on raw:binance, none missing, and no Gap claiming Redis lost data."""
+    from tests.test_bus_recovery import DropExecReply
+
+    port = int(own_redis.url.rsplit(":", 1)[1].split("/")[0])
+    proxy = DropExecReply(port)
+    await proxy.start()
+    async with start_simulator(speed=20, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
+        cfg = collector_settings(on_redis(settings, f"redis://127.0.0.1:{proxy.port}/0"), sim.rest_url, sim.ws_url,
+                                 channels=["trades"])
+        collector = Collector(cfg, "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+
+        async def started() -> bool:
+            return collector.count["trades"] >= 300
+
+        await wait_for(started, task)
+        proxy.armed = True  # the next EXEC's reply is lost
+
+        async def all_published() -> bool:
+            return (collector.count["trades"] == N and not collector.outbox.queued
+                    and collector.count["publish_round_trips"] > 0 and proxy.dropped == 1)
+
+        await wait_for(all_published, task, timeout=60)
+        counters = collector.counters()
+        await stop_collector(collector, stop, task)
+    await proxy.close()
+    client = aioredis.Redis.from_url(own_redis.url)
+    codec = Codec()
+    events = {s: [e for _, f in await client.xrange(s) for e in codec.decode_entry(f)]
+              for s in (streams.raw("binance"), streams.GAPS)}
+    await client.aclose()
+    ids = trade_ids(events[streams.raw("binance")])
+    first = 3735683259
+    assert proxy.dropped == 1
+    assert ids == list(range(first, first + N)), "every trade once, in order"
+    assert counters["rounds_in_doubt_ran"] == 1 and counters["positions_lost"] == 0
+    assert not [g for g in events[streams.GAPS] if "lost published data" in getattr(g, "reason", "")]

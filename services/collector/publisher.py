@@ -118,8 +118,12 @@ class Publisher:
         the outbox is empty."""
         backoff = Backoff(PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S, spread=EXACT)
         recheck = False
+        # The round whose MULTI/EXEC got a connection error: Redis may have run it (the reply was lost). Held
+        # aside, out of the outbox's bound (at most one round), until Redis answers whether it ran: its feeds'
+        # positions are written in the same EXEC.
+        in_doubt: tuple[list[Batch], list[Event], list[Dropped]] | None = None
         while True:
-            if not self.outbox.queued and not self.outbox.notices and not self.outbox.dropped:
+            if in_doubt is None and not self.outbox.queued and not self.outbox.notices and not self.outbox.dropped:
                 if self.draining.is_set():
                     return
                 await self._wait_ready(WAKE_S)
@@ -132,19 +136,37 @@ class Publisher:
             batches = self.outbox.take(round_events)
             notices, dropped = self.outbox.take_notices()
             try:
-                if recheck:  # Redis is back: did it keep what we published before it went away?
+                if recheck:  # Redis is back: did the round in doubt run, and did it keep what we published?
+                    if in_doubt is not None:
+                        if await self._ran(in_doubt[0]):
+                            log.info("the round sent as Redis went away had run (its reply was lost): not "
+                                     "publishing its %d events again", sum(len(b.events) for b in in_doubt[0]))
+                        else:
+                            batches = [*in_doubt[0], *batches]
+                            notices, dropped = [*in_doubt[1], *notices], [*in_doubt[2], *dropped]
+                        in_doubt = None
                     notices = [*await self._lost_while_down(), *notices]
                     recheck = False
                 await self._publish_round(batches, notices, dropped)
             except REDIS_DOWN as exc:
-                self.outbox.give_back(batches, notices, dropped)
+                if in_doubt is None:
+                    in_doubt = (batches, notices, dropped)
+                else:
+                    self.outbox.give_back(batches, notices, dropped)
                 self.settle_dropped()
                 recheck = True
                 self.redis_down(exc, backoff.delay)
-                await asyncio.sleep(backoff.next())
+                try:
+                    await asyncio.sleep(backoff.next())
+                except BaseException:
+                    assert in_doubt is not None
+                    self.outbox.give_back(*in_doubt)  # cancelled (the end of a drain): left in the outbox, logged
+                    raise
                 continue
             except BaseException:
                 self.outbox.give_back(batches, notices, dropped)  # cancelled at the end of a drain: logged
+                if in_doubt is not None:
+                    self.outbox.give_back(*in_doubt)  # older: in front
                 raise
             backoff.reset()
             if self.redis_down_since and not self.outbox.queued:
@@ -218,6 +240,25 @@ class Publisher:
             f"{self.outbox.dropped_events} dropped so far as Gaps")
         where = self.stream if self.partitions == 1 else f"{self.stream}:p*"
         log.error("cannot publish to %s: %s; retrying in %.1f s", where, self.service.detail, delay)
+
+    async def _ran(self, batches: list[Batch]) -> bool:
+        """Whether the round of `batches`, whose reply was lost, ran: Redis holds its feeds' positions (written in
+        the same MULTI/EXEC, and no later round ran since). Then they are published (as `_publish_round` records
+        it). A round without positions cannot tell: False, and it is published again (its market entries, Gaps
+        and alerts are idempotent for their readers)."""
+        positions = {(b.channel, b.symbol): b.position for b in batches if b.position is not None}
+        if not positions:
+            return False
+        stored = await self.read_positions()
+        if any(stored.get(k) != p for k, p in positions.items()):
+            return False
+        for b in batches:
+            if b.trade_ids:
+                self.state_by_symbol[b.symbol].settle(
+                    [(e.trade_id, e.ts_event // MS) for e in b.events if isinstance(e, Trade)])
+        self.published_pos.update(positions)
+        self.count["rounds_in_doubt_ran"] += 1
+        return True
 
     async def _lost_while_down(self) -> list[Event]:
         """Gaps for what Redis lost of what we had published (it restarted from an older AOF or snapshot, or

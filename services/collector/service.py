@@ -133,7 +133,8 @@ class Collector(Service):
         self.count: Counter[str] = Counter({k: 0 for k in (
             "trades", "candle_updates", "candles_closed", "rest_polls", "reconnects", "stalls", "markets",
             "errors", "publish_retries", "gaps", "books", "books_crossed", "book_resyncs", "rest_held",
-            "sequence_gaps", "positions_lost", "candles_stale_dropped", "publish_round_trips")})
+            "sequence_gaps", "positions_lost", "candles_stale_dropped", "publish_round_trips",
+            "rounds_in_doubt_ran")})
         ex = self.exchange_settings
         self.publisher = Publisher(self, self.producer, exchange, self.state_by_symbol, self.count,
                                    self.sequential_ids, ex.publish_buffer_events, ex.publish_batch_events,
