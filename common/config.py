@@ -104,6 +104,11 @@ class BusSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (docs/scaling.md, "Partitions"). 1: one lease per stateful stage, one instance works and the others
     # stand by (the cache publisher: run one).
     partitions: int = 1
+    # The bus's Redis is a Redis Cluster ([redis] url names any of its masters). Every key of partition k then
+    # carries the hash tag {p<k>} (raw:binance:{p3}, md:trade:binance:BTC/USDT:{p3}, mdp:alerts:{p3}), so each
+    # commit touches one hash slot, and every consuming stage works partition by partition (docs/scaling.md,
+    # "Redis Cluster"). Keep partitions a multiple of the masters so that they spread evenly.
+    cluster: bool = False
 
 
 class CacheSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -164,11 +164,42 @@ async def test_a_redis_cluster_node_is_refused_with_the_reason_and_the_fix(setti
         message = str(err.value)
         assert f"127.0.0.1:{port}" in message and "cluster_enabled:1" in message
         assert "MDP_REDIS_URL or [redis] url" in message and "standalone" in message
+        assert "Set [bus] cluster = true" in message
         await svc.close()
     finally:
         if server.returncode is None:
             server.terminate()
         await asyncio.wait_for(server.communicate(), 10)
+
+
+async def test_bus_cluster_on_a_standalone_redis_is_refused_with_the_reason_and_the_fix(settings: Settings,
+                                                                                        redis) -> None:
+    import msgspec
+
+    on_cluster = msgspec.structs.replace(settings, bus=msgspec.structs.replace(settings.bus, cluster=True))
+    svc = Ticking(on_cluster)
+    svc.cluster_ready = True  # type: ignore[misc]
+
+    with pytest.raises(ConfigError) as err:
+        await svc.wait_for_redis(asyncio.Event())
+
+    message = str(err.value)
+    assert "bus.cluster" in message and "not a Redis Cluster node" in message
+    assert settings.redis.url.removesuffix("/0") in message
+    assert "Set [bus] cluster = false" in message
+    await svc.close()
+
+
+async def test_a_service_not_ready_for_a_cluster_is_refused_at_start_with_the_fix(settings: Settings) -> None:
+    import msgspec
+
+    on_cluster = msgspec.structs.replace(settings, bus=msgspec.structs.replace(settings.bus, cluster=True))
+    svc = Ticking(on_cluster)
+
+    with pytest.raises(ConfigError, match=r"bus.cluster: ticking does not run on a Redis Cluster yet .*Set \[bus\] "
+                                          r"cluster = false"):
+        await svc.wait_for_redis(asyncio.Event())
+    await svc.close()
 
 
 async def test_a_standalone_redis_is_accepted(settings: Settings, redis) -> None:

@@ -21,7 +21,7 @@ from common.bus import streams
 from common.bus.core import Delivery, Producer
 from common.bus.partitions import Share
 from common.bus.stage import Stage
-from common.config import ConfigError, ExchangeSettings, load_settings
+from common.config import ConfigError, ExchangeSettings, Settings, load_settings
 from common.stores.cache import price_key, recent_trades_hw_key, recent_trades_key
 from common.tasks import cancel_and_wait
 from schemas import Codec, Event, Heartbeat, Market, Trade
@@ -275,58 +275,83 @@ async def chain_outputs(redis: aioredis.Redis) -> dict[str, list[object]]:
     return out
 
 
-async def test_validator_normalizer_and_aggregator_two_instances_each_over_two_partitions(redis, settings) -> None:  # noqa: F811
-    # Arrange: the collector's events of five symbols, and what one instance of each stage makes of them
-    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2))
-    pieces = pieces_of_five_symbols()
-    names = {"validator": set(), "normalizer": set(), "aggregator": set()}  # type: dict[str, set[str]]
+class Chain:
+    """The collector's side of a validator -> normalizer -> aggregator chain under test: publishes pieces of
+    events on their raw streams (partition by partition with P > 1, tagged on a cluster) and waits until every
+    stage has read everything written for it."""
 
-    async def publish(piece: list[Event], partitions: int) -> None:
+    def __init__(self, redis: aioredis.Redis, config: Settings) -> None:
+        self.redis = redis
+        self.bus = config.bus
+        self.producer = Producer(redis, Codec(), config.bus, "collector:binance")
+        self.names: dict[str, set[str]] = {"validator": set(), "normalizer": set(), "aggregator": set()}
+
+    async def publish(self, piece: list[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}
+        p, cluster = self.bus.partitions, self.bus.cluster
         for e in piece:
-            stream = streams.raw_for("binance", e.symbol, partitions)  # type: ignore[union-attr]
+            symbol = e.symbol  # type: ignore[union-attr]
+            stream = streams.raw_for("binance", symbol, p, cluster)
             by_stream.setdefault(stream, []).append(e)
-            names["validator"].add(stream)
-            names["normalizer"].add(streams.valid("binance", int(stream[-1]) if partitions > 1 else None))
-        names["aggregator"].update(streams_of(piece))
-        await producer.publish(by_stream)
+            self.names["validator"].add(stream)
+            k = streams.partition_of(symbol, p) if p > 1 or cluster else None
+            self.names["normalizer"].add(streams.valid("binance", k, cluster))
+            for name in streams_of([e]):
+                self.names["aggregator"].add(streams.tagged(name, streams.partition_of(symbol, p)) if cluster else name)
+        await self.producer.publish(by_stream)
 
-    async def done(group: str, names: set[str]) -> bool:
+    async def _done(self, group: str, names: set[str]) -> bool:
         for name in names:
-            if not await redis.exists(name):  # not written yet (the stage before has not got to it)
+            if not await self.redis.exists(name):  # not written yet (the stage before has not got to it)
                 return False
-        return await all_done(redis, sorted(names), group)
+        return await all_done(self.redis, sorted(names), group)
 
-    async def all_drained(tasks: Sequence[asyncio.Task[None]]) -> None:
-        async with asyncio.timeout(90):
-            while not all([await done(g, n) for g, n in names.items()]):
+    async def drained(self, tasks: Sequence[asyncio.Task[None]], timeout: float = 90) -> None:
+        async with asyncio.timeout(timeout):
+            while not all([await self._done(g, n) for g, n in self.names.items()]):
                 for t in tasks:
                     if t.done():
                         t.result()
                 await asyncio.sleep(0.05)
 
-    producer = Producer(redis, Codec(), small.bus, "collector:binance")
+    def clear(self) -> None:
+        for n in self.names.values():
+            n.clear()
+
+
+async def one_instance_each(redis: aioredis.Redis, small: Settings, pieces: list[list[Event]]) -> dict[str, list[object]]:
+    """What one instance each of the validator, the normalizer and the aggregator make of `pieces` on one Redis
+    node without partitions (`chain_outputs`); the database is emptied after."""
+    chain = Chain(redis, small)
     one = [Validator(small, "x"), Normalizer(small, "x"), Aggregator(small, "x")]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(svc.run(stop)) for svc in one]
     try:
         for piece in pieces:
-            await publish(piece, 1)
-        await all_drained(tasks)
+            await chain.publish(piece)
+        await chain.drained(tasks)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await chain.producer.aclose()
         for svc in one:
             await svc.close()
     expected = await chain_outputs(redis)
     assert all(len(expected[streams.market_data("trade", "binance", s)]) == 19_904 for s in SYMBOLS)
     await redis.flushdb()
-    for n in names.values():
-        n.clear()
+    return expected
+
+
+async def test_validator_normalizer_and_aggregator_two_instances_each_over_two_partitions(redis, settings) -> None:  # noqa: F811
+    # Arrange: the collector's events of five symbols, and what one instance of each stage makes of them
+    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2))
+    pieces = pieces_of_five_symbols()
+    expected = await one_instance_each(redis, small, pieces)
 
     # Act: two instances of each stage over two partitions; B of each is killed in the middle of the second
     # piece (its validator frozen with a batch in hand, its leases left to expire); A takes its partitions over
     two = replace(small, bus=replace(small.bus, partitions=2))
+    chain = Chain(redis, two)
     a = [Validator(two, "a"), Normalizer(two, "a"), Aggregator(two, "a")]
     b = [Validator(two, "b"), Normalizer(two, "b"), Aggregator(two, "b")]
     stop_a, stop_b = asyncio.Event(), asyncio.Event()
@@ -341,22 +366,22 @@ async def test_validator_normalizer_and_aggregator_two_instances_each_over_two_p
     try:
         await wait_until("each instance of each stage holding one partition",
                          lambda: all(len(parts(s)) == 1 for s in (*a, *b)), [*tasks_a, *tasks_b], why=why)
-        await publish(pieces[0], 2)
-        await all_drained([*tasks_a, *tasks_b])
+        await chain.publish(pieces[0])
+        await chain.drained([*tasks_a, *tasks_b])
         freeze_from[0] = b[0].consumer.stats.acked + 30
-        await publish(pieces[1], 2)
+        await chain.publish(pieces[1])
         await wait_until("B's validator frozen in the middle of the second piece", stuck.is_set,
                          [*tasks_a, *tasks_b], why=why)
         await finish(tasks_b, "B killed", cancel=True)
-        await publish(pieces[2], 2)
+        await chain.publish(pieces[2])
         await wait_until("A holding both partitions of every stage",
                          lambda: all(parts(s) == {0, 1} for s in a), tasks_a, why=why)
-        await all_drained(tasks_a)
+        await chain.drained(tasks_a)
     finally:
         stop_a.set()
         stop_b.set()
         await finish([*tasks_a, *tasks_b], "stopping A and B")
-        await producer.aclose()
+        await chain.producer.aclose()
         for svc in (*a, *b):
             await svc.close()
 

@@ -7,7 +7,9 @@ What it shows, with redis-py's cluster client (the one the bus will use):
   commit would with every key tagged `{p<k>}` (docs/scaling.md, "Redis Cluster (item 2)");
 - the same commit with today's key names (`raw:binance`, `valid:binance`, `mdp:state:validator`) is refused
   with CROSSSLOT before anything runs: why services refuse a cluster node today (`refuse_cluster`);
-- a master killed (SIGKILL) and started again comes back with its slots and every committed entry (AOF).
+- a master killed (SIGKILL) and started again comes back with its slots and every committed entry (AOF);
+- the validator, the normalizer and the aggregator run on the cluster with `[bus] cluster = true`, partition by
+  partition, every key they write tagged, and make of the real capture exactly what they make on one node.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -23,6 +26,23 @@ from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from common.bus import streams
+from common.bus.client import connect
+from common.config import Settings
+from services.aggregator import Aggregator
+from services.normalizer import Normalizer
+from services.validator import Validator
+from tests.test_aggregator import settings  # noqa: F401 - the fixture
+from tests.test_partitions import (
+    SYMBOLS,
+    Chain,
+    finish,
+    one_instance_each,
+    parts,
+    pieces_of_five_symbols,
+    wait_until,
+)
+from tests.test_stages import read
 from tools.localstores import LocalCluster, LocalServer, start_redis_cluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,3 +171,94 @@ def test_the_slot_audit_names_each_transaction_s_keys_and_slots(redis_server: Lo
                            "XADD valid:binance:p{k}")
     assert by_slots[1] == ("HSET mdp:state:validator:{tag}", "WATCH mdp:lease:validator:{tag}",
                            "XADD valid:binance:{tag}")
+
+
+def test_a_cluster_s_keys_carry_their_partition_s_hash_tag() -> None:
+    # partition k's keys: one slot each, whatever the key
+    assert streams.tagged("md:trade:binanceusdm:BTC/USDT:USDT", 3) == "md:trade:binanceusdm:BTC/USDT:USDT:{p3}"
+    assert streams.tagged("raw:binance:{p3}", 1) == "raw:binance:{p3}"  # a tagged key keeps its tag
+    assert streams.raw_for("binance", "ETH/USDT", 4, cluster=True) == "raw:binance:{p3}"
+    assert streams.raw_for("binance", "ETH/USDT", 1, cluster=True) == "raw:binance:{p0}"  # P = 1 too
+    assert streams.raw_for("binance", "ETH/USDT", 4) == "raw:binance:p3"  # one node: as before
+    assert streams.valid("binance", 2, cluster=True) == "valid:binance:{p2}"
+    for key in ("md:trade:binance:ETH/USDT:{p3}", "dlq:raw:binance:{p3}", "mdp:lease:validator:{p3}"):
+        assert streams.tag_of(key) == 3 and streams.partition_of_stream(key, 4) == 3
+        assert key_slot(key.encode()) == key_slot(b"{p3}")
+    assert streams.tag_of("md:trade:binance:ETH/USDT") is None and streams.tag_of("a:{x}:{p1}") is None
+
+
+def test_a_commit_over_several_slots_is_refused_before_it_is_sent() -> None:
+    from common.bus.client import commit_slot
+
+    tagged = [("XADD", "valid:binance:{p1}", "*", "e", "1"), ("XACK", "raw:binance:{p1}", "validator", "1-0")]
+    assert commit_slot(tagged, "mdp:lease:validator:{p1}") == key_slot(b"{p1}")
+    with pytest.raises(ValueError, match=r"spans 2 hash slots .*XADD mdp:alerts.*partition tag"):
+        commit_slot([*tagged, ("XADD", "mdp:alerts", "*", "e", "1")], None)
+
+
+async def cluster_keys(client: aioredis.Redis, pattern: str) -> list[str]:
+    """Every key matching `pattern` on every master of the cluster."""
+    found = await client.keys(pattern, target_nodes=RedisCluster.PRIMARIES)  # type: ignore[call-arg]
+    return sorted({k.decode() for k in found})
+
+
+def untagged(key: str) -> str:
+    k = streams.tag_of(key)
+    return key.removesuffix(f":{{p{k}}}") if k is not None else key
+
+
+async def test_the_stages_run_on_the_cluster_partition_by_partition_and_make_what_they_make_on_one_node(
+        cluster: LocalCluster, redis, settings: Settings) -> None:  # noqa: F811
+    # Arrange: what one instance each makes of five symbols' capture on one node; then the same settings on the
+    # cluster, with four partitions (the five symbols fall in all four; the four tags' slots on all three masters).
+    replace = msgspec.structs.replace
+    small = replace(settings, bus=replace(settings.bus, batch_max_events=20, read_count=10, heartbeat_interval_s=0.2))
+    pieces = pieces_of_five_symbols()
+    expected = await one_instance_each(redis, small, pieces)
+    on_cluster = replace(small, redis=replace(small.redis, url=cluster.url),
+                         bus=replace(small.bus, partitions=4, cluster=True))
+    assert {streams.partition_of(s, 4) for s in SYMBOLS} == {0, 1, 2, 3}
+    client = connect(cluster.url, True)
+    await client.initialize()  # type: ignore[attr-defined]
+    assert len({_port_of(client, streams.part(k, cluster=True)) for k in range(4)}) == 3  # type: ignore[arg-type]
+    chain = Chain(client, on_cluster)
+    stages = [Validator(on_cluster, "a"), Normalizer(on_cluster, "a"), Aggregator(on_cluster, "a")]
+    for svc in stages:
+        assert svc.partitions is not None  # on a cluster every stage works partition by partition
+        svc.partitions.refresh_s = 0.05
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(f(stop)) for svc in stages for f in (svc.run, svc._heartbeats)]
+    try:
+        # Act: the collector's events, piece by piece, through the three stages.
+        await wait_until("each stage holding the four partitions",
+                         lambda: all(parts(s) == {0, 1, 2, 3} for s in stages), tasks)
+        for piece in pieces:
+            await chain.publish(piece)
+        await chain.drained(tasks)
+
+        # Assert: every trade once and in order on its tagged md:trade stream, every minute and bar as on one node
+        got: dict[str, list[object]] = {}
+        for key in await cluster_keys(client, "md:*"):
+            events = await read(client, key)
+            if key.startswith("md:trade:"):
+                got[untagged(key)] = [e.trade_id for e in events]  # type: ignore[union-attr]
+            elif key.startswith("md:candle"):
+                ours = [e for e in events if getattr(e, "source", "") == "aggregate"]
+                if ours:
+                    got[untagged(key)] = list(ours)
+        for name, ids in expected.items():
+            assert got.get(name) == ids, f"{name} differs"
+        assert got.keys() == expected.keys()
+        # Every key of the partitions' work carries its partition's tag: inputs, outputs, alerts, leases, checkpoints.
+        for key in await cluster_keys(client, "*"):
+            if key.startswith(("raw:", "valid:", "md:", "mdp:lease:", "mdp:state:", "mdp:alerts", "mdp:gaps")):
+                assert streams.tag_of(key) is not None, key
+        assert {untagged(k) for k in await cluster_keys(client, "mdp:state:*")} == {"mdp:state:validator",
+                                                                                     "mdp:state:aggregator"}
+    finally:
+        stop.set()
+        await finish(tasks, "stopping the stages")
+        await chain.producer.aclose()
+        for svc in stages:
+            await svc.close()
+        await client.aclose()

@@ -44,15 +44,23 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+    WatchError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamIdT
 
 from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
+from common.bus.client import cluster_url, commit_slot, is_cluster, node_address, refresh_slots
 from common.bus.lease import Lease, LeaseLost
-from common.bus.resp import Command, RespConnection, WatchMismatch, lean_connection
+from common.bus.resp import Command, RespConnection, WatchMismatch, lean_connection, master_connection
 from common.config import BusSettings
 from common.errors import StoreUnavailable
 from common.tasks import cancel_and_wait
@@ -62,7 +70,8 @@ log = logging.getLogger(__name__)
 
 # Redis is unreachable (refused, reset, timed out, loading its data after a restart): redis-py wraps socket
 # errors into these. A handler's own OSError is the handler's failure, not the bus's.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# Redis not answering for now; on a cluster also a slot without a master (one is down or failing over).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError, TryAgainError)
 REDIS_RETRY_MAX_S = 5.0  # cap of the backoff while waiting for Redis
 STORE_RETRY_MAX_S = 30.0  # cap of the backoff while a handler's store is unavailable
 ABANDONED_CHECK_S = 10.0  # how often a producer looks at the foreign groups of a stream it writes
@@ -97,6 +106,8 @@ def _s(value: bytes | str) -> str:
 
 def redis_url(redis: aioredis.Redis) -> str:
     """Where a client points, without credentials (for messages)."""
+    if is_cluster(redis):
+        return cluster_url(redis)
     kw = redis.connection_pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"
@@ -126,10 +137,11 @@ class Transactions:
         self.redis = redis
         self._lean: RespConnection | Literal[False] | None = None  # None: not tried yet; False: needs redis-py
         self._redis_py: aioredis.Redis | None = None
+        self._masters: dict[tuple[str, int], RespConnection] = {}  # a cluster's: one per master
 
     async def run(self, commands: Sequence[Command], lease: Lease | None = None) -> list[Any]:
         if self._lean is None:
-            self._lean = lean_connection(self.redis) or False
+            self._lean = False if is_cluster(self.redis) else lean_connection(self.redis) or False
         if lease is None:
             return await self._run(commands, None)
         for _ in range(COMMIT_WATCH_RETRIES):
@@ -145,6 +157,8 @@ class Transactions:
     async def _run(self, commands: Sequence[Command], watch: tuple[str, bytes] | None) -> list[Any]:
         if isinstance(self._lean, RespConnection):
             return await self._lean.transaction(commands, watch)
+        if is_cluster(self.redis):
+            return await self._run_on_master(commands, watch)
         if self._redis_py is None:
             self._redis_py = without_retries(self.redis)
         async with self._redis_py.pipeline(transaction=True) as pipe:
@@ -163,10 +177,32 @@ class Transactions:
                     raise RedisConnectionError(f"connection lost during a commit: {exc.__context__}") from exc
                 raise
 
+    async def _run_on_master(self, commands: Sequence[Command], watch: tuple[str, bytes] | None) -> list[Any]:
+        """A cluster's commit: over a lean connection to the master serving the commit's one slot. A MOVED or
+        a connection error reads the slot map again before it is raised (nothing was re-sent)."""
+        slot = commit_slot(tuple(commands), watch[0] if watch is not None else None)
+        address = node_address(self.redis, slot)
+        conn = self._masters.get(address)
+        if conn is None:
+            conn = self._masters[address] = master_connection(self.redis, *address)
+        try:
+            return await conn.transaction(commands, watch)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._masters.pop(address, None)
+            await conn.aclose()
+            try:
+                await refresh_slots(self.redis)
+            except (RedisError, OSError) as exc:
+                log.warning("the cluster's slot map was not read again (%s); the next commit tries", exc)
+            raise
+
     async def aclose(self) -> None:
         if self._redis_py is not None:
             await self._redis_py.aclose()
             self._redis_py = None
+        for conn in self._masters.values():
+            await conn.aclose()
+        self._masters.clear()
         if isinstance(self._lean, RespConnection):
             await self._lean.aclose()
         self._lean = None
@@ -198,20 +234,21 @@ async def ensure_own_groups(redis: aioredis.Redis, stream: str) -> list[str]:
 
 async def publish_alert(redis: aioredis.Redis, codec: Codec, settings: BusSettings, source: str, rule: str,
                         severity: str, reason: str, values: dict[str, str]) -> None:
-    """Write one bus alert (kind "stream") to mdp:alerts at once (never waits for backpressure: an alert is
-    what says why)."""
+    """Write one bus alert (kind "stream") to mdp:alerts (a cluster's mdp:alerts:{p0}) at once (never waits for
+    backpressure: an alert is what says why)."""
     now = now_ns()
     alert = Alert(rule=rule, severity=cast(Severity, severity), source=source, exchange="", symbol="",
                   kind="stream", reason=reason, values=cast(dict[str, str | None], values), ts_event=now,
                   ts_recv=now)
+    stream = streams.tagged(streams.ALERTS, 0) if is_cluster(redis) else streams.ALERTS  # a cluster's: in {p0}
     pipe = redis.pipeline(transaction=False)
-    pipe.sadd(streams.REGISTRY, streams.ALERTS)
+    pipe.sadd(streams.REGISTRY, stream)
     # redis-py types xadd's fields as dict[FieldT, EncodableT], which (invariant) refuses dict[bytes, bytes].
-    pipe.xadd(streams.ALERTS, codec.entry([alert]), maxlen=settings.stream_maxlen,  # type: ignore[arg-type]
+    pipe.xadd(stream, codec.entry([alert]), maxlen=settings.stream_maxlen,  # type: ignore[arg-type]
               approximate=True)
     added, _ = await pipe.execute()
     if added:
-        await ensure_own_groups(redis, streams.ALERTS)
+        await ensure_own_groups(redis, stream)
 
 
 @dataclass
@@ -320,18 +357,19 @@ class Producer:
     async def aclose(self) -> None:
         await self.tx.aclose()
 
-    def _xadd_commands(self, outputs: Outputs) -> tuple[list[Command], int, list[tuple[int, str]]]:
-        """Every entry's XADD and each stream's SADD into the registry (every time: a Redis that lost its data
-        gets the registry back at the next publish), as plain commands. Returns them, the entry count and
-        where each SADD's reply will be among the commands' replies."""
+    def _xadd_commands(self, outputs: Outputs, register: bool = True) -> tuple[list[Command], int, list[tuple[int, str]]]:
+        """Every entry's XADD and (with `register`) each stream's SADD into the registry (every time: a Redis
+        that lost its data gets the registry back at the next publish), as plain commands. Returns them, the
+        entry count and where each SADD's reply will be among the commands' replies."""
         commands: list[Command] = []
         entries = 0
         sadds: list[tuple[int, str]] = []
         size, maxlen = self.settings.batch_max_events, self.settings.stream_maxlen
         entry = self.codec.entry
         for stream, events in outputs.items():
-            sadds.append((len(commands), stream))
-            commands.append(("SADD", streams.REGISTRY, stream))
+            if register:
+                sadds.append((len(commands), stream))
+                commands.append(("SADD", streams.REGISTRY, stream))
             for i in range(0, len(events), size):
                 fields = entry(events[i:i + size])
                 commands.append(("XADD", stream, "MAXLEN", "~", maxlen, "*", *(x for kv in fields.items() for x in kv)))
@@ -374,10 +412,25 @@ class Producer:
             return
         if outputs:
             await self.wait_for_consumers(outputs.keys())
-        xadds, entries, sadds = self._xadd_commands(outputs)
+        if is_cluster(self.redis) and outputs:
+            await self._register(outputs.keys())  # the registry is a key of its own slot: not in the commit
+            xadds, entries, sadds = self._xadd_commands(outputs, register=False)
+        else:
+            xadds, entries, sadds = self._xadd_commands(outputs)
         results = await self.tx.run([*xadds, *commands], lease)
         await self._registered(results, sadds)
         self._count(outputs, entries)
+
+    async def _register(self, names: Iterable[str]) -> None:
+        """On a cluster, before a commit: each stream's SADD into the registry (every time, as in the commit on
+        one node), and the pipeline's own groups of those it did not know yet."""
+        names = list(names)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.sadd(streams.REGISTRY, name)
+        for name, added in zip(names, await pipe.execute(), strict=True):
+            if added == 1:
+                await ensure_own_groups(self.redis, name)
 
     async def backlog(self, stream: str, groups: list[GroupState] | None = None) -> int:
         """Entries one of the pipeline's own groups of `stream` has not finished: undelivered (lag) plus
@@ -495,7 +548,8 @@ class Consumer:
                  selector: StreamSelector, producer: Producer | None = None, refresh_s: float = 2.0,
                  on_acked: Callable[[list[Delivery]], None] | None = None,
                  on_commit: CommitHook | None = None, lease: Lease | None = None,
-                 tx: Transactions | None = None, handover: Callable[[], bool] | None = None) -> None:
+                 tx: Transactions | None = None, handover: Callable[[], bool] | None = None,
+                 partition: int | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.settings = settings
@@ -519,6 +573,9 @@ class Consumer:
         # another instance). It stops reading once nothing is pending with it, and releases the lease.
         self.handover = handover
         self.handed_over = False
+        # On a Redis Cluster, the partition this consumer reads: every output stream of its commits takes the
+        # partition's hash tag (streams.tagged), so outputs, acknowledgements and state are in one slot.
+        self.tag = partition if is_cluster(redis) else None
         self.streams: list[str] = []
         self._refreshed_at = 0.0
         self._claimed_at = 0.0
@@ -964,6 +1021,8 @@ class Consumer:
         commands: list[Command] = [("XACK", stream, self.group, *ids) for stream, ids in acks.items() if ids]
         if self.on_commit is not None:
             commands.extend(self.on_commit(good))
+        if self.tag is not None:
+            outputs = {streams.tagged(stream, self.tag): events for stream, events in outputs.items()}
         if self.producer is not None:
             await self.producer.commit(outputs, commands, self.lease)
             return

@@ -167,6 +167,8 @@ class Partitions:
         return streams.partition_of_stream(stream, self.count)
 
     def _in_partition(self, k: int, stream: str) -> bool:
+        if self.bus.cluster and streams.tag_of(stream) is None:
+            return False  # on a cluster only tagged streams are the bus's (an untagged one would span slots)
         return self.partition_of(stream) == k
 
     def state_for(self, stream: str) -> SeriesState:
@@ -250,7 +252,8 @@ class Partitions:
                             self.share.quota)
 
     async def _slot(self, k: int, handler: Handler, stop: asyncio.Event) -> None:
-        lease = stage_lease(self.redis, f"{self.stage}:p{k}", self.consumer_name(k), self.bus)
+        lease = stage_lease(self.redis, f"{self.stage}:{streams.part(k, self.bus.cluster)}", self.consumer_name(k),
+                            self.bus)
         while not stop.is_set() and not self._closing:
             if not await self._take(k, lease, stop):
                 return
@@ -260,7 +263,7 @@ class Partitions:
                 selector=StreamSelector(patterns=self.patterns, where=partial(self._in_partition, k)),
                 producer=self.producer, lease=lease, on_acked=series.committed if series is not None else None,
                 on_commit=series.write if series is not None else None, tx=self.producer.tx,
-                handover=partial(self.share.should_give, k), refresh_s=self.refresh_s)
+                handover=partial(self.share.should_give, k), refresh_s=self.refresh_s, partition=k)
             self.live[k] = (consumer, series)
             log.info("%s: partition %d of %d taken by %s%s", self.stage, k, self.count, self.instance,
                      f" (state from {series.checkpoint.key})" if series is not None else "")

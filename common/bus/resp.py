@@ -179,15 +179,27 @@ class RespConnection:
                 pass
 
 
+class SlotMoved(RedisConnectionError):
+    """A Redis Cluster answered MOVED, ASK, TRYAGAIN or CLUSTERDOWN: the slot is served elsewhere, or not yet.
+    Nothing ran (a transaction with a refused command is aborted whole, EXECABORT); callers treat it as Redis
+    unreachable for a moment, and the slot map is read afresh (core.Transactions)."""
+
+
+CLUSTER_REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
+
+
 def _name(command: Command) -> str:
     return " ".join(_arg(a).decode(errors="replace") for a in command[:2])
 
 
 def _error(command: Command, reply: ResponseError, where: str) -> RedisConnectionError | ResponseError:
     """The exception for an error reply to `command`: BusyLoadingError (a ConnectionError) while Redis loads its
-    data, as redis-py raises it; else ResponseError naming the command."""
+    data, as redis-py raises it; SlotMoved (a ConnectionError) when a cluster node does not serve its slot;
+    else ResponseError naming the command."""
     if str(reply).startswith("LOADING"):
         return BusyLoadingError(f"{where} is loading its data ({reply}); {_name(command)} not run")
+    if str(reply).startswith(CLUSTER_REDIRECTS):
+        return SlotMoved(f"{where} does not serve {_name(command)} now ({reply}); nothing ran")
     return ResponseError(f"{_name(command)}: {reply}")
 
 
@@ -201,3 +213,11 @@ def lean_connection(redis: aioredis.Redis) -> RespConnection | None:
     return RespConnection(host=kw.get("host", "127.0.0.1"), port=int(kw.get("port", 6379)), path=kw.get("path", ""),
                           db=int(kw.get("db", 0) or 0), username=kw.get("username"), password=kw.get("password"),
                           timeout_s=float(timeout))
+
+
+def master_connection(cluster: Any, host: str, port: int) -> RespConnection:
+    """A RespConnection to one master of a Redis Cluster (redis-py's RedisCluster `cluster`), with the client's
+    credentials and timeout."""
+    kw = cluster.connection_kwargs
+    return RespConnection(host=host, port=port, username=kw.get("username"), password=kw.get("password"),
+                          timeout_s=float(kw.get("socket_timeout") or 5.0))

@@ -30,11 +30,13 @@ from typing import Any, ClassVar, Protocol
 import redis.asyncio as aioredis
 import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
 from common.bus.checkpoint import Checkpoint, SeriesState, stage_lease
+from common.bus.client import connect, is_cluster
 from common.bus.core import (
     STORE_RETRY_MAX_S,
     Consumer,
@@ -68,28 +70,32 @@ def setup_logging(service: str) -> None:
 
 
 async def refuse_cluster(redis: aioredis.Redis) -> None:
-    """ConfigError if `redis` is a Redis Cluster node: the bus's commits put several keys (a stage's inputs,
-    outputs, checkpoint and lease; a collector's partition streams and positions) in one MULTI/EXEC, which a
-    cluster refuses across hash slots (CROSSSLOT), and its reads span many streams."""
+    """ConfigError if `redis` is a Redis Cluster node reached without `[bus] cluster = true`: the bus then
+    names its keys for one node, and its commits would span hash slots, which a cluster refuses (CROSSSLOT)."""
+    if is_cluster(redis):
+        return
     info = await redis.info("cluster")
     if str(info.get("cluster_enabled", 0)) == "1":
         raise ConfigError(
             f"redis.url: Redis at {redis_url(redis)} runs in cluster mode (INFO cluster: cluster_enabled:1), and "
-            f"the bus needs a standalone Redis (a primary, with replicas if you like): its commits span keys of "
-            f"several hash slots, which a cluster refuses (docs/scaling.md, 'Redis Cluster'). Point "
-            f"MDP_REDIS_URL or [redis] url at a standalone Redis")
+            f"[bus] cluster is false: the bus names its keys for one Redis node, and its commits would span "
+            f"several hash slots, which a cluster refuses (docs/scaling.md, 'Redis Cluster'). Set [bus] cluster "
+            f"= true, or point MDP_REDIS_URL or [redis] url at a standalone Redis")
 
 
 class Service:
     name: ClassVar[str] = "service"
+    # Runs on a Redis Cluster ([bus] cluster = true): every key it writes carries its partition's hash tag. One
+    # that does not yet stops at start with a ConfigError (docs/scaling.md, "Redis Cluster": what is left).
+    cluster_ready: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         self.settings = settings
         self.instance = instance or os.environ.get("MDP_INSTANCE", "0")
         self.codec = Codec()
         # Bounded waits: a Redis that stops answering raises instead of hanging (XREADGROUP blocks 1 s at most).
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.redis.url, decode_responses=False, socket_timeout=REDIS_TIMEOUT_S,
+        self.redis: aioredis.Redis = connect(
+            settings.redis.url, settings.bus.cluster, decode_responses=False, socket_timeout=REDIS_TIMEOUT_S,
             socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=30)
         self.started_at = time.time_ns()
         self.state = "starting"
@@ -117,10 +123,23 @@ class Service:
         """Wait until Redis answers (True) or `stop` (False): a stage started while Redis is down (a machine
         boot, a Redis restart) waits with capped backoff instead of exiting, which supervisord would give up
         on after `startretries` (FATAL)."""
+        if self.settings.bus.cluster and not self.cluster_ready:
+            raise ConfigError(
+                f"bus.cluster: {self.name} does not run on a Redis Cluster yet (its keys are not all tagged by "
+                f"partition; docs/scaling.md, 'Redis Cluster', says which services do). Set [bus] cluster = false "
+                f"and point MDP_REDIS_URL or [redis] url at a standalone Redis")
         backoff, waited_since = Backoff(0.5, REDIS_WAIT_MAX_S), time.monotonic()
         while True:
             try:
-                await self.redis.ping()
+                try:
+                    await self.redis.ping()
+                except RedisClusterException as exc:
+                    if "not enabled" not in str(exc):
+                        raise RedisConnectionError(str(exc)) from exc  # no master reachable yet: wait
+                    raise ConfigError(
+                        f"bus.cluster: [bus] cluster is true, and Redis at {redis_url(self.redis)} is not a "
+                        f"Redis Cluster node ({exc}). Set [bus] cluster = false for a standalone Redis, or "
+                        f"point MDP_REDIS_URL or [redis] url at a master of the cluster") from None
                 await refuse_cluster(self.redis)
                 if time.monotonic() - waited_since > 1:
                     log.info("%s: Redis at %s answers after %.1f s", self.name, redis_url(self.redis),
@@ -259,7 +278,7 @@ class Stage(Service):
         self.lease: Lease | None = None
         self.series: SeriesState | None = None
         self.partitions: Partitions | None = None
-        if self.partitioned and settings.bus.partitions > 1:
+        if (self.partitioned and settings.bus.partitions > 1) or settings.bus.cluster:
             self.partitions = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance,
                                          self.group_name, self.inputs, self.producer,
                                          self.partition_state if self.state_types is not None else None,
@@ -274,8 +293,8 @@ class Stage(Service):
         """The empty series state of partition k (checkpoint mdp:state:{name}:p{k}), made each time this
         process takes the partition."""
         assert self.state_types is not None
-        return SeriesState(self.redis, f"{self.name}:p{k}", self.state_types, self.settings.quality.max_series,
-                           restore=self.restore)
+        return SeriesState(self.redis, f"{self.name}:{streams.part(k, self.settings.bus.cluster)}", self.state_types,
+                           self.settings.quality.max_series, restore=self.restore)
 
     @property
     def book(self) -> SeriesBook:

@@ -5,6 +5,10 @@
   raw:{exchange}:p{k}, valid:{exchange}:p{k}
                                     the same with bus.partitions = P > 1: partition k = crc32 of the event's
                                     symbol's base asset modulo P (partition_of), docs/scaling.md
+  {stream}:{p<k>}                   on a Redis Cluster ([bus] cluster = true): every stream of partition k (raw,
+                                    valid, md:*, mdp:alerts, mdp:gaps, ...) with the hash tag of partition k as its
+                                    last part, e.g. md:trade:binance:BTC/USDT:{p3} (`tagged`), so that a commit
+                                    touches one hash slot (docs/scaling.md, "Redis Cluster")
   md:{kind}:{exchange}:{symbol}     normalized public feeds, kind in trade | candle | ticker | book | funding |
                                     open_interest (KIND_OF in schemas/events.py)
                                     e.g. md:trade:binance:BTC/USDT, md:candle:binance:BTC/USDT
@@ -30,19 +34,41 @@ GAPS = "mdp:gaps"  # Gap events: holes found in a feed (validator: candle open t
 #                    reconnects and stalls) -> the gap_repair service
 
 
-def raw(exchange: str, partition: int | None = None) -> str:
-    """raw:{exchange}, or with bus.partitions > 1 partition k's raw:{exchange}:p{k}."""
-    return f"raw:{exchange}" if partition is None else f"raw:{exchange}:p{partition}"
+def part(k: int, cluster: bool = False) -> str:
+    """The last part of partition k's own keys: p{k} on one Redis node, its hash tag {p{k}} on a cluster."""
+    return f"{{p{k}}}" if cluster else f"p{k}"
 
 
-def valid(exchange: str, partition: int | None = None) -> str:
-    """valid:{exchange}, or with bus.partitions > 1 partition k's valid:{exchange}:p{k}."""
-    return f"valid:{exchange}" if partition is None else f"valid:{exchange}:p{partition}"
+def tagged(key: str, k: int) -> str:
+    """`key` as partition k's on a Redis Cluster: `{key}:{p<k>}`, so that every key of the partition hashes to
+    one slot; a key that carries a hash tag already is returned as it is."""
+    return key if tag_of(key) is not None else f"{key}:{{p{k}}}"
 
 
-def raw_for(exchange: str, symbol: str, partitions: int) -> str:
-    """Where a collector (or a repair) publishes an event of `symbol`: raw:{exchange}, or its partition's."""
-    return raw(exchange, partition_of(symbol, partitions) if partitions > 1 else None)
+def tag_of(key: str) -> int | None:
+    """k of the partition hash tag {p<k>} a key carries (Redis hashes the first {...} of a key), or None."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    inner = key[start + 1:end] if end > start else ""
+    return int(inner[1:]) if inner[:1] == "p" and inner[1:].isdigit() else None
+
+
+def raw(exchange: str, partition: int | None = None, cluster: bool = False) -> str:
+    """raw:{exchange}, or partition k's raw:{exchange}:p{k} (raw:{exchange}:{p<k>} on a cluster)."""
+    return f"raw:{exchange}" if partition is None else f"raw:{exchange}:{part(partition, cluster)}"
+
+
+def valid(exchange: str, partition: int | None = None, cluster: bool = False) -> str:
+    """valid:{exchange}, or partition k's valid:{exchange}:p{k} (valid:{exchange}:{p<k>} on a cluster)."""
+    return f"valid:{exchange}" if partition is None else f"valid:{exchange}:{part(partition, cluster)}"
+
+
+def raw_for(exchange: str, symbol: str, partitions: int, cluster: bool = False) -> str:
+    """Where a collector (or a repair) publishes an event of `symbol`: raw:{exchange}, or its partition's (on
+    a cluster always its partition's, with P = 1 too)."""
+    if partitions <= 1 and not cluster:
+        return raw(exchange)
+    return raw(exchange, partition_of(symbol, partitions), cluster)
 
 
 def candle_built(exchange: str, symbol: str) -> str:
@@ -108,7 +134,9 @@ OWN_READERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("md:market:*", ("postgres_writer",)),
     ("md:candle_built:*", ()),  # for strategies; no stage of ours reads it
     (ALERTS, ("postgres_writer",)),
+    (f"{ALERTS}:*", ("postgres_writer",)),  # a cluster's, one per partition: mdp:alerts:{p<k>}
     (GAPS, ("gap_repair",)),
+    (f"{GAPS}:*", ("gap_repair",)),
     (STRATEGY_STREAMS, ("postgres_writer",)),
 )
 
@@ -136,10 +164,14 @@ def partition_of(symbol: str, partitions: int) -> int:
 
 
 def partition_of_stream(stream: str, partitions: int) -> int:
-    """The partition of a stream: a per-symbol one (md:{kind}:{exchange}:{symbol}) by its symbol, a partition's
-    raw:{exchange}:p{k} or valid:{exchange}:p{k} by its k (modulo `partitions`), any other by its whole name."""
+    """The partition of a stream: a tagged one ({stream}:{p<k>}, a cluster's) and a partition's raw:{exchange}:p{k}
+    or valid:{exchange}:p{k} by its k (modulo `partitions`), a per-symbol one (md:{kind}:{exchange}:{symbol}) by
+    its symbol, any other by its whole name."""
     if partitions <= 1:
         return 0
+    k = tag_of(stream)
+    if k is not None:
+        return k % partitions
     parts = stream.split(":", 3)
     if len(parts) == 4 and parts[0] == "md":
         return partition_of(parts[3], partitions)

@@ -87,6 +87,7 @@ class Aggregator(Stage):
     forwards = True
     state_types: ClassVar[dict[str, type] | None] = {"bars": SymbolBars}
     partitioned = True
+    cluster_ready = True  # its commits touch its partition's keys only, tagged on a cluster
     series_noun = "symbols"
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:

@@ -63,6 +63,7 @@ class Normalizer(Stage):
     inputs = (INPUT_PATTERN,)
     forwards = True
     partitioned = True
+    cluster_ready = True  # its commits touch its partition's keys only, tagged on a cluster
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)

@@ -81,11 +81,13 @@ class Validator(Stage):
     forwards = True
     state_types: ClassVar[dict[str, type] | None] = {"trade": TradeSeries, "candle": CandleSeries, "venue": VenueCloses}
     partitioned = True
+    cluster_ready = True  # its commits touch its partition's keys only, tagged on a cluster
 
     def __init__(self, settings: Settings, instance: str | None = None,
                  rules: tuple[quality.Rule, ...] = VALIDATOR_RULES) -> None:
         super().__init__(settings, instance)
         self.partition_count = settings.bus.partitions
+        self.cluster = settings.bus.cluster  # partition k's streams are tagged: valid:{exchange}:{p<k>}
         self.rules = rules
         self.rejections = quality.RejectionLog(log)
         self.stream_rules = StreamRules(settings.quality)
@@ -131,7 +133,7 @@ class Validator(Stage):
         if forwarded is not event:
             self.count["flagged"] += 1
         # A verdict forwards only the market event it judged (all have `exchange`); no cast on this hot path.
-        out.setdefault(streams.valid(forwarded.exchange, partition), []).append(forwarded)  # type: ignore[union-attr]
+        out.setdefault(streams.valid(forwarded.exchange, partition, self.cluster), []).append(forwarded)  # type: ignore[union-attr]
 
     def restore(self, key: SeriesKey, state: object) -> object:
         if isinstance(state, CandleSeries):  # the encoding keeps the values, not the deques' bound
@@ -152,7 +154,7 @@ class Validator(Stage):
             stream_exchange = streams.exchange_of_stream(delivery.stream)
             # Partitioned: what passes goes on to the same partition (the event's symbol hashed there already).
             partition = (streams.partition_of_stream(delivery.stream, self.partition_count)
-                         if self.partition_count > 1 else None)
+                         if self.partition_count > 1 or self.cluster else None)
             for event in delivery.events:
                 self.count["events_in"] += 1
                 if isinstance(event, (Trade, Candle, Ticker, Market, OrderBook, FundingRate, OpenInterest)):
