@@ -9,7 +9,9 @@ What it shows, with redis-py's cluster client (the one the bus will use):
   with CROSSSLOT before anything runs: why services refuse a cluster node today (`refuse_cluster`);
 - a master killed (SIGKILL) and started again comes back with its slots and every committed entry (AOF);
 - the validator, the normalizer and the aggregator run on the cluster with `[bus] cluster = true`, partition by
-  partition, every key they write tagged, and make of the real capture exactly what they make on one node.
+  partition, every key they write tagged, and make of the real capture exactly what they make on one node;
+- a collector against the simulator commits each round partition by partition, and loses and doubles nothing
+  while the master of one partition is killed and started again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.bus import streams
 from common.bus.client import connect
-from common.config import Settings
+from common.config import ExchangeSettings, Settings
 from services.aggregator import Aggregator
 from services.normalizer import Normalizer
 from services.validator import Validator
@@ -42,7 +44,7 @@ from tests.test_partitions import (
     pieces_of_five_symbols,
     wait_until,
 )
-from tests.test_stages import read
+from tests.test_stages import market, read
 from tools.localstores import LocalCluster, LocalServer, start_redis_cluster
 
 pytestmark = pytest.mark.timeout(120)
@@ -262,3 +264,115 @@ async def test_the_stages_run_on_the_cluster_partition_by_partition_and_make_wha
         for svc in stages:
             await svc.close()
         await client.aclose()
+
+
+async def test_a_collector_commits_partition_by_partition_and_rides_out_a_master_killed_and_restarted(
+        cluster: LocalCluster, settings: Settings) -> None:  # noqa: F811
+    from schemas import Market, Trade
+    from services.collector.service import Collector
+    from simulator import start_simulator
+    from tests.collecting import collector_settings
+    from tests.collecting import read as read_events
+
+    # Arrange: the simulator serving four Binance symbols, one per partition; the master of ETH's partition is
+    # the one that will be killed.
+    replace = msgspec.structs.replace
+    served = {"BTC/USDT": 2, "ETH/USDT": 3, "XRP/USDT": 0, "LINK/USDT": 1}
+    client = connect(cluster.url, True)
+    await client.initialize()  # type: ignore[attr-defined]
+    victim = next(n for n in cluster.nodes if n.port == _port_of(client, "{p3}"))  # type: ignore[arg-type]
+
+    async def trades_of(k: int) -> list[Trade]:
+        return [e for e in await read_events(client, streams.raw("binance", k, cluster=True)) if isinstance(e, Trade)]
+
+    async def at_least(n: int) -> None:
+        async with asyncio.timeout(90):
+            while min([len(await trades_of(k)) for k in range(4)]) < n:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.1)
+
+    async with start_simulator(market_symbols=[s.replace("/", "") for s in served], rate=400, loop=True,
+                               history=False, depth=False) as sim:
+        binance = ExchangeSettings(id="binance", symbols=list(served), channels=["trades"])
+        on_cluster = replace(settings, redis=replace(settings.redis, url=cluster.url),
+                             bus=replace(settings.bus, partitions=4, cluster=True), exchanges=[binance])
+        collector = Collector(collector_settings(on_cluster, sim.rest_url, sim.ws_url), "t", exchange="binance")
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(stop))
+        try:
+            # Act: collect, kill the master of partition 3 for a few seconds, start it again, collect more.
+            await at_least(100)
+            victim.kill()
+            await asyncio.sleep(3)
+            assert collector.state == "degraded", collector.detail
+            victim.start(cluster.binary)
+            cluster.wait_ok()
+            before = len(await trades_of(3))
+            await at_least(before + 200)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await collector.close()
+
+    # Assert: each partition's stream holds its symbol's trades, every id once and in order, none missing
+    for symbol, k in served.items():
+        events = await read_events(client, streams.raw("binance", k, cluster=True))
+        trades = [e for e in events if isinstance(e, Trade)]
+        assert {t.symbol for t in trades} == {symbol}
+        ids = [int(t.trade_id) for t in trades]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)), f"{symbol}: out of order or doubled"
+        assert ids[-1] - ids[0] + 1 == len(ids), f"{symbol}: {ids[-1] - ids[0] + 1 - len(ids)} trades missing"
+        assert symbol in {m.symbol for m in events if isinstance(m, Market)}
+    assert collector.count["positions_lost"] == 0
+    positions = await cluster_keys(client, "mdp:collector:pos:*")
+    assert {streams.tag_of(key) for key in positions} == {0, 1, 2, 3}
+    assert not await cluster_keys(client, "raw:binance"), "nothing untagged"
+    await client.aclose()
+
+
+async def test_a_cluster_round_that_fails_in_one_partition_keeps_that_part_in_doubt_and_the_rest_unsent() -> None:
+    """Publisher._publish on a cluster: one commit per partition, in partition order. When the second fails, the
+    first is published, the failed part is what the caller holds (in doubt: its reply may be lost), and the
+    parts after it are back at the front of the outbox, unsent."""
+    from collections import Counter
+    from decimal import Decimal
+    from types import SimpleNamespace
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from schemas import Market, Trade
+    from services.collector.outbox import Batch
+    from services.collector.publisher import Publisher
+    from services.collector.symbols import SymbolState
+
+    committed: list[list[str]] = []
+
+    class FailingSecond:
+        async def commit(self, outputs: dict[str, list[object]], commands: object = ()) -> None:
+            if len(committed) == 1:
+                raise RedisConnectionError("the master of this partition went away")
+            committed.append(sorted(s for s, events in outputs.items() if events))
+
+    def trade(symbol: str, tid: int) -> Trade:
+        return Trade(exchange="binance", symbol=symbol, trade_id=str(tid), price=Decimal(1), amount=Decimal(1),
+                     side="buy", ts_event=tid, ts_recv=tid)
+
+    served = {"XRP/USDT": 0, "LINK/USDT": 1, "BTC/USDT": 2, "ETH/USDT": 3}
+    assert all(streams.partition_of(s, 4) == k for s, k in served.items())
+    publisher = Publisher(SimpleNamespace(), FailingSecond(), "binance",  # type: ignore[arg-type]
+                          {s: SymbolState() for s in served}, Counter(), True, 1000, partitions=4, cluster=True)
+    batches = [Batch(s, "trades", [trade(s, 10 * k + i) for i in range(3)]) for s, k in served.items()]
+    batches.append(Batch("", "", [market(s, s.replace("/", "")) for s in served]))  # the catalog: split by symbol
+    notices: list[object] = []
+    dropped: list[object] = []
+
+    with pytest.raises(RedisConnectionError):
+        await publisher._publish(batches, notices, dropped)  # type: ignore[arg-type]
+
+    assert committed == [["raw:binance:{p0}"]]  # partition 0's trades and XRP's market, in its slot
+    assert {b.symbol for b in batches} == {"LINK/USDT", ""}  # the caller holds partition 1's part, in doubt
+    assert [e.symbol for b in batches for e in b.events if isinstance(e, Market)] == ["LINK/USDT"]
+    left = list(publisher.outbox.queued)
+    assert [b.symbol for b in left if b.symbol] == ["BTC/USDT", "ETH/USDT"]  # unsent, back at the front
+    assert sorted(e.symbol for b in left for e in b.events if isinstance(e, Market)) == ["BTC/USDT", "ETH/USDT"]

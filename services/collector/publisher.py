@@ -52,12 +52,17 @@ class Publisher:
 
     def __init__(self, service: Service, producer: Producer, exchange_id: str,
                  state_by_symbol: dict[str, SymbolState], count: Counter[str], sequential_ids: bool,
-                 buffer_events: int, batch_events: int = 1, linger_s: float = 0.0, partitions: int = 1) -> None:
+                 buffer_events: int, batch_events: int = 1, linger_s: float = 0.0, partitions: int = 1,
+                 cluster: bool = False) -> None:
         self.service = service
         self.producer = producer
         self.exchange_id = exchange_id
         self.stream = streams.raw(exchange_id)
         self.partitions = partitions  # > 1: each event to raw:{exchange}:p{k} by its symbol (streams.raw_for)
+        # On a Redis Cluster a round is committed partition by partition (`_publish`), each commit in its
+        # partition's slot: raw:{exchange}:{p<k>}, mdp:gaps:{p<k>}, mdp:alerts:{p<k>} and the positions of its
+        # feeds, mdp:collector:pos:{exchange}:{p<k>}.
+        self.cluster = cluster
         self.state_by_symbol = state_by_symbol
         self.count = count
         self.sequential_ids = sequential_ids
@@ -147,7 +152,7 @@ class Publisher:
                         in_doubt = None
                     notices = [*await self._lost_while_down(), *notices]
                     recheck = False
-                await self._publish_round(batches, notices, dropped)
+                await self._publish(batches, notices, dropped)
             except REDIS_DOWN as exc:
                 if in_doubt is None:
                     in_doubt = (batches, notices, dropped)
@@ -185,7 +190,56 @@ class Publisher:
         finally:
             timer.cancel()
 
-    async def _publish_round(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]) -> None:
+    async def _publish(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]) -> None:
+        """Publish a round: in one MULTI/EXEC on one Redis node; on a cluster one per partition it touches, in
+        turn. If one fails, the lists passed in are left holding that partition's part only (the part in doubt,
+        as a whole round is on one node), the partitions before it are published, and those after it go back
+        to the front of the outbox, unsent."""
+        if not self.cluster:
+            await self._publish_round(batches, notices, dropped)
+            return
+        parts = self._by_partition(batches, notices, dropped)
+        for i, (k, part) in enumerate(parts):
+            try:
+                await self._publish_round(*part, partition=k)
+            except BaseException:
+                later = [p for _, p in parts[i + 1:]]
+                self.outbox.give_back([b for p in later for b in p[0]], [g for p in later for g in p[1]],
+                                      [d for p in later for d in p[2]])
+                batches[:], notices[:], dropped[:] = part
+                raise
+
+    def _by_partition(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped]
+                      ) -> list[tuple[int, tuple[list[Batch], list[Event], list[Dropped]]]]:
+        """A round's parts by partition, in partition order: a feed's batch (one symbol) whole, the market
+        catalog's (no symbol) split event by event, Gaps and drop records by their symbol."""
+        parts: dict[int, tuple[list[Batch], list[Event], list[Dropped]]] = {}
+        n = self.partitions
+
+        def part(symbol: str) -> tuple[list[Batch], list[Event], list[Dropped]]:
+            return parts.setdefault(streams.partition_of(symbol, n), ([], [], []))
+
+        for b in batches:
+            if b.symbol or not b.events:
+                part(b.symbol)[0].append(b)
+                continue
+            split: dict[int, list[Event]] = {}
+            for e in b.events:
+                split.setdefault(streams.partition_of(getattr(e, "symbol", None) or "", n), []).append(e)
+            for k, events in split.items():
+                parts.setdefault(k, ([], [], []))[0].append(Batch(b.symbol, b.channel, events, seq=b.seq))
+            for g in b.gaps:
+                part(getattr(g, "symbol", None) or "")[1].append(g)
+        for g in notices:
+            part(getattr(g, "symbol", None) or "")[1].append(g)
+        for d in dropped:
+            part(d.symbol)[2].append(d)
+        return sorted(parts.items())
+
+    async def _publish_round(self, batches: list[Batch], notices: list[Event], dropped: list[Dropped],
+                             partition: int | None = None) -> None:
+        """One MULTI/EXEC: the events, Gaps and alerts, and the feeds' new positions; on a cluster, those of
+        `partition`, in its slot."""
         events = [e for b in batches for e in b.events]
         gaps = [*notices, *(g for b in batches for g in b.gaps)]
         alerts: list[Event] = []
@@ -200,11 +254,15 @@ class Publisher:
                 positions[(b.channel, b.symbol)] = b.position
         extra: list[Command] = []
         if positions:
-            extra.append(("HSET", position_key(self.exchange_id),
+            extra.append(("HSET", self.positions_key(partition),
                           *(x for (c, s), p in positions.items() for x in (position_field(c, s), p.encode()))))
-        outputs: dict[str, list[Event]] = ({self.stream: events} if self.partitions == 1
-                                           else self._partitioned(batches))
-        outputs[streams.GAPS], outputs[streams.ALERTS] = gaps, alerts
+        if partition is not None:
+            outputs: dict[str, list[Event]] = {streams.raw(self.exchange_id, partition, cluster=True): events,
+                                               streams.tagged(streams.GAPS, partition): gaps,
+                                               streams.tagged(streams.ALERTS, partition): alerts}
+        else:
+            outputs = {self.stream: events} if self.partitions == 1 else self._partitioned(batches)
+            outputs[streams.GAPS], outputs[streams.ALERTS] = gaps, alerts
         self.count["publish_round_trips"] += 1  # one MULTI/EXEC (the heartbeat's rate of them)
         await self.producer.commit(outputs, extra)
         for b in batches:
@@ -238,7 +296,7 @@ class Publisher:
             f"Redis unreachable for {now - self.redis_down_since:.0f} s ({type(exc).__name__}: {exc}); "
             f"{self.outbox.events} events buffered (bound publish_buffer_events={self.outbox.limit}), "
             f"{self.outbox.dropped_events} dropped so far as Gaps")
-        where = self.stream if self.partitions == 1 else f"{self.stream}:p*"
+        where = f"{self.stream}:{{p*}}" if self.cluster else self.stream if self.partitions == 1 else f"{self.stream}:p*"
         log.error("cannot publish to %s: %s; retrying in %.1f s", where, self.service.detail, delay)
 
     async def _ran(self, batches: list[Batch]) -> bool:
@@ -275,13 +333,19 @@ class Publisher:
                                  self.service.started_at))
         return gaps
 
+    def positions_key(self, partition: int | None) -> str:
+        """Where the feeds' positions are kept: one hash per exchange, on a cluster one per partition."""
+        key = position_key(self.exchange_id)
+        return key if partition is None else streams.tagged(key, partition)
+
     async def read_positions(self) -> dict[tuple[str, str], Position]:
         """The positions Redis holds for this exchange: (channel, symbol) -> Position."""
-        raw = await self.service.redis.hgetall(position_key(self.exchange_id))
+        keys = [self.positions_key(k) for k in range(self.partitions)] if self.cluster else [self.positions_key(None)]
         out: dict[tuple[str, str], Position] = {}
-        for f, v in raw.items():
-            channel, _, symbol = (f.decode() if isinstance(f, bytes) else f).partition(":")
-            out[(channel, symbol)] = Position.decode(v)
+        for key in keys:
+            for f, v in (await self.service.redis.hgetall(key)).items():
+                channel, _, symbol = (f.decode() if isinstance(f, bytes) else f).partition(":")
+                out[(channel, symbol)] = Position.decode(v)
         return out
 
     async def stored_positions(self, stop: asyncio.Event) -> dict[tuple[str, str], Position] | None:

@@ -118,6 +118,7 @@ class Collector(Service):
     """One exchange (or one shard of its symbols): the feeds' host (feeds.FeedHost) and their loops."""
 
     name = "collector"
+    cluster_ready = True  # a round is committed partition by partition on a cluster (Publisher._publish)
 
     def __init__(self, settings: Settings, instance: str | None = None, exchange: str = "binance",
                  shard: str | None = None, idle_unless_configured: bool = False) -> None:
@@ -138,7 +139,7 @@ class Collector(Service):
         ex = self.exchange_settings
         self.publisher = Publisher(self, self.producer, exchange, self.state_by_symbol, self.count,
                                    self.sequential_ids, ex.publish_buffer_events, ex.publish_batch_events,
-                                   ex.publish_linger_ms / 1000, settings.bus.partitions)
+                                   ex.publish_linger_ms / 1000, settings.bus.partitions, settings.bus.cluster)
         self.outbox = self.publisher.outbox
         self.pacer = Pacer(self.exchange_settings.subscribe_per_s)
         self.feeds: list[Feed] = []
