@@ -15,20 +15,20 @@ import sys
 from typing import cast
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import status as status_mod
 from common.bus import streams
 from common.bus.core import StreamEntries
 from common.config import ConfigError, load_settings
+from common.redis_client import connect
 from common.stores.postgres import MigrationError
 from schemas import Codec
 
 
 async def _status(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    redis = aioredis.Redis.from_url(settings.redis.url)
+    redis = connect(settings.redis.url, settings.bus.cluster)
     try:
         while True:
             st = await status_mod.collect(redis, abandoned_group_s=settings.bus.abandoned_group_s)
@@ -47,11 +47,18 @@ async def _status(args: argparse.Namespace) -> int:
 
 async def _alerts(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    redis = aioredis.Redis.from_url(settings.redis.url)
+    redis = connect(settings.redis.url, settings.bus.cluster)
     codec = Codec()
     try:
         shown = 0
-        for entry_id, fields in cast(StreamEntries, await redis.xrevrange(streams.ALERTS, count=args.count)):
+        names = [streams.ALERTS]
+        if settings.bus.cluster:  # one stream per partition, mdp:alerts:{p<k>}, on every master
+            names = sorted({k.decode() async for k in redis.scan_iter(match=f"{streams.ALERTS}:*", count=1000)})
+        newest: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for name in names:
+            newest.extend(cast(StreamEntries, await redis.xrevrange(name, count=args.count)))
+        newest.sort(key=lambda e: tuple(int(x) for x in e[0].split(b"-")), reverse=True)
+        for entry_id, fields in newest[:args.count]:
             for alert in codec.decode_entry(fields):
                 print(json.dumps({"entry": entry_id.decode(), **_plain(alert)}))
                 shown += 1

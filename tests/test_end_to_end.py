@@ -4,6 +4,7 @@ simulator replaying the real Binance spot capture, on real Redis, PostgreSQL and
 Asserts that every recorded trade and every closed candle lands exactly once in InfluxDB, also when the InfluxDB
 writer is killed with SIGKILL mid-run; that the cached price is the recording's last trade; that the markets
 catalog is in PostgreSQL; and that a malformed exchange body becomes an alert, stores nothing, and stops nothing.
+Twice: on one Redis node, and on a local 3-master Redis Cluster (`[bus] cluster = true`, three partitions).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import redis.asyncio as aioredis
 
 from common import status as status_mod
 from common.bus import streams
+from common.redis_client import connect
 from schemas import Alert, Codec
 from simulator import Recording
-from tools.localstores import LocalServer, free_port
+from tools.localstores import LocalServer, free_port, start_redis_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKETS = (("binance", "BTC/USDT"), ("binanceusdm", "BTC/USDT:USDT"), ("coinbase", "SKL/USD"),
@@ -38,10 +40,32 @@ SPEED = 20  # the 11-minute recording in about 35 s
 pytestmark = pytest.mark.e2e
 
 
+class Bus:
+    """The Redis the pipeline runs on: one node, or a Redis Cluster (`[bus] cluster = true`, every stream of
+    partition k tagged {p<k>}): its URL, a client of it, and where a stream is found on it."""
+
+    def __init__(self, url: str, cluster: bool = False, partitions: int = 1) -> None:
+        self.url, self.cluster, self.partitions = url, cluster, partitions
+
+    def client(self) -> aioredis.Redis:
+        return connect(self.url, self.cluster)
+
+    def stream(self, name: str) -> str:
+        """Where `name` is: itself on one node, tagged with its partition on a cluster."""
+        return streams.tagged(name, streams.partition_of_stream(name, self.partitions)) if self.cluster else name
+
+    async def every(self, redis: aioredis.Redis, name: str) -> list[str]:
+        """`name` (mdp:alerts, mdp:gaps), or on a cluster its stream of every partition that exists."""
+        if not self.cluster:
+            return [name]
+        return sorted({k.decode() async for k in redis.scan_iter(match=f"{name}:*", count=1000)})
+
+
 class Pipeline:
-    def __init__(self, env: dict[str, str], run_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], run_dir: Path, bus: Bus) -> None:
         self.env = env
         self.run_dir = run_dir
+        self.bus = bus
 
     def ctl(self, *args: str) -> str:
         # A private run dir: tools/supervise.sh rendered supervisord.conf there (its socket, logs, simulator args)
@@ -57,8 +81,23 @@ class Pipeline:
         return "\n".join(parts)
 
 
+@pytest.fixture(params=["one Redis node", "a Redis Cluster"])
+def bus(request: pytest.FixtureRequest, redis_server: LocalServer, tmp_path: Path) -> Iterator[Bus]:
+    """The pipeline's Redis: the session's one node, or three masters of a cluster (with AOF) over three
+    partitions."""
+    if request.param == "one Redis node":
+        subprocess.run(["redis-cli", "-u", redis_server.url, "flushdb"], check=True, capture_output=True)
+        yield Bus(redis_server.url)
+        return
+    cluster = start_redis_cluster(tmp_path / "cluster")
+    try:
+        yield Bus(cluster.url, cluster=True, partitions=3)
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str) -> Iterator[Pipeline]:
+def pipeline(bus: Bus, influx_server: LocalServer, postgres_dsn: str) -> Iterator[Pipeline]:
     run_dir = Path(tempfile.mkdtemp(prefix="mdp-e2e-"))
     sim_port = free_port()
     config = run_dir / "e2e.toml"
@@ -67,13 +106,13 @@ def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn
         # binance's candles fall back to REST quickly (the malformed-klines fault below)
         .replace('url_rewrite = "host-prefix"', 'url_rewrite = "host-prefix"\nws_stall_s = 2.0\nrest_poll_s = 1.0', 1)
         + "\n[bus]\nheartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\n"
+        + (f"cluster = true\npartitions = {bus.partitions}\n" if bus.cluster else "")
     )
-    env = dict(os.environ, MDP_RUN_DIR=str(run_dir), MDP_REDIS_URL=redis_server.url,
+    env = dict(os.environ, MDP_RUN_DIR=str(run_dir), MDP_REDIS_URL=bus.url,
                MDP_INFLUX_URL=influx_server.url, MDP_POSTGRES_DSN=postgres_dsn, MDP_SIMULATOR="true",
                MDP_SIM_ARGS=f"--port {sim_port} --speed {SPEED} --wait-for btcusdt@trade --wait-for btcusdt@kline_1m "
                             "--venue binanceusdm --venue coinbase --venue hyperliquid",
                MDP_START_TIMEOUT="90")
-    subprocess.run(["redis-cli", "-u", redis_server.url, "flushdb"], check=True, capture_output=True)
     # The InfluxDB server is shared by the session's tests, and others store Binance trades too: start from an
     # empty database (the influx writer builds its tiers again at start), so "exactly once" counts ours only.
     drop = urllib.request.Request(f"{influx_server.url}/query?q=DROP+DATABASE+market_data", method="POST")
@@ -81,7 +120,7 @@ def pipeline(redis_server: LocalServer, influx_server: LocalServer, postgres_dsn
         assert resp.status == 200
     started = subprocess.run(["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=env,
                              capture_output=True, text=True, timeout=150, check=False)
-    pipe = Pipeline(env, run_dir)
+    pipe = Pipeline(env, run_dir, bus)
     assert started.returncode == 0, f"supervise.sh start failed:\n{started.stdout}\n{started.stderr}\n{pipe.logs()}"
     pipe.sim_url = f"http://127.0.0.1:{sim_port}"  # type: ignore[attr-defined]
     try:
@@ -120,7 +159,7 @@ async def wait_for(predicate, timeout: float, what: str, pipe: Pipeline, explain
                          f"{pipe.logs()}")
 
 
-async def missing_trades(influx: str, redis_url: str, expected_ids: list[str]) -> str:
+async def missing_trades(influx: str, bus: Bus, expected_ids: list[str]) -> str:
     """What is missing and where it got to, for a failure message: stored count, missing id ranges, the
     pipeline's stream backlogs and the Gaps announced."""
     rows = await influx_query(influx, 'SELECT * FROM "ticks"."trades" WHERE "exchange" = \'binance\'')
@@ -140,12 +179,12 @@ async def missing_trades(influx: str, redis_url: str, expected_ids: list[str]) -
             ranges[-1] = f"{ranges[-1].split('..')[0]}..{i}"
         else:
             ranges.append(str(i))
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = bus.client()
     try:
         st = await status_mod.collect(redis)
         behind = [f"{s.name}/{g.name} lag={g.lag} pending={g.pending}" for s in st.streams for g in s.groups
                   if (g.lag or 0) + g.pending]
-        gaps = await redis.xlen(streams.GAPS)
+        gaps = sum([await redis.xlen(name) for name in await bus.every(redis, streams.GAPS)])
     finally:
         await redis.aclose()
     return (f"InfluxDB holds {len(rows)} binance trades ({len(got)} distinct); {len(lost)} missing: "
@@ -162,7 +201,7 @@ async def influx_columns(url: str, q: str) -> list[str]:
 
 
 async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_9(
-        pipeline: Pipeline, influx_server: LocalServer, redis_server: LocalServer, postgres_dsn: str) -> None:
+        pipeline: Pipeline, influx_server: LocalServer, postgres_dsn: str) -> None:
     # Arrange: what the recording holds. The last candle is never followed by another, so it never closes.
     recording = Recording.load()
     expected_ids = [str(t.id) for t in recording.trades]
@@ -185,11 +224,12 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     # Act 2: let the replay finish and every stage drain.
     await wait_for(lambda: _equal(influx_count(influx, "trades"), len(expected_ids)), 150,
                    f"{len(expected_ids)} trades in InfluxDB", pipeline,
-                   explain=lambda: missing_trades(influx, redis_server.url, expected_ids))
+                   explain=lambda: missing_trades(influx, pipeline.bus, expected_ids))
     await wait_for(lambda: _equal(influx_count(influx, "ohlcv"), len(expected_candles)), 60,
                    f"{len(expected_candles)} closed candles in InfluxDB", pipeline)
-    redis = aioredis.Redis.from_url(redis_server.url)
-    await wait_for(lambda: _alert_seen(redis), 60, "the malformed body's alert", pipeline)
+    bus = pipeline.bus
+    redis = bus.client()
+    await wait_for(lambda: _alert_seen(redis, bus), 60, "the malformed body's alert", pipeline)
     await wait_for(lambda: _drained(redis), 60, "every consumer group drained", pipeline)
     await asyncio.sleep(2)  # anything late (a doubled write) would land now
 
@@ -210,10 +250,10 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     for got, want in zip(candles, expected_candles, strict=True):
         assert [Decimal(str(v)) for v in got[1:5]] == [Decimal(want.open), Decimal(want.high), Decimal(want.low),
                                                        Decimal(want.close)], \
-            f"1m candle {got[0]} differs from the recording's; candle alerts: {await _candle_alerts(redis)}"
+            f"1m candle {got[0]} differs from the recording's; candle alerts: {await _candle_alerts(redis, bus)}"
         assert abs(Decimal(str(got[5])) - Decimal(want.volume)) < Decimal("1e-8")
 
-    # The cache holds the recording's last trade, with a TTL.
+    # The cache holds the recording's last trade, with a TTL (under the same name on a cluster).
     raw = await redis.get("price:binance:BTC/USDT")
     assert raw is not None
     price = json.loads(raw)
@@ -259,7 +299,7 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
         if exchange != "binance":
             rows = await influx_query(influx, f'SELECT "trade_id" FROM "ticks"."trades" WHERE "exchange" = \'{exchange}\'')
             assert rows, f"no {exchange} trades stored"
-        assert await redis.xlen(streams.market_data("book", exchange, symbol)) > 0, (exchange, symbol)
+        assert await redis.xlen(bus.stream(streams.market_data("book", exchange, symbol))) > 0, (exchange, symbol)
         assert {"trades", "book"} <= {c.channel for c in st.channels if c.instance == f"{exchange}-0" and c.messages}, \
             f"mdp status shows no {exchange} trades/book channel with messages: {st.channels}"
     for exchange in ("binanceusdm", "hyperliquid"):
@@ -277,9 +317,16 @@ async def _equal(count, n: int) -> bool:
     return await count == n
 
 
-async def _alert_seen(redis: aioredis.Redis) -> bool:
+async def _alerts(redis: aioredis.Redis, bus: Bus) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    out = []
+    for name in await bus.every(redis, streams.ALERTS):
+        out.extend(await redis.xrange(name))
+    return out
+
+
+async def _alert_seen(redis: aioredis.Redis, bus: Bus) -> bool:
     codec = Codec()
-    for _, fields in await redis.xrange(streams.ALERTS):
+    for _, fields in await _alerts(redis, bus):
         for a in codec.decode_entry(fields):
             if isinstance(a, Alert) and a.rule == "fields.missing" and a.kind == "candle":
                 assert a.reason and a.values
@@ -287,10 +334,10 @@ async def _alert_seen(redis: aioredis.Redis) -> bool:
     return False
 
 
-async def _candle_alerts(redis: aioredis.Redis) -> list[str]:
+async def _candle_alerts(redis: aioredis.Redis, bus: Bus) -> list[str]:
     codec = Codec()
     out = []
-    for _, fields in await redis.xrange(streams.ALERTS):
+    for _, fields in await _alerts(redis, bus):
         for a in codec.decode_entry(fields):
             if isinstance(a, Alert) and a.kind.startswith("candle") and a.exchange == "binance":
                 out.append(f"{a.rule} {a.source}: {a.reason[:300]} {a.values}")

@@ -29,8 +29,8 @@ from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.bus import streams
-from common.bus.client import connect
 from common.config import ExchangeSettings, Settings
+from common.redis_client import connect
 from services.aggregator import Aggregator
 from services.normalizer import Normalizer
 from services.validator import Validator

@@ -1,5 +1,4 @@
-"""The bus's Redis client: one Redis node (redis-py's `Redis`), or a Redis Cluster (redis-py's `RedisCluster`)
-with `[bus] cluster = true`.
+"""The bus on a Redis Cluster (`[bus] cluster = true`; the client is made by common/redis_client.py `connect`).
 
 On a cluster every key of partition k carries the hash tag {p<k>} (common/bus/streams.py `tagged`), so each of
 the bus's commits touches one hash slot, and every consuming stage works partition by partition (one consumer, one
@@ -8,31 +7,20 @@ commits go over a lean RESP connection to the master serving their slot (`Transa
 through redis-py's cluster pipeline, which re-sends a transaction after a connection error (a published batch
 would be published twice).
 
-The cluster client is handed around typed as `aioredis.Redis`: it answers the same commands. What differs is
-asked with `is_cluster`: a pipeline with `transaction=True` (a cluster runs it only within one slot), SCAN (per
-master), and the connection pool (a cluster has one per node).
+What differs from one node, asked with common/redis_client.py `is_cluster`: a pipeline with `transaction=True`
+(a cluster runs it only within one slot: the bus's go through `Transactions`), and the connection pool (a
+cluster has one per node).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from common.bus.resp import Command
-
-
-def connect(url: str, cluster: bool, **kwargs: Any) -> aioredis.Redis:
-    """A client of the bus's Redis at `url`: a cluster client when `cluster` (any master's URL will do)."""
-    if cluster:
-        return cast(aioredis.Redis, RedisCluster.from_url(url, **kwargs))
-    return aioredis.Redis.from_url(url, **kwargs)
-
-
-def is_cluster(redis: object) -> bool:
-    return isinstance(redis, RedisCluster)
 
 
 def slot_of(command: Command) -> int:

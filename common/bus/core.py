@@ -58,11 +58,12 @@ from redis.typing import StreamIdT
 
 from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
-from common.bus.client import cluster_url, commit_slot, is_cluster, node_address, refresh_slots
+from common.bus.client import cluster_url, commit_slot, node_address, refresh_slots
 from common.bus.lease import Lease, LeaseLost
 from common.bus.resp import Command, RespConnection, WatchMismatch, lean_connection, master_connection
 from common.config import BusSettings
 from common.errors import StoreUnavailable
+from common.redis_client import is_cluster
 from common.tasks import cancel_and_wait
 from schemas import Alert, Codec, DecodeError, Event, Severity
 
@@ -389,10 +390,15 @@ class Producer:
     async def publish(self, outputs: Outputs) -> None:
         """Publish outputs (the cold callers: alerts, gap repairs, strategies' events) through redis-py, which
         re-sends the pipeline if the connection drops (its retries): an entry may then be written twice, and readers
-        tell it by its events' ids (every writer is idempotent). The hot paths use `commit`."""
+        tell it by its events' ids (every writer is idempotent). The hot paths use `commit`. On a Redis Cluster
+        a stream without a partition tag is put in the partition `streams.partition_of_stream` gives it
+        (md:trade:binance:BTC/USDT in its symbol's, mdp:alerts and strategy:{name} by their name)."""
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if not outputs:
             return
+        if self.settings.cluster:  # each stream in its partition: the same as a stage's commit puts it in
+            p = self.settings.partitions
+            outputs = {streams.tagged(s, streams.partition_of_stream(s, p)): ev for s, ev in outputs.items()}
         await self.wait_for_consumers(outputs.keys())
         commands, entries, sadds = self._xadd_commands(outputs)
         pipe = self.redis.pipeline(transaction=False)
@@ -1088,12 +1094,10 @@ class Consumer:
         }
         for k, v in (fields or {}).items():
             letter[b"orig_" + (k if isinstance(k, bytes) else k.encode())] = v
-        pipe = self.redis.pipeline(transaction=True)
-        # redis-py's xadd wants dict[FieldT, EncodableT]; a dict is invariant (see publish_alert).
-        pipe.xadd(streams.dead_letter(stream), letter, maxlen=self.settings.dead_letter_maxlen,  # type: ignore[arg-type]
-                  approximate=True)
-        pipe.xack(stream, self.group, entry_id)
-        await pipe.execute()
+        # One MULTI/EXEC through the bus's commits (sent once; on a cluster dlq:{stream} has the stream's tag).
+        await self.tx.run([("XADD", streams.dead_letter(stream), "MAXLEN", "~", self.settings.dead_letter_maxlen, "*",
+                            *(x for kv in letter.items() for x in kv)),
+                           ("XACK", stream, self.group, entry_id)])
         self.stats.dead_lettered += 1
         log.error("dead-lettered entry %s of %s (group %s): %s", entry_id, stream, self.group, reason)
 

@@ -48,7 +48,7 @@ from redis.exceptions import RedisError
 from common.backoff import SPREAD, sleep_unless
 from common.bus import streams
 from common.bus.checkpoint import SeriesState, stage_lease
-from common.bus.core import Consumer, ConsumerStats, Handler, Producer, StreamSelector
+from common.bus.core import Consumer, ConsumerStats, Delivery, Handler, Producer, StreamSelector
 from common.bus.lease import Lease
 from common.config import BusSettings
 from common.tasks import cancel_and_wait
@@ -139,7 +139,8 @@ class Partitions:
     def __init__(self, redis: aioredis.Redis, codec: Codec, bus: BusSettings, stage: str, instance: str,
                  group: str, patterns: tuple[str, ...], producer: Producer,
                  new_state: Callable[[int], SeriesState] | None, noun: str = "series",
-                 on_take: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 on_take: Callable[[int], Awaitable[None]] | None = None,
+                 on_acked: Callable[[list[Delivery]], None] | None = None) -> None:
         self.redis = redis
         self.codec = codec
         self.bus = bus
@@ -150,6 +151,7 @@ class Partitions:
         self.producer = producer
         self.new_state = new_state  # None: a stage without series state
         self.on_take = on_take
+        self.on_acked = on_acked  # a stage without series state: called after each batch is acknowledged
         self.noun = noun  # the name of the series count in the counters (Stage.series_noun)
         self.count = bus.partitions
         self.share = Share(redis, codec, stage, instance, self.count)
@@ -261,7 +263,8 @@ class Partitions:
             consumer = Consumer(
                 self.redis, self.codec, self.bus, group=self.group, name=self.consumer_name(k),
                 selector=StreamSelector(patterns=self.patterns, where=partial(self._in_partition, k)),
-                producer=self.producer, lease=lease, on_acked=series.committed if series is not None else None,
+                producer=self.producer, lease=lease,
+                on_acked=series.committed if series is not None else self.on_acked,
                 on_commit=series.write if series is not None else None, tx=self.producer.tx,
                 handover=partial(self.share.should_give, k), refresh_s=self.refresh_s, partition=k)
             self.live[k] = (consumer, series)

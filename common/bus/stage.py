@@ -36,7 +36,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from common.backoff import EXACT, Backoff, sleep_unless
 from common.bus import streams
 from common.bus.checkpoint import Checkpoint, SeriesState, stage_lease
-from common.bus.client import connect, is_cluster
 from common.bus.core import (
     STORE_RETRY_MAX_S,
     Consumer,
@@ -53,6 +52,7 @@ from common.bus.partitions import Partitions
 from common.config import ConfigError, Settings, load_settings
 from common.domain.state import SeriesBook, SeriesKey, Staging
 from common.errors import StoreUnavailable
+from common.redis_client import connect, is_cluster
 from common.tasks import cancel_and_wait
 from schemas import Codec, Heartbeat
 
@@ -279,8 +279,10 @@ class Stage(Service):
         self.series: SeriesState | None = None
         self.partitions: Partitions | None = None
         if (self.partitioned and settings.bus.partitions > 1) or settings.bus.cluster:
+            # On a cluster a fixed input (mdp:alerts) is one stream per partition: mdp:alerts:{p<k>}.
+            patterns = (*self.inputs, *(f"{n}:*" for n in self.input_names)) if settings.bus.cluster else self.inputs
             self.partitions = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance,
-                                         self.group_name, self.inputs, self.producer,
+                                         self.group_name, patterns, self.producer,
                                          self.partition_state if self.state_types is not None else None,
                                          noun=self.series_noun, on_take=self.on_partition_taken)
         elif self.state_types is not None:

@@ -53,6 +53,13 @@ def tag_of(key: str) -> int | None:
     return int(inner[1:]) if inner[:1] == "p" and inner[1:].isdigit() else None
 
 
+def untagged(key: str) -> str:
+    """`key` without the partition tag a cluster's keys end with (md:trade:binance:BTC/USDT:{p3} ->
+    md:trade:binance:BTC/USDT); a key without one as it is."""
+    k = tag_of(key)
+    return key.removesuffix(f":{{p{k}}}") if k is not None else key
+
+
 def raw(exchange: str, partition: int | None = None, cluster: bool = False) -> str:
     """raw:{exchange}, or partition k's raw:{exchange}:p{k} (raw:{exchange}:{p<k>} on a cluster)."""
     return f"raw:{exchange}" if partition is None else f"raw:{exchange}:{part(partition, cluster)}"

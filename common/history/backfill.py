@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Self
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from common.bus.core import Producer
 from common.config import ConfigError, ExchangeSettings, Settings
@@ -42,6 +41,7 @@ from common.history.plan import BackfillPlan, history_of, plan_backfill
 from common.history.progress import Progress
 from common.history.rest import PageFetcher
 from common.history.verify import verify_coverage
+from common.redis_client import connect
 from common.stores.influx import InfluxClient
 from schemas import Codec
 
@@ -187,7 +187,7 @@ async def run_backfill(settings: Settings, request: BackfillRequest, say: Say = 
     now_ns = time.time_ns()
     history = history_of(request.exchange)
     ledger = await Ledger.connect(settings.postgres.dsn, migrate_first=not request.plan_only)
-    redis = aioredis.Redis.from_url(settings.redis.url)
+    redis = connect(settings.redis.url, settings.bus.cluster)
     influx = InfluxClient(settings.influx)
     exchange = None
     try:
@@ -359,7 +359,7 @@ async def run_import(settings: Settings, request: ImportRequest, say: Say = prin
     started = time.monotonic()
     stats = RunStats()
     ledger = await Ledger.connect(settings.postgres.dsn)
-    redis = aioredis.Redis.from_url(settings.redis.url)
+    redis = connect(settings.redis.url, settings.bus.cluster)
     influx = InfluxClient(settings.influx)
     checker = Checker(settings, "import")
     sink = Sink(influx, ledger, Producer(redis, Codec(), settings.bus, source="import"), "archive")

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 
 from common.config import CacheSettings, Settings
 from common.errors import MdpError
+from common.redis_client import connect
 from schemas import Trade
 
 Side = Literal["buy", "sell"]
@@ -70,8 +71,12 @@ def recent_trades_key(exchange: str, symbol: str) -> str:
     return f"recent_trades:{exchange}:{symbol}"
 
 
-def recent_trades_hw_key(exchange: str, symbol: str) -> str:
-    """High-water mark of recent_trades:{exchange}:{symbol} (the cache publisher's idempotence)."""
+def recent_trades_hw_key(exchange: str, symbol: str, cluster: bool = False) -> str:
+    """High-water mark of recent_trades:{exchange}:{symbol} (the cache publisher's idempotence). On a Redis
+    Cluster it is `{recent_trades:{exchange}:{symbol}}:hw`, whose hash tag is the list's whole name: the two keys
+    of the publisher's script are then in one slot."""
+    if cluster:
+        return f"{{{recent_trades_key(exchange, symbol)}}}:hw"
     return f"recent_trades_hw:{exchange}:{symbol}"
 
 
@@ -225,7 +230,7 @@ class CacheClient:
 
     @classmethod
     def connect(cls, settings: Settings) -> CacheClient:
-        client = cls(aioredis.Redis.from_url(settings.redis.url), settings.cache)
+        client = cls(connect(settings.redis.url, settings.bus.cluster), settings.cache)
         client._own = True
         return client
 

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
+from typing import Any
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -151,6 +153,10 @@ class CachePublisher(Stage):
     group = GROUP
     inputs = INPUT_PATTERNS
     partitioned = True  # with P > 1: one instance at a time per market (the module's docstring)
+    # On a cluster each script's keys are one slot (a market's price; its recent trades and their high-water
+    # mark, `recent_trades_hw_key`), and a batch's writes go in a plain pipeline: they are idempotent and
+    # forward-only, so the MULTI that keeps a batch together on one node is not needed for them.
+    cluster_ready = True
     bus_counters = ("delivered", "acked", "dead_lettered", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
@@ -158,6 +164,15 @@ class CachePublisher(Stage):
         self.set_price = self.redis.register_script(SET_PRICE_LUA)
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
         self.put_book = self.redis.register_script(PUT_ORDERBOOK_LUA)
+        self.cluster = settings.bus.cluster
+
+    async def _run(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
+        """Queue `script` in `pipe`: by its SHA on one node (loaded at the pipeline's execution if need be), by its
+        text on a cluster (a master restarted without its script cache would refuse the SHA)."""
+        if self.cluster:
+            pipe.eval(script.script, len(keys), *keys, *args)
+        else:
+            await script(keys=keys, args=args, client=pipe)
 
     async def handle(self, batch: list[Delivery]) -> None:
         cache = self.settings.cache
@@ -188,21 +203,21 @@ class CachePublisher(Stage):
                     ticks.append((ticks_channel(event.symbol), body))
         if not prices and not trades and not books:
             return
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=not self.cluster)
         for key, (ts, body) in prices.items():
-            await self.set_price(keys=[key], args=[str(ts), body, cache.price_ttl_s], client=pipe)
+            await self._run(pipe, self.set_price, [key], [str(ts), body, cache.price_ttl_s])
         for (exchange, symbol), items in trades.items():
             items.sort(key=lambda kb: kb[0])
             args: list[str | bytes | int] = [cache.recent_trades]
             for k, body in items[-cache.recent_trades:]:
                 args += [k, body]
-            keys = [recent_trades_key(exchange, symbol), recent_trades_hw_key(exchange, symbol)]
-            await self.push_trades(keys=keys, args=args, client=pipe)
+            keys = [recent_trades_key(exchange, symbol), recent_trades_hw_key(exchange, symbol, self.cluster)]
+            await self._run(pipe, self.push_trades, keys, args)
         for key, book in books.items():
             depth = cache.orderbook_depth
-            await self.put_book(keys=[key], args=[book_sequence(book), orderbook_levels_json(book.bids[:depth]),
-                                                  orderbook_levels_json(book.asks[:depth]), book.ts_event,
-                                                  cache.orderbook_ttl_s], client=pipe)
+            await self._run(pipe, self.put_book, [key], [book_sequence(book), orderbook_levels_json(book.bids[:depth]),
+                                                         orderbook_levels_json(book.asks[:depth]), book.ts_event,
+                                                         cache.orderbook_ttl_s])
         for channel, body in ticks:
             pipe.publish(channel, body)
         try:

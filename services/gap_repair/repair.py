@@ -21,7 +21,7 @@ from collections import Counter, OrderedDict
 
 from common.bus import streams
 from common.bus.core import Outputs
-from common.config import Settings
+from common.config import BusSettings, Settings
 from common.domain.span import Span, SpanError
 from common.domain.timeframe import MS
 from common.history.ledger import Series
@@ -38,13 +38,14 @@ NO_ID_MISSING = "no trade id missing"  # the collector's reason when the ids aro
 ALERTED_MEMORY = 10_000  # scanned holes whose unrepaired alert went out, remembered to not repeat it
 
 
-def add_outputs(outputs: Outputs, out: Outcome, partitions: int, alerts: list[Alert] | None = None) -> None:
+def add_outputs(outputs: Outputs, out: Outcome, bus: BusSettings, alerts: list[Alert] | None = None) -> None:
     """Add what one repair publishes: its repaired data to raw:{exchange} (its symbol's partition's with
-    bus.partitions > 1; flowing like live data), its alerts (`alerts`, default all of the outcome's) to
-    mdp:alerts."""
+    bus.partitions > 1 or on a cluster; flowing like live data), its alerts (`alerts`, default all of the
+    outcome's) to mdp:alerts."""
     if out.events:
         events: list[Event] = list(out.events)
-        outputs.setdefault(streams.raw_for(out.where.exchange, out.where.symbol, partitions), []).extend(events)
+        where = streams.raw_for(out.where.exchange, out.where.symbol, bus.partitions, bus.cluster)
+        outputs.setdefault(where, []).extend(events)
     chosen = out.alerts if alerts is None else alerts
     if chosen:
         outputs.setdefault(streams.ALERTS, []).extend(chosen)
@@ -162,7 +163,7 @@ class Repairer:
             out = await self.candles.repair(series, Span(holes[0].start, holes[-1].end), holes, now_ns,
                                             "scan of InfluxDB and the coverage ledger")
             self._count(out, "scan_")
-            add_outputs(outputs, out, self.settings.bus.partitions,
+            add_outputs(outputs, out, self.settings.bus,
                         [a for a in out.alerts if self._first_time(series, a)])
         return outputs
 

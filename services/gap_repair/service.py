@@ -38,6 +38,7 @@ from common.bus.core import (
     Producer,
     StreamSelector,
 )
+from common.bus.partitions import Partitions
 from common.bus.stage import Service
 from common.config import Settings
 from common.errors import StoreUnavailable
@@ -72,13 +73,19 @@ async def build_repairer(settings: Settings, redis: aioredis.Redis, producer: Pr
 
 class GapRepair(Service):
     name = "gap_repair"
+    cluster_ready = True  # on a cluster it reads each partition's Gaps and repairs into that partition
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
-        self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
-                                 selector=StreamSelector(names=[streams.GAPS]), producer=self.producer,
-                                 on_acked=self._acked)
+        self.consumer: Consumer | Partitions
+        if settings.bus.cluster:  # one Gap stream per partition, mdp:gaps:{p<k>}, read partition by partition
+            self.consumer = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance, GROUP,
+                                       (f"{streams.GAPS}:*",), self.producer, None, on_acked=self._acked)
+        else:
+            self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
+                                     selector=StreamSelector(names=[streams.GAPS]), producer=self.producer,
+                                     on_acked=self._acked)
         self.influx = InfluxClient(settings.influx)
         self.ledger: Ledger | None = None
         self.venues: Venues | None = None
@@ -125,7 +132,7 @@ class GapRepair(Service):
                     out = await self.repairer.repair_gap(event)
                 except _PG_DOWN as exc:
                     raise StoreUnavailable(f"PostgreSQL (coverage ledger) is unavailable: {exc}") from exc
-                add_outputs(outputs, out, self.settings.bus.partitions)
+                add_outputs(outputs, out, self.settings.bus)
         self.alerts += len(outputs.get(streams.ALERTS, ()))
         return outputs
 

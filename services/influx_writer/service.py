@@ -51,6 +51,7 @@ from typing import cast
 import msgspec
 
 from common.bus.core import Consumer, ConsumerStats, Delivery, Handler, StreamSelector
+from common.bus.partitions import Partitions
 from common.bus.stage import Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
@@ -106,6 +107,7 @@ class InfluxWriter(Stage):
     name = "influx_writer"
     group = GROUP
     inputs = INPUT_PATTERNS
+    cluster_ready = True  # reads partition by partition on a cluster, and writes nothing to Redis but its acks
     bus_counters = ("delivered", "acked", "events", "dead_lettered", "claimed", "failures", "store_retries")
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
@@ -122,10 +124,14 @@ class InfluxWriter(Stage):
             *(f"points.{tier.name}" for tier in self.plan.tiers)), 0))
         self.version = ""
 
-    def reader(self) -> Consumers:
+    def reader(self) -> Consumers | Partitions:
         # Stable names: consumer k of instance i is "influx_writer-i" (k = 0) or "influx_writer-i.k", so each
         # finds its own pending entries after a restart. Each reads batches of influx.writer_read_count entries.
         bus = msgspec.structs.replace(self.settings.bus, read_count=max(1, self.settings.influx.writer_read_count))
+        if self.partitions is not None:  # a cluster: a consumer per partition (writer_consumers does not apply)
+            self.partitions = Partitions(self.redis, WireCodec(), bus, self.name, self.instance, GROUP,
+                                         INPUT_PATTERNS, self.producer, None)
+            return self.partitions
         return Consumers([
             Consumer(self.redis, WireCodec(), bus, group=GROUP,
                      name=self.consumer_name if k == 0 else f"{self.consumer_name}.{k}",

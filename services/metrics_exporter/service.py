@@ -86,6 +86,9 @@ class _Snapshot:
 
 class MetricsExporter(Service):
     name = "metrics_exporter"
+    # On a cluster: status from every master, alerts from each partition's stream; Redis's INFO is the node the
+    # URL names (redis-py sends INFO and CONFIG GET to its default node).
+    cluster_ready = True
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
@@ -185,8 +188,9 @@ class MetricsExporter(Service):
             self.count["refreshes"] += 1
 
     async def _gaps_stream(self, status: status_mod.Status) -> None:
-        """mdp:gaps (gap_repair's input) is not in the stream registry collect() reads: add its group lag."""
-        if any(s.name == streams.GAPS for s in status.streams):
+        """mdp:gaps (gap_repair's input) is not in the stream registry collect() reads: add its group lag. (A
+        cluster's mdp:gaps:{p<k>} are: the collector registers each before it commits to it.)"""
+        if any(streams.untagged(s.name) == streams.GAPS for s in status.streams):
             return
         try:
             length = await self.redis.xlen(streams.GAPS)
@@ -239,24 +243,42 @@ class MetricsExporter(Service):
 
     # -- alerts and latency -----------------------------------------------------------------------
 
+    async def _alert_streams(self) -> list[str]:
+        """mdp:alerts; on a cluster its streams per partition (mdp:alerts:{p<k>}), from the registry."""
+        if not self.settings.bus.cluster:
+            return [streams.ALERTS]
+        members = cast(set[bytes], await self.redis.smembers(streams.REGISTRY))
+        return sorted(n for n in map(_text, members) if streams.untagged(n) == streams.ALERTS)
+
     async def _read_alerts(self, stop: asyncio.Event) -> None:
-        """Count every alert on mdp:alerts from the newest entry at start on, by rule and severity."""
-        cursor: str | None = None
+        """Count every alert on mdp:alerts (a cluster's every mdp:alerts:{p<k>}) from the newest entry at start
+        on, by rule and severity. One stream: a blocking read; a cluster's: each read in turn (a read names keys
+        of one slot), then a second's pause when none had anything."""
+        cursors: dict[str, str] = {}
+        started = False
         while not stop.is_set():
             try:
-                if cursor is None:
-                    newest = cast(StreamEntries, await self.redis.xrevrange(streams.ALERTS, count=1))
-                    cursor = _text(newest[0][0]) if newest else "0-0"
-                reply = cast(list[tuple[bytes, StreamEntries]] | None,
-                             await self.redis.xread({streams.ALERTS: cursor}, count=ALERTS_READ_COUNT, block=1000))
+                names = await self._alert_streams()
+                for name in names:
+                    if name not in cursors:  # at start its newest entry; a stream that appears later from 0
+                        newest = cast(StreamEntries, await self.redis.xrevrange(name, count=1)) if not started else []
+                        cursors[name] = _text(newest[0][0]) if newest else "0-0"
+                started = True
+                reply: list[tuple[bytes, StreamEntries]] = []
+                for name in names:
+                    block = 1000 if len(names) == 1 else None
+                    reply.extend(cast(list[tuple[bytes, StreamEntries]] | None, await self.redis.xread(
+                        {name: cursors[name]}, count=ALERTS_READ_COUNT, block=block)) or [])
+                if len(names) != 1 and not reply:
+                    await sleep_unless(stop, 1.0, EXACT)
             except (RedisError, OSError) as exc:
                 self._warn("alerts", "metrics: reading %s failed (%s: %s); retrying every second", streams.ALERTS,
                            type(exc).__name__, exc)
                 await sleep_unless(stop, 1.0, EXACT)
                 continue
-            for _, entries in reply or []:
+            for stream, entries in reply:
                 for entry_id, fields in entries:
-                    cursor = _text(entry_id)
+                    cursor = cursors[_text(stream)] = _text(entry_id)
                     try:
                         events = self.codec.decode_entry(fields)
                     except DecodeError as exc:

@@ -89,6 +89,7 @@ class PostgresWriter(Stage):
     group = GROUP
     inputs = (MARKET_STREAMS, streams.STRATEGY_STREAMS)
     input_names = (streams.ALERTS,)
+    cluster_ready = True  # reads partition by partition on a cluster; its only outputs are alerts
     forwards = True  # the handler's alerts (a strategy registered on its behalf) go out with the acknowledgements
     bus_counters = ("delivered", "acked", "events", "dead_lettered", "claimed", "failures", "store_retries")
 
@@ -202,6 +203,7 @@ class PostgresWriter(Stage):
 
     @staticmethod
     def _check(stream: str, event: StrategyInfo | Fill | PositionUpdate | PerformanceMetric) -> str:
+        stream = streams.untagged(stream)  # a cluster's strategy:{name}:{p<k>}
         if not stream.startswith(STRATEGY_PREFIX):
             return f"a strategy event on {stream}; publish it on {streams.strategy(event.strategy)}"
         if stream != streams.strategy(event.strategy):
