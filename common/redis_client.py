@@ -11,13 +11,48 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+
+def _closed_under(exc: AttributeError, what: object) -> RedisConnectionError:
+    """The AttributeError redis-py's asyncio cluster connections raise when a node's connections are closed under
+    a command that is writing to one, as a ConnectionError; any other AttributeError is re-raised as it is."""
+    if "'NoneType' object has no attribute" not in str(exc):
+        raise exc
+    return RedisConnectionError(f"the connection closed under {what} as a node went away ({exc})")
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            raise _closed_under(exc, "a pipeline") from exc
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, with one failure of its asyncio connections raised as what it is. When a master
+    goes away, redis-py closes that node's connections, also one another command or pipeline is writing to at that
+    moment, which then fails with AttributeError ('NoneType' object has no attribute 'writelines'; seen in the
+    chaos suite with a master SIGKILLed). Here it is a ConnectionError, which every caller treats as Redis
+    unreachable for a moment."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            raise _closed_under(exc, repr(args[0])) from exc
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        super().pipeline(transaction, shard_hint)  # its checks
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
 
 
 def connect(url: str, cluster: bool, **kwargs: Any) -> aioredis.Redis:
     """A client of the Redis at `url`: a cluster client when `cluster` (any master's URL will do)."""
     if cluster:
-        return cast(aioredis.Redis, RedisCluster.from_url(url, **kwargs))
+        return cast(aioredis.Redis, _Cluster.from_url(url, **kwargs))
     return aioredis.Redis.from_url(url, **kwargs)
 
 

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from common import status as status_mod
 from common.bus import streams
+from common.config import BusSettings
 from common.redis_client import connect
 from schemas import Alert, Codec
 from simulator import Recording
@@ -52,7 +53,7 @@ class Bus:
 
     def stream(self, name: str) -> str:
         """Where `name` is: itself on one node, tagged with its partition on a cluster."""
-        return streams.tagged(name, streams.partition_of_stream(name, self.partitions)) if self.cluster else name
+        return streams.located(name, BusSettings(partitions=self.partitions, cluster=self.cluster))
 
     async def every(self, redis: aioredis.Redis, name: str) -> list[str]:
         """`name` (mdp:alerts, mdp:gaps), or on a cluster its stream of every partition that exists."""
@@ -232,6 +233,8 @@ async def test_every_trade_and_closed_candle_lands_exactly_once_even_after_kill_
     await wait_for(lambda: _alert_seen(redis, bus), 60, "the malformed body's alert", pipeline)
     await wait_for(lambda: _drained(redis), 60, "every consumer group drained", pipeline)
     await asyncio.sleep(2)  # anything late (a doubled write) would land now
+    dead = {k.decode(): await redis.xlen(k) async for k in redis.scan_iter(match="dlq:*", count=1000)}
+    assert not dead, f"entries were dead-lettered: {dead}; the stages' logs say why:\n{pipeline.logs()}"
 
     # Assert: trades exactly once, with their exact values.
     rows = await influx_query(influx, 'SELECT "trade_id", "price", "amount" FROM "ticks"."trades" WHERE "symbol" = \'BTC/USDT\'')

@@ -17,6 +17,7 @@ What it shows, with redis-py's cluster client (the one the bus will use):
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common.bus import streams
 from common.config import ExchangeSettings, Settings
 from common.redis_client import connect
+from common.stores.cache import recent_trades_key
 from services.aggregator import Aggregator
+from services.cache_publisher.service import CachePublisher
 from services.normalizer import Normalizer
 from services.validator import Validator
 from tests.test_aggregator import settings  # noqa: F401 - the fixture
@@ -224,16 +227,19 @@ async def test_the_stages_run_on_the_cluster_partition_by_partition_and_make_wha
     await client.initialize()  # type: ignore[attr-defined]
     assert len({_port_of(client, streams.part(k, cluster=True)) for k in range(4)}) == 3  # type: ignore[arg-type]
     chain = Chain(client, on_cluster)
-    stages = [Validator(on_cluster, "a"), Normalizer(on_cluster, "a"), Aggregator(on_cluster, "a")]
+    # two instances of each stage, sharing the partitions (with the cache publisher, which reads md:*)
+    stages = [cls(on_cluster, i) for cls in (Validator, Normalizer, Aggregator, CachePublisher) for i in "ab"]
     for svc in stages:
         assert svc.partitions is not None  # on a cluster every stage works partition by partition
         svc.partitions.refresh_s = 0.05
     stop = asyncio.Event()
     tasks = [asyncio.create_task(f(stop)) for svc in stages for f in (svc.run, svc._heartbeats)]
+    ticks = connect(cluster.url, False).pubsub(ignore_subscribe_messages=True)  # a node's subscriber
+    await ticks.psubscribe("ticks:*")
     try:
-        # Act: the collector's events, piece by piece, through the three stages.
-        await wait_until("each stage holding the four partitions",
-                         lambda: all(parts(s) == {0, 1, 2, 3} for s in stages), tasks)
+        # Act: the collector's events, piece by piece, through the stages.
+        await wait_until("each instance of each stage holding two partitions",
+                         lambda: all(len(parts(s)) == 2 for s in stages), tasks)
         for piece in pieces:
             await chain.publish(piece)
         await chain.drained(tasks)
@@ -257,10 +263,30 @@ async def test_the_stages_run_on_the_cluster_partition_by_partition_and_make_wha
                 assert streams.tag_of(key) is not None, key
         assert {untagged(k) for k in await cluster_keys(client, "mdp:state:*")} == {"mdp:state:validator",
                                                                                      "mdp:state:aggregator"}
+        # The cache: each market's newest trades listed, newest first; the ticks reached a node's subscriber.
+        last = {name: ids[-1] for name, ids in expected.items() if name.startswith("md:trade:")}
+        async with asyncio.timeout(30):
+            while True:
+                heads = {s: await client.lindex(recent_trades_key("binance", s), 0) for s in SYMBOLS}
+                if all(h is not None and json.loads(h)["trade_id"] == last[streams.market_data("trade", "binance", s)]
+                       for s, h in heads.items()):
+                    break
+                await asyncio.sleep(0.1)
+        listed = await client.lrange(recent_trades_key("binance", "BTC/USDT"), 0, -1)
+        assert len(listed) == settings.cache.recent_trades
+        ids = [int(json.loads(x)["trade_id"]) for x in listed]
+        assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)
+        assert not await cluster_keys(client, "dlq:*"), "nothing dead-lettered"
+        seen = None
+        async with asyncio.timeout(10):
+            while seen is None:  # None also for the subscription's own confirmation (ignored)
+                seen = await ticks.get_message(timeout=1)
+        assert seen["channel"].startswith(b"ticks:")
     finally:
         stop.set()
         await finish(tasks, "stopping the stages")
         await chain.producer.aclose()
+        await ticks.aclose()
         for svc in stages:
             await svc.close()
         await client.aclose()

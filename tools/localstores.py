@@ -159,6 +159,7 @@ class ClusterNode:
     bus_port: int
     data_dir: Path
     process: subprocess.Popen[bytes] | None = None
+    appendfsync: str = "always"  # or "everysec", as docs/operations.md runs the bus's Redis
 
     @property
     def log_path(self) -> Path:
@@ -170,7 +171,7 @@ class ClusterNode:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-port", str(self.bus_port), "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000", "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--cluster-node-timeout", "2000", "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
              "--dir", str(self.data_dir), "--logfile", str(self.log_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -185,7 +186,7 @@ class ClusterNode:
                               f"{timeout:.0f} s; read {self.log_path}")
 
     def kill(self) -> None:
-        """SIGKILL, as a crash: what the AOF (appendfsync always) holds is what comes back."""
+        """SIGKILL, as a crash: what the AOF holds is what comes back (everything with appendfsync always)."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
@@ -235,6 +236,19 @@ class LocalCluster:
                               f"cluster_state:ok within {timeout:.0f} s (states {states}); read "
                               f"{', '.join(str(n.log_path) for n in self.nodes)}")
 
+    def serving(self, slot: int) -> ClusterNode:
+        """The master serving hash slot `slot` (from CLUSTER NODES: each master's line ends with its ranges)."""
+        for line in self.cli(self.nodes[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" not in fields[2]:
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for span in fields[8:]:
+                low, _, high = span.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return next(n for n in self.nodes if n.port == port)
+        raise StoreStartError(f"no master of the cluster on ports {[n.port for n in self.nodes]} serves slot {slot}")
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
@@ -245,13 +259,14 @@ class LocalCluster:
                     node.kill()
 
 
-def start_redis_cluster(data_dir: Path, masters: int = 3, timeout: float = 30.0) -> LocalCluster:
+def start_redis_cluster(data_dir: Path, masters: int = 3, timeout: float = 30.0,
+                        appendfsync: str = "always") -> LocalCluster:
     """Start `masters` cluster-mode redis-servers (each on a free port with its cluster bus on another: the
     default port + 10,000 does not exist above 55,535) and create the cluster over them."""
     binary = _require("redis-server", "redis-server")
     data_dir = data_dir.resolve()
-    cluster = LocalCluster([ClusterNode(free_port(), free_port(), data_dir / f"node{i}") for i in range(masters)],
-                           binary)
+    cluster = LocalCluster([ClusterNode(free_port(), free_port(), data_dir / f"node{i}", appendfsync=appendfsync)
+                            for i in range(masters)], binary)
     try:
         for node in cluster.nodes:
             node.start(binary)

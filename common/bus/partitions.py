@@ -107,7 +107,10 @@ class Share:
         stage's instances) a refresh, not O(keys) as a SCAN would be)."""
         names = sorted(m.decode() if isinstance(m, bytes) else str(m)
                        for m in await self.redis.smembers(streams.instances_key(self.stage)))
-        payloads = await self.redis.mget([streams.alive_key(self.stage, n) for n in names]) if names else []
+        pipe = self.redis.pipeline(transaction=False)  # not MGET: on a cluster the keys are in several slots
+        for name in names:
+            pipe.get(streams.alive_key(self.stage, name))
+        payloads = await pipe.execute() if names else []
         alive, gone = {self.instance}, []
         for name, payload in zip(names, payloads, strict=True):
             if payload is None:

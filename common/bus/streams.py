@@ -26,6 +26,8 @@ import fnmatch
 import zlib
 from functools import lru_cache
 
+from common.config import BusSettings
+
 ALERTS = "mdp:alerts"
 HEARTBEATS = "mdp:heartbeats"
 REGISTRY = "mdp:streams"
@@ -51,6 +53,13 @@ def tag_of(key: str) -> int | None:
     end = key.find("}", start + 1) if start >= 0 else -1
     inner = key[start + 1:end] if end > start else ""
     return int(inner[1:]) if inner[:1] == "p" and inner[1:].isdigit() else None
+
+
+def located(name: str, bus: BusSettings) -> str:
+    """Where stream `name` is on the bus `bus` configures: itself on one Redis node; on a Redis Cluster tagged
+    with the partition `partition_of_stream` gives it (md:trade:binance:BTC/USDT -> ...:{p<k>} of BTC's k), as
+    the pipeline writes it."""
+    return tagged(name, partition_of_stream(name, bus.partitions)) if bus.cluster else name
 
 
 def untagged(key: str) -> str:

@@ -275,9 +275,10 @@ class CandleFeed:
                  block_ms: int = 1000, read_count: int = 100, scan_count: int = 100) -> None:
         self.tf_ns = _series(exchange, symbol, timeframe)
         self.exchange, self.symbol, self.timeframe = exchange, symbol, timeframe
-        self.stream = streams.market_data("candle", exchange, symbol)
+        settings = settings or load_settings()
+        self.stream = streams.located(streams.market_data("candle", exchange, symbol), settings.bus)
         self.redis = redis
-        self.client = InfluxClient((settings or load_settings()).influx) if client is None else client
+        self.client = InfluxClient(settings.influx) if client is None else client
         self._own_client = client is None
         self.block_ms, self.read_count, self.scan_count = block_ms, read_count, scan_count
         self.codec = Codec()

@@ -49,13 +49,12 @@ from decimal import Decimal
 from typing import Any
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common.bus.core import Delivery
-from common.bus.stage import Stage
+from common.bus.core import REDIS_DOWN, Delivery
+from common.bus.stage import REDIS_TIMEOUT_S, Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
+from common.redis_client import connect
 from common.stores.cache import (
     PUT_ORDERBOOK_LUA,
     orderbook_key,
@@ -165,6 +164,13 @@ class CachePublisher(Stage):
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
         self.put_book = self.redis.register_script(PUT_ORDERBOOK_LUA)
         self.cluster = settings.bus.cluster
+        self.ticks = connect(settings.redis.url, cluster=False, socket_timeout=REDIS_TIMEOUT_S,
+                             socket_connect_timeout=REDIS_TIMEOUT_S) if self.cluster else None
+
+    async def close(self) -> None:
+        if self.ticks is not None:
+            await self.ticks.aclose()
+        await super().close()
 
     async def _run(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
         """Queue `script` in `pipe`: by its SHA on one node (loaded at the pipeline's execution if need be), by its
@@ -218,11 +224,16 @@ class CachePublisher(Stage):
             await self._run(pipe, self.put_book, [key], [book_sequence(book), orderbook_levels_json(book.bids[:depth]),
                                                          orderbook_levels_json(book.asks[:depth]), book.ts_event,
                                                          cache.orderbook_ttl_s])
+        # A cluster's pipeline refuses PUBLISH (no key): the ticks go through a client of the node the URL names,
+        # after the writes, and Redis Cluster carries them to the subscribers of every node.
+        ticker = pipe if self.ticks is None else self.ticks.pipeline(transaction=False)
         for channel, body in ticks:
-            pipe.publish(channel, body)
+            ticker.publish(channel, body)
         try:
             results = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if ticker is not pipe and ticks:
+                await ticker.execute()
+        except REDIS_DOWN as exc:
             raise StoreUnavailable(f"redis (cache): {exc}") from exc
         written = sum(int(r) for r in results[:len(prices)])
         pushed = sum(int(r) for r in results[len(prices):len(prices) + len(trades)])

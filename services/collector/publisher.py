@@ -19,12 +19,9 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from common.backoff import EXACT, Backoff
 from common.bus import streams
-from common.bus.core import Producer
+from common.bus.core import REDIS_DOWN, Producer
 from common.bus.resp import Command
 from common.bus.stage import Service
 from common.domain.timeframe import MS
@@ -37,7 +34,6 @@ from services.collector.symbols import SymbolState
 log = logging.getLogger(__name__)
 
 PUBLISH_BACKOFF_S, PUBLISH_BACKOFF_MAX_S = 0.2, 5.0  # retrying a publish while Redis is down
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 WAKE_S = 0.5  # the publisher looks at the outbox at least this often
 # A round due in less than this goes now: uvloop's timers count whole milliseconds, so a shorter wait ends at
 # once and the loop would spin until the clock reaches the due time (measured: ten wake-ups per round).

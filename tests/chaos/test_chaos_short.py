@@ -12,6 +12,9 @@ their seeded times. The run takes about 4 minutes.
 The same seed again with bus.partitions = 2 and two instances each of the validator, the normalizer, the
 aggregator and the cache publisher: each instance killed in its turn, instance 0 of each frozen long enough to
 lose its partitions to the other. About 3 minutes more.
+
+The same seed on a local 3-master Redis Cluster (four partitions, two instances each): the master serving
+md:trade:binance:BTC/USDT's partition is the Redis killed and restarted. About 3 minutes more.
 """
 
 from __future__ import annotations
@@ -51,3 +54,18 @@ async def test_two_instances_of_every_partitioned_stage_lose_and_double_nothing_
     frozen = [f for f in report["faults"] if f["kind"] == "freeze"]
     assert len(frozen) == len(PARTITIONED) and all(f["injected_s"] is not None for f in frozen), \
         "each stage's instance 0 froze"
+
+
+@pytest.mark.timeout(900)
+async def test_on_a_redis_cluster_a_master_killed_and_restarted_loses_and_doubles_nothing() -> None:
+    # Arrange + Act: seed 1 with the bus on a local 3-master Redis Cluster (AOF everysec), four partitions (their
+    # slots on all three masters), two instances of each partitioned stage; redis_kill9_restart SIGKILLs the master
+    # serving md:trade:binance:BTC/USDT's partition and starts it again.
+    report = await run_one(Options(seed=SEEDS[0], partitions=4, cluster=True))
+
+    # Assert
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert not failed, f"chaos seed {SEEDS[0]}, cluster: failed checks {failed}\n\n{markdown(report)}"
+    killed = [f for f in report["faults"] if f["kind"] == "redis_kill9_restart"]
+    assert len(killed) == 1 and "the master serving md:trade:binance:BTC/USDT" in killed[0]["detail"]
+    assert sum(p.startswith(PARTITIONED) for p in report["programs"]) == 2 * len(PARTITIONED)

@@ -169,6 +169,17 @@ async def stored_bars(http: aiohttp.ClientSession, url: str, timeframe: str, fir
     return {int(r[0]): r[1:6] for r in rows}
 
 
+async def xrange_every(redis: aioredis.Redis, name: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of `name` (mdp:alerts, mdp:gaps) and, on a Redis Cluster, of its stream in each partition
+    (`name`:{p<k>}): the streams SCAN finds, on every master."""
+    found = sorted({k.decode() async for k in redis.scan_iter(match=f"{name}*", _type="stream", count=1000)})
+    out: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for stream in found:
+        if stream == name or stream.startswith(f"{name}:{{p"):
+            out.extend(await xrange_all(redis, stream))
+    return out
+
+
 async def xrange_all(redis: aioredis.Redis, stream: str, count: int = 2000) -> list[tuple[bytes, dict[bytes, bytes]]]:
     out: list[tuple[bytes, dict[bytes, bytes]]] = []
     start: bytes | str = "-"
@@ -273,10 +284,10 @@ async def check_gaps(redis: aioredis.Redis) -> Check:
     """Every Gap on mdp:gaps answered by gap_repair: an alert (gap.repaired, gap.explained or gap.unrepaired)
     with the Gap's exchange, symbol, kind of channel and start. Unrepaired windows are listed (not a failure by
     themselves: the trade and bar checks say whether data is missing)."""
-    gaps = [e for _, f in await xrange_all(redis, "mdp:gaps") for e in decode_events(f) if e.get("type") == "gap"]
+    gaps = [e for _, f in await xrange_every(redis, "mdp:gaps") for e in decode_events(f) if e.get("type") == "gap"]
     answers: dict[tuple[str, str, str, str], list[str]] = {}
     unrepaired: list[str] = []
-    for _, f in await xrange_all(redis, "mdp:alerts"):
+    for _, f in await xrange_every(redis, "mdp:alerts"):
         for e in decode_events(f):
             if e.get("type") == "alert" and e.get("rule") in GAP_ANSWERS:
                 v = e.get("values") or {}
@@ -311,7 +322,7 @@ def _kind(channel: str) -> str:
 
 async def alert_counts(redis: aioredis.Redis) -> dict[str, int]:
     c: Counter[str] = Counter()
-    for _, f in await xrange_all(redis, "mdp:alerts"):
+    for _, f in await xrange_every(redis, "mdp:alerts"):
         for e in decode_events(f):
             if e.get("type") == "alert":
                 c[f"{e.get('rule')} ({e.get('severity')})"] += 1

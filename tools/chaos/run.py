@@ -34,10 +34,18 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from common.redis_client import connect
 from tools import PARTITIONED
 from tools.chaos import checks
 from tools.chaos.faults import Fault, short_schedule, soak_schedule
-from tools.chaos.stores import DurableRedis, PgProxy, RestartableInflux, create_scratch_db, drop_scratch_db
+from tools.chaos.stores import (
+    DurableCluster,
+    DurableRedis,
+    PgProxy,
+    RestartableInflux,
+    create_scratch_db,
+    drop_scratch_db,
+)
 from tools.chaos.truth import TrueTrade, Truth
 from tools.localstores import free_port
 
@@ -72,9 +80,26 @@ class Options:
     # kill9, redis_kill9_restart, influx_freeze, influx_kill9_restart, postgres_unreachable, abandoned_groups,
     # slow_group. To tell one defect from another; a full run skips nothing.
     skip: tuple[str, ...] = ()
-    # bus.partitions for the run; > 1 also runs that many instances of the validator, the normalizer and the
-    # aggregator (supervisord numprocs), each killed in its turn: the partitions move between them.
+    # bus.partitions for the run; > 1 also runs two instances of each partitioned stage (tools.PARTITIONED,
+    # supervisord numprocs), each killed in its turn: the partitions move between them.
     partitions: int = 1
+    # The bus on a local 3-master Redis Cluster ([bus] cluster = true); redis_kill9_restart then kills the
+    # master serving md:trade:binance:BTC/USDT's partition and starts it again.
+    cluster: bool = False
+
+    def partition(self, base: str = "BTC") -> int:
+        """The partition of a base asset: crc32 modulo P (docs/scaling.md), worked out here rather than taken
+        from common/ (the harness checks the pipeline, it does not reuse it)."""
+        return zlib.crc32(base.encode()) % self.partitions if self.partitions > 1 else 0
+
+    def stream(self, name: str) -> str:
+        """Where BTC/USDT's stream `name` is: on a cluster with its partition's hash tag."""
+        return f"{name}:{{p{self.partition()}}}" if self.cluster else name
+
+    @property
+    def instances(self) -> int:
+        """Instances of each partitioned stage."""
+        return 2 if self.partitions > 1 else 1
 
 
 @dataclass
@@ -157,10 +182,10 @@ def tree_state() -> str:
     return f"{head or 'unknown'}" + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
-def chaos_config(sim_port: int, high_water: int, partitions: int = 1) -> str:
+def chaos_config(sim_port: int, high_water: int, partitions: int = 1, cluster: bool = False) -> str:
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     bus = (f"heartbeat_interval_s = 0.5\nclaim_idle_ms = 5000\nbackpressure_high_water = {high_water}\n"
-           f"partitions = {partitions}\n")
+           f"partitions = {partitions}\n" + ("cluster = true\n" if cluster else ""))
     cache = f"recent_trades = {RECENT_TRADES}\n"
     for table, ours in (("bus", bus), ("cache", cache)):
         if f"\n[{table}]\n" in text:  # someone gave simulator.toml this table: ours go first in it
@@ -217,8 +242,6 @@ async def backlog(redis: aioredis.Redis) -> tuple[int, list[str]]:
     return total, behind
 
 
-async def redis_client_xlen(redis: aioredis.Redis) -> int:
-    return int(await redis.xlen(TRADE_STREAM))
 
 
 class Harness:
@@ -226,7 +249,10 @@ class Harness:
         self.opts = opts
         self.run = Run(opts, Path(tempfile.mkdtemp(prefix=f"mdp-chaos-{opts.seed}-")))
         self.truth = Truth.load(real_data_dir())
-        self.redis_store = DurableRedis(self.run.tmp / "redis")
+        self.trade_stream = opts.stream(TRADE_STREAM)
+        self.redis_store: DurableRedis | DurableCluster = (
+            DurableCluster(self.run.tmp / "redis", self.trade_stream) if opts.cluster
+            else DurableRedis(self.run.tmp / "redis"))
         self.influx = RestartableInflux(self.run.tmp / "influxdb")
         self.admin_dsn = os.environ.get("MDP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
         self.db_name = f"mdp_chaos_{os.getpid()}_{opts.seed}"
@@ -249,16 +275,17 @@ class Harness:
         u = urllib.parse.urlsplit(dsn)
         via_proxy = urllib.parse.urlunsplit(u._replace(netloc=f"{u.username or 'postgres'}@127.0.0.1:{self.proxy.port}"))
         config = run.tmp / "chaos.toml"
-        config.write_text(chaos_config(self.sim_port, o.high_water, o.partitions))
+        config.write_text(chaos_config(self.sim_port, o.high_water, o.partitions, o.cluster))
         sim_args = (f"--port {self.sim_port} --speed {o.speed} {'--loop ' if o.soak_s else ''}"
                     "--wait-for btcusdt@trade --wait-for btcusdt@kline_1m "
                     "--venue binanceusdm --venue coinbase --venue hyperliquid")
         env = dict(os.environ, MDP_RUN_DIR=str(run.tmp / "run"), MDP_REDIS_URL=self.redis_store.url,
                    MDP_INFLUX_URL=self.influx.url, MDP_POSTGRES_DSN=via_proxy, MDP_SIMULATOR="true",
                    MDP_SIM_ARGS=sim_args, MDP_START_TIMEOUT="150", MDP_CONFIG=str(config),
-                   MDP_NUMPROCS=",".join(f"{p}={o.partitions}" for p in PARTITIONED) if o.partitions > 1 else "")
+                   MDP_NUMPROCS=",".join(f"{p}={o.instances}" for p in PARTITIONED) if o.instances > 1 else "")
         self.pipe = Pipeline(env, run.tmp / "run")
-        print(f"chaos seed {o.seed}: stores in {run.tmp}; Redis {self.redis_store.url} (AOF), InfluxDB "
+        print(f"chaos seed {o.seed}: stores in {run.tmp}; Redis {self.redis_store.url} (AOF"
+              f"{', a 3-master cluster' if o.cluster else ''}), InfluxDB "
               f"{self.influx.url}, PostgreSQL {self.db_name} via proxy :{self.proxy.port}, simulator :{self.sim_port} "
               f"speed {o.speed}", flush=True)
         started = await asyncio.to_thread(
@@ -302,7 +329,7 @@ class Harness:
                 influx_n = None
             stream_n = lag = None
             with contextlib.suppress(RedisError, OSError, TimeoutError):  # Redis killed: None
-                stream_n = await asyncio.wait_for(redis_client_xlen(redis), 1.0)
+                stream_n = int(await asyncio.wait_for(redis.xlen(self.trade_stream), 1.0))
                 lag = (await asyncio.wait_for(backlog(redis), 2.0))[0]
             self.run.samples.append(Sample(t, influx_n, stream_n, lag))
             with contextlib.suppress(TimeoutError):
@@ -311,23 +338,23 @@ class Harness:
     async def consumer_groups(self, redis: aioredis.Redis) -> None:
         """The abandoned groups (md:trade and mdp:alerts) and a slow one on md:trade."""
         if "abandoned_groups" not in self.opts.skip:
-            for stream in (TRADE_STREAM, "mdp:alerts"):
+            for stream in (self.trade_stream, self.opts.stream("mdp:alerts")):
                 with contextlib.suppress(ResponseError):  # BUSYGROUP
                     await redis.xgroup_create(stream, ABANDONED, id="$", mkstream=True)
                 await redis.xreadgroup(ABANDONED, "gone", {stream: ">"}, count=10, block=100)
-            self.run.note(f"consumer group {ABANDONED} on {TRADE_STREAM} and mdp:alerts: read once, never again")
+            self.run.note(f"consumer group {ABANDONED} on {self.trade_stream} and mdp:alerts: read once, never again")
         if "slow_group" in self.opts.skip:
             return
         with contextlib.suppress(ResponseError):
-            await redis.xgroup_create(TRADE_STREAM, SLOW, id="0", mkstream=True)
-        self.run.note(f"consumer group {SLOW} on {TRADE_STREAM}: one entry read and acknowledged every 0.5 s")
+            await redis.xgroup_create(self.trade_stream, SLOW, id="0", mkstream=True)
+        self.run.note(f"consumer group {SLOW} on {self.trade_stream}: one entry read and acknowledged every 0.5 s")
         while not self.stop_sampling.is_set():
             try:
                 got: list[tuple[bytes, list[tuple[bytes, Any]]]] = await redis.xreadgroup(  # type: ignore[assignment]
-                    SLOW, "slow-0", {TRADE_STREAM: ">"}, count=1, block=100)
+                    SLOW, "slow-0", {self.trade_stream: ">"}, count=1, block=100)
                 for _, entries in got:
                     for entry_id, _ in entries:
-                        await redis.xack(TRADE_STREAM, SLOW, entry_id)
+                        await redis.xack(self.trade_stream, SLOW, entry_id)
             except (RedisError, OSError):
                 pass  # Redis is being restarted by a fault: try again after the pause
             with contextlib.suppress(TimeoutError):
@@ -385,7 +412,8 @@ class Harness:
             await asyncio.to_thread(self.redis_store.start)
             self.redis_down.clear()
             f.ended_s = self.run.now()
-            f.detail = f"SIGKILL redis-server, down {f.duration_s}s, AOF reloaded in {time.monotonic() - t:.2f}s"
+            what = "the master serving md:trade:binance:BTC/USDT" if self.opts.cluster else "redis-server"
+            f.detail = f"SIGKILL {what}, down {f.duration_s}s, AOF reloaded in {time.monotonic() - t:.2f}s"
         elif f.kind == "influx_freeze":
             self.influx.freeze()
             await asyncio.sleep(f.duration_s)
@@ -479,14 +507,14 @@ class Harness:
     async def execute(self) -> dict[str, Any]:
         o, run = self.opts, self.run
         report: dict[str, Any] = {"seed": o.seed, "mode": "soak" if o.soak_s else "short", "speed": o.speed,
-                                  "skipped": list(o.skip), "partitions": o.partitions,
+                                  "skipped": list(o.skip), "partitions": o.partitions, "cluster": o.cluster,
                                   "backpressure_high_water": o.high_water, "tmp": str(run.tmp),
                                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         report["tree"] = tree_state()
         wall = time.monotonic()
         await self.start()
         assert self.pipe is not None
-        r = aioredis.Redis.from_url(self.redis_store.url, socket_timeout=5, socket_connect_timeout=2)
+        r = connect(self.redis_store.url, o.cluster, socket_timeout=5, socket_connect_timeout=2)
         async with aiohttp.ClientSession() as http:
             await self.wait_replay_started(http)
             run.started = time.monotonic()
@@ -538,12 +566,12 @@ class Harness:
         it; valid:binance = the validator passed it on), so a failure names the stage that dropped or holds it."""
         if not stream_check.counts.get("lost"):
             return
-        got = {int(t[0]) for t in await checks.stream_trades(r, TRADE_STREAM)}
+        got = {int(t[0]) for t in await checks.stream_trades(r, self.trade_stream)}
         lost = [t.id for t in expected if t.id not in got]
-        # raw:binance, or with partitions its partition's: crc32 of the base asset (docs/scaling.md), worked out
-        # here rather than taken from common/ (the harness checks the pipeline, it does not reuse it)
-        parts = self.opts.partitions
-        suffix = f":p{zlib.crc32(b'BTC') % parts}" if parts > 1 else ""
+        # raw:binance, or with partitions its partition's (on a cluster tagged)
+        o = self.opts
+        k = o.partition()
+        suffix = f":{{p{k}}}" if o.cluster else f":p{k}" if o.partitions > 1 else ""
         raw_stream, valid_stream = f"raw:binance{suffix}", f"valid:binance{suffix}"
         raw = {int(t[0]) for t in await checks.stream_trades(r, raw_stream)}
         valid = {int(t[0]) for t in await checks.stream_trades(r, valid_stream)}
@@ -551,7 +579,7 @@ class Harness:
         only_raw = [i for i in lost if i in raw and i not in valid]
         neither = [i for i in lost if i not in raw and i not in valid]
         stream_check.evidence.append(
-            f"where the {len(lost)} missing from {TRADE_STREAM} are: {len(in_valid)} on valid:binance (the normalizer "
+            f"where the {len(lost)} missing from {self.trade_stream} are: {len(in_valid)} on valid:binance (the normalizer "
             f"has not published them: ids {checks.id_ranges(in_valid)}); {len(only_raw)} only on raw:binance (the "
             f"validator has not passed them on: ids {checks.id_ranges(only_raw)}); {len(neither)} on neither "
             f"(never published by the collector or gap_repair, or trimmed: ids {checks.id_ranges(neither)})")
@@ -560,11 +588,11 @@ class Harness:
                     expected: list[TrueTrade]) -> list[checks.Check]:
         assert self.pipe is not None
         first, last = expected[0].time_ms, max(t.time_ms for t in expected)
-        on_stream = await checks.stream_trades(r, TRADE_STREAM)
+        on_stream = await checks.stream_trades(r, self.trade_stream)
         out = [checks.compare_trades("InfluxDB ticks.trades", expected,
                                      await checks.stored_trades(http, self.influx.url, first, last),
                                      "influx_writer (or upstream: normalizer/validator/collector/gap_repair)"),
-               checks.compare_trades(TRADE_STREAM, expected, on_stream,
+               checks.compare_trades(self.trade_stream, expected, on_stream,
                                      "normalizer (or upstream: validator/collector/gap_repair)")]
         await self.locate_lost(r, expected, out[1])
         out.append(await checks.check_recent_trades(r, RECENT_TRADES_KEY, on_stream, expected, RECENT_TRADES))
@@ -659,9 +687,11 @@ def markdown(report: dict[str, Any]) -> str:
              + (f" --soak {report.get('soak_s', 0):.0f}" if report["mode"] == "soak" else "")
              + (f" --high-water {report['backpressure_high_water']}" if report["backpressure_high_water"] != 300 else "")
              + (f" --partitions {report['partitions']}" if report.get("partitions", 1) > 1 else "")
+             + (" --cluster" if report.get("cluster") else "")
              + "".join(f" --skip {k}" for k in report.get("skipped", [])))
     parts = report.get("partitions", 1)
-    mode = report["mode"] + (f", {parts} partitions x {parts} instances of {', '.join(PARTITIONED)}" if parts > 1 else "")
+    mode = report["mode"] + (f", {parts} partitions, 2 instances each of {', '.join(PARTITIONED)}" if parts > 1 else "")
+    mode += ", the bus on a 3-master Redis Cluster" if report.get("cluster") else ""
     lines = [f"# Chaos run, seed {report['seed']} ({mode}): {verdict}", "",
              (f"Started {report['started_utc']}, wall time {report['wall_s']} s, simulator speed {report['speed']}, "
              f"`bus.backpressure_high_water` {report['backpressure_high_water']}. Re-run: `{rerun}`. "
@@ -719,7 +749,7 @@ async def run_one(opts: Options) -> dict[str, Any]:
     if opts.soak_s:
         report["soak_s"] = opts.soak_s
     out = opts.out_dir / (f"seed-{opts.seed}{'-soak' if opts.soak_s else ''}"
-                          f"{f'-p{opts.partitions}' if opts.partitions > 1 else ''}")
+                          f"{f'-p{opts.partitions}' if opts.partitions > 1 else ''}{'-cluster' if opts.cluster else ''}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "report.md").write_text(markdown(report))
@@ -740,7 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak for this long (1800)")
     p.add_argument("--high-water", type=int, default=300, help="bus.backpressure_high_water for the run")
     p.add_argument("--partitions", type=int, default=1,
-                   help="bus.partitions, and that many instances of each partitioned stage (tools.PARTITIONED)")
+                   help="bus.partitions; > 1 also two instances of each partitioned stage (tools.PARTITIONED)")
+    p.add_argument("--cluster", action="store_true",
+                   help="run the bus on a local 3-master Redis Cluster (use --partitions 4: all three masters)")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "chaos")
     p.add_argument("--soak-report", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--keep", action="store_true", help="keep the stores' temp dir and copy the logs")
@@ -754,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         speed = args.speed or (5.0 if args.soak else 6.0)
         opts = Options(seed=seed, speed=speed, soak_s=args.soak, high_water=args.high_water, out_dir=args.out,
-                       keep=args.keep, drain_s=90.0, skip=tuple(args.skip), partitions=args.partitions)
+                       keep=args.keep, drain_s=90.0, skip=tuple(args.skip), partitions=args.partitions,
+                       cluster=args.cluster)
         report = asyncio.run(run_one(opts))
         md = markdown(report)
         if args.soak_report:

@@ -24,8 +24,18 @@ import time
 from pathlib import Path
 
 import asyncpg
+from redis.crc import key_slot
 
-from tools.localstores import LocalServer, StoreStartError, free_port, port_open, start_influxd
+from tools.localstores import (
+    ClusterNode,
+    LocalCluster,
+    LocalServer,
+    StoreStartError,
+    free_port,
+    port_open,
+    start_influxd,
+    start_redis_cluster,
+)
 
 
 class DurableRedis:
@@ -71,6 +81,39 @@ class DurableRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+
+
+class DurableCluster:
+    """A local Redis Cluster of three masters with AOF (everysec, as DurableRedis); `kill9()` SIGKILLs the
+    master serving `victim_key`'s hash slot and `start()` starts it again, with its nodes.conf and AOF."""
+
+    def __init__(self, data_dir: Path, victim_key: str) -> None:
+        self.data_dir = data_dir.resolve()
+        self.victim_key = victim_key
+        self.cluster: LocalCluster | None = None
+        self.victim: ClusterNode | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.cluster is not None, "start() first"
+        return self.cluster.url
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.cluster is None:
+            self.cluster = start_redis_cluster(self.data_dir, timeout=timeout, appendfsync="everysec")
+            return
+        assert self.victim is not None
+        self.victim.start(self.cluster.binary)
+        self.cluster.wait_ok(timeout)
+
+    def kill9(self) -> None:
+        assert self.cluster is not None, "start() first"
+        self.victim = self.cluster.serving(key_slot(self.victim_key.encode()))
+        self.victim.kill()
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 class RestartableInflux:
