@@ -14,11 +14,15 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+CLOSED_UNDER = ("'NoneType' object has no attribute", "the handler is closed")
 
-def _closed_under(exc: AttributeError, what: object) -> RedisConnectionError:
-    """The AttributeError redis-py's asyncio cluster connections raise when a node's connections are closed under
-    a command that is writing to one, as a ConnectionError; any other AttributeError is re-raised as it is."""
-    if "'NoneType' object has no attribute" not in str(exc):
+
+def _closed_under(exc: AttributeError | RuntimeError, what: object) -> RedisConnectionError:
+    """What redis-py's asyncio cluster connections raise when a node's connections are closed under a command
+    that is writing to one (AttributeError: 'NoneType' object has no attribute 'writelines'; with uvloop also
+    RuntimeError: unable to perform operation on <TCPTransport closed=True ...>; the handler is closed), as a
+    ConnectionError; any other AttributeError or RuntimeError is re-raised as it is."""
+    if not any(text in str(exc) for text in CLOSED_UNDER):
         raise exc
     return RedisConnectionError(f"the connection closed under {what} as a node went away ({exc})")
 
@@ -27,21 +31,21 @@ class _ClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except AttributeError as exc:
+        except (AttributeError, RuntimeError) as exc:
             raise _closed_under(exc, "a pipeline") from exc
 
 
 class _Cluster(RedisCluster):
     """redis-py's cluster client, with one failure of its asyncio connections raised as what it is. When a master
     goes away, redis-py closes that node's connections, also one another command or pipeline is writing to at that
-    moment, which then fails with AttributeError ('NoneType' object has no attribute 'writelines'; seen in the
-    chaos suite with a master SIGKILLed). Here it is a ConnectionError, which every caller treats as Redis
-    unreachable for a moment."""
+    moment, which then fails with AttributeError or RuntimeError (`_closed_under`; seen in the chaos suite with a
+    master SIGKILLed). Here it is a ConnectionError, which every caller treats as Redis unreachable for a
+    moment."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except AttributeError as exc:
+        except (AttributeError, RuntimeError) as exc:
             raise _closed_under(exc, repr(args[0])) from exc
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:

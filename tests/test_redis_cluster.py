@@ -402,3 +402,17 @@ async def test_a_cluster_round_that_fails_in_one_partition_keeps_that_part_in_do
     left = list(publisher.outbox.queued)
     assert [b.symbol for b in left if b.symbol] == ["BTC/USDT", "ETH/USDT"]  # unsent, back at the front
     assert sorted(e.symbol for b in left for e in b.events if isinstance(e, Market)) == ["BTC/USDT", "ETH/USDT"]
+
+
+def test_a_connection_closed_under_a_command_is_a_connection_error_and_other_errors_stay_as_they_are() -> None:
+    """What redis-py's asyncio cluster connections raise when a master goes away while a command writes to one of
+    its connections (both seen in the chaos runs) becomes a ConnectionError; any other error is left alone."""
+    from common.redis_client import _closed_under
+
+    for seen in (AttributeError("'NoneType' object has no attribute 'writelines'"),
+                 RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False 0x1>; the "
+                              "handler is closed")):
+        assert isinstance(_closed_under(seen, "'SMEMBERS'"), RedisConnectionError)
+    for other in (AttributeError("'Trade' object has no attribute 'symbol'"), RuntimeError("event loop is closed")):
+        with pytest.raises(type(other)):
+            _closed_under(other, "'GET'")

@@ -4,11 +4,13 @@ no longer keeps up (issue 13, item 4; docs/scaling.md).
     python -m tools.bench_pipeline                          # 20 symbols, 2k -> 30k trades/s, 20 s windows
     python -m tools.bench_pipeline --rates 5000,10000 --symbols 50 --window 30
     python -m tools.bench_pipeline --rates 2000,4000,6000 --partitions 2       # only the 2-partition ladder (default: 1, then 2)
+    python -m tools.bench_pipeline --rates 2000 --partitions 2 --redis node,cluster   # one Redis node, then a cluster
 
 Every program of supervisord.conf runs (the collector of Binance spot, validator, normalizer, aggregator,
 influx_writer, postgres_writer, cache_publisher, gap_repair, metrics_exporter; the other venues' collectors idle)
-on private stores: a redis-server with AOF (`appendfsync everysec`, as docs/operations.md runs it), a private
-influxd, a scratch PostgreSQL database. The simulator (itself a supervisord program, with `--symbols`/`--rate`)
+on private stores: a redis-server with AOF (`appendfsync everysec`, as docs/operations.md runs it; with `--redis
+cluster` a local 3-master Redis Cluster with the same AOF, `[bus] cluster = true`), a private influxd, a scratch
+PostgreSQL database. The simulator (itself a supervisord program, with `--symbols`/`--rate`)
 serves the real Binance spot capture under N symbols of the recorded exchangeInfo at a total trade rate, with the
 capture's book tickers and depth diffs in their recorded proportion; the collector takes trades, book tickers
 (`ticker`) and order books (`book`) of every symbol, and 1m candles come from the aggregator.
@@ -50,12 +52,19 @@ from typing import Any
 import ccxt
 import redis.asyncio as aioredis
 
+from common.redis_client import connect
 from common.status import collect
 from simulator.market import PriceLevels, select_symbols
 from simulator.recording import Recording, load_exchange_info, real_data_dir
 from tools import PARTITIONED
 from tools.bench_collector import TickLatency, proc_cpu_s, sent_trades
-from tools.chaos.stores import DurableRedis, RestartableInflux, create_scratch_db, drop_scratch_db
+from tools.chaos.stores import (
+    DurableCluster,
+    DurableRedis,
+    RestartableInflux,
+    create_scratch_db,
+    drop_scratch_db,
+)
 from tools.localstores import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +77,8 @@ LATENCY_BOUND_MS = 1000.0
 @dataclass
 class Rung:
     offered: int
-    partitions: int = 1  # bus.partitions, and instances of each partitioned stage (tools.PARTITIONED)
+    partitions: int = 1  # bus.partitions (P > 1: two instances of each partitioned stage, tools.PARTITIONED)
+    redis: str = "node"  # "node": one redis-server; "cluster": three masters (their CPU and commands summed)
     achieved: float = 0.0  # trades/s the simulator sent in the window
     stored: float = 0.0  # trades/s the InfluxDB writer wrote in the window
     backlog_start: int = 0
@@ -95,7 +105,7 @@ def symbols_for(n: int) -> tuple[list[str], list[str]]:
 
 
 
-def config_text(sim_port: int, symbols: list[str], partitions: int = 1) -> str:
+def config_text(sim_port: int, symbols: list[str], partitions: int = 1, cluster: bool = False) -> str:
     """config/simulator.toml with Binance spot on the simulator's port and `symbols` (the other venues off)."""
     text = (ROOT / "config" / "simulator.toml").read_text().replace("127.0.0.1:8765", f"127.0.0.1:{sim_port}")
     head, _, _ = text.partition("[[exchanges]]")
@@ -112,6 +122,7 @@ url_rewrite = "host-prefix"
 [bus]
 heartbeat_interval_s = 1.0
 partitions = {partitions}
+cluster = {"true" if cluster else "false"}
 
 # The replay keeps the recording's 2024 exchange times (at --rate the recorded minutes pass faster than real
 # ones, so times shifted to now would run ahead of the clock and fail time.future): time.stale is off here.
@@ -124,7 +135,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="mdp-bench-pipeline-"))
-        self.redis_store = DurableRedis(self.tmp / "redis")
+        self.redis_store: DurableRedis | DurableCluster = DurableRedis(self.tmp / "redis")
         self.influx = RestartableInflux(self.tmp / "influxdb")
         self.admin_dsn = os.environ.get("MDP_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
         self.db_name = f"mdp_bench_pipeline_{os.getpid()}"
@@ -137,10 +148,42 @@ class Bench:
                              env=self.env, capture_output=True, text=True, timeout=60)
         return out.stdout
 
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.redis_store, DurableCluster)
+
+    def client(self, node: bool = False) -> aioredis.Redis:
+        """A client of the bus's Redis (`node`: of the node the URL names, for pub/sub)."""
+        return connect(self.redis_store.url, self.cluster and not node)
+
+    def redis_pids(self) -> dict[str, int]:
+        """redis-server's pid, or each master's (redis-server:k, summed as one program in the report)."""
+        store = self.redis_store
+        if isinstance(store, DurableCluster):
+            assert store.cluster is not None
+            return {f"redis-server:{k}": n.process.pid if n.process else 0 for k, n in enumerate(store.cluster.nodes)}
+        return {"redis-server": store.process.pid if store.process else 0}
+
+    async def commandstats(self) -> dict[str, Any]:
+        """INFO commandstats, summed over the cluster's masters."""
+        store = self.redis_store
+        if not isinstance(store, DurableCluster):
+            async with aioredis.Redis.from_url(store.url) as r:
+                return dict(await r.info("commandstats"))
+        assert store.cluster is not None
+        out: dict[str, Any] = {}
+        for node in store.cluster.nodes:
+            async with aioredis.Redis(port=node.port) as r:
+                for key, stats in (await r.info("commandstats")).items():
+                    if isinstance(stats, dict) and "calls" in stats:
+                        was = out.setdefault(key, {"calls": 0, "usec": 0})
+                        was["calls"] += int(stats["calls"])
+                        was["usec"] += int(stats["usec"])
+        return out
+
     def pids(self) -> dict[str, int]:
         """Running programs -> pid (`supervisorctl status`), and the stores' servers (redis-server, influxd)."""
-        out = {"redis-server": self.redis_store.process.pid if self.redis_store.process else 0,
-               "influxd": self.influx.pid}
+        out = {**self.redis_pids(), "influxd": self.influx.pid}
         for line in self.ctl("status").splitlines():
             parts = line.split()
             if len(parts) >= 4 and parts[1] == "RUNNING" and parts[2] == "pid":
@@ -150,9 +193,9 @@ class Bench:
     async def start_pipeline(self, rate: int, partitions: int) -> int:
         sim_port = free_port()
         config = self.tmp / f"pipeline-{rate}-p{partitions}.toml"
-        config.write_text(config_text(sim_port, self.symbols, partitions))
+        config.write_text(config_text(sim_port, self.symbols, partitions, self.cluster))
         dsn = await create_scratch_db(self.admin_dsn, self.db_name)
-        redis = aioredis.Redis.from_url(self.redis_store.url)
+        redis = self.client()
         await redis.flushall()
         await redis.aclose()
         sim_args = (f"--port {sim_port} --loop --market-symbols {','.join(self.ids)} "
@@ -161,7 +204,7 @@ class Bench:
                         MDP_INFLUX_URL=self.influx.url, MDP_INFLUX_DATABASE=f"bench_{rate}",
                         MDP_POSTGRES_DSN=dsn, MDP_SIMULATOR="true", MDP_SIM_ARGS=sim_args,
                         MDP_START_TIMEOUT="150", MDP_CONFIG=str(config), MDP_LOG_LEVEL="WARNING",
-                        MDP_NUMPROCS=",".join(f"{p}={partitions}" for p in PARTITIONED) if partitions > 1 else "")
+                        MDP_NUMPROCS=",".join(f"{p}=2" for p in PARTITIONED) if partitions > 1 else "")
         started = await asyncio.to_thread(
             subprocess.run, ["bash", str(ROOT / "tools/supervise.sh"), "start", str(config)], env=self.env,
             capture_output=True, text=True, timeout=240)
@@ -184,9 +227,9 @@ class Bench:
     async def rung(self, rate: int, partitions: int = 1) -> Rung:
         out = Rung(rate)
         sim_port = await self.start_pipeline(rate, partitions)
-        redis = aioredis.Redis.from_url(self.redis_store.url)
+        redis, node = self.client(), self.client(node=True)
         try:
-            async with TickLatency(redis, [f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]]) as ticks:
+            async with TickLatency(node, [f"ticks:{s}" for s in self.symbols[:LATENCY_SYMBOLS]]) as ticks:
                 deadline = time.monotonic() + 120
                 while (await self.counters(redis))[0] == 0:
                     failed = [line for line in self.ctl("status").splitlines()
@@ -205,17 +248,18 @@ class Bench:
                 pids = self.pids()
                 cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
                 sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
-                commands0 = await redis.info("commandstats")
+                commands0 = await self.commandstats()
                 seen0, t0 = len(ticks.values), time.monotonic()
                 await asyncio.sleep(self.args.window)
                 dt = time.monotonic() - t0
                 now_running = set(self.pids().values())
                 cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
                 sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
-                commands1 = await redis.info("commandstats")
+                commands1 = await self.commandstats()
                 window = ticks.values[seen0:]
         finally:
             await redis.aclose()
+            await node.aclose()
             await self.stop_pipeline()
         out.achieved = (sent1 - sent0) / dt
         out.stored = (stored1 - stored0) / dt
@@ -240,24 +284,30 @@ class Bench:
         return out
 
     async def run(self) -> list[Rung]:
-        await asyncio.to_thread(self.redis_store.start)
         await asyncio.to_thread(self.influx.start)
         rungs: list[Rung] = []
         try:
-            for partitions in self.args.partitions:
-                for rate in self.args.rates:
-                    r = await self.rung(rate, partitions)
-                    r.partitions = partitions
-                    rungs.append(r)
-                    print(f"P={partitions} {rate:>7,}/s offered: achieved {r.achieved:,.0f}/s, stored {r.stored:,.0f}/s, "
-                          f"backlog {r.backlog_start:,} -> {r.backlog_end:,}, ts_recv->cache {r.latency_ms}, "
-                          f"{'sustained' if r.sustained else 'NOT sustained'} {r.note}", flush=True)
-                    if not r.sustained:
-                        break
+            for kind in self.args.redis:
+                self.redis_store = (DurableCluster(self.tmp / "cluster", victim_key="") if kind == "cluster"
+                                    else DurableRedis(self.tmp / "redis"))
+                await asyncio.to_thread(self.redis_store.start)
+                try:
+                    for partitions in self.args.partitions:
+                        for rate in self.args.rates:
+                            r = await self.rung(rate, partitions)
+                            r.partitions, r.redis = partitions, kind
+                            rungs.append(r)
+                            print(f"{kind} P={partitions} {rate:>7,}/s offered: achieved {r.achieved:,.0f}/s, stored "
+                                  f"{r.stored:,.0f}/s, backlog {r.backlog_start:,} -> {r.backlog_end:,}, ts_recv->cache "
+                                  f"{r.latency_ms}, {'sustained' if r.sustained else 'NOT sustained'} {r.note}",
+                                  flush=True)
+                            if not r.sustained:
+                                break
+                finally:
+                    self.redis_store.stop()
         finally:
             with contextlib.suppress(Exception):
                 self.influx.stop()
-            self.redis_store.stop()
             with contextlib.suppress(Exception):
                 await drop_scratch_db(self.admin_dsn, self.db_name)
         return rungs
@@ -286,34 +336,35 @@ def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
              (f"{args.symbols} Binance spot symbols (trades, book tickers, order books; 1m candles aggregated), "
              f"every program under supervisord, Redis with AOF, InfluxDB and PostgreSQL on this machine "
              f"({os.cpu_count()} cores); {args.warmup:.0f} s warm-up, {args.window:.0f} s window per rung."), "",
-             "P: `bus.partitions`, and as many instances of each of " + ", ".join(PARTITIONED) + ".", "",
-             ("| P | offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms | "
-             "sustained |"), "|---:|---:|---:|---:|---|---|---|"]
+             "P: `bus.partitions`; with P > 1 two instances of each of " + ", ".join(PARTITIONED) + ". Redis: "
+             "one node, or a local 3-master cluster (its three servers' CPU and commands summed).", "",
+             ("| Redis | P | offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms "
+             "| sustained |"), "|---|---:|---:|---:|---:|---|---|---|"]
     for r in rungs:
         lat = r.latency_ms
         lat_text = f"{lat['p50']} / {lat['p99']} / {lat['max']}" if lat else "-"
-        lines.append(f"| {r.partitions} | {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
+        lines.append(f"| {r.redis} | {r.partitions} | {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
                      f"{r.backlog_end:,} | {lat_text} | {'yes' if r.sustained else 'no'} |")
     programs = sorted({p for r in rungs for p in r.cpu_us})
     lines += ["", "CPU per stored trade (us) and share of one core, per program (its instances summed):", "",
-              "| P | offered/s | " + " | ".join(programs) + " |", "|---:|---:|" + "---:|" * len(programs)]
+              "| Redis | P | offered/s | " + " | ".join(programs) + " |", "|---|---:|---:|" + "---:|" * len(programs)]
     for r in rungs:
         cells = [f"{r.cpu_us.get(p, 0):.1f} ({r.cpu_share.get(p, 0):.0%})" for p in programs]
-        lines.append(f"| {r.partitions} | {r.offered:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.redis} | {r.partitions} | {r.offered:,} | " + " | ".join(cells) + " |")
     top = sorted({c for r in rungs for c, (_, us) in r.redis_commands.items() if us >= 0.5},
                  key=lambda c: -max(r.redis_commands.get(c, (0, 0))[1] for r in rungs))
     if top:
         lines += ["", ("Redis commands per stored trade: calls / us of execution (INFO commandstats; commands "
                   "taking at least 0.5 us a trade in some rung). EXEC and EVALSHA include the commands they run, "
                   "which are counted on their own lines too: the total leaves them out."), "",
-                  "| P | offered/s | " + " | ".join(top) + " | total: calls / us |",
-                  "|---:|---:|" + "---:|" * (len(top) + 1)]
+                  "| Redis | P | offered/s | " + " | ".join(top) + " | total: calls / us |",
+                  "|---|---:|---:|" + "---:|" * (len(top) + 1)]
         for r in rungs:
             cells = [f"{r.redis_commands[c][0]:.2f} / {r.redis_commands[c][1]:.1f}" if c in r.redis_commands else "-"
                      for c in top]
             own = [v for c, v in r.redis_commands.items() if c not in CONTAINERS]
             total = (sum(v[0] for v in own), sum(v[1] for v in own))
-            lines.append(f"| {r.partitions} | {r.offered:,} | " + " | ".join(cells)
+            lines.append(f"| {r.redis} | {r.partitions} | {r.offered:,} | " + " | ".join(cells)
                          + f" | {total[0]:.2f} / {total[1]:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -325,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="offered trades/s, total over the symbols")
     p.add_argument("--symbols", type=int, default=20)
     p.add_argument("--partitions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
-                   help="bus.partitions of each ladder, e.g. 1,2 (P > 1 runs P instances of each partitioned "
+                   help="bus.partitions of each ladder, e.g. 1,2 (P > 1 runs two instances of each partitioned "
                         "stage: tools.PARTITIONED)")
+    p.add_argument("--redis", type=lambda s: s.split(","), default=["node"],
+                   help="the bus's Redis for the ladders, in turn: node (one redis-server), cluster (a local "
+                        "3-master Redis Cluster; use --partitions 4 or more to spread over all three)")
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=15.0)
     args = p.parse_args(argv)
