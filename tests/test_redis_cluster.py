@@ -416,3 +416,23 @@ def test_a_connection_closed_under_a_command_is_a_connection_error_and_other_err
     for other in (AttributeError("'Trade' object has no attribute 'symbol'"), RuntimeError("event loop is closed")):
         with pytest.raises(type(other)):
             _closed_under(other, "'GET'")
+
+
+def test_every_program_of_supervisord_conf_runs_on_a_cluster() -> None:
+    """Each service class supervisord.conf starts declares that it runs on a Redis Cluster (`cluster_ready`: every
+    key it writes is tagged by partition); a new one that does not is refused at start, and fails here."""
+    import re
+
+    from services.collector.idle import Unconfigured
+    from services.collector.service import Collector
+    from services.gap_repair.service import GapRepair
+    from services.influx_writer.service import InfluxWriter
+    from services.metrics_exporter.service import MetricsExporter
+    from services.postgres_writer.service import PostgresWriter
+
+    classes = {c.name: c for c in (Validator, Normalizer, Aggregator, CachePublisher, InfluxWriter, PostgresWriter,
+                                   GapRepair, MetricsExporter, Collector)}
+    conf = (Path(__file__).resolve().parent.parent / "supervisord.conf").read_text()
+    modules = set(re.findall(r"-m services\.(\w+)", conf))
+    assert modules == set(classes), modules ^ set(classes)
+    assert all(c.cluster_ready for c in (*classes.values(), Unconfigured))

@@ -18,6 +18,7 @@ class Unconfigured(Service):
     heartbeat (state degraded), so `mdp status` shows why, and `make demo` keeps every program up."""
 
     name = "collector"
+    cluster_ready = True  # it writes only its heartbeats
 
     def __init__(self, settings: Settings, instance: str | None = None, exchange: str = "",
                  shard: str | None = None, idle_unless_configured: bool = True) -> None:
