@@ -158,6 +158,32 @@ async def collect(redis: aioredis.Redis, abandoned_group_s: float = 300.0) -> St
                   warnings=[warning] if warning else [], abandoned=abandoned)
 
 
+# ts_recv -> stored: the InfluxDB writer counts each trade it wrote by how long after its receipt InfluxDB
+# acknowledged it, in cumulative buckets (heartbeat counters stored_ms_le_{bound}, the last stored_ms_le_inf), as
+# a Prometheus histogram counts; `stored_latency_quantile` reads a quantile from two readings of them.
+STORED_LATENCY_BUCKETS_MS = (5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000)
+STORED_LATENCY_KEYS = (*(f"stored_ms_le_{b}" for b in STORED_LATENCY_BUCKETS_MS), "stored_ms_le_inf")
+
+
+def stored_latency_quantile(before: dict[str, int], after: dict[str, int], q: float) -> float | None:
+    """The q-quantile (0..1) of ts_recv -> stored in ms over the trades counted between two readings of the
+    cumulative buckets, interpolated within its bucket (as Prometheus's histogram_quantile); None without
+    trades. Beyond the last bound the answer is that bound."""
+    counts = [after.get(k, 0) - before.get(k, 0) for k in STORED_LATENCY_KEYS]
+    total = counts[-1]
+    if total <= 0:
+        return None
+    rank, low, below = q * total, 0.0, 0
+    for bound, cumulative in zip((*STORED_LATENCY_BUCKETS_MS, None), counts, strict=True):
+        if cumulative >= rank:
+            if bound is None:
+                return float(STORED_LATENCY_BUCKETS_MS[-1])
+            inside = cumulative - below
+            return low + (bound - low) * ((rank - below) / inside if inside else 1.0)
+        low, below = float(bound or low), cumulative
+    return float(STORED_LATENCY_BUCKETS_MS[-1])
+
+
 def channel_status(services: list[ServiceStatus], now_ns: int) -> list[ChannelStatus]:
     """Per-channel rows from the collectors' `channel.{c}.messages|gaps|last_ms|oldest_ms` counters."""
     rows = []

@@ -417,6 +417,8 @@ async def test_writer_stores_closed_candles_and_every_trade_then_acks(
         assert (await redis.xpending(stream, GROUP))["pending"] == 0
     counters = writer.counters()
     assert counters["trades"] == 640 and counters["candles"] == 6
+    # ts_recv -> stored: these trades were received in 2024, so every one is beyond the last bound
+    assert counters["stored_ms_le_inf"] == 640 and counters["stored_ms_le_10000"] == 0
     assert counters["candles_open_skipped"] == 13
     assert counters["points_written"] == 646 and counters["write_errors"] == 0
     assert counters["dead_lettered"] == 0 and counters["acked"] == total
@@ -722,3 +724,23 @@ def test_the_writers_trade_encoder_gives_the_lines_of_encode_trades() -> None:
     lines = encode_trade_lines(wire)
     assert len(lines) == len(trades) - 1  # only the trade without an amount is left out
     assert lines[0].endswith(f" {t0 - t0 % 1_000_000 + 3735683259 % 1_000_000}")
+
+
+def test_the_writer_counts_each_stored_trade_by_its_latency_and_a_quantile_reads_the_buckets(
+        redis_server: LocalServer, influx_settings: InfluxSettings) -> None:
+    """ts_recv -> stored (the InfluxDB writer's cumulative buckets, common.status), and the quantile the pipeline
+    benchmark reads from two readings of them."""
+    from common.status import stored_latency_quantile
+
+    writer = InfluxWriter(writer_settings(redis_server, influx_settings))
+    before = writer.counters()
+    now = time.time_ns()
+    writer._stored([replace(stubs.trade(0), ts_recv=now - ms * 1_000_000) for ms in (30, 40, 250, 12_000)])
+    after = writer.counters()
+    grew = {k: after[k] - before[k] for k in after if k.startswith("stored_ms_le_")}
+    assert (grew["stored_ms_le_20"], grew["stored_ms_le_50"], grew["stored_ms_le_200"], grew["stored_ms_le_300"],
+            grew["stored_ms_le_10000"], grew["stored_ms_le_inf"]) == (0, 2, 2, 3, 3, 4)
+    assert stored_latency_quantile(before, after, 0.5) == 50.0  # the 2nd of 4: the top of the 20-50 ms bucket
+    assert 200 < stored_latency_quantile(before, after, 0.75) <= 300  # type: ignore[operator]
+    assert stored_latency_quantile(before, after, 0.99) == 10_000.0  # beyond the last bound: that bound
+    assert stored_latency_quantile(after, after, 0.5) is None

@@ -1,17 +1,21 @@
-"""The local Redis Cluster the cluster work of issue 13 builds on (tools/localstores.py `start_redis_cluster`):
-three real masters (Debian's redis-server in cluster mode on loopback ports, joined with `redis-cli --cluster
-create`), each with AOF.
+"""The bus on a Redis Cluster ([bus] cluster = true; docs/scaling.md, "Redis Cluster"), on the local cluster of
+tools/localstores.py `start_redis_cluster`: three real masters (Debian's redis-server in cluster mode on loopback
+ports, joined with `redis-cli --cluster create`), each with AOF.
 
-What it shows, with redis-py's cluster client (the one the bus will use):
 - a MULTI/EXEC whose keys share a hash tag runs on the cluster, XADD + XACK + a checkpoint, as a partition's
-  commit would with every key tagged `{p<k>}` (docs/scaling.md, "Redis Cluster (item 2)");
-- the same commit with today's key names (`raw:binance`, `valid:binance`, `mdp:state:validator`) is refused
-  with CROSSSLOT before anything runs: why services refuse a cluster node today (`refuse_cluster`);
-- a master killed (SIGKILL) and started again comes back with its slots and every committed entry (AOF);
-- the validator, the normalizer and the aggregator run on the cluster with `[bus] cluster = true`, partition by
-  partition, every key they write tagged, and make of the real capture exactly what they make on one node;
+  commit does with every key tagged `{p<k>}`, and survives its master SIGKILLed and restarted; the same commit
+  with one node's key names is refused with CROSSSLOT before anything runs (why the keys are tagged);
+- the names, and a commit over two slots refused before it is sent;
+- two instances each of the validator, the normalizer, the aggregator and the cache publisher run on the cluster
+  partition by partition, every key they write tagged, and make of the real capture exactly what one instance
+  each makes on one node; the cache's lists are right and the ticks arrive;
 - a collector against the simulator commits each round partition by partition, and loses and doubles nothing
-  while the master of one partition is killed and started again.
+  while the master of one partition is killed and started again; a round that fails in one partition keeps
+  that part in doubt and puts the rest back;
+- redis-py's errors for a connection closed under a command are connection errors; every program of
+  supervisord.conf runs on a cluster.
+(The end-to-end test and the short chaos suite also run on a cluster: tests/test_end_to_end.py,
+tests/chaos/test_chaos_short.py.)
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Each rung: the pipeline started fresh, a warm-up, then a window in which we meas
 - **latency ts_recv -> cache**: receipt time of the cache publisher's tick (pub/sub `ticks:{symbol}`, three of
   the symbols, so the listener stays a small load) minus the trade's `ts_recv` (stamped by the collector when
   its frame arrived), p50/p99/max;
+- **latency ts_recv -> InfluxDB**: for every trade stored in the window, the time InfluxDB acknowledged its write
+  minus its `ts_recv`, p50/p99, from the InfluxDB writer's cumulative buckets (heartbeat counters
+  `stored_ms_le_*`, common/status.py; interpolated within a bucket: 5, 10, 20, 50, 100, 200, 300, 500, 750 ms,
+  1, 1.5, 2, 3, 5, 10 s);
 - **CPU per trade** of every program: its CPU time in the window (/proc/PID/stat) over the trades stored;
 - **Redis commands per trade**: calls and microseconds of execution of each command in the window (INFO
   commandstats), over the trades stored.
@@ -53,7 +57,7 @@ import ccxt
 import redis.asyncio as aioredis
 
 from common.redis_client import connect
-from common.status import collect
+from common.status import STORED_LATENCY_KEYS, collect, stored_latency_quantile
 from simulator.market import PriceLevels, select_symbols
 from simulator.recording import Recording, load_exchange_info, real_data_dir
 from tools import PARTITIONED
@@ -84,6 +88,8 @@ class Rung:
     backlog_start: int = 0
     backlog_end: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p99, max, n
+    # ts_recv -> acknowledged by InfluxDB, p50 and p99, from the writer's buckets (common.status) in the window
+    stored_latency_ms: dict[str, float] = field(default_factory=dict)
     cpu_us: dict[str, float] = field(default_factory=dict)  # program -> CPU us per stored trade
     cpu_share: dict[str, float] = field(default_factory=dict)  # program -> share of one core in the window
     # Redis command -> (calls, usec of execution) per stored trade in the window (INFO commandstats)
@@ -219,10 +225,16 @@ class Bench:
 
     async def counters(self, redis: aioredis.Redis) -> tuple[int, int]:
         """(trades the InfluxDB writer wrote, pipeline backlog: lag + pending over every group)."""
-        status = await collect(redis)
-        written = sum(s.counters.get("trades", 0) for s in status.services if s.service == "influx_writer")
-        backlog = sum((g.lag or 0) + g.pending for st in status.streams for g in st.groups)
+        written, backlog, _ = await self.readings(redis)
         return written, backlog
+
+    async def readings(self, redis: aioredis.Redis) -> tuple[int, int, dict[str, int]]:
+        """`counters`, and the InfluxDB writers' ts_recv -> stored buckets summed over their instances."""
+        status = await collect(redis)
+        writers = [s.counters for s in status.services if s.service == "influx_writer"]
+        written = sum(c.get("trades", 0) for c in writers)
+        backlog = sum((g.lag or 0) + g.pending for st in status.streams for g in st.groups)
+        return written, backlog, {k: sum(c.get(k, 0) for c in writers) for k in STORED_LATENCY_KEYS}
 
     async def rung(self, rate: int, partitions: int = 1) -> Rung:
         out = Rung(rate)
@@ -247,14 +259,14 @@ class Bench:
                     out.note = "the latency did not settle under 50 ms (median) within 60 s of warm-up; "
                 pids = self.pids()
                 cpu0 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid}
-                sent0, (stored0, out.backlog_start) = sent_trades(sim_port), await self.counters(redis)
+                sent0, (stored0, out.backlog_start, buckets0) = sent_trades(sim_port), await self.readings(redis)
                 commands0 = await self.commandstats()
                 seen0, t0 = len(ticks.values), time.monotonic()
                 await asyncio.sleep(self.args.window)
                 dt = time.monotonic() - t0
                 now_running = set(self.pids().values())
                 cpu1 = {p: proc_cpu_s(pid) for p, pid in pids.items() if pid and pid in now_running}
-                sent1, (stored1, out.backlog_end) = sent_trades(sim_port), await self.counters(redis)
+                sent1, (stored1, out.backlog_end, buckets1) = sent_trades(sim_port), await self.readings(redis)
                 commands1 = await self.commandstats()
                 window = ticks.values[seen0:]
         finally:
@@ -270,6 +282,10 @@ class Bench:
                 out.cpu_us[name] = round(out.cpu_us.get(name, 0.0) + (cpu1[program] - c0) / trades * 1e6, 1)
                 out.cpu_share[name] = round(out.cpu_share.get(name, 0.0) + (cpu1[program] - c0) / dt, 3)
         out.redis_commands = command_costs(commands0, commands1, trades)
+        for name, rank in (("p50", 0.5), ("p99", 0.99)):
+            found = stored_latency_quantile(buckets0, buckets1, rank)
+            if found is not None:
+                out.stored_latency_ms[name] = round(found, 1)
         if window:
             q = statistics.quantiles(window, n=100)
             out.latency_ms = {"p50": round(q[49], 1), "p99": round(q[98], 1), "max": round(max(window), 1),
@@ -339,12 +355,14 @@ def markdown(args: argparse.Namespace, rungs: list[Rung], head: str) -> str:
              "P: `bus.partitions`; with P > 1 two instances of each of " + ", ".join(PARTITIONED) + ". Redis: "
              "one node, or a local 3-master cluster (its three servers' CPU and commands summed).", "",
              ("| Redis | P | offered/s | achieved/s | stored/s | backlog start -> end | ts_recv->cache p50 / p99 / max ms "
-             "| sustained |"), "|---|---:|---:|---:|---:|---|---|---|"]
+             "| ts_recv->InfluxDB p50 / p99 ms | sustained |"), "|---|---:|---:|---:|---:|---|---|---|---|"]
     for r in rungs:
         lat = r.latency_ms
         lat_text = f"{lat['p50']} / {lat['p99']} / {lat['max']}" if lat else "-"
+        st = r.stored_latency_ms
+        stored_text = f"{st['p50']} / {st['p99']}" if st else "-"
         lines.append(f"| {r.redis} | {r.partitions} | {r.offered:,} | {r.achieved:,.0f} | {r.stored:,.0f} | {r.backlog_start:,} -> "
-                     f"{r.backlog_end:,} | {lat_text} | {'yes' if r.sustained else 'no'} |")
+                     f"{r.backlog_end:,} | {lat_text} | {stored_text} | {'yes' if r.sustained else 'no'} |")
     programs = sorted({p for r in rungs for p in r.cpu_us})
     lines += ["", "CPU per stored trade (us) and share of one core, per program (its instances summed):", "",
               "| Redis | P | offered/s | " + " | ".join(programs) + " |", "|---|---:|---:|" + "---:|" * len(programs)]

@@ -69,9 +69,9 @@ from schemas import Alert, Codec, DecodeError, Event, Severity
 
 log = logging.getLogger(__name__)
 
-# Redis is unreachable (refused, reset, timed out, loading its data after a restart): redis-py wraps socket
-# errors into these. A handler's own OSError is the handler's failure, not the bus's.
-# Redis not answering for now; on a cluster also a slot without a master (one is down or failing over).
+# Redis is unreachable (refused, reset, timed out, loading its data after a restart; on a cluster also a slot
+# without a master, one being down or failing over): redis-py wraps socket errors into these. A handler's own
+# OSError is the handler's failure, not the bus's.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError, TryAgainError)
 REDIS_RETRY_MAX_S = 5.0  # cap of the backoff while waiting for Redis
 STORE_RETRY_MAX_S = 30.0  # cap of the backoff while a handler's store is unavailable

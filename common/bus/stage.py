@@ -85,8 +85,8 @@ async def refuse_cluster(redis: aioredis.Redis) -> None:
 
 class Service:
     name: ClassVar[str] = "service"
-    # Runs on a Redis Cluster ([bus] cluster = true): every key it writes carries its partition's hash tag. One
-    # that does not yet stops at start with a ConfigError (docs/scaling.md, "Redis Cluster": what is left).
+    # Runs on a Redis Cluster ([bus] cluster = true): every key it writes carries its partition's hash tag (every
+    # service of supervisord.conf does). One that does not say so stops at start with a ConfigError.
     cluster_ready: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
@@ -125,8 +125,8 @@ class Service:
         on after `startretries` (FATAL)."""
         if self.settings.bus.cluster and not self.cluster_ready:
             raise ConfigError(
-                f"bus.cluster: {self.name} does not run on a Redis Cluster yet (its keys are not all tagged by "
-                f"partition; docs/scaling.md, 'Redis Cluster', says which services do). Set [bus] cluster = false "
+                f"bus.cluster: {self.name} does not declare that it runs on a Redis Cluster (cluster_ready: every "
+                f"key it writes tagged by partition; docs/scaling.md, 'Redis Cluster'). Set [bus] cluster = false "
                 f"and point MDP_REDIS_URL or [redis] url at a standalone Redis")
         backoff, waited_since = Backoff(0.5, REDIS_WAIT_MAX_S), time.monotonic()
         while True:

@@ -44,6 +44,8 @@ Trades and candles are decoded with their decimals as text (wire.py): the writer
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import time
 from typing import cast
@@ -55,6 +57,7 @@ from common.bus.partitions import Partitions
 from common.bus.stage import Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
+from common.status import STORED_LATENCY_BUCKETS_MS, STORED_LATENCY_KEYS
 from common.stores.influx import (
     InfluxClient,
     InfluxError,
@@ -116,6 +119,8 @@ class InfluxWriter(Stage):
         self.plan = self.influx.plan
         self._slots = asyncio.Semaphore(max(1, settings.influx.write_concurrency))
         self._remaking = asyncio.Lock()
+        self._bounds_ns = [b * 1_000_000 for b in STORED_LATENCY_BUCKETS_MS]
+        self._latency = [0] * len(STORED_LATENCY_KEYS)  # per bucket (the last: beyond every bound)
         self._expired_logged_at = float("-inf")
         self._expired_unlogged = 0
         self.count.update(dict.fromkeys((
@@ -141,7 +146,16 @@ class InfluxWriter(Stage):
     def extra_counters(self) -> dict[str, int]:
         # Points InfluxDB dropped as beyond their retention policy were sent, not stored.
         dropped = self.influx.expired_dropped
-        return {"points_written": self.count["points_written"] - dropped, "expired_dropped": dropped}
+        cumulative = list(itertools.accumulate(self._latency))
+        return {"points_written": self.count["points_written"] - dropped, "expired_dropped": dropped,
+                **dict(zip(STORED_LATENCY_KEYS, cumulative, strict=True))}
+
+    def _stored(self, trades: list[Trade | TradeText]) -> None:
+        """Count each trade InfluxDB just acknowledged by its ts_recv -> stored latency (common.status buckets)."""
+        now, bounds, counts = time.time_ns(), self._bounds_ns, self._latency
+        for t in trades:
+            if t.ts_recv > 0:
+                counts[bisect.bisect_left(bounds, now - t.ts_recv)] += 1
 
     def _where(self) -> str:
         return f"InfluxDB at {self.influx.url}, database {self.influx.database!r}"
@@ -241,6 +255,7 @@ class InfluxWriter(Stage):
         if invalid:
             log.warning("skipped %d trades/candles without price, amount or OHLCV values (the validator "
                         "should have rejected them)", invalid)
+        self._stored(trades)
         self.count["points_written"] += n_trades + n_candles
         self.count["trades"] += n_trades
         self.count["candles"] += n_candles

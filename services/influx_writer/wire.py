@@ -34,6 +34,7 @@ class TradeText(msgspec.Struct, tag="trade", frozen=True, kw_only=True, gc=False
     amount: str | None
     side: Literal["buy", "sell"] | None
     ts_event: int
+    ts_recv: int = 0  # for the writer's ts_recv -> stored latency
     quality: tuple[str, ...] = ()
 
 
