@@ -396,7 +396,7 @@ class Producer:
         outputs = {s: ev for s, ev in outputs.items() if ev}
         if not outputs:
             return
-        if self.settings.cluster:  # each stream in its partition: the same as a stage's commit puts it in
+        if self.settings.cluster or is_cluster(self.redis):  # each stream in its partition, as a commit puts it
             p = self.settings.partitions
             outputs = {streams.tagged(s, streams.partition_of_stream(s, p)): ev for s, ev in outputs.items()}
         await self.wait_for_consumers(outputs.keys())
