@@ -18,8 +18,7 @@ import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import status as status_mod
-from common.bus import streams
-from common.bus.core import StreamEntries
+from common.bus.core import StreamEntries, alert_streams
 from common.config import ConfigError, load_settings
 from common.redis_client import connect
 from common.stores.postgres import MigrationError
@@ -51,11 +50,8 @@ async def _alerts(args: argparse.Namespace) -> int:
     codec = Codec()
     try:
         shown = 0
-        names = [streams.ALERTS]
-        if settings.bus.cluster:  # one stream per partition, mdp:alerts:{p<k>}, on every master
-            names = sorted({k.decode() async for k in redis.scan_iter(match=f"{streams.ALERTS}:*", count=1000)})
         newest: list[tuple[bytes, dict[bytes, bytes]]] = []
-        for name in names:
+        for name in await alert_streams(settings.bus.cluster).resolve(redis):
             newest.extend(cast(StreamEntries, await redis.xrevrange(name, count=args.count)))
         newest.sort(key=lambda e: tuple(int(x) for x in e[0].split(b"-")), reverse=True)
         for entry_id, fields in newest[:args.count]:

@@ -532,6 +532,11 @@ class StreamSelector:
         return sorted(found)
 
 
+def alert_streams(cluster: bool) -> StreamSelector:
+    """mdp:alerts, or on a Redis Cluster its stream in each partition (mdp:alerts:{p<k>}, from the registry)."""
+    return StreamSelector(patterns=[f"{streams.ALERTS}:*"]) if cluster else StreamSelector(names=[streams.ALERTS])
+
+
 @dataclass
 class ConsumerStats:
     delivered: int = 0

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from common import status as status_mod
 from common.backoff import EXACT, sleep_unless
 from common.bus import streams
-from common.bus.core import StreamEntries
+from common.bus.core import StreamEntries, alert_streams
 from common.bus.stage import Service
 from common.config import Settings
 from common.domain.quality import CATALOG
@@ -243,13 +243,6 @@ class MetricsExporter(Service):
 
     # -- alerts and latency -----------------------------------------------------------------------
 
-    async def _alert_streams(self) -> list[str]:
-        """mdp:alerts; on a cluster its streams per partition (mdp:alerts:{p<k>}), from the registry."""
-        if not self.settings.bus.cluster:
-            return [streams.ALERTS]
-        members = cast(set[bytes], await self.redis.smembers(streams.REGISTRY))
-        return sorted(n for n in map(_text, members) if streams.untagged(n) == streams.ALERTS)
-
     async def _read_alerts(self, stop: asyncio.Event) -> None:
         """Count every alert on mdp:alerts (a cluster's every mdp:alerts:{p<k>}) from the newest entry at start
         on, by rule and severity. One stream: a blocking read; a cluster's: each read in turn (a read names keys
@@ -258,7 +251,7 @@ class MetricsExporter(Service):
         started = False
         while not stop.is_set():
             try:
-                names = await self._alert_streams()
+                names = await alert_streams(self.settings.bus.cluster).resolve(self.redis)
                 for name in names:
                     if name not in cursors:  # at start its newest entry; a stream that appears later from 0
                         newest = cast(StreamEntries, await self.redis.xrevrange(name, count=1)) if not started else []
