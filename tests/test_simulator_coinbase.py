@@ -428,7 +428,13 @@ async def test_duplicate_and_reorder_on_wire_and_through_ccxt() -> None:
         await until(lambda: len(w.frames) >= 5, "trades")
         venue.inject("reorder", count=1)
         n = len(w.frames)
-        await until(lambda: len(w.frames) >= n + 3, "more trades")
+
+        def swapped_at() -> list[int]:  # where a message came after its successor, from frame n on
+            seqs = [json.loads(f)["sequence_num"] for f in w.frames]
+            return [i for i in range(n, len(seqs) - 1) if seqs[i] == seqs[i + 1] + 1]
+
+        # frames already on their way when the fault was set arrive first: wait for the swap, then 3 more
+        await until(lambda: bool(swapped_at()) and len(w.frames) >= swapped_at()[0] + 5, "the swapped pair")
         frames = list(w.frames)
     assert frames[1] == frames[2]  # the first trade message twice, byte for byte (same sequence_num)
     seqs = [json.loads(f)["sequence_num"] for f in frames]
@@ -450,13 +456,20 @@ async def test_duplicate_and_reorder_on_wire_and_through_ccxt() -> None:
             venue.inject("clear")
             venue.inject("reorder", count=1)
             mark = len(got)
-            while len(got) < mark + 3:
+
+            def out_of_order() -> bool:  # one pair out of order, from the first trade after the fault on
+                ids = [int(t["id"]) for t in got]
+                return any(ids[i] == ids[i + 1] + 1 for i in range(mark - 1, len(ids) - 1))
+
+            # trades ccxt had already received when the fault was set come first: read until the swapped pair
+            deadline = time.monotonic() + DEADLINE_S
+            while not out_of_order() and time.monotonic() < deadline:
                 got += await asyncio.wait_for(ex.watch_trades(SYMBOL), DEADLINE_S)
         finally:
             await ex.close()
     ids = [int(t["id"]) for t in got]
     assert ids[:3] == [1568267, 1568267, 1568268]
-    assert any(ids[i] == ids[i + 1] + 1 for i in range(mark - 1, len(ids) - 1))  # one pair out of order
+    assert out_of_order(), f"no pair out of order after trade {mark} in {ids}"
 
 
 async def test_malformed_json_kills_ccxt_reader_until_keepalive_timeout() -> None:
