@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import msgspec
@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from common.bus import streams
 from common.bus.core import Producer
+from common.bus.partitions import Partitions
 from common.config import Settings, load_settings
 from common.domain import quality
 from common.domain.normalize import SymbolMap, canonical_decimal, normalize
@@ -34,6 +35,7 @@ from common.history.ledger import Ledger, Series
 from common.stores.influx import InfluxClient, encode_candles, encode_trades
 from schemas import Alert, Candle, Codec, Event, Gap, Trade
 from services.gap_repair.outcome import REPAIRED
+from services.gap_repair.published import Published, key_of
 from services.gap_repair.repair import Repairer
 from services.gap_repair.service import GapRepair, build_repairer
 from services.normalizer.service import Normalizer
@@ -383,6 +385,26 @@ async def test_scan_does_not_trust_a_ledger_that_claims_candles_influxdb_lacks(
 # Trades
 
 
+def test_what_one_partition_staged_is_neither_remembered_nor_dropped_by_another_partitions_batch() -> None:
+    """An instance holding several partitions handles their batches concurrently: partition 1's acknowledgement
+    must not remember what partition 2's batch staged (2's commit may yet fail; its redelivered Gap would then
+    skip trades never published), and partition 1's retry must not drop partition 2's staging."""
+    published = Published()
+    eth = [Trade(exchange="binance", symbol="ETH/USDT", trade_id=str(n), price=Decimal(1), amount=Decimal(1),
+                 side="buy", ts_event=n, ts_recv=n) for n in (1, 2)]
+    btc = [msgspec.structs.replace(t, symbol="BTC/USDT") for t in eth]
+    published.stage(eth, partition=1)
+    published.stage(btc, partition=2)
+
+    published.discard(1)  # partition 1's batch handled again
+    published.stage(eth, partition=1)
+    published.commit(1)  # and acknowledged
+    assert all(key_of(t) in published for t in eth) and len(published) == 2
+    assert all(key_of(t) in published for t in btc), "staged by partition 2, still there"
+    published.discard(2)  # partition 2's commit failed: its batch is handled again
+    assert not any(key_of(t) in published for t in btc), "never remembered as published"
+
+
 def assert_repaired_trades(events: list[Event], expected: list[RecordedTrade]) -> None:
     """`events` are the recorded trades, each once, as the collector publishes them, marked repaired."""
     assert all(isinstance(e, Trade) for e in events)
@@ -472,6 +494,79 @@ async def test_repaired_trades_reach_md_trade_through_the_real_validator_and_nor
         assert sorted(int(t.trade_id) for t in trades) == [t.id for t in recorded]
         repaired = {int(t.trade_id) for t in trades if "gap.repaired" in t.quality}
         assert repaired == set(dropped)
+
+
+async def test_two_partitioned_instances_repair_each_hole_once_from_the_partitions_gap_stream(
+        redis_server: LocalServer, influx_server: LocalServer, postgres_dsn: str, ledger: Ledger,
+        redis: aioredis.Redis) -> None:
+    """bus.partitions = 4 on one node: the validator announces the hole on its partition's mdp:gaps:p{k}, and
+    of two gap_repair instances the one holding partition k repairs it, also when the loss is announced twice
+    (in one consumer group of two instances the second announcement could go to the other instance, whose
+    memory of what was published is its own, and the trades would be published twice)."""
+    async with start_simulator(speed=0, max_trades=3000, start="manual") as sim:
+        base = gap_settings(sim, redis_server, influx_server, postgres_dsn, trades_page=100)
+        settings = msgspec.structs.replace(base, bus=msgspec.structs.replace(base.bus, partitions=4,
+                                                                             heartbeat_interval_s=0.2))
+        dropped = await replay_dropping(sim, after=1000, count=250)
+        recorded = sim.expected_trades()
+        received = [msgspec.structs.replace(live_trade(t), price=Decimal(t.price), amount=Decimal(t.qty))
+                    for t in recorded if t.id not in set(dropped)]
+        k = streams.partition_of("BTC/USDT", 4)
+        gaps_k, raw_k = streams.gaps(k), streams.raw("binance", k)
+        repairs = [GapRepair(settings, "a"), GapRepair(settings, "b")]
+        stages = [Validator(settings, "t"), Normalizer(settings, "t"), *repairs]
+        for svc in repairs:
+            assert isinstance(svc.consumer, Partitions)
+            svc.consumer.refresh_s = 0.05
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(svc.run(stop)) for svc in stages]
+        tasks += [asyncio.create_task(svc._heartbeats(stop)) for svc in repairs]  # so each sees the other
+        md = streams.market_data("trade", "binance", "BTC/USDT")
+
+        async def on_md() -> list[Trade]:
+            return [e for e in await raw_events(redis, stream=md) if isinstance(e, Trade)]
+
+        async def gap_acked(n: int) -> bool:
+            return sum(svc.consumer.stats.acked for svc in repairs) >= n
+
+        async def shared() -> bool:  # two partitions each, none held twice
+            held = [set(cast(Partitions, svc.consumer).live) for svc in repairs]
+            return len(held[0]) == len(held[1]) == 2 and not held[0] & held[1]
+
+        try:
+            await until("the two gap_repair instances holding two partitions each", shared, timeout=60)
+            holder = next(i for i, svc in enumerate(repairs) if k in cast(Partitions, svc.consumer).live)
+            # Act: the live trades go into BTC's partition; the validator announces the hole on mdp:gaps:p{k}
+            await Producer(redis, Codec(), settings.bus, "collector:binance").publish({streams.raw_for(
+                "binance", "BTC/USDT", 4): received})
+            await until("the validator's Gap acknowledged", lambda: gap_acked(1), timeout=60)
+            # the same loss announced again (as a collector does for a reconnect) on the same partition
+            entries = await redis.xrange(gaps_k)
+            assert len(entries) == 1
+            await Producer(redis, Codec(), settings.bus, "collector:binance").publish(
+                {gaps_k: Codec().decode_entry(entries[0][1])})
+            await until("every recorded trade on md:trade", lambda: _all_there(on_md, len(recorded)), timeout=60)
+            await until("the second Gap acknowledged", lambda: gap_acked(2), timeout=60)
+            await until("the pipeline drained", lambda: _drained(redis, [
+                (gaps_k, "gap_repair"), (raw_k, "validator"), (streams.valid("binance", k), "normalizer")]))
+            trades = await on_md()
+            counters = [svc.counters() for svc in repairs]
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            for svc in stages:
+                await svc.close()
+
+        # Assert: the Gaps went to partition k's stream only; the repaired trades are on raw:binance:p{k} once
+        # (published by one instance: the second Gap was answered from its memory), md:trade holds every
+        # trade once
+        assert await redis.exists(streams.GAPS) == 0
+        repaired_on_raw = [e for e in await raw_events(redis, stream=raw_k)
+                           if isinstance(e, Trade) and e.quality == REPAIRED]
+        assert_repaired_trades(repaired_on_raw, [t for t in recorded if t.id in set(dropped)])
+        assert [c["gaps_in"] for c in counters] == [2 if i == holder else 0 for i in range(2)], counters
+        assert sum(c["gaps_repaired"] for c in counters) == 1 and sum(c["gaps_explained"] for c in counters) == 1
+        assert sorted(int(t.trade_id) for t in trades) == [t.id for t in recorded]
 
 
 async def test_a_trade_repair_killed_after_its_rest_fetch_publishes_its_trades_once_after_redelivery(

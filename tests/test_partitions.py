@@ -56,18 +56,26 @@ def test_a_symbol_s_partition_is_the_crc32_of_its_base_asset() -> None:
     assert {streams.partition_of(s, 7) for s in ("BTC/USDT", "BTC/USDT:USDT", "BTC/USD", "BTC/USDC:USDC")} == {
         streams.partition_of("BTC/EUR", 7)}
     assert streams.partition_of_stream("md:trade:binanceusdm:ETH/USDT:USDT", 4) == 3
+    # a symbol's Gaps go to its partition's mdp:gaps:p{k}, which that partition's gap_repair instance reads
+    k = streams.partition_of("ETH/USDT", 4)
+    assert streams.gaps_for("ETH/USDT:USDT", 4) == f"mdp:gaps:p{k}" and streams.gaps_for("ETH/USDT", 1) == "mdp:gaps"
+    assert streams.partition_of_stream(f"mdp:gaps:p{k}", 4) == k
+    assert streams.gaps_for("ETH/USDT", 4, cluster=True) == f"mdp:gaps:{{p{k}}}"
     assert streams.partition_of("ETH/USDT", 1) == 0
 
 
 def test_the_tools_run_instances_of_exactly_the_partitioned_stages() -> None:
     """tools.PARTITIONED (what the chaos suite and the pipeline benchmark scale with P) is every service whose
     class is partitioned, by its supervisord program name."""
+    from services.gap_repair.service import GapRepair
     from services.influx_writer.service import InfluxWriter
     from services.postgres_writer.service import PostgresWriter
-    from tools import PARTITIONED
+    from tools import PARTITIONED, SHARED, STAGES
 
-    stages = (Validator, Normalizer, Aggregator, CachePublisher, InfluxWriter, PostgresWriter)
+    stages = (Validator, Normalizer, Aggregator, CachePublisher, GapRepair, InfluxWriter, PostgresWriter)
     assert {cls.name for cls in stages if cls.partitioned} == set(PARTITIONED)
+    assert {cls.name for cls in stages if not cls.partitioned} == set(SHARED)
+    assert set(STAGES) == {cls.name for cls in stages}
 
 
 def test_partitions_out_of_bounds_is_a_config_error(tmp_path) -> None:

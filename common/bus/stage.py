@@ -88,6 +88,9 @@ class Service:
     # Runs on a Redis Cluster ([bus] cluster = true): every key it writes carries its partition's hash tag (every
     # service of supervisord.conf does). One that does not say so stops at start with a ConfigError.
     cluster_ready: ClassVar[bool] = False
+    # With bus.partitions = P > 1 its instances share the P partitions under leases (common/bus/partitions.py):
+    # each partition's events are handled by one instance at a time. See Stage for a stage's.
+    partitioned: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         self.settings = settings
@@ -268,7 +271,6 @@ class Stage(Service):
     input_names: ClassVar[tuple[str, ...]] = ()
     forwards: ClassVar[bool] = False
     state_types: ClassVar[dict[str, type] | None] = None
-    partitioned: ClassVar[bool] = False
     series_noun: ClassVar[str] = "series"  # the name of the state's size in the counters
     bus_counters: ClassVar[tuple[str, ...]] = ("delivered", "acked", "dead_lettered", "failures")
 

@@ -2,7 +2,7 @@
 
   raw:{exchange}                    collector -> validator: everything a collector saw, as received (internal)
   valid:{exchange}                  validator -> normalizer: events that passed validation (internal)
-  raw:{exchange}:p{k}, valid:{exchange}:p{k}
+  raw:{exchange}:p{k}, valid:{exchange}:p{k}, mdp:gaps:p{k}
                                     the same with bus.partitions = P > 1: partition k = crc32 of the event's
                                     symbol's base asset modulo P (partition_of), docs/scaling.md
   {stream}:{p<k>}                   on a Redis Cluster ([bus] cluster = true): every stream of partition k (raw,
@@ -14,6 +14,7 @@
                                     e.g. md:trade:binance:BTC/USDT, md:candle:binance:BTC/USDT
   md:market:{exchange}              market catalog entries from ccxt's load_markets
   mdp:alerts                        quality and pipeline alerts (rejected events with reason and values)
+  mdp:gaps                          Gap events, holes found in a feed (collector, validator) -> gap_repair
   mdp:heartbeats                    service heartbeats
   strategy:{strategy}               a strategy's fills, positions, metrics, registration -> postgres_writer
   dlq:{stream}                      dead letters of {stream}: entries that failed max_deliveries times
@@ -85,6 +86,19 @@ def raw_for(exchange: str, symbol: str, partitions: int, cluster: bool = False) 
     if partitions <= 1 and not cluster:
         return raw(exchange)
     return raw(exchange, partition_of(symbol, partitions), cluster)
+
+
+def gaps(partition: int | None = None, cluster: bool = False) -> str:
+    """mdp:gaps, or partition k's mdp:gaps:p{k} (mdp:gaps:{p<k>} on a cluster)."""
+    return GAPS if partition is None else f"{GAPS}:{part(partition, cluster)}"
+
+
+def gaps_for(symbol: str, partitions: int, cluster: bool = False) -> str:
+    """Where a Gap of `symbol` goes: mdp:gaps, or with partitions > 1 (or on a cluster) its symbol's partition's,
+    which the one gap_repair instance holding that partition reads (services/gap_repair)."""
+    if partitions <= 1 and not cluster:
+        return GAPS
+    return gaps(partition_of(symbol, partitions), cluster)
 
 
 def candle_built(exchange: str, symbol: str) -> str:
@@ -180,8 +194,8 @@ def partition_of(symbol: str, partitions: int) -> int:
 
 
 def partition_of_stream(stream: str, partitions: int) -> int:
-    """The partition of a stream: a tagged one ({stream}:{p<k>}, a cluster's) and a partition's raw:{exchange}:p{k}
-    or valid:{exchange}:p{k} by its k (modulo `partitions`), a per-symbol one (md:{kind}:{exchange}:{symbol}) by
+    """The partition of a stream: a tagged one ({stream}:{p<k>}, a cluster's) and a partition's raw:{exchange}:p{k},
+    valid:{exchange}:p{k} or mdp:gaps:p{k} by its k (modulo `partitions`), a per-symbol one (md:{kind}:{exchange}:{symbol}) by
     its symbol, any other by its whole name."""
     if partitions <= 1:
         return 0
@@ -191,7 +205,8 @@ def partition_of_stream(stream: str, partitions: int) -> int:
     parts = stream.split(":", 3)
     if len(parts) == 4 and parts[0] == "md":
         return partition_of(parts[3], partitions)
-    if len(parts) == 3 and parts[0] in ("raw", "valid") and parts[2][:1] == "p" and parts[2][1:].isdigit():
+    if len(parts) == 3 and (parts[0] in ("raw", "valid") or stream.startswith(f"{GAPS}:")) \
+            and parts[2][:1] == "p" and parts[2][1:].isdigit():
         return int(parts[2][1:]) % partitions
     return zlib.crc32(stream.encode()) % partitions
 

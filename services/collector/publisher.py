@@ -41,7 +41,8 @@ LINGER_SLACK_S = 0.001
 
 
 class Publisher:
-    """Sends what the feeds took to `raw:{exchange}` (and Gaps to `mdp:gaps`, alerts to `mdp:alerts`).
+    """Sends what the feeds took to `raw:{exchange}` (and Gaps to `mdp:gaps`, alerts to `mdp:alerts`; with
+    partitions > 1 each event and Gap to its symbol's partition's raw:{exchange}:p{k} and mdp:gaps:p{k}).
 
     `service` is the collector process: its `state`/`detail` say when Redis is down, its `redis` holds the
     positions, its `started_at` bounds what a Redis that lost everything lost."""
@@ -254,11 +255,13 @@ class Publisher:
                           *(x for (c, s), p in positions.items() for x in (position_field(c, s), p.encode()))))
         if partition is not None:
             outputs: dict[str, list[Event]] = {streams.raw(self.exchange_id, partition, cluster=True): events,
-                                               streams.tagged(streams.GAPS, partition): gaps,
+                                               streams.gaps(partition, cluster=True): gaps,
                                                streams.tagged(streams.ALERTS, partition): alerts}
         else:
             outputs = {self.stream: events} if self.partitions == 1 else self._partitioned(batches)
-            outputs[streams.GAPS], outputs[streams.ALERTS] = gaps, alerts
+            for g in gaps:  # mdp:gaps, or with partitions > 1 the Gap's symbol's mdp:gaps:p{k}
+                outputs.setdefault(streams.gaps_for(getattr(g, "symbol", None) or "", self.partitions), []).append(g)
+            outputs[streams.ALERTS] = alerts
         self.count["publish_round_trips"] += 1  # one MULTI/EXEC (the heartbeat's rate of them)
         await self.producer.commit(outputs, extra)
         for b in batches:

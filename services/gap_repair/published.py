@@ -4,7 +4,10 @@ pipeline has stored the first copy (which is when InfluxDB starts saying "held")
 
 A repair of a Gap entry stages its keys; they become remembered only when the bus acknowledged the entry
 (published and acknowledged in one MULTI/EXEC: `commit`, from the consumer's on_acked), and are dropped when
-the batch is handled again (`discard`: nothing of it was published). The scan remembers what it published
+the batch is handled again (`discard`: nothing of it was published). Staging is per partition: an instance
+holding several partitions handles their batches concurrently, and one partition's acknowledgement must not
+remember what another's batch staged and may yet fail to publish (a redelivered Gap would then skip trades
+never published: a loss), nor its retry drop another's staging. The scan remembers what it published
 once its publish returned. At most `cap` keys (oldest forgotten first): a loss announced again after that is
 fetched and published again, and the validator drops what it already forwarded (trade ids, identical closed
 candles). The memory is this process's: a restarted gap_repair starts empty, so a Gap redelivered after a
@@ -40,26 +43,25 @@ class Published:
     def __init__(self, cap: int = CAP) -> None:
         self.cap = cap
         self._acked: OrderedDict[Key, None] = OrderedDict()
-        self._staged: set[Key] = set()
+        self._staged: dict[int | None, set[Key]] = {}  # partition (None: not partitioned) -> keys
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._acked or key in self._staged
+        return key in self._acked or any(key in keys for keys in self._staged.values())
 
     def __len__(self) -> int:
         return len(self._acked)
 
-    def stage(self, events: Iterable[Trade | Candle]) -> None:
-        """Published by the batch being handled, not acknowledged yet."""
-        self._staged.update(key_of(e) for e in events)
+    def stage(self, events: Iterable[Trade | Candle], partition: int | None = None) -> None:
+        """Published by the batch of `partition` being handled, not acknowledged yet."""
+        self._staged.setdefault(partition, set()).update(key_of(e) for e in events)
 
-    def commit(self) -> None:
-        """The batch was acknowledged: what it staged is on raw:{exchange}."""
-        self._remember(self._staged)
-        self._staged = set()
+    def commit(self, partition: int | None = None) -> None:
+        """The batch of `partition` was acknowledged: what it staged is on raw:{exchange}."""
+        self._remember(self._staged.pop(partition, ()))
 
-    def discard(self) -> None:
-        """The batch is handled again: nothing it staged was published."""
-        self._staged.clear()
+    def discard(self, partition: int | None = None) -> None:
+        """The batch of `partition` is handled again: nothing it staged was published."""
+        self._staged.pop(partition, None)
 
     def remember(self, events: Iterable[Trade | Candle]) -> None:
         """Published outside a Gap entry's acknowledgement (the scan), after the publish returned."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from common.bus import streams
 from common.bus.core import Outputs
@@ -76,12 +77,13 @@ class Repairer:
         if kind == "candle":
             self.counts["candles_empty"] += out.empty
 
-    async def repair_gap(self, gap: Gap, now_ns: int | None = None) -> Outcome:
-        """Repair what one Gap event announces; the outcome carries the alerts to publish."""
+    async def repair_gap(self, gap: Gap, now_ns: int | None = None, partition: int | None = None) -> Outcome:
+        """Repair what one Gap event (of `partition`'s batch) announces; the outcome carries the alerts to
+        publish."""
         now_ns = now_ns or time.time_ns()
         self.counts["gaps_in"] += 1
         out = await self._route(gap, now_ns)
-        self.published.stage(out.events)  # remembered once the bus acknowledged the Gap (`committed`)
+        self.published.stage(out.events, partition)  # remembered once the bus acknowledged the Gap (`committed`)
         self._count(out, "gaps_")
         log.info("gap %s %s %s %s: %s (%d repaired, %d empty)", gap.exchange, gap.symbol, gap.channel,
                  out.window, out.state, out.repaired, out.empty)
@@ -124,13 +126,14 @@ class Repairer:
                              f"fix the producer of this Gap")
         return out.finish(now_ns, gap.reason)
 
-    def committed(self) -> None:
-        """The Gap entries handled last were acknowledged: their repaired data is on raw:{exchange}."""
-        self.published.commit()
+    def committed(self, partition: int | None = None) -> None:
+        """The Gap entries of `partition` handled last were acknowledged: their repaired data is on
+        raw:{exchange}."""
+        self.published.commit(partition)
 
-    def discarded(self) -> None:
-        """The Gap entries handled last were not acknowledged and are handled again."""
-        self.published.discard()
+    def discarded(self, partition: int | None = None) -> None:
+        """The Gap entries of `partition` handled last were not acknowledged and are handled again."""
+        self.published.discard(partition)
 
     def _timeframe(self, exchange: str) -> str:
         for ex in self.settings.exchanges:
@@ -142,15 +145,17 @@ class Repairer:
         return [Series(ex.id, symbol, ex.timeframe) for ex in self.settings.exchanges if "candles" in ex.channels
                 for symbol in ex.symbols]
 
-    async def scan(self, now_ns: int | None = None) -> Outputs:
-        """Find and repair holes in the recent candles of every configured series; what to publish: the
-        repaired candles (raw:{exchange}) and the alerts (an unrepaired hole is alerted once per process,
-        not at every scan)."""
+    async def scan(self, now_ns: int | None = None, mine: Callable[[str], bool] | None = None) -> Outputs:
+        """Find and repair holes in the recent candles of every configured series (of those whose symbol
+        `mine` accepts: a partitioned instance's); what to publish: the repaired candles (raw:{exchange}) and
+        the alerts (an unrepaired hole is alerted once per process, not at every scan)."""
         now_ns = now_ns or time.time_ns()
         cfg = self.settings.gap_repair
         self.counts["scans"] += 1
         outputs: Outputs = {}
         for series in self.scanned_series():
+            if mine is not None and not mine(series.symbol):
+                continue
             window = scan_window(series.timeframe, now_ns, cfg.scan_lookback_s, cfg.scan_settle_s)
             if window is None:
                 continue

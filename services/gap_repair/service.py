@@ -74,14 +74,23 @@ async def build_repairer(settings: Settings, redis: aioredis.Redis, producer: Pr
 class GapRepair(Service):
     name = "gap_repair"
     cluster_ready = True  # on a cluster it reads each partition's Gaps and repairs into that partition
+    # With bus.partitions = P > 1 (or on a cluster) each partition's Gaps (mdp:gaps:p{k}) are read, and its
+    # symbols scanned, by the one instance holding the partition's lease: two instances never repair one
+    # hole at once, which their separate memories of what they published (published.py) could not prevent.
+    partitioned = True
 
     def __init__(self, settings: Settings, instance: str | None = None) -> None:
         super().__init__(settings, instance)
         self.producer = Producer(self.redis, self.codec, settings.bus, source=self.name)
         self.consumer: Consumer | Partitions
-        if settings.bus.cluster:  # one Gap stream per partition, mdp:gaps:{p<k>}, read partition by partition
-            self.consumer = Partitions(self.redis, self.codec, settings.bus, self.name, self.instance, GROUP,
-                                       (f"{streams.GAPS}:*",), self.producer, None, on_acked=self._acked)
+        bus = settings.bus
+        if bus.partitions > 1 or bus.cluster:
+            # One Gap stream per partition, mdp:gaps:p{k} (mdp:gaps:{p<k>} on a cluster), read partition by
+            # partition. On one node also mdp:gaps, in the partition its name hashes to: Gaps written before
+            # bus.partitions was raised, or by a tool.
+            patterns = (f"{streams.GAPS}:*",) if bus.cluster else (streams.GAPS, f"{streams.GAPS}:p*")
+            self.consumer = Partitions(self.redis, self.codec, bus, self.name, self.instance, GROUP, patterns,
+                                       self.producer, None, on_acked=self._acked)
         else:
             self.consumer = Consumer(self.redis, self.codec, settings.bus, group=GROUP, name=self.consumer_name,
                                      selector=StreamSelector(names=[streams.GAPS]), producer=self.producer,
@@ -121,7 +130,8 @@ class GapRepair(Service):
     async def handle(self, batch: list[Delivery]) -> Outputs:
         """Repair every Gap of the batch; the repaired data and the alerts go out with the acknowledgement."""
         assert self.repairer is not None
-        self.repairer.discarded()  # a batch handled before and not acknowledged is handled again
+        partition = self._partition(batch)
+        self.repairer.discarded(partition)  # a batch handled before and not acknowledged is handled again
         outputs: Outputs = {}
         for delivery in batch:
             for event in delivery.events:
@@ -129,23 +139,36 @@ class GapRepair(Service):
                     self.ignored += 1
                     continue
                 try:
-                    out = await self.repairer.repair_gap(event)
+                    out = await self.repairer.repair_gap(event, partition=partition)
                 except _PG_DOWN as exc:
                     raise StoreUnavailable(f"PostgreSQL (coverage ledger) is unavailable: {exc}") from exc
                 add_outputs(outputs, out, self.settings.bus)
         self.alerts += len(outputs.get(streams.ALERTS, ()))
         return outputs
 
-    def _acked(self, _batch: list[Delivery]) -> None:
+    def _partition(self, batch: list[Delivery]) -> int | None:
+        """The partition a batch came from (a batch comes from one partition's consumer), None unpartitioned:
+        the instance handles its partitions' batches concurrently, each with its own staging (published.py)."""
+        if not isinstance(self.consumer, Partitions) or not batch:
+            return None
+        return self.consumer.partition_of(batch[0].stream)
+
+    def _mine(self, symbol: str) -> bool:
+        """Whether this instance scans `symbol`'s candles: partitioned, only while it holds its partition."""
+        if not isinstance(self.consumer, Partitions):
+            return True
+        return streams.partition_of(symbol, self.consumer.count) in self.consumer.live
+
+    def _acked(self, batch: list[Delivery]) -> None:
         if self.repairer is not None:
-            self.repairer.committed()
+            self.repairer.committed(self._partition(batch))
 
     async def _scan_loop(self, stop: asyncio.Event) -> None:
         assert self.repairer is not None
         interval = max(1.0, self.settings.gap_repair.scan_interval_s)
         while not stop.is_set():
             try:
-                outputs = await self.repairer.scan()
+                outputs = await self.repairer.scan(mine=self._mine)
                 if outputs:
                     await self.producer.publish(outputs)
                     self.repairer.published.remember(

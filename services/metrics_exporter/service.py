@@ -188,9 +188,9 @@ class MetricsExporter(Service):
             self.count["refreshes"] += 1
 
     async def _gaps_stream(self, status: status_mod.Status) -> None:
-        """mdp:gaps (gap_repair's input) is not in the stream registry collect() reads: add its group lag. (A
-        cluster's mdp:gaps:{p<k>} are: the collector registers each before it commits to it.)"""
-        if any(streams.untagged(s.name) == streams.GAPS for s in status.streams):
+        """mdp:gaps (gap_repair's input) is not in the stream registry collect() reads: add its group lag. (The
+        partitions' mdp:gaps:p{k} and a cluster's mdp:gaps:{p<k>} are: their producers register each.)"""
+        if any(s.name == streams.GAPS or s.name.startswith(f"{streams.GAPS}:") for s in status.streams):
             return
         try:
             length = await self.redis.xlen(streams.GAPS)

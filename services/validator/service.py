@@ -150,6 +150,7 @@ class Validator(Stage):
         alerts: list[Alert] = []
         forwarded: list[Alert] = []
         gaps: list[Event] = []
+        partition: int | None = None  # a batch comes from one partition's consumer
         for delivery in batch:
             stream_exchange = streams.exchange_of_stream(delivery.stream)
             # Partitioned: what passes goes on to the same partition (the event's symbol hashed there already).
@@ -174,6 +175,6 @@ class Validator(Stage):
         self.count["forwarded_alerts"] += len(forwarded)
         if alerts or forwarded:
             out[streams.ALERTS] = [*forwarded, *alerts]
-        if gaps:
-            out[streams.GAPS] = gaps
+        if gaps:  # to the partition's mdp:gaps:p{k}, read by the gap_repair instance holding it
+            out[streams.gaps(partition, self.cluster)] = gaps
         return out

@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-from tools import PARTITIONED
+from tools import STAGES
 from tools.chaos.run import Options, markdown, run_one
 
 SEEDS = [int(s) for s in os.environ.get("CHAOS_SEEDS", "1").replace(" ", "").split(",") if s]
@@ -42,17 +42,18 @@ async def test_nothing_lost_nothing_doubled_under_infrastructure_faults(seed: in
 
 
 @pytest.mark.timeout(900)
-async def test_two_instances_of_every_partitioned_stage_lose_and_double_nothing_under_the_same_faults() -> None:
-    # Arrange + Act: seed 1 with bus.partitions = 2 and two instances of each partitioned stage (tools.PARTITIONED),
-    # each instance killed in its turn (restarted, it takes its own partition back).
+async def test_two_instances_of_every_stage_lose_and_double_nothing_under_the_same_faults() -> None:
+    # Arrange + Act: seed 1 with bus.partitions = 2 and two instances of every stage (tools.STAGES: the partitioned
+    # ones, gap repair included, and the writers), each instance killed in its turn (restarted, it takes its own
+    # partition back) and instance 0 of each frozen.
     report = await run_one(Options(seed=SEEDS[0], partitions=2))
 
     # Assert
     failed = [c["name"] for c in report["checks"] if not c["passed"]]
     assert not failed, f"chaos seed {SEEDS[0]}, 2 partitions: failed checks {failed}\n\n{markdown(report)}"
-    assert sum(p.startswith(PARTITIONED) for p in report["programs"]) == 2 * len(PARTITIONED)
+    assert sum(p.startswith(STAGES) for p in report["programs"]) == 2 * len(STAGES)
     frozen = [f for f in report["faults"] if f["kind"] == "freeze"]
-    assert len(frozen) == len(PARTITIONED) and all(f["injected_s"] is not None for f in frozen), \
+    assert len(frozen) == len(STAGES) and all(f["injected_s"] is not None for f in frozen), \
         "each stage's instance 0 froze"
 
 
@@ -68,4 +69,4 @@ async def test_on_a_redis_cluster_a_master_killed_and_restarted_loses_and_double
     assert not failed, f"chaos seed {SEEDS[0]}, cluster: failed checks {failed}\n\n{markdown(report)}"
     killed = [f for f in report["faults"] if f["kind"] == "redis_kill9_restart"]
     assert len(killed) == 1 and "the master serving md:trade:binance:BTC/USDT" in killed[0]["detail"]
-    assert sum(p.startswith(PARTITIONED) for p in report["programs"]) == 2 * len(PARTITIONED)
+    assert sum(p.startswith(STAGES) for p in report["programs"]) == 2 * len(STAGES)

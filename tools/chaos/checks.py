@@ -8,6 +8,7 @@ which program is not RUNNING). Stream entries are read with XRANGE and decoded w
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -170,12 +171,12 @@ async def stored_bars(http: aiohttp.ClientSession, url: str, timeframe: str, fir
 
 
 async def xrange_every(redis: aioredis.Redis, name: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Every entry of `name` (mdp:alerts, mdp:gaps) and, on a Redis Cluster, of its stream in each partition
-    (`name`:{p<k>}): the streams SCAN finds, on every master."""
+    """Every entry of `name` (mdp:alerts, mdp:gaps) and of its stream in each partition (`name`:p<k> on one
+    node with bus.partitions > 1, `name`:{p<k>} on a Redis Cluster): the streams SCAN finds, on every master."""
     found = sorted({k.decode() async for k in redis.scan_iter(match=f"{name}*", _type="stream", count=1000)})
     out: list[tuple[bytes, dict[bytes, bytes]]] = []
     for stream in found:
-        if stream == name or stream.startswith(f"{name}:{{p"):
+        if stream == name or re.fullmatch(rf"{re.escape(name)}:(p\d+|\{{p\d+\}})", stream):
             out.extend(await xrange_all(redis, stream))
     return out
 

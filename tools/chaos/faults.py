@@ -63,8 +63,8 @@ def short_schedule(seed: int, window_s: float, programs: tuple[str, ...] = PROGR
     """Each fault once: kill -9 of every program and every store fault, at uniform random moments in the
     middle of the replay ([8%, 85%] of `window_s`), so each lands while data flows. `freezes`: programs also
     frozen once (SIGSTOP for PROGRAM_FREEZE_S, then SIGCONT), drawn after the others so they keep their times:
-    a partitioned stage's instance frozen long enough that the other takes its partitions, then thawed to
-    find its leases gone (it exits, restarts and gets its share back)."""
+    a stage's instance frozen long enough that the other takes its partitions (a writer's: claims its pending
+    entries), then thawed to find its leases gone (it exits, restarts and gets its share back)."""
     rng = random.Random(seed)
     faults = [Fault("kill9", p, 0.0) for p in programs]
     for kind, (target, (lo, hi)) in STORE_FAULTS.items():

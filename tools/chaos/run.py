@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from common.redis_client import connect
-from tools import PARTITIONED
+from tools import STAGES
 from tools.chaos import checks
 from tools.chaos.faults import Fault, short_schedule, soak_schedule
 from tools.chaos.stores import (
@@ -80,8 +80,8 @@ class Options:
     # kill9, redis_kill9_restart, influx_freeze, influx_kill9_restart, postgres_unreachable, abandoned_groups,
     # slow_group. To tell one defect from another; a full run skips nothing.
     skip: tuple[str, ...] = ()
-    # bus.partitions for the run; > 1 also runs two instances of each partitioned stage (tools.PARTITIONED,
-    # supervisord numprocs), each killed in its turn: the partitions move between them.
+    # bus.partitions for the run; > 1 also runs two instances of every stage (tools.STAGES, supervisord
+    # numprocs), each killed in its turn, instance 0 of each frozen: the partitions move between them.
     partitions: int = 1
     # The bus on a local 3-master Redis Cluster ([bus] cluster = true); redis_kill9_restart then kills the
     # master serving md:trade:binance:BTC/USDT's partition and starts it again.
@@ -98,7 +98,7 @@ class Options:
 
     @property
     def instances(self) -> int:
-        """Instances of each partitioned stage."""
+        """Instances of each stage (tools.STAGES)."""
         return 2 if self.partitions > 1 else 1
 
 
@@ -282,7 +282,7 @@ class Harness:
         env = dict(os.environ, MDP_RUN_DIR=str(run.tmp / "run"), MDP_REDIS_URL=self.redis_store.url,
                    MDP_INFLUX_URL=self.influx.url, MDP_POSTGRES_DSN=via_proxy, MDP_SIMULATOR="true",
                    MDP_SIM_ARGS=sim_args, MDP_START_TIMEOUT="150", MDP_CONFIG=str(config),
-                   MDP_NUMPROCS=",".join(f"{p}={o.instances}" for p in PARTITIONED) if o.instances > 1 else "")
+                   MDP_NUMPROCS=",".join(f"{p}={o.instances}" for p in STAGES) if o.instances > 1 else "")
         self.pipe = Pipeline(env, run.tmp / "run")
         print(f"chaos seed {o.seed}: stores in {run.tmp}; Redis {self.redis_store.url} (AOF"
               f"{', a 3-master cluster' if o.cluster else ''}), InfluxDB "
@@ -524,7 +524,7 @@ class Harness:
                                     if line.strip() and not line.startswith("simulator")))
             report["programs"] = list(programs)
             freezes = tuple(p for p in programs if o.partitions > 1 and p.endswith("-0")
-                            and p.split(":")[0] in PARTITIONED)
+                            and p.split(":")[0] in STAGES)
             run.faults = (soak_schedule(o.seed, window, programs=programs) if o.soak_s
                           else short_schedule(o.seed, window, programs, freezes))
             run.faults = [f for f in run.faults if f.kind not in o.skip]
@@ -690,7 +690,7 @@ def markdown(report: dict[str, Any]) -> str:
              + (" --cluster" if report.get("cluster") else "")
              + "".join(f" --skip {k}" for k in report.get("skipped", [])))
     parts = report.get("partitions", 1)
-    mode = report["mode"] + (f", {parts} partitions, 2 instances each of {', '.join(PARTITIONED)}" if parts > 1 else "")
+    mode = report["mode"] + (f", {parts} partitions, 2 instances each of {', '.join(STAGES)}" if parts > 1 else "")
     mode += ", the bus on a 3-master Redis Cluster" if report.get("cluster") else ""
     lines = [f"# Chaos run, seed {report['seed']} ({mode}): {verdict}", "",
              (f"Started {report['started_utc']}, wall time {report['wall_s']} s, simulator speed {report['speed']}, "
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="soak for this long (1800)")
     p.add_argument("--high-water", type=int, default=300, help="bus.backpressure_high_water for the run")
     p.add_argument("--partitions", type=int, default=1,
-                   help="bus.partitions; > 1 also two instances of each partitioned stage (tools.PARTITIONED)")
+                   help="bus.partitions; > 1 also two instances of every stage (tools.STAGES)")
     p.add_argument("--cluster", action="store_true",
                    help="run the bus on a local 3-master Redis Cluster (use --partitions 4: all three masters)")
     p.add_argument("--out", type=Path, default=ROOT / "var" / "chaos")
