@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 
@@ -392,6 +393,49 @@ async def test_cancel_and_wait_ends_a_task_whose_first_cancellation_was_lost() -
     await asyncio.sleep(0.05)
     assert not once.done()
     await cancel_and_wait(once)
+
+
+async def test_cancel_and_wait_cancelled_itself_leaves_no_exception_unretrieved(caplog) -> None:
+    """A partitioned stage stops every slot when one fails: a slot is cancelled while it waits in cancel_and_wait
+    for its lease renewal, which then ends with LeaseLost. asyncio logged that as "Task exception was never
+    retrieved" with a traceback; it is now one warning naming the task."""
+    # Arrange: a task that outlives one cancellation and then fails, and one already failed
+    class Lost(Exception):
+        pass
+
+    async def fails_once_cancelled() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)
+            raise Lost("lease gone") from None
+
+    async def failed() -> None:
+        raise Lost("already")
+
+    renewal = asyncio.create_task(fails_once_cancelled(), name="p0-lease")
+    done = asyncio.create_task(failed(), name="p0-work")
+    await asyncio.sleep(0)
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        # Act: the owner waits for both, and is cancelled while the renewal still runs
+        owner = asyncio.create_task(cancel_and_wait(renewal, done))
+        await asyncio.sleep(0.01)
+        owner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await owner
+        await asyncio.sleep(0.2)  # the renewal ends with Lost
+        assert renewal.done() and done.done()
+        del renewal, done, owner
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    # Assert
+    assert unretrieved == []
+    assert any("p0-lease" in r.getMessage() and "Lost: lease gone" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_consumer_closes_its_own_commit_connection_never_its_producer_s(redis) -> None:
