@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.bus import streams
 from common.config import ExchangeSettings, Settings
-from common.redis_client import connect
+from common.redis_client import connect, stream_keys
 from common.stores.cache import recent_trades_key
 from services.aggregator import Aggregator
 from services.cache_publisher.service import CachePublisher
@@ -406,6 +406,64 @@ async def test_a_cluster_round_that_fails_in_one_partition_keeps_that_part_in_do
     left = list(publisher.outbox.queued)
     assert [b.symbol for b in left if b.symbol] == ["BTC/USDT", "ETH/USDT"]  # unsent, back at the front
     assert sorted(e.symbol for b in left for e in b.events if isinstance(e, Market)) == ["BTC/USDT", "ETH/USDT"]
+
+
+def test_a_stream_read_s_keys_are_read_from_the_command_itself() -> None:
+    # the arguments after the command's name, as redis-py's routing gets them; a group and a consumer may be
+    # called STREAMS
+    assert stream_keys("XREADGROUP", (b"GROUP", "STREAMS", "STREAMS", b"COUNT", 5, b"BLOCK", 100,
+                                      b"STREAMS", "raw:a:{p1}", "raw:b:{p1}", ">", ">")) == ["raw:a:{p1}", "raw:b:{p1}"]
+    assert stream_keys("xread", ("COUNT", 1, "STREAMS", "s", "0")) == ["s"]
+    assert stream_keys("XADD", ("s", "*", "f", "v")) is None
+
+
+async def _getkeys_calls(cluster: LocalCluster) -> int:
+    """COMMAND GETKEYS calls served by the cluster's masters since their last CONFIG RESETSTAT."""
+    total = 0
+    for node in cluster.nodes:
+        one = aioredis.Redis(host="127.0.0.1", port=node.port)
+        try:
+            total += int((await one.info("commandstats")).get("cmdstat_command|getkeys", {}).get("calls", 0))
+        finally:
+            await one.aclose()
+    return total
+
+
+async def test_a_partition_s_read_finds_its_master_without_asking_a_server_for_its_keys(cluster: LocalCluster) -> None:
+    """redis-py asks a server (COMMAND GETKEYS) for the keys of every XREADGROUP, whose keys are "movable": one
+    more round trip for most reads of the pipeline. Our client reads them from the command (`stream_keys`)."""
+    # Arrange: two streams in each of four partitions, one entry each, the group created
+    ours, theirs = connect(cluster.url, True), RedisCluster.from_url(cluster.url)
+    names = {k: [f"raw:binance:{{p{k}}}", f"raw:coinbase:{{p{k}}}"] for k in range(4)}
+    try:
+        for k, pair in names.items():
+            for name in pair:
+                await ours.xadd(name, {"events": str(k).encode()})
+                await ours.xgroup_create(name, "validator", id="0")
+        for node in cluster.nodes:
+            one = aioredis.Redis(host="127.0.0.1", port=node.port)
+            await one.config_resetstat()
+            await one.aclose()
+
+        # Act: each partition's consumer reads its two streams, through our client, then through redis-py's own
+        got = {k: await ours.xreadgroup("validator", f"v-0.p{k}", {n: ">" for n in pair}, count=10)
+               for k, pair in names.items()}
+        ours_calls = await _getkeys_calls(cluster)
+        for k, pair in names.items():
+            await theirs.xreadgroup("validator", f"v-1.p{k}", {n: "0" for n in pair}, count=10)
+        theirs_calls = await _getkeys_calls(cluster) - ours_calls
+    finally:
+        await ours.aclose()
+        await theirs.aclose()
+
+    # Assert: every read found its master and its entries, without a GETKEYS; redis-py's own asks each time
+    assert {k: sorted(_text(s) for s, _ in reply) for k, reply in got.items()} == {
+        k: sorted(pair) for k, pair in names.items()}
+    assert ours_calls == 0 and theirs_calls >= len(names)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def test_a_connection_closed_under_a_command_is_a_connection_error_and_other_errors_stay_as_they_are() -> None:
