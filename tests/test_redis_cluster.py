@@ -408,6 +408,34 @@ async def test_a_cluster_round_that_fails_in_one_partition_keeps_that_part_in_do
     assert sorted(e.symbol for b in left for e in b.events if isinstance(e, Market)) == ["BTC/USDT", "ETH/USDT"]
 
 
+async def test_the_cache_publisher_s_ticks_go_through_the_master_of_their_partition(
+        cluster: LocalCluster, settings: Settings) -> None:  # noqa: F811
+    """A cluster pipeline refuses PUBLISH, so the ticks go through a client of one node: the master serving the
+    batch's partition, so that a master down stalls only its own partitions' cache, not every partition's."""
+    # Arrange: a cache publisher on the cluster, four partitions over the three masters
+    on_cluster = msgspec.structs.replace(settings, redis=msgspec.structs.replace(settings.redis, url=cluster.url),
+                                         bus=msgspec.structs.replace(settings.bus, partitions=4, cluster=True))
+    publisher = CachePublisher(on_cluster, "a")
+    keys = {k: recent_trades_key("binance", next(s for s in SYMBOLS if streams.partition_of(s, 4) == k))
+            for k in range(4)}
+    try:
+        await publisher.redis.initialize()  # type: ignore[attr-defined]
+        masters = {k: _port_of(publisher.redis, key) for k, key in keys.items()}  # type: ignore[arg-type]
+        assert len(set(masters.values())) >= 2
+
+        # Act: the ticker of each partition's recent-trades key, each asked twice
+        tickers = {k: publisher.ticker(key) for k, key in keys.items()}
+        again = {k: publisher.ticker(key) for k, key in keys.items()}
+        answered = {k: await t.ping() for k, t in tickers.items()}
+    finally:
+        await publisher.close()
+
+    # Assert: each partition's ticker is a client of that partition's master, one client per master
+    assert {k: t.connection_pool.connection_kwargs["port"] for k, t in tickers.items()} == masters
+    assert all(again[k] is tickers[k] for k in keys) and len(publisher.tickers) == len(set(masters.values()))
+    assert all(answered.values())
+
+
 def test_a_stream_read_s_keys_are_read_from_the_command_itself() -> None:
     # the arguments after the command's name, as redis-py's routing gets them; a group and a consumer may be
     # called STREAMS

@@ -45,11 +45,15 @@ Idempotence on redelivery:
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from decimal import Decimal
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 
+from common.bus.client import node_address
 from common.bus.core import REDIS_DOWN, Delivery
 from common.bus.stage import REDIS_TIMEOUT_S, Stage
 from common.config import Settings
@@ -164,13 +168,29 @@ class CachePublisher(Stage):
         self.push_trades = self.redis.register_script(PUSH_TRADES_LUA)
         self.put_book = self.redis.register_script(PUT_ORDERBOOK_LUA)
         self.cluster = settings.bus.cluster
-        self.ticks = connect(settings.redis.url, cluster=False, socket_timeout=REDIS_TIMEOUT_S,
-                             socket_connect_timeout=REDIS_TIMEOUT_S) if self.cluster else None
+        self.tickers: dict[tuple[str, int], aioredis.Redis] = {}  # on a cluster: master address -> its client
 
     async def close(self) -> None:
-        if self.ticks is not None:
-            await self.ticks.aclose()
+        for client in self.tickers.values():
+            await client.aclose()
         await super().close()
+
+    def ticker(self, key: str) -> aioredis.Redis:
+        """On a cluster, a client of the master serving `key`'s slot, the batch's partition's (one per master,
+        kept): a cluster pipeline refuses PUBLISH (no key), and Redis Cluster carries a PUBLISH from any node to
+        the subscribers of every node. The partition's own master, so that while another master is down this
+        partition's ticks still go out with its writes."""
+        host, port = node_address(self.redis, key_slot(key.encode()))
+        client = self.tickers.get((host, port))
+        if client is None:
+            url = urllib.parse.urlsplit(self.settings.redis.url)
+            credentials = url.netloc.rpartition("@")[0]
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            netloc = f"{credentials}@{where}" if credentials else where
+            client = connect(urllib.parse.urlunsplit(url._replace(netloc=netloc)), cluster=False,
+                             socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+            self.tickers[(host, port)] = client
+        return client
 
     async def _run(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
         """Queue `script` in `pipe`: by its SHA on one node (loaded at the pipeline's execution if need be), by its
@@ -224,9 +244,10 @@ class CachePublisher(Stage):
             await self._run(pipe, self.put_book, [key], [book_sequence(book), orderbook_levels_json(book.bids[:depth]),
                                                          orderbook_levels_json(book.asks[:depth]), book.ts_event,
                                                          cache.orderbook_ttl_s])
-        # A cluster's pipeline refuses PUBLISH (no key): the ticks go through a client of the node the URL names,
+        # A cluster's pipeline refuses PUBLISH (no key): the ticks go through a client of the partition's master,
         # after the writes, and Redis Cluster carries them to the subscribers of every node.
-        ticker = pipe if self.ticks is None else self.ticks.pipeline(transaction=False)
+        ticker = self.ticker(recent_trades_key(*next(iter(trades)))).pipeline(transaction=False) \
+            if self.cluster and ticks else pipe
         for channel, body in ticks:
             ticker.publish(channel, body)
         try:
