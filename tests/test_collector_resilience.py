@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,10 @@ import redis.asyncio as aioredis
 from common.bus import streams
 from common.config import Settings
 from common.exchanges.ratelimit import RateBudget, limit_for
+from common.tasks import cancel_and_wait
 from schemas import Candle, Codec, Gap, Trade
 from services.collector.service import Collector, Pacer, backoff_delay
-from simulator import start_simulator
+from simulator import Simulator, start_simulator
 from tests.collecting import RestartableRedis, collector_settings, read
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +52,64 @@ async def stop_collector(collector: Collector, stop: asyncio.Event, task: asynci
     await collector.close()
 
 
+@dataclass
+class Running:
+    """A binance collector running against the simulator (`collecting`)."""
+
+    sim: Simulator
+    collector: Collector
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    closed: bool = False
+
+    async def until(self, holds: Callable[[Collector], bool], timeout: float = 30.0) -> None:
+        """Until `holds(collector)`; the collector's own error if it ends first."""
+        async def check() -> bool:
+            return holds(self.collector)
+
+        await wait_for(check, self.task, timeout)
+
+    async def stop_and_close(self) -> None:
+        """Stop it (run() must return within 20 s) and close it."""
+        self.stop.set()
+        await self.close_after(asyncio.wait_for(self.task, 20))
+
+    async def close_after(self, stopped: Awaitable[None]) -> None:
+        """Close it once `stopped` (a test's own way of stopping it) is done."""
+        self.closed = True
+        try:
+            await stopped
+        finally:
+            await self.collector.close()
+
+
+def trades_at_least(n: int) -> Callable[[Collector], bool]:
+    return lambda c: c.count["trades"] >= n
+
+
+@asynccontextmanager
+async def collecting(settings: Settings, *, speed: float = 5, max_trades: int = N,
+                     ready: tuple[str, ...] = ("btcusdt@trade",), redis_url: str | None = None,
+                     started: Callable[[Collector], bool] | None = None,
+                     **config: Any) -> AsyncIterator[Running]:
+    """The simulator replaying at `speed` once `ready`'s streams are subscribed, and a binance collector
+    (`collector_settings(**config)`, on `redis_url` if given) running until `started` holds (default: 100
+    trades taken). A test that fails inside is stopped and closed on the way out."""
+    async with start_simulator(speed=speed, max_trades=max_trades, wait_for_streams=ready) as sim:
+        base = on_redis(settings, redis_url) if redis_url else settings
+        collector = Collector(collector_settings(base, sim.rest_url, sim.ws_url, **config), "t", exchange="binance")
+        stop = asyncio.Event()
+        run = Running(sim, collector, stop, asyncio.create_task(collector.run(stop)))
+        try:
+            await run.until(started or trades_at_least(100))
+            yield run
+        finally:
+            if not run.closed:
+                stop.set()
+                await cancel_and_wait(run.task)
+                await collector.close()
+
+
 def assert_gap_matches_trades(gap: Gap, trades: list[Trade]) -> tuple[Trade, Trade]:
     """The gap spans two consecutive published trades: the last before the break and the first after."""
     for before, after in itertools.pairwise(trades):
@@ -60,25 +121,13 @@ def assert_gap_matches_trades(gap: Gap, trades: list[Trade]) -> tuple[Trade, Tra
 
 async def test_disconnect_publishes_a_gap_with_the_lost_window_and_data_flows_again(settings: Settings, redis) -> None:
     # Arrange
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=BOTH) as sim:
-        cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 100
-
-        await wait_for(started, task)
+    async with collecting(settings, ready=BOTH) as run:
+        collector = run.collector
         before = collector.count["trades"]
         # Act: the server drops every socket and refuses new ones for 0.5 s; the replay runs on meanwhile
-        sim.inject("disconnect", down_s=0.5)
-
-        async def recovered() -> bool:
-            return collector.count["trades"] >= before + 200 and collector.count["gaps"] >= 1
-
-        await wait_for(recovered, task)
-        await stop_collector(collector, stop, task)
+        run.sim.inject("disconnect", down_s=0.5)
+        await run.until(lambda c: c.count["trades"] >= before + 200 and c.count["gaps"] >= 1)
+        await run.stop_and_close()
     # Assert
     gaps = [g for g in await read(redis, streams.GAPS) if isinstance(g, Gap) and g.channel == "trades"]
     assert len(gaps) == 1, gaps
@@ -98,30 +147,11 @@ async def test_disconnect_publishes_a_gap_with_the_lost_window_and_data_flows_ag
 
 async def test_stalled_socket_is_reconnected_by_the_watchdog_with_a_gap(settings: Settings, redis) -> None:
     """The server goes silent but keeps the connection and answers pings (ccxt alone would wait forever)."""
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"],
-                                 stall_s={"trades": 1.0})
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 100
-
-        await wait_for(started, task)
-        sim.inject("stall", seconds=2.5, mode="drop")
-
-        async def recovered() -> bool:
-            return collector.count["gaps"] >= 1 and collector.count["stalls"] >= 1
-
-        await wait_for(recovered, task)
-        flowing = collector.count["trades"]
-
-        async def flows() -> bool:
-            return collector.count["trades"] >= flowing + 100
-
-        await wait_for(flows, task)
-        await stop_collector(collector, stop, task)
+    async with collecting(settings, channels=["trades"], stall_s={"trades": 1.0}) as run:
+        run.sim.inject("stall", seconds=2.5, mode="drop")
+        await run.until(lambda c: c.count["gaps"] >= 1 and c.count["stalls"] >= 1)
+        await run.until(trades_at_least(run.collector.count["trades"] + 100))
+        await run.stop_and_close()
     gaps = [g for g in await read(redis, streams.GAPS) if isinstance(g, Gap)]
     assert len(gaps) == 1 and gaps[0].reason.startswith("stall: no trades message"), gaps
     trades = [e for e in await read(redis, streams.raw("binance")) if isinstance(e, Trade)]
@@ -220,26 +250,13 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 
 async def test_reconnects_while_the_server_refuses_then_flows_again(settings: Settings, redis) -> None:
     """Connections are refused (HTTP 503) for 2 s: the collector retries with bounded waits and resumes."""
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"],
-                                 reconnect_backoff_max_s=0.5)
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 50
-
-        await wait_for(started, task)
-        sim.inject("disconnect", down_s=2.0)
-        before = collector.count["trades"]
-
-        async def recovered() -> bool:
-            return collector.count["trades"] >= before + 100 and collector.count["gaps"] == 1
-
-        await wait_for(recovered, task)
-        await stop_collector(collector, stop, task)
-    assert collector.count["reconnects"] >= 2, "refused dials are retried"
+    async with collecting(settings, started=trades_at_least(50), channels=["trades"],
+                          reconnect_backoff_max_s=0.5) as run:
+        run.sim.inject("disconnect", down_s=2.0)
+        before = run.collector.count["trades"]
+        await run.until(lambda c: c.count["trades"] >= before + 100 and c.count["gaps"] == 1)
+        await run.stop_and_close()
+    assert run.collector.count["reconnects"] >= 2, "refused dials are retried"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,27 +284,14 @@ def on_redis(settings: Settings, url: str) -> Settings:
 async def test_sigterm_publishes_what_was_taken_from_ccxt_before_exiting(settings: Settings, own_redis) -> None:
     """Redis is down when the stop comes and back a moment later: the trades already taken from ccxt are
     published within the drain bound (not cancelled with the feeds), and run() returns normally (exit 0)."""
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(on_redis(settings, own_redis.url), sim.rest_url, sim.ws_url, channels=["trades"])
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 100
-
-        await wait_for(started, task)
+    async with collecting(settings, redis_url=own_redis.url, channels=["trades"]) as run:
+        collector = run.collector
         own_redis.stop()
-
-        async def felt() -> bool:
-            return collector.count["publish_retries"] >= 1
-
-        await wait_for(felt, task)  # trades taken from ccxt wait for Redis
-        stop.set()
+        await run.until(lambda c: c.count["publish_retries"] >= 1)  # trades taken from ccxt wait for Redis
+        run.stop.set()
         await asyncio.sleep(0.5)
         await own_redis.start()
-        await asyncio.wait_for(task, 20)  # raises if run() failed
-        await collector.close()
+        await run.close_after(asyncio.wait_for(run.task, 20))  # raises if run() failed
     client = aioredis.Redis.from_url(own_redis.url)
     ids = trade_ids([e for _, f in await client.xrange(streams.raw("binance")) for e in Codec().decode_entry(f)])
     await client.aclose()
@@ -300,31 +304,16 @@ async def test_sigterm_drain_is_bounded_and_logs_the_gap_it_leaves(settings: Set
     and logs what it could not publish as a Gap naming the trade ids."""
     from services.collector import service
 
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(settings, sim.rest_url, sim.ws_url, channels=["trades"])
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 100
-
-        await wait_for(started, task)
+    async with collecting(settings, channels=["trades"]) as run:
         await redis.execute_command("CLIENT", "PAUSE", str(int(service.DRAIN_S * 1000 + 15_000)), "WRITE")
         try:
-            taken = collector.count["trades"]
-
-            async def more_taken() -> bool:
-                return collector.count["trades"] >= taken + 20
-
-            await wait_for(more_taken, task)
-            stop.set()
+            await run.until(trades_at_least(run.collector.count["trades"] + 20))
+            run.stop.set()
             started_at = time.monotonic()
-            await asyncio.wait_for(task, service.DRAIN_S + 5)
+            await run.close_after(asyncio.wait_for(run.task, service.DRAIN_S + 5))
             stopped_in = time.monotonic() - started_at
         finally:
             await redis.execute_command("CLIENT", "UNPAUSE")
-        await collector.close()
     assert stopped_in >= service.DRAIN_S - 0.5, "it waited for Redis up to the bound"
     logged = [r.getMessage() for r in caplog.records if "(not published at stop)" in r.getMessage()]
     assert len(logged) == 1 and "binance BTC/USDT trades" in logged[0] and "trade ids " in logged[0], logged
@@ -339,22 +328,15 @@ async def test_sigterm_publishes_past_a_consumer_that_holds_the_stream_back(sett
     from services.collector import service
 
     bus = msgspec.structs.replace(settings.bus, backpressure_high_water=5, backpressure_max_wait_s=120.0)
-    async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(msgspec.structs.replace(settings, bus=bus), sim.rest_url, sim.ws_url,
-                                 channels=["trades"])
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def held_back() -> bool:
-            return collector.publisher.producer.backpressure_waits >= 1 and collector.publisher.outbox.events >= 20
-
-        await wait_for(held_back, task)  # the group has more than 5 entries unread: trades wait in the outbox
-        stop.set()
+    # the group has more than 5 entries unread: trades wait in the outbox
+    held_back: Callable[[Collector], bool] = lambda c: (c.publisher.producer.backpressure_waits >= 1
+                                                         and c.publisher.outbox.events >= 20)
+    async with collecting(msgspec.structs.replace(settings, bus=bus), started=held_back, channels=["trades"]) as run:
+        collector = run.collector
+        run.stop.set()
         started_at = time.monotonic()
-        await asyncio.wait_for(task, service.DRAIN_S + 5)  # raises if run() failed
+        await run.close_after(asyncio.wait_for(run.task, service.DRAIN_S + 5))  # raises if run() failed
         stopped_in = time.monotonic() - started_at
-        await collector.close()
     ids = trade_ids(await read(redis, streams.raw("binance")))
     assert stopped_in < service.DRAIN_S, f"published past the backpressure at once, not at the bound ({stopped_in:.1f} s)"
     assert len(ids) == collector.count["trades"], "every trade taken from ccxt was published before the exit"
@@ -461,32 +443,17 @@ async def test_redis_down_fills_a_bounded_buffer_whose_overflow_is_a_gap_and_an_
     """Redis goes away mid-replay: the collector keeps reading its socket into the outbox (bound 200 events
     here), says `degraded` and why, drops the oldest at the bound, and when Redis is back publishes the rest
     with one Gap and one alert naming exactly the dropped ids. It does not exit."""
-    async with start_simulator(speed=20, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(on_redis(settings, own_redis.url), sim.rest_url, sim.ws_url, channels=["trades"],
-                                 publish_buffer_events=200)
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 300
-
-        await wait_for(started, task)
+    async with collecting(settings, speed=20, redis_url=own_redis.url, started=trades_at_least(300),
+                          channels=["trades"], publish_buffer_events=200) as run:
+        collector = run.collector
         own_redis.stop()
-
-        async def overflowing() -> bool:
-            return collector.counters()["buffer_dropped"] > 0 and collector.state == "degraded"
-
-        await wait_for(overflowing, task)
+        await run.until(lambda c: c.counters()["buffer_dropped"] > 0 and c.state == "degraded")
         assert "Redis unreachable" in collector.detail and "publish_buffer_events=200" in collector.detail
         assert collector.outbox.events <= 200, "bounded"
         await own_redis.start()
-
-        async def all_taken_and_published() -> bool:
-            return collector.count["trades"] == N and not collector.outbox.queued and collector.state == "running"
-
-        await wait_for(all_taken_and_published, task, timeout=60)
-        await stop_collector(collector, stop, task)
+        await run.until(lambda c: c.count["trades"] == N and not c.outbox.queued and c.state == "running",
+                        timeout=60)
+        await run.stop_and_close()
     client = aioredis.Redis.from_url(own_redis.url)
     codec = Codec()
     events = {s: [e for _, f in await client.xrange(s) for e in codec.decode_entry(f)]
@@ -513,29 +480,13 @@ async def test_a_redis_restarted_empty_is_noticed_and_what_it_lost_is_a_gap(sett
     server = RestartableRedis(tmp_path, appendonly=False)
     await server.start()
     try:
-        async with start_simulator(speed=5, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-            cfg = collector_settings(on_redis(settings, server.url), sim.rest_url, sim.ws_url, channels=["trades"])
-            collector = Collector(cfg, "t", exchange="binance")
-            stop = asyncio.Event()
-            task = asyncio.create_task(collector.run(stop))
-
-            async def started() -> bool:
-                return collector.count["trades"] >= 100
-
-            await wait_for(started, task)
+        async with collecting(settings, redis_url=server.url, channels=["trades"]) as run:
+            collector = run.collector
             server.stop()
-
-            async def felt() -> bool:
-                return collector.count["publish_retries"] >= 1
-
-            await wait_for(felt, task)
+            await run.until(lambda c: c.count["publish_retries"] >= 1)
             await server.start()
-
-            async def noticed() -> bool:
-                return collector.count["positions_lost"] >= 1 and collector.state == "running"
-
-            await wait_for(noticed, task)
-            await stop_collector(collector, stop, task)
+            await run.until(lambda c: c.count["positions_lost"] >= 1 and c.state == "running")
+            await run.stop_and_close()
         client = aioredis.Redis.from_url(server.url)
         gaps = [e for _, f in await client.xrange(streams.GAPS) for e in Codec().decode_entry(f)]
         await client.aclose()
@@ -633,25 +584,14 @@ async def test_a_candle_open_when_the_socket_broke_is_never_closed_from_its_stal
     # break closes while the collector does not listen, and its last snapshot misses the minute's end.
     from simulator import Recording
     truth = {c.open_time: c for c in Recording.load().candles}
-    async with start_simulator(speed=20, max_trades=12_000, wait_for_streams=BOTH) as sim:
-        cfg = collector_settings(settings, sim.rest_url, sim.ws_url)
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["candle_updates"] >= 5
-
-        await wait_for(started, task)
-        before = collector.count["candles_closed"]
+    async with collecting(settings, speed=20, max_trades=12_000, ready=BOTH,
+                          started=lambda c: c.count["candle_updates"] >= 5) as run:
+        before = run.collector.count["candles_closed"]
         # Act
-        sim.inject("disconnect", down_s=4.0)
-
-        async def recovered() -> bool:
-            return collector.count["candles_closed"] >= before + 3 and collector.count["reconnects"] >= 1
-
-        await wait_for(recovered, task, timeout=60)
-        await stop_collector(collector, stop, task)
+        run.sim.inject("disconnect", down_s=4.0)
+        await run.until(lambda c: c.count["candles_closed"] >= before + 3 and c.count["reconnects"] >= 1,
+                        timeout=60)
+        await run.stop_and_close()
     # Assert: every closed candle published equals the recording's candle of that minute.
     closed = [c for c in await read(redis, streams.raw("binance"))
               if isinstance(c, Candle) and c.closed and c.open is not None]
@@ -672,26 +612,13 @@ async def test_a_round_whose_exec_reply_is_lost_is_not_published_again(settings:
     port = int(own_redis.url.rsplit(":", 1)[1].split("/")[0])
     proxy = DropExecReply(port)
     await proxy.start()
-    async with start_simulator(speed=20, max_trades=N, wait_for_streams=("btcusdt@trade",)) as sim:
-        cfg = collector_settings(on_redis(settings, f"redis://127.0.0.1:{proxy.port}/0"), sim.rest_url, sim.ws_url,
-                                 channels=["trades"])
-        collector = Collector(cfg, "t", exchange="binance")
-        stop = asyncio.Event()
-        task = asyncio.create_task(collector.run(stop))
-
-        async def started() -> bool:
-            return collector.count["trades"] >= 300
-
-        await wait_for(started, task)
+    async with collecting(settings, speed=20, redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                          started=trades_at_least(300), channels=["trades"]) as run:
         proxy.armed = True  # the next EXEC's reply is lost
-
-        async def all_published() -> bool:
-            return (collector.count["trades"] == N and not collector.outbox.queued
-                    and collector.count["publish_round_trips"] > 0 and proxy.dropped == 1)
-
-        await wait_for(all_published, task, timeout=60)
-        counters = collector.counters()
-        await stop_collector(collector, stop, task)
+        await run.until(lambda c: (c.count["trades"] == N and not c.outbox.queued
+                                   and c.count["publish_round_trips"] > 0 and proxy.dropped == 1), timeout=60)
+        counters = run.collector.counters()
+        await run.stop_and_close()
     await proxy.close()
     client = aioredis.Redis.from_url(own_redis.url)
     codec = Codec()
