@@ -426,8 +426,10 @@ async def test_cancel_and_wait_cancelled_itself_leaves_no_exception_unretrieved(
         owner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await owner
-        await asyncio.sleep(0.2)  # the renewal ends with Lost
-        assert renewal.done() and done.done()
+        async with asyncio.timeout(10):  # the renewal ends with Lost
+            while not renewal.done():
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # its done callbacks run
         del renewal, done, owner
         gc.collect()  # an unretrieved exception is reported when its task is collected
         await asyncio.sleep(0)

@@ -565,6 +565,7 @@ async def test_two_partitioned_instances_repair_each_hole_once_from_the_partitio
                            if isinstance(e, Trade) and e.quality == REPAIRED]
         assert_repaired_trades(repaired_on_raw, [t for t in recorded if t.id in set(dropped)])
         assert [c["gaps_in"] for c in counters] == [2 if i == holder else 0 for i in range(2)], counters
+        assert [c["partitions_held"] for c in counters] == [2, 2]
         assert sum(c["gaps_repaired"] for c in counters) == 1 and sum(c["gaps_explained"] for c in counters) == 1
         assert sorted(int(t.trade_id) for t in trades) == [t.id for t in recorded]
 

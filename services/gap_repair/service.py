@@ -18,7 +18,8 @@ The scan runs every `gap_repair.scan_interval_s` beside the consumer (services/g
 Counters (heartbeat, `mdp status`): gaps_in; per Gap outcome gaps_repaired, gaps_empty, gaps_explained,
 gaps_unrepaired; per scan outcome scan_repaired, scan_empty, scan_explained, scan_unrepaired; scans,
 scan_holes, scan_failures; candles_repaired, candles_empty, candles_rejected, trades_repaired,
-trades_rejected; alerts; plus the bus consumer's delivered/acked/dead_lettered/failures.
+trades_rejected; alerts; plus the bus consumer's delivered/acked/dead_lettered/failures; partitioned
+(bus.partitions > 1 or a cluster), partitions_held, and DETAIL names the partitions this instance holds.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class GapRepair(Service):
                "dead_lettered": s.dead_lettered, "failures": s.failures}
         if self.repairer is not None:
             out.update(self.repairer.counts)
+        if isinstance(self.consumer, Partitions):
+            out["partitions_held"] = len(self.consumer.live)
+            if self.state == "running":  # what `mdp status` shows in DETAIL, as for a partitioned stage
+                self.detail = self.consumer.describe()
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
