@@ -50,6 +50,16 @@ def node_address(redis: aioredis.Redis, slot: int) -> tuple[str, int]:
     return str(node.host), int(node.port)
 
 
+def node_client(redis: aioredis.Redis, host: str, port: int) -> aioredis.Redis:
+    """A plain client of one node of a Redis Cluster (the cluster client `redis`), with the cluster client's
+    credentials and timeouts, as resp.master_connection takes them: for what a cluster pipeline refuses (PUBLISH,
+    which has no key)."""
+    kw = cast(RedisCluster, redis).connection_kwargs
+    return aioredis.Redis(host=host, port=port, username=kw.get("username"), password=kw.get("password"),
+                          socket_timeout=kw.get("socket_timeout"),
+                          socket_connect_timeout=kw.get("socket_connect_timeout"))
+
+
 async def refresh_slots(redis: aioredis.Redis) -> None:
     """Read the cluster's slot map again (after a MOVED, or a master that stopped answering)."""
     await cast(RedisCluster, redis).nodes_manager.initialize()

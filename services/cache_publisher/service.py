@@ -45,7 +45,6 @@ Idempotence on redelivery:
 from __future__ import annotations
 
 import logging
-import urllib.parse
 from decimal import Decimal
 from typing import Any
 
@@ -53,12 +52,11 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
-from common.bus.client import node_address
+from common.bus.client import node_address, node_client
 from common.bus.core import REDIS_DOWN, Delivery
-from common.bus.stage import REDIS_TIMEOUT_S, Stage
+from common.bus.stage import Stage
 from common.config import Settings
 from common.errors import StoreUnavailable
-from common.redis_client import connect
 from common.stores.cache import (
     PUT_ORDERBOOK_LUA,
     orderbook_key,
@@ -180,16 +178,10 @@ class CachePublisher(Stage):
         kept): a cluster pipeline refuses PUBLISH (no key), and Redis Cluster carries a PUBLISH from any node to
         the subscribers of every node. The partition's own master, so that while another master is down this
         partition's ticks still go out with its writes."""
-        host, port = node_address(self.redis, key_slot(key.encode()))
-        client = self.tickers.get((host, port))
+        address = node_address(self.redis, key_slot(key.encode()))
+        client = self.tickers.get(address)
         if client is None:
-            url = urllib.parse.urlsplit(self.settings.redis.url)
-            credentials = url.netloc.rpartition("@")[0]
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            netloc = f"{credentials}@{where}" if credentials else where
-            client = connect(urllib.parse.urlunsplit(url._replace(netloc=netloc)), cluster=False,
-                             socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
-            self.tickers[(host, port)] = client
+            client = self.tickers[address] = node_client(self.redis, *address)
         return client
 
     async def _run(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
